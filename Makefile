@@ -1,0 +1,36 @@
+# megatron_solo: `make demo` and `make test` are the two commands a newcomer types.
+# Everything else here is what they need, created from nothing.
+
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+# python3.12 is required by megatron-core >= 0.17. Use it from PATH if it runs, else pyenv's copy.
+PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/local/bin/python3.12 /usr/bin/python3.12; do \
+	  $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { command -v $$p || echo $$p; } && break; done)
+STAMP := $(VENV)/.setup-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench clean-venv lint
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	@test -n "$(PYTHON312)" || { echo "error: python3.12 not found (megatron-core needs Python 3.12)"; exit 1; }
+	@test -x $(PY) || $(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -c "import megatron_solo, megatron_solo._C as c; print('megatron_solo ready, C++ extension', c.__file__)"
+	@touch $@
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: setup
+	bash examples/quickstart.sh
+
+bench: setup
+	bash benchmarks/run_all.sh
+
+clean-venv:
+	rm -rf $(VENV) build *.egg-info megatron_solo/_C*.so

@@ -1,0 +1,219 @@
+"""Run unmodified megatron-core on CPU processes (gloo) when CUDA is absent.
+
+megatron-core assumes a GPU in a handful of places: device literals (``device="cuda"``,
+``.cuda()``), ``torch.cuda.current_device()``, the CUDA RNG used by its model-parallel RNG
+tracker, stream/event objects in DDP, and ``Tensor.type()`` checks in the optimizer
+(``'torch.cuda.FloatTensor'``). This module maps each of them onto the CPU, in one place:
+
+* ``torch.cuda.current_device()`` answers ``"cpu"``, so ``torch.empty(..., device=current_device())``
+  lands on the CPU;
+* a ``TorchFunctionMode`` rewrites any remaining ``cuda`` device argument and ``Tensor.cuda()`` to
+  the CPU;
+* the CUDA RNG calls (``torch.cuda.manual_seed/get_rng_state/set_rng_state`` and the tracker's
+  ``_get/_set_cuda_rng_state``) act on the CPU generator, which is what CPU dropout draws from;
+* ``Tensor.type()`` reports ``torch.cuda.*`` names for CPU tensors (the optimizer asserts them);
+* streams, events, ``synchronize``, nvtx and the memory counters are no-ops.
+
+It activates only when ``torch.cuda.is_available()`` is False, so it can never leak into the GPU
+path. :func:`ensure` is idempotent and is called by every entry point (and by ``megatron_solo.model``,
+``megatron_solo.training`` and ``megatron_solo.convert`` on import).
+
+Model configs built for the CPU must also set ``use_cpu_initialization=True``,
+``gradient_accumulation_fusion=False``, no fused bias-dropout/RoPE/softmax and
+``persist_layer_norm=False``; :func:`cpu_config_overrides` returns exactly those fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ACTIVE = False
+_MODE: "_CudaToCpuMode | None" = None
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def is_active() -> bool:
+    return _ACTIVE
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+def _to_cpu_device(device):
+    return torch.device("cpu") if _is_cuda_device(device) else device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placement in megatron-core's torch calls to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        if func in _TO_FUNCS and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+_TO_FUNCS = {torch.Tensor.to}
+
+_ORIG_TYPE = torch.Tensor.type
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float64: "torch.cuda.DoubleTensor",
+    torch.int64: "torch.cuda.LongTensor",
+    torch.int32: "torch.cuda.IntTensor",
+    torch.uint8: "torch.cuda.ByteTensor",
+    torch.bool: "torch.cuda.BoolTensor",
+}
+
+
+def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+    # Only the query form changes: a CPU tensor plays the part of a CUDA tensor for megatron-core.
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        return _CUDA_TYPE_NAMES.get(self.dtype, _ORIG_TYPE(self))
+    return _ORIG_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream / Event: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _cpu_manual_seed(seed):
+    torch.random.default_generator.manual_seed(int(seed))
+
+
+def _cpu_get_rng_state(device=None, *args, **kwargs):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, device=None, *args, **kwargs):
+    torch.set_rng_state(new_state)
+
+
+def _patch_torch_cuda():
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.set_device = lambda *a, **k: None
+    cuda.device_count = lambda: 0
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda *a, **k: None
+    cuda.manual_seed = _cpu_manual_seed
+    cuda.manual_seed_all = _cpu_manual_seed
+    cuda.get_rng_state = _cpu_get_rng_state
+    cuda.set_rng_state = _cpu_set_rng_state
+    cuda.random.get_rng_state = _cpu_get_rng_state
+    cuda.random.set_rng_state = _cpu_set_rng_state
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    cuda.max_memory_reserved = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+    cuda.memory_stats = lambda *a, **k: {}
+    cuda.nvtx.range_push = lambda *a, **k: None
+    cuda.nvtx.range_pop = lambda *a, **k: None
+    cuda.nvtx.range = lambda *a, **k: contextlib.nullcontext()
+
+
+def _patch_megatron_rng():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    # The tracker warns when the CPU RNG moves inside a fork; on this backend the "CUDA" RNG *is* the
+    # CPU RNG, so that warning fires on every forked dropout and says nothing.
+    logging.getLogger(mrandom.__name__).addFilter(
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+    )
+
+
+def ensure() -> bool:
+    """Activate the CPU backend if CUDA is absent. Returns True when it is active."""
+    global _ACTIVE, _MODE
+    if _ACTIVE:
+        return True
+    if cuda_available():
+        return False
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    _patch_torch_cuda()
+    torch.Tensor.type = _tensor_type
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
+    _patch_megatron_rng()
+    _ACTIVE = True
+    return True
+
+
+def device() -> torch.device:
+    """The device this process computes on."""
+    return torch.device("cpu") if (_ACTIVE or not cuda_available()) else torch.device("cuda", torch.cuda.current_device())
+
+
+def dist_backend() -> str:
+    return "gloo" if (_ACTIVE or not cuda_available()) else "nccl"
+
+
+def cpu_config_overrides() -> dict:
+    """TransformerConfig fields that the CPU path needs (no fused CUDA kernels, CPU init)."""
+    if not (_ACTIVE or not cuda_available()):
+        return {}
+    return dict(
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+    )

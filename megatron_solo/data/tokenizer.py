@@ -1,0 +1,168 @@
+"""SOLO's tokenizer: a SentencePiece model (Mistral-7B-v0.1's) with SOLO's pieces appended.
+
+The pieces are appended to the model proto itself, as SOLO did, so plain ``sentencepiece`` and the
+training code see the same ids (``../shared/SOLO_SPEC.md``):
+``<vision>``=32000 ... ``<loc_1024>``=33028, ``<|im_start|>``=33029, ``<|im_end|>``=33030.
+They are USER_DEFINED pieces: SentencePiece never splits them and matches them whole in text.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+BASE_VOCAB_SIZE = 32000
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+VISION_START = "<vision>"
+VISION_PATCH = "<vpatch>"
+VISION_ROW_SEP = "<vrow_sep>"
+VISION_FRAME_SEP = "<vframe_sep>"
+VISION_END = "</vision>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+NUM_LOC_TOKENS = 1024
+
+SOLO_SPECIAL_PIECES: tuple[str, ...] = (
+    VISION_START,
+    VISION_PATCH,
+    VISION_ROW_SEP,
+    VISION_FRAME_SEP,
+    VISION_END,
+    *(f"<loc_{i}>" for i in range(1, NUM_LOC_TOKENS + 1)),
+    IM_START,
+    IM_END,
+)
+SOLO_VOCAB_SIZE = BASE_VOCAB_SIZE + len(SOLO_SPECIAL_PIECES)  # 33031
+
+
+@dataclass(frozen=True)
+class SoloTokenIds:
+    """The fixed ids of SOLO_SPEC (valid for any SOLO tokenizer built on a 32000-piece base)."""
+
+    bos: int = BOS_ID
+    eos: int = EOS_ID
+    vision_start: int = 32000
+    vision_patch: int = 32001
+    vision_row_sep: int = 32002
+    vision_frame_sep: int = 32003
+    vision_end: int = 32004
+    loc_first: int = 32005
+    im_start: int = 33029
+    im_end: int = 33030
+    first_special: int = BASE_VOCAB_SIZE  # loss never falls on ids >= this
+
+
+SOLO_IDS = SoloTokenIds()
+
+
+def pad_vocab_size(vocab_size: int, tensor_model_parallel_size: int = 1, divisible_by: int = 128) -> int:
+    """Megatron's rule: pad the embedding to a multiple of ``divisible_by * TP``."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def extend_sentencepiece_model(base_model_bytes: bytes) -> bytes:
+    """Append SOLO's pieces to a serialized SentencePiece model; return the new serialized model."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(base_model_bytes)
+    n = len(proto.pieces)
+    if n != BASE_VOCAB_SIZE:
+        existing = {p.piece for p in proto.pieces}
+        if n == SOLO_VOCAB_SIZE and all(p in existing for p in SOLO_SPECIAL_PIECES):
+            raise ValueError("this tokenizer already holds SOLO's pieces (33031 pieces); use it as it is")
+        raise ValueError(
+            f"base tokenizer has {n} pieces; SOLO's ids assume a {BASE_VOCAB_SIZE}-piece base "
+            "(Mistral-7B-v0.1's tokenizer.model)"
+        )
+    existing = {p.piece for p in proto.pieces}
+    clash = [p for p in SOLO_SPECIAL_PIECES if p in existing]
+    if clash:
+        raise ValueError(f"base tokenizer already defines {clash[:3]}...")
+    for piece in SOLO_SPECIAL_PIECES:
+        new = proto.pieces.add()
+        new.piece = piece
+        new.score = 0.0
+        new.type = sp_pb2.ModelProto.SentencePiece.USER_DEFINED
+    return proto.SerializeToString()
+
+
+def create_solo_tokenizer(base_model: str, output_dir: str) -> str:
+    """Write ``output_dir/tokenizer.model`` (atomically) and check the ids; return its path."""
+    with open(base_model, "rb") as f:
+        data = extend_sentencepiece_model(f.read())
+    os.makedirs(output_dir, exist_ok=True)
+    out = os.path.join(output_dir, "tokenizer.model")
+    tmp = out + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    SoloTokenizer(tmp).check_solo_ids()
+    os.replace(tmp, out)
+    return out
+
+
+class SoloTokenizer:
+    """SentencePiece wrapper with SOLO's ids and Megatron's padded vocabulary size."""
+
+    def __init__(self, model_path: str):
+        import sentencepiece as spm
+
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"tokenizer model not found: {model_path}")
+        self.model_path = model_path
+        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self.ids = SOLO_IDS
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int = 1, divisible_by: int = 128) -> int:
+        return pad_vocab_size(self.vocab_size, tensor_model_parallel_size, divisible_by)
+
+    def check_solo_ids(self) -> None:
+        """Raise unless this model carries SOLO's pieces at SOLO's ids."""
+        if self.vocab_size != SOLO_VOCAB_SIZE:
+            raise ValueError(
+                f"{self.model_path}: {self.vocab_size} pieces, a SOLO tokenizer has {SOLO_VOCAB_SIZE}; "
+                "build one with tools/create_solo_tokenizer.py"
+            )
+        for i, piece in enumerate(SOLO_SPECIAL_PIECES):
+            got = self.sp.piece_to_id(piece)
+            if got != BASE_VOCAB_SIZE + i:
+                raise ValueError(f"{self.model_path}: {piece} has id {got}, SOLO expects {BASE_VOCAB_SIZE + i}")
+        if (self.sp.bos_id(), self.sp.eos_id()) != (BOS_ID, EOS_ID):
+            raise ValueError(f"{self.model_path}: BOS/EOS are {self.sp.bos_id()}/{self.sp.eos_id()}, expected 1/2")
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids, without BOS/EOS."""
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def piece_to_id(self, piece: str) -> int:
+        return self.sp.piece_to_id(piece)
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(range(BASE_VOCAB_SIZE, self.vocab_size))
+
+
+def mistral_tokenizer_path() -> str:
+    """The real Mistral-7B-v0.1 tokenizer shipped in the ``mistral-common`` package (32000 pieces)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("mistral-common is not installed (pip install mistral-common)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "tokenizer.model.v1")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mistral-common has no {path}")
+    return path

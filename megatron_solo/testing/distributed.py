@@ -1,0 +1,142 @@
+"""Run a function under N real processes (gloo on loopback) and collect each rank's result.
+
+Used by the test suite and benchmarks. Each rank is a fresh ``spawn`` process with torchrun's
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port), so code under
+test sees exactly what it sees under torchrun. When a rank raises, the caller gets that rank's
+traceback, not "exit 1"; when the world hangs (a missed collective), the timeout kills every rank
+and says which ones never finished.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from typing import Any, Callable
+
+from megatron_solo.parallel import free_port
+
+
+class DistributedTestError(RuntimeError):
+    pass
+
+
+def _rank_main(fn, rank, world_size, port, env, args, kwargs, results):
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        from megatron_solo import cpu_backend
+
+        cpu_backend.ensure()
+        out = fn(*args, **kwargs)
+        results.put((rank, "ok", out))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            import torch
+
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        except Exception:
+            pass
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args,
+    timeout: float = 300.0,
+    env: dict[str, str] | None = None,
+    **kwargs,
+) -> list[Any]:
+    """Call ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return results in rank order.
+
+    ``fn`` must be importable (defined at module level). Results must be picklable (CPU tensors are).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    # One thread per rank: this machine has 2 cores, and oversubscribed intra-op threads make
+    # gloo runs slower, not faster.
+    base_env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    base_env.update(env or {})
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            args=(fn, rank, world_size, port, base_env, args, kwargs, results),
+            name=f"rank{rank}",
+            daemon=False,
+        )
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+
+    outputs: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outputs) + len(errors) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(outputs) - set(errors))
+                detail = "".join(f"\n--- rank {r} traceback ---\n{tb}" for r, tb in sorted(errors.items()))
+                raise DistributedTestError(
+                    f"timed out after {timeout:.0f}s; ranks {missing} never finished{detail}"
+                )
+            try:
+                rank, status, payload = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)
+                        and r not in outputs and r not in errors]
+                if dead:
+                    # A rank died without reporting (segfault, os._exit, OOM kill).
+                    time.sleep(0.5)
+                    while True:
+                        try:
+                            rank, status, payload = results.get_nowait()
+                        except queue.Empty:
+                            break
+                        (outputs if status == "ok" else errors)[rank] = payload
+                    for r in dead:
+                        if r not in outputs and r not in errors:
+                            errors[r] = f"rank {r} died with exit code {procs[r].exitcode} and no traceback"
+                    if errors:
+                        break
+                continue
+            if status == "ok":
+                outputs[rank] = payload
+            else:
+                errors[rank] = payload
+                # Peers of a failed rank usually block in a collective: give them a moment, then stop.
+                grace = time.monotonic() + 5.0
+                while len(outputs) + len(errors) < world_size and time.monotonic() < grace:
+                    try:
+                        r2, s2, p2 = results.get(timeout=0.5)
+                        (outputs if s2 == "ok" else errors)[r2] = p2
+                    except queue.Empty:
+                        pass
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=0.5 if errors else 10.0)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+    if errors:
+        first = min(errors)
+        others = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()) if r != first)
+        raise DistributedTestError(f"rank {first} failed:\n{errors[first]}{others}")
+    return [outputs[r] for r in range(world_size)]

@@ -1,0 +1,45 @@
+"""Build megatron_solo and its C++ extension (megatron_solo._C, pybind11, sources in csrc/)."""
+
+import glob
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ext_modules = [
+    Pybind11Extension(
+        "megatron_solo._C",
+        sorted(glob.glob("csrc/*.cpp")),
+        include_dirs=["csrc"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    )
+]
+
+setup(
+    name="megatron_solo",
+    version="0.1.0",
+    description="Train SOLO-style single-transformer vision-language models on megatron-core",
+    packages=find_packages(include=["megatron_solo", "megatron_solo.*"]),
+    package_data={"megatron_solo": ["convert/hf_files/*.py"]},
+    python_requires="==3.12.*",
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    # Runtime pins live in requirements.txt (what `make setup` installs); these are the floors.
+    install_requires=[
+        "torch>=2.14",
+        "megatron-core>=0.19.2",
+        "sentencepiece",
+        "protobuf",
+        "numpy",
+        "pillow",
+        "safetensors",
+        "transformers",
+        "tqdm",
+        "psutil",
+        "tensorboard",
+    ],
+    extras_require={
+        # GPU-only: neither installs on a CPU machine (TE's torch extension builds against CUDA).
+        "gpu": ["transformer-engine[pytorch]>=2.0", "apex"],
+    },
+)
