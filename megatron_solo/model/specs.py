@@ -1,0 +1,114 @@
+"""Layer specs: Transformer Engine's when it can run, megatron-core's local modules otherwise.
+
+As in megatron-core's ``models/gpt``, choosing TE or local layers is a different *spec*, never an
+``if`` in ``forward()``. The local spec is megatron-core's ``get_gpt_layer_local_submodules`` with two
+substitutions:
+
+* the norms are :class:`SoloRMSNorm` (``torch.nn.RMSNorm`` that supports sequence parallelism by
+  marking its weight ``sequence_parallel``, so ``finalize_model_grads`` all-reduces its gradient over
+  TP, as it does for TE's and Apex's norms; megatron-core's ``WrappedTorchNorm`` refuses SP);
+* the core attention is :class:`SoloDotProductAttention` (megatron-core's ``DotProductAttention``
+  that applies the sliding window *on top of* an explicit attention mask; the parent class replaces
+  the mask by the window mask, which would let packed documents see each other), or, on request,
+  :class:`megatron_solo.model.attention.SDPAFlexAttention`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.utils import get_sliding_window_causal_mask
+
+from megatron_solo.model.config import check_fp8, te_available, use_te_default
+
+
+class SoloRMSNorm(torch.nn.RMSNorm):
+    """RMSNorm for the local spec; sequence-parallel aware (see module docstring)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(normalized_shape=hidden_size, eps=eps, dtype=config.params_dtype)
+        # Under SP each TP rank normalises a different slice of the sequence: its weight gradient is
+        # partial and must be summed over TP (megatron-core does that for params marked like this).
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+
+class SoloDotProductAttention(DotProductAttention):
+    """``DotProductAttention`` whose sliding window combines with the given mask (True = masked)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Take the window out of the softmax (which would *replace* the mask) and apply it here.
+        self.sliding_window_size = self.scale_mask_softmax.window_size
+        self.scale_mask_softmax.window_size = None
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if self.sliding_window_size is not None:
+            sq, sk = query.size(0), key.size(0)
+            window = get_sliding_window_causal_mask(sq, sk, self.sliding_window_size).to(query.device)
+            attention_mask = window if attention_mask is None else (attention_mask.bool() | window)
+        return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                               attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+
+
+def resolve_use_te(config, use_te: Optional[bool] = None) -> bool:
+    """``use_te=None`` picks TE when it imports and a GPU is present. FP8 without TE is refused."""
+    if use_te is None:
+        use_te = use_te_default()
+    if use_te and not te_available():
+        raise ValueError("use_te=True, but Transformer Engine is not importable")
+    check_fp8(getattr(config, "fp8", None), getattr(config, "fp8_recipe", None), use_te)
+    return use_te
+
+
+CORE_ATTENTION_CHOICES = ("dot_product", "sdpa_flex")
+
+
+def get_layer_spec(config, use_te: Optional[bool] = None, core_attention: str = "dot_product"):
+    """The ``ModuleSpec`` of one SOLO transformer layer.
+
+    ``use_te=None``: TE when importable and a GPU is present, else local. ``core_attention`` selects
+    the local path's attention ('dot_product': megatron's math, explicit masks; 'sdpa_flex': torch SDPA
+    and FlexAttention, see ``attention.py``); the TE spec always uses ``TEDotProductAttention``.
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_submodules,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    if resolve_use_te(config, use_te):
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+    if core_attention not in CORE_ATTENTION_CHOICES:
+        raise ValueError(f"core_attention must be one of {CORE_ATTENTION_CHOICES}, got {core_attention!r}")
+    sub = get_gpt_layer_local_submodules(normalization="RMSNorm")
+    sub.input_layernorm = SoloRMSNorm
+    sub.pre_mlp_layernorm = SoloRMSNorm
+    if core_attention == "dot_product":
+        sub.self_attention.submodules.core_attention = SoloDotProductAttention
+    else:
+        from megatron_solo.model.attention import SDPAFlexAttention
+
+        sub.self_attention.submodules.core_attention = SDPAFlexAttention
+    return ModuleSpec(module=TransformerLayer, submodules=sub)
+
+
+def get_block_spec(config, layer_spec, vp_stage: Optional[int] = None):
+    """Transformer-block submodules for this pipeline stage: ``layer_spec`` per layer + final norm.
+
+    TE layer specs are returned unchanged (megatron-core adds ``TENorm``); local ones get
+    :class:`SoloRMSNorm` as the final norm, so that SP works there too.
+    """
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    sub = layer_spec.submodules
+    if getattr(sub, "input_layernorm", None) is not SoloRMSNorm:
+        return layer_spec
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * n, layer_norm=SoloRMSNorm)
