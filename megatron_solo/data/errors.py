@@ -1,0 +1,29 @@
+"""Why a record is skipped. Every skip is counted by its reason in ``P.stats.json``."""
+
+from __future__ import annotations
+
+# reason code -> one-line meaning (docs/DATA_FORMAT.md lists the same table)
+SKIP_REASONS = {
+    "invalid_json": "the line/file is not valid JSON",
+    "missing_field": "a required field (messages, role, content, url, ...) is missing or has the wrong type",
+    "unknown_part_type": "a content part has a type other than text / image_url / video",
+    "unknown_role": "a message role other than system / user / assistant (human / gpt / system for LLaVA)",
+    "bad_base64": "a data URL whose base64 payload does not decode",
+    "unsupported_url": "an image URL that is neither a data URL nor a local path (nothing is downloaded)",
+    "missing_image_file": "an image path that does not exist under --image-root",
+    "empty_image": "zero bytes of image data, or an image with a zero-size side",
+    "corrupt_image": "bytes PIL cannot identify or decode (truncated, not an image)",
+    "decompression_bomb": "more pixels than --max-image-pixels (PIL's decompression-bomb limit)",
+    "empty_document": "a document with no text and no image",
+    "bad_sample": "a tar sample without an image or without text",
+}
+
+
+class SkipRecord(Exception):
+    """Raised while encoding one record; the record is skipped and counted under ``reason``."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in SKIP_REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail

@@ -1,0 +1,171 @@
+"""Image -> SOLO patches, step by step as ``SOLO_SPEC.md`` ("Image to patches") says.
+
+1. decode, convert to RGB (:func:`load_image`);
+2. target size (:func:`target_size`);
+3. PIL bilinear antialiased resize;
+4. (in the model, not here) /255 and ImageNet normalisation (:func:`normalize_patches` is the reference);
+5. cut into a row-major grid of 32x32 patches, each flattened channel-major (3, 32, 32) -> 3072.
+
+On disk the patches are the resized uint8 pixels (3072 bytes per patch, half of SOLO's float16).
+
+Decisions beyond SOLO (documented in docs/DATA_FORMAT.md):
+- EXIF orientation is applied (``exif_transpose=True``): the patches show the photo upright, as a
+  viewer (and a captioner) saw it. SOLO's torchvision pipeline ignored EXIF; pass
+  ``exif_transpose=False`` (``--no-exif-transpose``) to reproduce that.
+- Transparency (RGBA, LA, PA, palette with a transparent index) is composited over white.
+  16-bit and 32-bit grayscale are scaled to 8 bits (PIL's ``convert("RGB")`` would clip them).
+  CMYK uses PIL's conversion (Adobe-inverted JPEGs are handled by the decoder).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from megatron_solo.data.errors import SkipRecord
+
+PATCH_SIZE = 32
+PATCH_DIM = 3 * PATCH_SIZE * PATCH_SIZE  # 3072
+MAX_LONG_SIDE = 1024
+DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own bomb limit
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+try:  # C++ reorder (csrc/patchify.cpp); the numpy path gives the same bytes
+    from megatron_solo import _C as _ext
+
+    _HAVE_CPP_PATCHIFY = hasattr(_ext, "patchify")
+except ImportError:  # pragma: no cover - the extension is built by setup.py
+    _ext = None
+    _HAVE_CPP_PATCHIFY = False
+
+
+def target_size(width: int, height: int) -> tuple[int, int]:
+    """SOLO's resize rule: returns (new_width, new_height), both multiples of 32.
+
+    new_L = min(ceil(L/32)*32, 1024); new_S = ceil(floor(new_L*S/L)/32)*32, and 32 where that is 0.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    long_side, short_side = max(width, height), min(width, height)
+    new_long = min(-(-long_side // PATCH_SIZE) * PATCH_SIZE, MAX_LONG_SIDE)
+    new_short = -(-((new_long * short_side) // long_side) // PATCH_SIZE) * PATCH_SIZE
+    new_short = max(new_short, PATCH_SIZE)
+    return (new_long, new_short) if width >= height else (new_short, new_long)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode == "I" and arr.max(initial=0) <= 255:  # 8-bit data carried in an int32 image
+            scale = 1.0
+        elif mode == "I" and arr.max(initial=0) > 65535:
+            scale = 1.0 / 16843009.0  # full 32-bit range
+        else:
+            scale = 1.0 / 257.0  # 16-bit range -> 8 bits
+        arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, I;16 variants handled above
+
+
+def load_image(data: bytes, *, exif_transpose: bool = True,
+               max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode image bytes to an RGB PIL image, or raise :class:`SkipRecord` with the reason."""
+    if not data:
+        raise SkipRecord("empty_image", "0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise SkipRecord("empty_image", f"{w}x{h}")
+            if max_image_pixels is not None and w * h > max_image_pixels:
+                raise SkipRecord("decompression_bomb", f"{w}x{h} = {w * h} pixels > {max_image_pixels}")
+            img.load()
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except SkipRecord:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SkipRecord("decompression_bomb", str(e)) from None
+    except UnidentifiedImageError as e:
+        raise SkipRecord("corrupt_image", str(e)) from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as e:
+        raise SkipRecord("corrupt_image", f"{type(e).__name__}: {e}") from None
+
+
+def resize_for_patches(img: Image.Image) -> Image.Image:
+    """Steps 2-3: resize an RGB image to SOLO's target size (PIL bilinear, antialiased)."""
+    size = target_size(*img.size)
+    if size == img.size:
+        return img
+    return img.resize(size, Image.BILINEAR)
+
+
+def patchify(pixels: np.ndarray) -> np.ndarray:
+    """[H, W, 3] uint8 (H, W multiples of 32) -> [n_rows*n_cols, 3072] uint8, row-major grid,
+    each patch channel-major (3, 32, 32)."""
+    h, w, c = pixels.shape
+    if c != 3 or h % PATCH_SIZE or w % PATCH_SIZE:
+        raise ValueError(f"expected [H, W, 3] with H, W multiples of {PATCH_SIZE}, got {pixels.shape}")
+    if _HAVE_CPP_PATCHIFY and pixels.dtype == np.uint8:
+        return _ext.patchify(np.ascontiguousarray(pixels))
+    r, q = h // PATCH_SIZE, w // PATCH_SIZE
+    grid = pixels.reshape(r, PATCH_SIZE, q, PATCH_SIZE, 3).transpose(0, 2, 4, 1, 3)
+    return np.ascontiguousarray(grid).reshape(r * q, PATCH_DIM)
+
+
+def patchify_numpy(pixels: np.ndarray) -> np.ndarray:
+    """The numpy path of :func:`patchify` (kept to test the C++ one against)."""
+    h, w, _ = pixels.shape
+    r, q = h // PATCH_SIZE, w // PATCH_SIZE
+    grid = pixels.reshape(r, PATCH_SIZE, q, PATCH_SIZE, 3).transpose(0, 2, 4, 1, 3)
+    return np.ascontiguousarray(grid).reshape(r * q, PATCH_DIM)
+
+
+def image_to_patches(img: Image.Image) -> tuple[np.ndarray, int, int]:
+    """RGB PIL image -> (uint8 [n, 3072], n_rows, n_cols), per SOLO_SPEC (all but normalisation)."""
+    if img.mode != "RGB":
+        img = _to_rgb(img)
+    resized = resize_for_patches(img)
+    pixels = np.asarray(resized, dtype=np.uint8)
+    n_rows, n_cols = pixels.shape[0] // PATCH_SIZE, pixels.shape[1] // PATCH_SIZE
+    return patchify(pixels), n_rows, n_cols
+
+
+def normalize_patches(patches, dtype=None):
+    """Reference normalisation (SOLO step 4) of uint8 patches [..., 3072] -> float32 tensor.
+
+    Computes ``(x / 255 - mean[c]) / std[c]`` in float32 in torchvision's order (ToTensor, then
+    Normalize). The model's input path must give the same values; SOLO stored them as float16.
+    """
+    import torch
+
+    x = torch.as_tensor(np.asarray(patches)) if not isinstance(patches, torch.Tensor) else patches
+    shape = x.shape
+    x = x.reshape(*shape[:-1], 3, PATCH_SIZE * PATCH_SIZE).to(torch.float32).div(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1)
+    x = x.sub(mean).div(std).reshape(shape)
+    return x if dtype is None else x.to(dtype)

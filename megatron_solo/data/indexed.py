@@ -1,0 +1,268 @@
+"""Writing and reading one SOLO dataset prefix: ``P-tokens`` (int32), ``P-roles`` (uint8),
+``P-patches`` (uint8, 3072 bytes per patch), three megatron-core indexed datasets.
+
+One IndexedDataset *sequence* is one document segment (a whole document, or the part of a split
+document that fell into one pack); the three files hold the same number of sequences in the same
+order. megatron's ``document_indices`` group the sequences into *packs* (training samples). The
+patches sequence of a segment holds that segment's patches in ``<vpatch>`` order.
+
+Writes are atomic: data go to ``*.tmp`` names and are renamed at :meth:`SoloPrefixWriter.finalize`,
+``.bin`` files first, then ``P.stats.json``, then the ``.idx`` files. A prefix is complete when
+all three ``.idx`` files exist (:func:`prefix_complete`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+from megatron_solo.data.image import PATCH_DIM
+from megatron_solo.data.tokenizer import SOLO_IDS
+
+SUFFIXES = ("tokens", "roles", "patches")
+DTYPES = {"tokens": np.int32, "roles": np.uint8, "patches": np.uint8}
+
+try:
+    from megatron_solo._C import IndexWriter as _CppIndexWriter
+except ImportError:  # pragma: no cover
+    _CppIndexWriter = None
+
+
+def component_prefix(prefix: str, name: str) -> str:
+    return f"{prefix}-{name}"
+
+
+def prefix_complete(prefix: str) -> bool:
+    """A prefix is complete when the ``.idx`` and ``.bin`` of all three datasets exist."""
+    return all(
+        os.path.isfile(component_prefix(prefix, n) + ".idx") and os.path.isfile(component_prefix(prefix, n) + ".bin")
+        for n in SUFFIXES
+    )
+
+
+def remove_prefix(prefix: str) -> None:
+    """Delete a prefix's files (``.idx`` first, so it stops looking complete before anything else)."""
+    for ext in (".idx", ".bin"):
+        for n in SUFFIXES:
+            for p in (component_prefix(prefix, n) + ext, component_prefix(prefix, n) + ext + ".tmp"):
+                if os.path.exists(p):
+                    os.remove(p)
+    for p in (prefix + ".stats.json", prefix + ".stats.json.tmp"):
+        if os.path.exists(p):
+            os.remove(p)
+
+
+class PythonIndexWriter:
+    """megatron-core's ``IndexedDatasetBuilder`` behind the C++ writer's interface."""
+
+    def __init__(self, bin_path: str, dtype):
+        import torch  # noqa: F401  (the builder takes tensors)
+
+        self._b = IndexedDatasetBuilder(bin_path, dtype=dtype)
+
+    def add_item(self, array: np.ndarray) -> None:
+        import torch
+
+        self._b.add_item(torch.from_numpy(np.ascontiguousarray(array)))
+
+    def end_document(self) -> None:
+        self._b.end_document()
+
+    def finalize(self, idx_path: str) -> None:
+        self._b.finalize(idx_path)
+
+
+def make_index_writer(bin_path: str, dtype, use_cpp: bool = True):
+    """The C++ buffered writer (byte-identical to megatron's builder) or megatron's builder itself."""
+    if use_cpp and _CppIndexWriter is not None:
+        return _CppIndexWriter(bin_path, np.dtype(dtype).str)
+    return PythonIndexWriter(bin_path, dtype)
+
+
+class SoloPrefixWriter:
+    """Writes segments and pack boundaries to the three datasets of a prefix, atomically."""
+
+    def __init__(self, prefix: str, use_cpp: bool = True):
+        self.prefix = prefix
+        d = os.path.dirname(os.path.abspath(prefix))
+        os.makedirs(d, exist_ok=True)
+        self._writers = {
+            n: make_index_writer(component_prefix(prefix, n) + ".bin.tmp", DTYPES[n], use_cpp) for n in SUFFIXES
+        }
+        self.n_segments = 0
+        self.n_packs = 0
+        self.n_tokens = 0
+        self.n_patches = 0
+        self._open_pack = False
+        self._done = False
+
+    def add_segment(self, tokens: np.ndarray, roles: np.ndarray, patches: np.ndarray) -> None:
+        assert len(tokens) == len(roles) and len(tokens) > 0
+        assert patches.ndim == 2 and patches.shape[1] == PATCH_DIM
+        n_vpatch = int(np.count_nonzero(tokens == SOLO_IDS.vision_patch))
+        assert n_vpatch == patches.shape[0], (n_vpatch, patches.shape)
+        self._writers["tokens"].add_item(np.ascontiguousarray(tokens, dtype=np.int32))
+        self._writers["roles"].add_item(np.ascontiguousarray(roles, dtype=np.uint8))
+        self._writers["patches"].add_item(np.ascontiguousarray(patches, dtype=np.uint8).reshape(-1))
+        self.n_segments += 1
+        self.n_tokens += len(tokens)
+        self.n_patches += patches.shape[0]
+        self._open_pack = True
+
+    def end_pack(self) -> None:
+        if not self._open_pack:
+            return
+        for w in self._writers.values():
+            w.end_document()
+        self.n_packs += 1
+        self._open_pack = False
+
+    def finalize(self, stats: dict | None = None) -> None:
+        """Close the pack, write the indices and rename everything into place (bins, stats, idx)."""
+        self.end_pack()
+        for n, w in self._writers.items():
+            w.finalize(component_prefix(self.prefix, n) + ".idx.tmp")
+        for n in SUFFIXES:
+            base = component_prefix(self.prefix, n)
+            os.replace(base + ".bin.tmp", base + ".bin")
+        if stats is not None:
+            tmp = self.prefix + ".stats.json.tmp"
+            with open(tmp, "w") as f:
+                json.dump(stats, f, indent=2, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, self.prefix + ".stats.json")
+        for n in ("patches", "roles", "tokens"):
+            base = component_prefix(self.prefix, n)
+            os.replace(base + ".idx.tmp", base + ".idx")
+        self._done = True
+
+    def abort(self) -> None:
+        """Drop everything written so far (temp files only: nothing was renamed yet)."""
+        for n, w in self._writers.items():
+            try:
+                w.finalize(component_prefix(self.prefix, n) + ".idx.tmp")
+            except Exception:
+                pass
+        for n in SUFFIXES:
+            for ext in (".bin.tmp", ".idx.tmp"):
+                p = component_prefix(self.prefix, n) + ext
+                if os.path.exists(p):
+                    os.remove(p)
+
+
+def pack_segments(doc_length: int, used: int, seq_length: int | None):
+    """Greedy packing (SOLO_SPEC "Packing") of one document into the open pack.
+
+    ``used`` tokens are already in the open pack. Yields ``(start, end, close_pack_after)`` slices of
+    the document; a document that does not fit in what is left of the open pack starts a new pack
+    (the open one is closed first: a ``(0, 0, True)`` item), a document longer than ``seq_length``
+    is split into ``seq_length`` pieces and its remainder starts the next pack, which later
+    documents join. Without ``seq_length`` every document is its own pack.
+    """
+    if seq_length is None:
+        yield 0, doc_length, True
+        return
+    if used and used + doc_length > seq_length:
+        yield 0, 0, True
+        used = 0
+    pos = 0
+    while doc_length - pos > seq_length - used:
+        take = seq_length - used
+        yield pos, pos + take, True
+        pos += take
+        used = 0
+    end_used = used + doc_length - pos
+    yield pos, doc_length, end_used == seq_length
+
+
+class Packer:
+    """Feeds encoded documents to a :class:`SoloPrefixWriter`, packing them greedily."""
+
+    def __init__(self, writer: SoloPrefixWriter, seq_length: int | None):
+        self.writer = writer
+        self.seq_length = seq_length
+        self.used = 0
+
+    def add(self, tokens: np.ndarray, roles: np.ndarray, patches: np.ndarray) -> None:
+        is_patch = tokens == SOLO_IDS.vision_patch
+        patch_before = np.concatenate(([0], np.cumsum(is_patch))) if len(patches) else None
+        for start, end, close in pack_segments(len(tokens), self.used, self.seq_length):
+            if end > start:
+                if patch_before is not None:
+                    p = patches[patch_before[start]:patch_before[end]]
+                else:
+                    p = patches
+                self.writer.add_segment(tokens[start:end], roles[start:end], p)
+                self.used += end - start
+            if close:
+                self.writer.end_pack()
+                self.used = 0
+
+    def close(self) -> None:
+        self.writer.end_pack()
+        self.used = 0
+
+
+@dataclass
+class SoloIndexedDataset:
+    """The three IndexedDatasets of a prefix, read with megatron-core's reader.
+
+    ``len()`` is the number of packs; :meth:`pack` returns one pack's segments.
+    """
+
+    prefix: str
+    mmap: bool = True
+
+    def __post_init__(self):
+        self.tokens = IndexedDataset(component_prefix(self.prefix, "tokens"), mmap=self.mmap)
+        self.roles = IndexedDataset(component_prefix(self.prefix, "roles"), mmap=self.mmap)
+        pp = component_prefix(self.prefix, "patches")
+        # numpy cannot mmap an empty file: a text-only prefix has an empty P-patches.bin
+        empty = os.path.getsize(pp + ".bin") == 0
+        self.patches = IndexedDataset(pp, mmap=self.mmap and not empty)
+        n = len(self.tokens)
+        if not (len(self.roles) == n == len(self.patches)):
+            raise ValueError(f"{self.prefix}: the three datasets disagree on the number of segments")
+        if not np.array_equal(self.tokens.document_indices, self.roles.document_indices) or not np.array_equal(
+            self.tokens.document_indices, self.patches.document_indices
+        ):
+            raise ValueError(f"{self.prefix}: the three datasets disagree on pack boundaries")
+        self.pack_bounds = np.asarray(self.tokens.document_indices, dtype=np.int64)
+        self.segment_lengths = np.asarray(self.tokens.sequence_lengths, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.pack_bounds) - 1
+
+    def pack_length(self, i: int) -> int:
+        a, b = self.pack_bounds[i], self.pack_bounds[i + 1]
+        return int(self.segment_lengths[a:b].sum())
+
+    def pack(self, i: int, max_tokens: int | None = None):
+        """Segments of pack ``i``: list of (tokens int32, roles uint8, patches uint8 [n, 3072]).
+
+        With ``max_tokens``, reading stops after that many tokens, and only the patches of the
+        ``<vpatch>`` tokens that were read are returned.
+        """
+        a, b = int(self.pack_bounds[i]), int(self.pack_bounds[i + 1])
+        out = []
+        left = max_tokens
+        for s in range(a, b):
+            length = int(self.segment_lengths[s])
+            if left is not None:
+                if left <= 0:
+                    break
+                length = min(length, left)
+                left -= length
+            t = self.tokens.get(s, 0, length)
+            r = self.roles.get(s, 0, length)
+            n_p = int(np.count_nonzero(t == SOLO_IDS.vision_patch))
+            if n_p:
+                p = self.patches.get(s, 0, n_p * PATCH_DIM).reshape(n_p, PATCH_DIM)
+            else:
+                p = np.zeros((0, PATCH_DIM), np.uint8)
+            out.append((t, r, p))
+        return out
