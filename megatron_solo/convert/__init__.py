@@ -1,0 +1,30 @@
+"""Hugging Face <-> megatron_solo conversion (see docs/CONVERSION.md).
+
+* :mod:`megatron_solo.convert.mapping`: the one declarative name/transform table (plain torch).
+* :mod:`megatron_solo.convert.hf_io`: reading/checking HF checkpoints, streaming safetensors export.
+* :mod:`megatron_solo.convert.megatron_io`: ``hf_to_megatron``, ``megatron_to_hf``, ``verify_against_hf``.
+* ``hf_files/``: ``configuration_solo.py``, ``modeling_solo.py``, ``processing_solo.py``, copied into
+  every export (``trust_remote_code``).
+
+Importing this package is cheap; the megatron-facing functions below import megatron-core (and
+switch on the CPU backend) on first use.
+"""
+
+from megatron_solo.convert.hf_io import ConversionError, VerificationError  # noqa: F401
+from megatron_solo.convert.mapping import MAPPINGS, bound_mappings  # noqa: F401
+
+_MEGATRON_API = ("hf_to_megatron", "megatron_to_hf", "verify_against_hf", "megatron_logits", "build_full_model")
+
+
+def __getattr__(name):
+    if name in _MEGATRON_API:
+        from megatron_solo import cpu_backend
+
+        cpu_backend.ensure()
+        from megatron_solo.convert import megatron_io
+
+        return getattr(megatron_io, name)
+    raise AttributeError(f"module 'megatron_solo.convert' has no attribute {name!r}")
+
+
+__all__ = ["ConversionError", "VerificationError", "MAPPINGS", "bound_mappings", *_MEGATRON_API]

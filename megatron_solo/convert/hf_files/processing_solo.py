@@ -1,0 +1,200 @@
+"""Turn images and text into SOLO's inputs: ``input_ids``, ``vision_patches``, ``vision_patch_indices``.
+
+Self-contained (PIL, numpy, torch, sentencepiece) and shipped in every exported SOLO checkpoint. It
+implements SOLO's image rules (arXiv 2407.06438; this project's SOLO_SPEC):
+
+1. decode, convert to RGB;
+2. target size for width W, height H: L = max(W, H), S = min(W, H),
+   new_L = min(ceil(L/32)*32, 1024), new_S = ceil(floor(new_L*S/L)/32)*32 (32 when that is 0);
+   the long side stays the long side;
+3. resize with PIL's bilinear (antialiased) filter;
+4. scale to [0, 1] and normalise per channel with ImageNet's mean and std;
+5. cut into 32x32 patches, row-major; each patch is flattened channel-major (3, 32, 32) -> 3072.
+
+An image of R x C patches becomes the tokens ``<vision>``, then per row ``<vpatch>`` x C with one
+``<vrow_sep>`` between rows, then ``</vision>``.
+
+Usage::
+
+    processor = SoloProcessor.from_pretrained(hf_dir)
+    inputs = processor([image, "What is in this image?"])            # pre-training style: BOS + parts
+    inputs = processor.chat([{"role": "user", "content": [image, "Describe it."]}])  # chat turns
+    out = model.generate(**inputs, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+PATCH_SIZE = 32
+MAX_LONG_SIDE = 1024
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+BOS_ID = 1
+VISION_START, VISION_PATCH, VISION_ROW_SEP, VISION_END = "<vision>", "<vpatch>", "<vrow_sep>", "</vision>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+def target_size(width: int, height: int, patch: int = PATCH_SIZE, max_long: int = MAX_LONG_SIDE) -> tuple[int, int]:
+    """(new_width, new_height) of SOLO's resize rule."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image has no pixels ({width}x{height})")
+    long_side, short_side = max(width, height), min(width, height)
+    new_long = min(math.ceil(long_side / patch) * patch, max_long)
+    new_short = math.ceil(math.floor(new_long * short_side / long_side) / patch) * patch
+    new_short = max(new_short, patch)
+    return (new_long, new_short) if width >= height else (new_short, new_long)
+
+
+def to_rgb(image):
+    """Step 1: any PIL mode -> RGB. Transparent pixels are composited on white; 16/32-bit and float
+    grey images are scaled to 8 bits (the training data's rules)."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        if mode == "I" and arr.max(initial=0) <= 255:
+            scale = 1.0
+        elif mode == "I" and arr.max(initial=0) > 65535:
+            scale = 1.0 / 16843009.0
+        else:
+            scale = 1.0 / 257.0
+        arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        if arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str):
+    """Open an image file, apply its EXIF orientation, convert to RGB."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def image_to_patches(image) -> tuple[np.ndarray, int, int]:
+    """PIL image -> (uint8 patches [R*C, 3072] channel-major, R, C) of the resized pixels."""
+    from PIL import Image
+
+    image = to_rgb(image)
+    size = target_size(*image.size)
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
+    pixels = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+    rows, cols = pixels.shape[0] // PATCH_SIZE, pixels.shape[1] // PATCH_SIZE
+    patches = pixels.reshape(rows, PATCH_SIZE, cols, PATCH_SIZE, 3).transpose(0, 2, 4, 1, 3)
+    return np.ascontiguousarray(patches.reshape(rows * cols, 3 * PATCH_SIZE * PATCH_SIZE)), rows, cols
+
+
+def normalize_patches(patches) -> torch.Tensor:
+    """uint8 [n, 3072] -> float32 [n, 3072]: (x / 255 - mean[c]) / std[c], c = channel of the value."""
+    x = torch.as_tensor(np.asarray(patches)).to(torch.float32) / 255.0
+    n = x.shape[0]
+    mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32).view(1, 3, 1)
+    std = torch.tensor(IMAGE_STD, dtype=torch.float32).view(1, 3, 1)
+    return ((x.view(n, 3, -1) - mean) / std).view(n, -1)
+
+
+class SoloProcessor:
+    """Tokenizer (the extended SentencePiece ``tokenizer.model``) plus SOLO's image rules."""
+
+    def __init__(self, tokenizer_model: str):
+        import sentencepiece as spm
+
+        if not os.path.isfile(tokenizer_model):
+            raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}")
+        self.sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
+        self.ids = {p: self.sp.piece_to_id(p) for p in
+                    (VISION_START, VISION_PATCH, VISION_ROW_SEP, VISION_END, IM_START, IM_END)}
+        if self.ids[VISION_START] != 32000 or self.ids[IM_END] != 33030:
+            raise ValueError(f"{tokenizer_model} is not a SOLO tokenizer (no <vision>=32000 ... <|im_end|>=33030)")
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "SoloProcessor":
+        return cls(os.path.join(path, "tokenizer.model"))
+
+    def image_token_ids(self, rows: int, cols: int) -> list[int]:
+        ids = [self.ids[VISION_START]]
+        for r in range(rows):
+            if r:
+                ids.append(self.ids[VISION_ROW_SEP])
+            ids.extend([self.ids[VISION_PATCH]] * cols)
+        ids.append(self.ids[VISION_END])
+        return ids
+
+    def encode_parts(self, parts, add_bos: bool = True) -> tuple[list[int], list[np.ndarray]]:
+        """Text and PIL images, in order -> (token ids, list of uint8 patch arrays)."""
+        ids, patches = ([BOS_ID] if add_bos else []), []
+        for part in parts:
+            if isinstance(part, str):
+                ids.extend(self.sp.encode(part))
+            else:
+                p, rows, cols = image_to_patches(part)
+                ids.extend(self.image_token_ids(rows, cols))
+                patches.append(p)
+        return ids, patches
+
+    def _pack(self, ids, patches) -> dict[str, torch.Tensor]:
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if patches:
+            out["vision_patches"] = normalize_patches(np.concatenate(patches, axis=0))
+            is_patch = input_ids == self.ids[VISION_PATCH]
+            order = torch.cumsum(is_patch.reshape(-1).long(), 0).reshape(input_ids.shape) - 1
+            out["vision_patch_indices"] = torch.where(is_patch, order, torch.full_like(order, -1))
+        return out
+
+    def __call__(self, parts, add_bos: bool = True) -> dict[str, torch.Tensor]:
+        """Pre-training format: BOS then each part (text or PIL image) in order; batch of one."""
+        return self._pack(*self.encode_parts(parts, add_bos=add_bos))
+
+    def chat(self, messages, add_generation_prompt: bool = True) -> dict[str, torch.Tensor]:
+        """Chat format: ``<|im_start|>{role}\\n`` + content + ``<|im_end|>\\n`` per turn.
+
+        ``content`` is a string or a list of parts (text or PIL images). With ``add_generation_prompt``
+        the assistant turn is opened for the model to complete.
+        """
+        ids, patches = [BOS_ID], []
+        for m in messages:
+            content = m["content"] if isinstance(m["content"], list) else [m["content"]]
+            ids.append(self.ids[IM_START])
+            ids.extend(self.sp.encode(f"{m['role']}\n"))
+            turn_ids, turn_patches = self.encode_parts(content, add_bos=False)
+            ids.extend(turn_ids)
+            patches.extend(turn_patches)
+            ids.append(self.ids[IM_END])
+            ids.extend(self.sp.encode("\n"))
+        if add_generation_prompt:
+            ids.append(self.ids[IM_START])
+            ids.extend(self.sp.encode("assistant\n"))
+        return self._pack(ids, patches)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i < 32000 and i not in (0, 1, 2)]
+        return self.sp.decode(ids)
+
+
+__all__ = ["SoloProcessor", "load_image", "to_rgb", "target_size", "image_to_patches", "normalize_patches"]

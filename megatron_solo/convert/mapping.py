@@ -1,0 +1,275 @@
+"""The one declarative table that maps megatron_solo parameters to Hugging Face SOLO/Mistral tensors.
+
+Every direction goes through :data:`MAPPINGS`: import (HF -> Megatron), export (Megatron -> HF) and
+verification (re-read and compare). Each row pairs one Megatron parameter (full, unsharded, TP=1
+layout; megatron-core's ``dist_checkpointing`` reshards it to any TP/PP on load) with one or more HF
+tensors and names the transform between them:
+
+=====================  =====================================================================
+transform              what it does
+=====================  =====================================================================
+``identity``           same tensor on both sides
+``vocab_pad``          Megatron's embedding/output rows are padded to ``padded_vocab_size``;
+                       HF keeps the real vocabulary. Import appends rows (see
+                       :func:`init_extra_vocab_rows`), export drops them.
+``qkv_gqa``            Megatron fuses Q, K, V into ``linear_qkv`` grouped per KV group:
+                       for each of the ``G`` groups, its ``H/G`` query heads, then its key head,
+                       then its value head. HF keeps ``q_proj``, ``k_proj``, ``v_proj`` apart.
+``gated_mlp``          Megatron's ``linear_fc1`` is ``[gate; up]`` stacked on dim 0 (SiLU on the
+                       first half); HF keeps ``gate_proj`` and ``up_proj`` apart.
+=====================  =====================================================================
+
+Nothing here imports megatron: the table and transforms are plain torch, so HF-side tools (and
+tests) use them without paying megatron's import.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+PATCH_DIM = 3 * 32 * 32  # one 32x32 RGB patch, flattened channel-major
+
+
+@dataclass(frozen=True)
+class ConversionShapes:
+    """The few numbers the transforms need (read from SoloModelArgs / the HF config)."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int  # real vocabulary kept on the HF side (33031 for SOLO)
+    padded_vocab_size: int  # rows of Megatron's embedding and output layer
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"{self.num_attention_heads} attention heads are not divisible into "
+                             f"{self.num_query_groups} query groups")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"padded vocab {self.padded_vocab_size} < vocab {self.vocab_size}")
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+
+# --------------------------------------------------------------------------------------------------
+# Transforms. `to_hf(megatron_tensor, shapes) -> tuple[hf tensors]`, `to_megatron(hf tensors, shapes)`.
+# `hf_shapes(shapes)` / `megatron_shape(shapes)` describe the tensors without computing them, so the
+# exporter can lay out safetensors headers before any data is converted (streaming) and the importer
+# can check a checkpoint's shapes against its config before it builds a model.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transform:
+    name: str
+    to_hf: Callable[[torch.Tensor, ConversionShapes], tuple[torch.Tensor, ...]]
+    to_megatron: Callable[[tuple[torch.Tensor, ...], ConversionShapes], torch.Tensor]
+
+
+def _identity_to_hf(t, s):
+    return (t,)
+
+
+def _identity_to_megatron(ts, s):
+    return ts[0]
+
+
+def _vocab_to_hf(t, s):
+    if t.shape[0] != s.padded_vocab_size:
+        raise ValueError(f"expected {s.padded_vocab_size} vocabulary rows, got {t.shape[0]}")
+    return (t[: s.vocab_size],)
+
+
+def init_extra_vocab_rows(source: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Rows appended after a source vocabulary: each is the mean of the source's rows.
+
+    Used for SOLO's 1031 new pieces when starting from Mistral and for Megatron's padding rows.
+    The mean embedding keeps the new tokens' inputs in distribution, and the mean output row gives
+    every new piece the average logit, so the initial loss on base text is not disturbed (Hewitt,
+    "Initializing New Word Embeddings for Pretrained Language Models", 2021; also what
+    ``transformers``' ``resize_token_embeddings(mean_resizing=True)`` centres on).
+    """
+    mean = source.to(torch.float64).mean(dim=0).to(source.dtype)
+    return mean.unsqueeze(0).expand(num_rows, -1)
+
+
+def _vocab_to_megatron(ts, s):
+    (t,) = ts
+    if t.shape[0] > s.padded_vocab_size:
+        raise ValueError(f"source has {t.shape[0]} vocabulary rows, more than the padded {s.padded_vocab_size}")
+    extra = s.padded_vocab_size - t.shape[0]
+    if extra == 0:
+        return t
+    return torch.cat([t, init_extra_vocab_rows(t, extra)], dim=0)
+
+
+def _qkv_to_hf(t, s):
+    g, hpg, d, h = s.num_query_groups, s.heads_per_group, s.head_dim, t.shape[-1]
+    grouped = t.view(g, (hpg + 2) * d, h)
+    q, k, v = torch.split(grouped, [hpg * d, d, d], dim=1)
+    return q.reshape(g * hpg * d, h), k.reshape(g * d, h), v.reshape(g * d, h)
+
+
+def _qkv_to_megatron(ts, s):
+    q, k, v = ts
+    g, hpg, d, h = s.num_query_groups, s.heads_per_group, s.head_dim, q.shape[-1]
+    return torch.cat([q.reshape(g, hpg * d, h), k.reshape(g, d, h), v.reshape(g, d, h)], dim=1).reshape(-1, h)
+
+
+def _gated_to_hf(t, s):
+    gate, up = torch.chunk(t, 2, dim=0)
+    return gate, up
+
+
+def _gated_to_megatron(ts, s):
+    return torch.cat(ts, dim=0)
+
+
+IDENTITY = Transform("identity", _identity_to_hf, _identity_to_megatron)
+VOCAB_PAD = Transform("vocab_pad", _vocab_to_hf, _vocab_to_megatron)
+QKV_GQA = Transform("qkv_gqa", _qkv_to_hf, _qkv_to_megatron)
+GATED_MLP = Transform("gated_mlp", _gated_to_hf, _gated_to_megatron)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One row of the table. ``{i}`` in a name stands for the (global) layer index."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    transform: Transform
+    # Shapes, as functions of ConversionShapes: the Megatron tensor and each HF tensor.
+    megatron_shape: Callable[[ConversionShapes], tuple[int, ...]]
+    hf_shapes: Callable[[ConversionShapes], tuple[tuple[int, ...], ...]]
+    # Present only in SOLO checkpoints (absent from Mistral): created at import from a Mistral.
+    solo_only: bool = False
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.megatron
+
+    def bind(self, layer: int | None) -> "BoundMapping":
+        if self.per_layer != (layer is not None):
+            raise ValueError(f"{self.megatron}: layer index {layer!r}")
+        fmt = (lambda n: n.format(i=layer)) if self.per_layer else (lambda n: n)
+        return BoundMapping(self, fmt(self.megatron), tuple(fmt(n) for n in self.hf))
+
+
+@dataclass(frozen=True)
+class BoundMapping:
+    """A table row for one concrete layer."""
+
+    rule: Mapping
+    megatron: str
+    hf: tuple[str, ...]
+
+    def to_hf(self, tensor: torch.Tensor, shapes: ConversionShapes) -> dict[str, torch.Tensor]:
+        out = self.rule.transform.to_hf(tensor, shapes)
+        return dict(zip(self.hf, out, strict=True))
+
+    def to_megatron(self, tensors: dict[str, torch.Tensor], shapes: ConversionShapes) -> torch.Tensor:
+        return self.rule.transform.to_megatron(tuple(tensors[n] for n in self.hf), shapes)
+
+    def megatron_shape(self, shapes: ConversionShapes) -> tuple[int, ...]:
+        return tuple(self.rule.megatron_shape(shapes))
+
+    def hf_shapes(self, shapes: ConversionShapes) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(sh) for n, sh in zip(self.hf, self.rule.hf_shapes(shapes), strict=True)}
+
+
+def _qkv_rows(s):
+    return (s.num_attention_heads + 2 * s.num_query_groups) * s.head_dim
+
+
+L = "decoder.layers.{i}."
+H = "model.layers.{i}."
+
+#: THE table. Order = the order tensors are written to HF shards (Hugging Face's usual order).
+MAPPINGS: tuple[Mapping, ...] = (
+    Mapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB_PAD,
+            lambda s: (s.padded_vocab_size, s.hidden_size), lambda s: ((s.vocab_size, s.hidden_size),)),
+    Mapping("vision_patch_embed.weight", ("model.embed_vision_patch.weight",), IDENTITY,
+            lambda s: (s.hidden_size, PATCH_DIM), lambda s: ((s.hidden_size, PATCH_DIM),), solo_only=True),
+    Mapping(L + "input_layernorm.weight", (H + "input_layernorm.weight",), IDENTITY,
+            lambda s: (s.hidden_size,), lambda s: ((s.hidden_size,),)),
+    Mapping(L + "self_attention.linear_qkv.weight",
+            (H + "self_attn.q_proj.weight", H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight"), QKV_GQA,
+            lambda s: (_qkv_rows(s), s.hidden_size),
+            lambda s: ((s.num_attention_heads * s.head_dim, s.hidden_size),
+                       (s.num_query_groups * s.head_dim, s.hidden_size),
+                       (s.num_query_groups * s.head_dim, s.hidden_size))),
+    Mapping(L + "self_attention.linear_proj.weight", (H + "self_attn.o_proj.weight",), IDENTITY,
+            lambda s: (s.hidden_size, s.num_attention_heads * s.head_dim),
+            lambda s: ((s.hidden_size, s.num_attention_heads * s.head_dim),)),
+    Mapping(L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",), IDENTITY,
+            lambda s: (s.hidden_size,), lambda s: ((s.hidden_size,),)),
+    Mapping(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), GATED_MLP,
+            lambda s: (2 * s.ffn_hidden_size, s.hidden_size),
+            lambda s: ((s.ffn_hidden_size, s.hidden_size), (s.ffn_hidden_size, s.hidden_size))),
+    Mapping(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), IDENTITY,
+            lambda s: (s.hidden_size, s.ffn_hidden_size), lambda s: ((s.hidden_size, s.ffn_hidden_size),)),
+    Mapping("decoder.final_layernorm.weight", ("model.norm.weight",), IDENTITY,
+            lambda s: (s.hidden_size,), lambda s: ((s.hidden_size,),)),
+    Mapping("output_layer.weight", ("lm_head.weight",), VOCAB_PAD,
+            lambda s: (s.padded_vocab_size, s.hidden_size), lambda s: ((s.vocab_size, s.hidden_size),)),
+)
+
+# The TransformerEngine layer spec fuses the norms into the following linear layer. Its names are
+# aliases of the local spec's, which is what the table uses.
+TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def canonical_megatron_name(name: str) -> str:
+    """Local-spec name for a Megatron parameter name (TE fused-norm names map to the local ones)."""
+    for te, local in TE_ALIASES.items():
+        if name.endswith(te):
+            return name[: -len(te)] + local
+    return name
+
+
+def bound_mappings(num_layers: int, *, include_solo_only: bool = True) -> list[BoundMapping]:
+    """The table expanded for a model of ``num_layers`` layers, in HF shard order
+    (embeddings, then layer 0's tensors, layer 1's, ..., then the final norm and the output layer)."""
+    layer_rules = [m for m in MAPPINGS if m.per_layer]
+    out: list[BoundMapping] = []
+    for m in MAPPINGS:
+        if m.solo_only and not include_solo_only:
+            continue
+        if not m.per_layer:
+            out.append(m.bind(None))
+        elif m is layer_rules[0]:
+            out.extend(r.bind(i) for i in range(num_layers) for r in layer_rules)
+    return out
+
+
+def expected_hf_shapes(shapes: ConversionShapes, *, include_solo_only: bool = True) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for b in bound_mappings(shapes.num_layers, include_solo_only=include_solo_only):
+        out.update(b.hf_shapes(shapes))
+    return out
+
+
+def expected_megatron_shapes(shapes: ConversionShapes) -> dict[str, tuple[int, ...]]:
+    return {b.megatron: b.megatron_shape(shapes) for b in bound_mappings(shapes.num_layers)}
+
+
+def patch_embed_init_std(embed_tokens: torch.Tensor) -> float:
+    """Std of the new patch embedding when starting from a text-only model.
+
+    Normalised patches have roughly unit variance per value, so a ``N(0, sigma^2)`` weight gives each
+    output value a std of about ``sigma * sqrt(3072)``. We choose ``sigma`` so that this equals the std
+    of the base model's token embeddings: a patch then enters the residual stream at the same scale
+    as a token does, added to the ``<vpatch>`` row.
+    """
+    return float(embed_tokens.to(torch.float32).std()) / math.sqrt(PATCH_DIM)

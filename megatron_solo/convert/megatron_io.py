@@ -1,0 +1,405 @@
+"""Megatron side of the conversion: HF -> megatron_solo checkpoint, checkpoint -> HF, and verification.
+
+Conversion runs the model at TP=1, PP=1 (full tensors, the table's layout); megatron-core's
+``dist_checkpointing`` reshards on load, so a checkpoint written here loads at any TP/PP whose TP
+divides its padded vocabulary, and any TP/PP checkpoint is read here. Every rank of the current
+world takes part (the checkpoint writer is collective); on the command line that is a world of one.
+
+Memory: one model (the parameters are the only full copy) plus the HF tensors of one table row in
+flight; HF shards are memory-mapped and written tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+
+import torch
+
+from megatron_solo import cpu_backend
+
+cpu_backend.ensure()
+
+from megatron_solo.convert.hf_io import (  # noqa: E402
+    HFCheckpoint,
+    ConversionError,
+    VerificationError,
+    check_hf_checkpoint,
+    conversion_shapes,
+    hf_config_from_model_args,
+    parse_size,
+    resolve_tokenizer,
+    write_hf_support_files,
+    SOLO_VOCAB_SIZE,
+)
+from megatron_solo.convert.mapping import (  # noqa: E402
+    bound_mappings,
+    canonical_megatron_name,
+    patch_embed_init_std,
+)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ConversionError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _progress(iterable, **kw):
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=not _rank0(), dynamic_ncols=True, **kw)
+
+
+def init_conversion_parallel() -> None:
+    """TP=1, PP=1 over the current world (a world of one when run from the command line)."""
+    from megatron.core import parallel_state
+
+    from megatron_solo.parallel import initialize_model_parallel
+
+    if (parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_tensor_model_parallel_world_size() == 1
+            and parallel_state.get_pipeline_model_parallel_world_size() == 1):
+        return
+    initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+
+
+def build_full_model(model_args, padded_vocab_size: int, params_dtype=torch.float32, initialize: bool = False):
+    """The whole SOLO model in this process (TP=1, PP=1, local spec), parameters left uninitialised
+    unless ``initialize`` (conversion overwrites every one of them)."""
+    from megatron_solo.model import build_solo_model, build_transformer_config
+
+    init_conversion_parallel()
+    config = build_transformer_config(model_args, params_dtype=params_dtype, use_te=False,
+                                      perform_initialization=initialize)
+    return build_solo_model(model_args, config, pre_process=True, post_process=True,
+                            padded_vocab_size=padded_vocab_size, use_te=False)
+
+
+def model_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """Parameters by the table's (local-spec) names; checks that the table covers exactly these."""
+    params = {canonical_megatron_name(n): p for n, p in model.named_parameters()}
+    return params
+
+
+def _check_coverage(params: dict, mappings) -> None:
+    table = {b.megatron for b in mappings}
+    missing, extra = sorted(table - set(params)), sorted(set(params) - table)
+    if missing or extra:
+        raise ConversionError(f"the mapping table and the model disagree: not in the model {missing[:4]}, "
+                              f"not in the table {extra[:4]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# HF -> Megatron
+# ------------------------------------------------------------------------------------------------
+
+
+def hf_to_megatron(
+    hf_dir: str,
+    save_dir: str,
+    *,
+    tokenizer_model: str | None = None,
+    target_tensor_parallel_size: int = 1,
+    padded_vocab_size: int | None = None,
+    params_dtype="float32",
+    iteration: int = 0,
+    seed: int = 1234,
+    verify: bool = False,
+) -> dict:
+    """Write a megatron_solo checkpoint (``save_dir/iter_XXXXXXX``) from a HF Mistral or SOLO checkpoint.
+
+    From a Mistral, SOLO is initialised as documented in docs/CONVERSION.md: the tokenizer is extended
+    with SOLO's 1031 pieces; every embedding/output row past Mistral's 32000 (new pieces and padding)
+    is the mean of Mistral's rows; the patch embedding is N(0, sigma^2) with sigma chosen so that a
+    patch enters at the scale of a token embedding (:func:`~megatron_solo.convert.mapping.patch_embed_init_std`).
+    Returns a summary dict.
+    """
+    from megatron_solo.model import SoloModelArgs
+    from megatron_solo.training.checkpointing import save_checkpoint
+
+    params_dtype = parse_dtype(params_dtype)
+    kind, cfg, args, ckpt = check_hf_checkpoint(hf_dir)
+    model_args = SoloModelArgs(**args)
+    padded = padded_vocab_size or model_args.padded_vocab_size(target_tensor_parallel_size)
+    if padded < SOLO_VOCAB_SIZE or padded % target_tensor_parallel_size:
+        raise ConversionError(f"padded vocab size {padded} must be >= {SOLO_VOCAB_SIZE} and divisible by "
+                              f"TP={target_tensor_parallel_size}")
+    os.makedirs(save_dir, exist_ok=True)
+    # The checkpoint keeps its own copy of SOLO's tokenizer (extended here when the source is Mistral).
+    tok_dir = os.path.join(save_dir, "tokenizer")
+    tok_path = os.path.abspath(os.path.join(tok_dir, "tokenizer.model"))
+    if _rank0():
+        src = resolve_tokenizer(kind, hf_dir, tokenizer_model, tok_dir)
+        if os.path.abspath(src) != tok_path:
+            os.makedirs(tok_dir, exist_ok=True)
+            shutil.copyfile(src, tok_path)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+    src_vocab = int(cfg["vocab_size"])
+    src_shapes = conversion_shapes(args, padded_vocab_size=padded, vocab_size=src_vocab)
+    model = build_full_model(model_args, padded, params_dtype)
+    params = model_parameters(model)
+    mappings = bound_mappings(model_args.num_layers)
+    _check_coverage(params, mappings)
+
+    embed_std = None
+    with torch.no_grad():
+        for bm in _progress(mappings, desc=f"{kind} -> megatron", unit="tensor"):
+            param = params[bm.megatron]
+            if bm.rule.solo_only and kind == "mistral":
+                g = torch.Generator().manual_seed(seed)
+                param.copy_(torch.randn(param.shape, generator=g, dtype=torch.float32) * embed_std)
+                continue
+            hf = {n: ckpt.get(n) for n in bm.hf}
+            if bm.hf == ("model.embed_tokens.weight",):
+                embed_std = patch_embed_init_std(hf["model.embed_tokens.weight"])
+            full = bm.to_megatron(hf, src_shapes)
+            if tuple(full.shape) != tuple(param.shape):
+                raise ConversionError(f"{bm.megatron}: converted shape {list(full.shape)} != model's {list(param.shape)}")
+            param.copy_(full)
+            del hf, full
+    ckpt.close()
+
+    save_checkpoint(save_dir, iteration, [model], model_args=model_args, padded_vocab_size=padded,
+                    tokenizer_model=tok_path,
+                    args={"converted_from": os.path.abspath(hf_dir), "source_kind": kind,
+                          "params_dtype": str(params_dtype).replace("torch.", "")})
+    summary = {"kind": kind, "save_dir": save_dir, "iteration": iteration, "padded_vocab_size": padded,
+               "tokenizer_model": tok_path, "parameters": sum(p.numel() for p in params.values())}
+    if verify:
+        # Check what is on disk: reload the checkpoint into the model, then compare with the source.
+        from megatron_solo.training.checkpointing import load_checkpoint
+
+        with torch.no_grad():
+            for p in params.values():
+                p.zero_()
+        load_checkpoint(save_dir, [model], iteration=iteration, load_optim=False, load_rng=False)
+        summary["verify"] = verify_against_hf(model, hf_dir, kind=kind, padded_vocab_size=padded)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Megatron -> HF
+# ------------------------------------------------------------------------------------------------
+
+
+def _load_megatron(load_dir: str, iteration: int | None, params_dtype):
+    from megatron_solo.model import SoloModelArgs
+    from megatron_solo.training.checkpointing import latest_iteration, load_checkpoint, read_checkpoint_info
+
+    if not os.path.isdir(load_dir):
+        raise ConversionError(f"{load_dir}: no such checkpoint directory")
+    if iteration is None:
+        iteration = latest_iteration(load_dir)
+        if iteration is None:
+            raise ConversionError(f"{load_dir}: no complete checkpoint (no latest_checkpointed_iteration.txt)")
+    try:
+        info = read_checkpoint_info(load_dir, iteration)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConversionError(f"{load_dir}: cannot read checkpoint iteration {iteration}: {e}") from None
+    model_args = SoloModelArgs(**info["model_args"])
+    padded = int(info["padded_vocab_size"])
+    model = build_full_model(model_args, padded, params_dtype)
+    load_checkpoint(load_dir, [model], iteration=iteration, load_optim=False, load_rng=False)
+    return model, model_args, padded, info, iteration
+
+
+def _check_tokenizer_for_export(path: str | None, model_args) -> str:
+    from megatron_solo.data.tokenizer import SoloTokenizer
+
+    if not path or not os.path.isfile(path):
+        raise ConversionError(f"tokenizer model not found: {path!r} (pass --tokenizer-model)")
+    try:
+        tok = SoloTokenizer(path)
+        tok.check_solo_ids()
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises several types
+        raise ConversionError(f"{path}: not SOLO's tokenizer: {e}") from None
+    if tok.vocab_size != model_args.vocab_size:
+        raise ConversionError(f"{path}: {tok.vocab_size} pieces, the checkpoint's vocabulary is "
+                              f"{model_args.vocab_size}")
+    return path
+
+
+def megatron_to_hf(
+    load_dir: str,
+    save_dir: str,
+    *,
+    iteration: int | None = None,
+    dtype="bfloat16",
+    max_shard_size: str | int = "5GB",
+    tokenizer_model: str | None = None,
+    overwrite: bool = False,
+    verify: bool = False,
+) -> dict:
+    """Export a megatron_solo checkpoint (any TP/PP; latest iteration by default) as a HF SOLO directory.
+
+    The directory appears complete or not at all (written beside it, then renamed). Padding rows past
+    the real vocabulary are dropped.
+    """
+    dtype = parse_dtype(dtype)
+    max_shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    if os.path.exists(save_dir) and os.listdir(save_dir) and not overwrite:
+        raise ConversionError(f"{save_dir} exists and is not empty (pass --overwrite to replace it)")
+    model, model_args, padded, info, iteration = _load_megatron(load_dir, iteration, torch.float32)
+    tok_path = _check_tokenizer_for_export(tokenizer_model or info.get("tokenizer_model"), model_args)
+
+    shapes = conversion_shapes(model_args.to_dict(), padded_vocab_size=padded)
+    params = model_parameters(model)
+    mappings = bound_mappings(model_args.num_layers)
+    _check_coverage(params, mappings)
+    summary = {"save_dir": save_dir, "iteration": iteration, "dtype": str(dtype).replace("torch.", "")}
+    if _rank0():
+        from megatron_solo.convert.hf_io import StreamingSafetensorsWriter
+
+        parent = os.path.dirname(os.path.abspath(save_dir)) or "."
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save_dir))}.tmp-", dir=parent)
+        try:
+            plan = [(n, s, dtype) for bm in mappings for n, s in bm.hf_shapes(shapes).items()]
+            writer = StreamingSafetensorsWriter(tmp, plan, max_shard_bytes)
+            with torch.no_grad():
+                for bm in _progress(mappings, desc="megatron -> hf", unit="tensor"):
+                    for name, t in bm.to_hf(params[bm.megatron], shapes).items():
+                        writer.write(name, t.to(dtype))
+            writer.close()
+            write_hf_support_files(tmp, hf_config_from_model_args(model_args.to_dict(),
+                                                                  torch_dtype=summary["dtype"]), tok_path)
+            if os.path.exists(save_dir):
+                shutil.rmtree(save_dir)
+            os.replace(tmp, save_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        summary["num_shards"] = writer.num_shards
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if verify:
+        summary["verify"] = verify_against_hf(model, save_dir, kind="solo", padded_vocab_size=padded,
+                                              round_to=dtype)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Verification
+# ------------------------------------------------------------------------------------------------
+
+
+def verification_inputs(vocab_size: int, with_image: bool, seed: int = 0):
+    """A small fixed batch: text ids, and with an image block of 2x3 patches (random pixels)."""
+    from megatron_solo.convert.hf_files.processing_solo import normalize_patches
+
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, min(vocab_size, 32000), (2, 12), generator=g)
+    if not with_image:
+        return torch.cat([torch.ones(2, 1, dtype=torch.long), text], dim=1), None
+    rows, cols = 2, 3
+    block = [32000] + [32001] * cols + [32002] + [32001] * cols + [32004]
+    ids = torch.cat([torch.ones(2, 1, dtype=torch.long), torch.tensor([block, block]), text], dim=1)
+    pixels = torch.randint(0, 256, (2 * rows * cols, 3072), generator=g, dtype=torch.uint8)
+    return ids, normalize_patches(pixels)
+
+
+def megatron_logits(model, input_ids: torch.Tensor, vision_patches: torch.Tensor | None = None) -> torch.Tensor:
+    """Full-vocabulary logits [b, s, V_padded] of a (TP-sharded, PP=1) SOLO model on one document per row."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_solo.model import packed_causal_mask
+
+    b, s = input_ids.shape
+    pos = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
+    mask = packed_causal_mask(torch.full((b, 1), s), s, model.config.window_size)
+    with torch.no_grad():
+        out = model(input_ids, pos, mask, vision_patches=vision_patches)
+    return gather_from_tensor_model_parallel_region(out).float()
+
+
+def load_hf_model(hf_dir: str, kind: str, dtype=torch.float32):
+    """The reference model: transformers' Mistral, or the exported SOLO code (trust_remote_code)."""
+    from transformers import AutoModelForCausalLM, MistralForCausalLM
+
+    if kind == "mistral":
+        model = MistralForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    else:
+        if not os.path.isfile(os.path.join(hf_dir, "modeling_solo.py")):
+            from megatron_solo.convert.hf_files.modeling_solo import SoloForCausalLM
+
+            model = SoloForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, trust_remote_code=True)
+    return model.eval()
+
+
+def verify_against_hf(model, hf_dir: str, *, kind: str, padded_vocab_size: int, round_to=None,
+                      atol: float = 1e-4, rtol: float = 1e-4) -> dict:
+    """Parity of a TP=1 Megatron SOLO model with a HF checkpoint, in two steps:
+
+    1. tensors: every row of the mapping table, applied to the Megatron parameters (rounded to the
+       HF tensors' dtype), equals the HF tensor bit for bit (Mistral: the rows it has; the new
+       vocabulary rows are checked to be the mean of Mistral's);
+    2. logits: both models on a small batch (text; plus an image for SOLO) agree within fp32
+       tolerance, over the HF vocabulary. Both compute in fp32 from the same (rounded) weights.
+
+    Raises :class:`VerificationError` naming the first mismatch.
+    """
+    from megatron_solo.convert.mapping import init_extra_vocab_rows
+
+    params = model_parameters(model)
+    ckpt = HFCheckpoint(hf_dir)
+    src_vocab = ckpt.header["model.embed_tokens.weight"][1][0]
+    from megatron_solo.model import SoloModelArgs  # noqa: F401 - model_args come from the model's config
+
+    cfg = model.config
+    shapes = conversion_shapes(
+        dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+             num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
+             kv_channels=cfg.kv_channels, vocab_size=src_vocab),
+        padded_vocab_size=padded_vocab_size)
+    n_checked = 0
+    with torch.no_grad():
+        for bm in bound_mappings(cfg.num_layers, include_solo_only=(kind == "solo")):
+            p = params[bm.megatron]
+            for name, t in bm.to_hf(p, shapes).items():
+                ref = ckpt.get(name)
+                if not torch.equal(t.to(ref.dtype), ref):
+                    diff = (t.float() - ref.float()).abs().max().item()
+                    raise VerificationError(f"verify: {bm.megatron} -> {name} differs from {hf_dir} "
+                                            f"(max abs diff {diff:.3g})")
+                n_checked += 1
+            if bm.rule.transform.name == "vocab_pad" and src_vocab < p.shape[0]:
+                src = p[:src_vocab]
+                want = init_extra_vocab_rows(src, p.shape[0] - src_vocab)
+                if kind == "mistral" and not torch.allclose(p[src_vocab:], want):
+                    raise VerificationError(f"verify: {bm.megatron} rows past {src_vocab} are not the "
+                                            "documented initialisation")
+        if round_to is not None:
+            for p in params.values():
+                p.copy_(p.to(round_to).to(p.dtype))
+    ckpt.close()
+
+    hf_model = load_hf_model(hf_dir, kind)
+    ids, patches = verification_inputs(src_vocab, with_image=(kind == "solo"))
+    with torch.no_grad():
+        kw = {} if patches is None else {"vision_patches": patches}
+        ref = hf_model(input_ids=ids, **kw).logits.float()
+    del hf_model
+    got = megatron_logits(model, ids, patches)[..., :src_vocab]
+    diff = (got - ref).abs().max().item()
+    tol = atol + rtol * ref.abs().max().item()
+    if not math.isfinite(diff) or diff > tol:
+        raise VerificationError(f"verify: logits differ from {hf_dir}: max abs diff {diff:.3g} > {tol:.3g}")
+    if _rank0():
+        print(f"verify: {n_checked} tensors bit-identical; logits max abs diff {diff:.2e} (tolerance {tol:.1e})")
+    return {"tensors_checked": n_checked, "max_abs_logit_diff": diff, "tolerance": tol}

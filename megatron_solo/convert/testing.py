@@ -1,0 +1,79 @@
+"""Random Mistral / SOLO Hugging Face checkpoints for tests and benchmarks (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# A non-trivial GQA shape: 6 query heads in 2 groups (3 per group), head_dim 16 != hidden/heads.
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, head_dim=16)
+
+
+def mistral_config(**overrides):
+    from transformers import MistralConfig
+
+    kw = dict(TINY_SHAPE, vocab_size=32000, max_position_embeddings=512, rms_norm_eps=1e-5,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, sliding_window=256,
+              tie_word_embeddings=False, initializer_range=0.05)
+    kw.update(overrides)
+    return MistralConfig(**kw)
+
+
+def _randomize(model, seed: int) -> None:
+    # transformers initialises norms to 1: randomise everything so a swapped tensor cannot pass.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def make_random_mistral(out_dir: str, seed: int = 0, dtype=torch.float32, **overrides) -> str:
+    """A random transformers MistralForCausalLM saved as safetensors (with its 32000-piece tokenizer)."""
+    from transformers import MistralForCausalLM
+
+    from megatron_solo.data.tokenizer import mistral_tokenizer_path
+
+    model = MistralForCausalLM(mistral_config(**overrides))
+    _randomize(model, seed)
+    model.to(dtype).save_pretrained(out_dir)
+    import shutil
+
+    shutil.copyfile(mistral_tokenizer_path(), os.path.join(out_dir, "tokenizer.model"))
+    return out_dir
+
+
+def make_random_solo(out_dir: str, seed: int = 0, dtype=torch.bfloat16, max_shard_size: int = 2**20) -> str:
+    """A random HF SOLO checkpoint laid out exactly as an export (several shards + index)."""
+    from megatron_solo.convert.hf_io import (
+        StreamingSafetensorsWriter,
+        hf_config_from_model_args,
+        write_hf_support_files,
+    )
+    from megatron_solo.convert.hf_io import model_args_from_hf_config
+    from megatron_solo.data.tokenizer import create_solo_tokenizer, mistral_tokenizer_path
+    from megatron_solo.convert.hf_files.modeling_solo import SoloForCausalLM
+    from megatron_solo.convert.hf_files.configuration_solo import SoloConfig
+
+    args = model_args_from_hf_config(mistral_config().to_dict())
+    hf_cfg = hf_config_from_model_args(args, torch_dtype=str(dtype).replace("torch.", ""))
+    cfg = SoloConfig(**{k: v for k, v in hf_cfg.items() if k not in ("architectures", "auto_map", "model_type")})
+    model = SoloForCausalLM(cfg)
+    _randomize(model, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    writer = StreamingSafetensorsWriter(out_dir, [(k, tuple(v.shape), dtype) for k, v in state.items()],
+                                        max_shard_size)
+    for k, v in state.items():
+        writer.write(k, v)
+    writer.close()
+    tok = create_solo_tokenizer(mistral_tokenizer_path(), os.path.join(out_dir, ".tok"))
+    write_hf_support_files(out_dir, hf_cfg, tok)
+    import shutil
+
+    shutil.rmtree(os.path.join(out_dir, ".tok"))
+    return out_dir

@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Convert checkpoints between Hugging Face (Mistral, SOLO) and megatron_solo.
+
+    # Mistral-7B -> SOLO initialisation (extends the tokenizer, adds vocabulary rows and the patch embedding)
+    python tools/convert_checkpoint.py hf-to-megatron --hf-dir Mistral-7B-v0.1 \\
+        --tokenizer-model Mistral-7B-v0.1/tokenizer.model --save ckpt/solo-init --target-tensor-parallel-size 2
+    # a HF SOLO checkpoint -> megatron_solo (continue training it)
+    python tools/convert_checkpoint.py hf-to-megatron --hf-dir SOLO-7B --save ckpt/solo-7b
+    # a megatron_solo checkpoint (any TP/PP; latest iteration by default) -> HF SOLO
+    python tools/convert_checkpoint.py megatron-to-hf --load ckpt/sft --save hf/solo-sft --verify
+
+TP/PP are not arguments of the conversion: megatron-core's dist_checkpointing reshards on load, so a
+converted checkpoint loads at any TP/PP whose TP divides its padded vocabulary
+(--target-tensor-parallel-size sets that padding, Megatron's rule: a multiple of 128 x TP).
+See docs/CONVERSION.md.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    h = sub.add_parser("hf-to-megatron", help="HF Mistral/SOLO safetensors -> megatron_solo checkpoint")
+    h.add_argument("--hf-dir", required=True, help="transformers checkpoint directory (safetensors)")
+    h.add_argument("--save", required=True, help="megatron_solo checkpoint directory to write")
+    h.add_argument("--tokenizer-model", default=None,
+                   help="Mistral source: its 32000-piece tokenizer.model (or 'mistral-common'); SOLO source: "
+                        "defaults to the directory's tokenizer.model")
+    h.add_argument("--target-tensor-parallel-size", type=int, default=1,
+                   help="pad the vocabulary for this TP (and any TP dividing it); default 1")
+    h.add_argument("--padded-vocab-size", type=int, default=None, help="explicit padded vocabulary size")
+    h.add_argument("--params-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the written model tensors (default float32)")
+    h.add_argument("--iteration", type=int, default=0, help="iteration number of the written checkpoint")
+    h.add_argument("--seed", type=int, default=1234, help="seed of the new patch embedding (Mistral source)")
+    h.add_argument("--verify", action="store_true",
+                   help="reload the written checkpoint and check tensors and logits against the source")
+
+    m = sub.add_parser("megatron-to-hf", help="megatron_solo checkpoint (any TP/PP) -> HF SOLO directory")
+    m.add_argument("--load", required=True, help="megatron_solo checkpoint directory")
+    m.add_argument("--save", required=True, help="HF directory to write")
+    m.add_argument("--iteration", type=int, default=None, help="iteration to export (default: latest)")
+    m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the exported tensors (default bfloat16, as SOLO-7B)")
+    m.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    m.add_argument("--tokenizer-model", default=None,
+                   help="SOLO tokenizer.model (default: the one recorded in the checkpoint)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
+    m.add_argument("--verify", action="store_true",
+                   help="check the exported tensors and the exported model's logits against the checkpoint")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from megatron_solo.convert.hf_io import ConversionError, check_hf_checkpoint
+
+    try:
+        if args.command == "hf-to-megatron":
+            check_hf_checkpoint(args.hf_dir)  # refuse bad input before megatron is imported
+            from megatron_solo.convert.megatron_io import hf_to_megatron
+
+            out = hf_to_megatron(
+                args.hf_dir, args.save, tokenizer_model=args.tokenizer_model,
+                target_tensor_parallel_size=args.target_tensor_parallel_size,
+                padded_vocab_size=args.padded_vocab_size, params_dtype=args.params_dtype,
+                iteration=args.iteration, seed=args.seed, verify=args.verify,
+            )
+        else:
+            from megatron_solo.convert.megatron_io import megatron_to_hf
+
+            out = megatron_to_hf(
+                args.load, args.save, iteration=args.iteration, dtype=args.dtype,
+                max_shard_size=args.max_shard_size, tokenizer_model=args.tokenizer_model,
+                overwrite=args.overwrite, verify=args.verify,
+            )
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        from megatron_solo import parallel
+
+        if "megatron.core" in sys.modules:
+            parallel.destroy()
+    print(f"done: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
