@@ -148,8 +148,30 @@ def hf_to_megatron(
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
+    model, params = load_hf_into_model(hf_dir, kind, cfg, model_args, padded, ckpt, params_dtype, seed)
+    save_checkpoint(save_dir, iteration, [model], model_args=model_args, padded_vocab_size=padded,
+                    tokenizer_model=tok_path,
+                    args={"converted_from": os.path.abspath(hf_dir), "source_kind": kind,
+                          "params_dtype": str(params_dtype).replace("torch.", "")})
+    summary = {"kind": kind, "save_dir": save_dir, "iteration": iteration, "padded_vocab_size": padded,
+               "tokenizer_model": tok_path, "parameters": sum(p.numel() for p in params.values())}
+    if verify:
+        # Check what is on disk: reload the checkpoint into the model, then compare with the source.
+        from megatron_solo.training.checkpointing import load_checkpoint
+
+        with torch.no_grad():
+            for p in params.values():
+                p.zero_()
+        load_checkpoint(save_dir, [model], iteration=iteration, load_optim=False, load_rng=False)
+        summary["verify"] = verify_against_hf(model, hf_dir, kind=kind, padded_vocab_size=padded)
+    return summary
+
+
+def load_hf_into_model(hf_dir: str, kind: str, cfg: dict, model_args, padded: int, ckpt: HFCheckpoint,
+                       params_dtype=torch.float32, seed: int = 1234):
+    """Build the full model and fill it from the HF checkpoint, one table row at a time."""
     src_vocab = int(cfg["vocab_size"])
-    src_shapes = conversion_shapes(args, padded_vocab_size=padded, vocab_size=src_vocab)
+    src_shapes = conversion_shapes(model_args.to_dict(), padded_vocab_size=padded, vocab_size=src_vocab)
     model = build_full_model(model_args, padded, params_dtype)
     params = model_parameters(model)
     mappings = bound_mappings(model_args.num_layers)
@@ -172,23 +194,8 @@ def hf_to_megatron(
             param.copy_(full)
             del hf, full
     ckpt.close()
+    return model, params
 
-    save_checkpoint(save_dir, iteration, [model], model_args=model_args, padded_vocab_size=padded,
-                    tokenizer_model=tok_path,
-                    args={"converted_from": os.path.abspath(hf_dir), "source_kind": kind,
-                          "params_dtype": str(params_dtype).replace("torch.", "")})
-    summary = {"kind": kind, "save_dir": save_dir, "iteration": iteration, "padded_vocab_size": padded,
-               "tokenizer_model": tok_path, "parameters": sum(p.numel() for p in params.values())}
-    if verify:
-        # Check what is on disk: reload the checkpoint into the model, then compare with the source.
-        from megatron_solo.training.checkpointing import load_checkpoint
-
-        with torch.no_grad():
-            for p in params.values():
-                p.zero_()
-        load_checkpoint(save_dir, [model], iteration=iteration, load_optim=False, load_rng=False)
-        summary["verify"] = verify_against_hf(model, hf_dir, kind=kind, padded_vocab_size=padded)
-    return summary
 
 
 # ------------------------------------------------------------------------------------------------
