@@ -227,3 +227,35 @@ def test_bad_input_is_refused_clearly(dirs):
         resolve_tokenizer("mistral", dirs["mistral"], junk, str(root / "t3"))
     solo_tok = resolve_tokenizer("mistral", dirs["mistral"], mistral_tok, str(root / "t4"))
     assert resolve_tokenizer("solo", dirs["solo"], solo_tok, str(root / "t5")) == solo_tok
+
+
+def test_processor_token_ids_match_the_training_encoder(dirs, tmp_path):
+    from PIL import Image
+
+    from megatron_solo.convert.hf_files.processing_solo import SoloProcessor
+    from megatron_solo.data.encode import DocumentEncoder, Message
+    from megatron_solo.data.tokenizer import SoloTokenizer
+
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (70, 45, 3), dtype=np.uint8))
+    path = str(tmp_path / "img.png")
+    img.save(path)
+    proc = SoloProcessor.from_pretrained(dirs["solo"])
+    tok = SoloTokenizer(os.path.join(dirs["solo"], "tokenizer.model"))
+    parts = ["Look:\n", img, "\nWhat is it? A cat."]
+    msgs = [Message("user", [("text", "Look:\n"), ("image", path), ("text", "\nWhat is it?")]),
+            Message("assistant", [("text", "A cat.")])]
+    got = proc.chat([{"role": "user", "content": parts[:2] + ["\nWhat is it?"]},
+                     {"role": "assistant", "content": "A cat."}], add_generation_prompt=False)
+    want = DocumentEncoder(tok, fmt="chat").encode(msgs)
+    assert got["input_ids"][0].tolist() == want.tokens.tolist()
+    assert torch.equal(got["vision_patches"], proc_norm(want.patches))
+    got = proc(parts)
+    want = DocumentEncoder(tok, fmt="pretrain").encode([Message("assistant", [("text", "Look:\n"), ("image", path),
+                                                                              ("text", "\nWhat is it? A cat.")])])
+    assert got["input_ids"][0].tolist() == want.tokens.tolist()
+
+
+def proc_norm(p):
+    from megatron_solo.convert.hf_files.processing_solo import normalize_patches
+
+    return normalize_patches(p)

@@ -127,6 +127,8 @@ class SoloProcessor:
         self.sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
         self.ids = {p: self.sp.piece_to_id(p) for p in
                     (VISION_START, VISION_PATCH, VISION_ROW_SEP, VISION_END, IM_START, IM_END)}
+        self._space_id = self.sp.piece_to_id("\u2581")
+        self._specials = tuple(self.sp.id_to_piece(i) for i in range(32000, self.sp.get_piece_size()))
         if self.ids[VISION_START] != 32000 or self.ids[IM_END] != 33030:
             raise ValueError(f"{tokenizer_model} is not a SOLO tokenizer (no <vision>=32000 ... <|im_end|>=33030)")
 
@@ -143,16 +145,30 @@ class SoloProcessor:
         ids.append(self.ids[VISION_END])
         return ids
 
-    def encode_parts(self, parts, add_bos: bool = True) -> tuple[list[int], list[np.ndarray]]:
-        """Text and PIL images, in order -> (token ids, list of uint8 patch arrays)."""
-        ids, patches = ([BOS_ID] if add_bos else []), []
+    def encode_text(self, text: str) -> list[int]:
+        """One run of text -> ids, as the training data was encoded: SentencePiece adds a dummy "▁" in
+        front of every run; it is dropped when the run starts with a newline or a special piece."""
+        if not text:
+            return []
+        ids = self.sp.encode(text)
+        if ids and ids[0] == self._space_id and (text[0] == "\n" or text.startswith(self._specials)):
+            ids = ids[1:]
+        return ids
+
+    def encode_parts(self, parts, prefix: str = "", suffix: str = "") -> tuple[list[int], list[np.ndarray]]:
+        """Text and PIL images, in order -> (token ids, uint8 patch arrays). Consecutive text (with
+        ``prefix`` before and ``suffix`` after) forms one run, as in the training documents."""
+        ids, patches, pending = [], [], prefix
         for part in parts:
             if isinstance(part, str):
-                ids.extend(self.sp.encode(part))
-            else:
-                p, rows, cols = image_to_patches(part)
-                ids.extend(self.image_token_ids(rows, cols))
-                patches.append(p)
+                pending += part
+                continue
+            ids.extend(self.encode_text(pending))
+            pending = ""
+            p, rows, cols = image_to_patches(part)
+            ids.extend(self.image_token_ids(rows, cols))
+            patches.append(p)
+        ids.extend(self.encode_text(pending + suffix))
         return ids, patches
 
     def _pack(self, ids, patches) -> dict[str, torch.Tensor]:
@@ -167,7 +183,8 @@ class SoloProcessor:
 
     def __call__(self, parts, add_bos: bool = True) -> dict[str, torch.Tensor]:
         """Pre-training format: BOS then each part (text or PIL image) in order; batch of one."""
-        return self._pack(*self.encode_parts(parts, add_bos=add_bos))
+        ids, patches = self.encode_parts(parts)
+        return self._pack(([BOS_ID] if add_bos else []) + ids, patches)
 
     def chat(self, messages, add_generation_prompt: bool = True) -> dict[str, torch.Tensor]:
         """Chat format: ``<|im_start|>{role}\\n`` + content + ``<|im_end|>\\n`` per turn.
@@ -178,16 +195,12 @@ class SoloProcessor:
         ids, patches = [BOS_ID], []
         for m in messages:
             content = m["content"] if isinstance(m["content"], list) else [m["content"]]
-            ids.append(self.ids[IM_START])
-            ids.extend(self.sp.encode(f"{m['role']}\n"))
-            turn_ids, turn_patches = self.encode_parts(content, add_bos=False)
+            turn_ids, turn_patches = self.encode_parts(content, prefix=f"{IM_START}{m['role']}\n",
+                                                       suffix=f"{IM_END}\n")
             ids.extend(turn_ids)
             patches.extend(turn_patches)
-            ids.append(self.ids[IM_END])
-            ids.extend(self.sp.encode("\n"))
         if add_generation_prompt:
-            ids.append(self.ids[IM_START])
-            ids.extend(self.sp.encode("assistant\n"))
+            ids.extend(self.encode_text(f"{IM_START}assistant\n"))
         return self._pack(ids, patches)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Ask an exported SOLO model about an image (a first taste, and a smoke test of an export).
+
+    python tools/generate.py --hf-dir hf/solo-sft --image cat.jpg --prompt "What is in this image?"
+    python tools/generate.py --hf-dir hf/solo-base --image cat.jpg --prompt "A photo of" --no-chat
+
+Uses only the exported directory: its modeling code (trust_remote_code) and its processing_solo.py.
+"""
+
+import argparse
+import importlib.util
+import os
+import sys
+
+
+def load_processor(hf_dir: str):
+    path = os.path.join(hf_dir, "processing_solo.py")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {hf_dir} has no processing_solo.py (not a SOLO export?)")
+    spec = importlib.util.spec_from_file_location("processing_solo", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hf-dir", required=True, help="exported SOLO directory (tools/convert_checkpoint.py megatron-to-hf)")
+    ap.add_argument("--image", default=None, help="image file (any format PIL reads); omit for text only")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--no-chat", action="store_true",
+                    help="pre-training format (BOS, image, prompt) instead of a user/assistant chat turn")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="compute dtype (bfloat16 halves memory; float32 is the safe default on CPU)")
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    P = load_processor(args.hf_dir)
+    processor = P.SoloProcessor.from_pretrained(args.hf_dir)
+    parts = ([P.load_image(args.image)] if args.image else []) + [args.prompt]
+    if args.no_chat:
+        inputs = processor(parts)
+    else:
+        inputs = processor.chat([{"role": "user", "content": parts}])
+    model = AutoModelForCausalLM.from_pretrained(args.hf_dir, trust_remote_code=True,
+                                                 dtype=getattr(torch, args.dtype)).eval()
+    if "vision_patches" in inputs:
+        inputs["vision_patches"] = inputs["vision_patches"].to(model.dtype)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    print(processor.decode(new))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
