@@ -404,6 +404,8 @@ def verify_against_hf(model, hf_dir: str, *, kind: str, padded_vocab_size: int, 
     del hf_model
     got = megatron_logits(model, ids, patches)[..., :src_vocab]
     diff = (got - ref).abs().max().item()
+    if next(model.parameters()).dtype != torch.float32:  # a half-precision Megatron model: bf16-level check
+        atol, rtol = max(atol, 5e-2), max(rtol, 5e-2)
     tol = atol + rtol * ref.abs().max().item()
     if not math.isfinite(diff) or diff > tol:
         raise VerificationError(f"verify: logits differ from {hf_dir}: max abs diff {diff:.3g} > {tol:.3g}")
