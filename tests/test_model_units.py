@@ -45,7 +45,7 @@ def test_solo_7b_preset_is_mistral_7b_v0_1():
     assert a.rotary_base == 10000 and a.norm_epsilon == 1e-5  # Mistral-7B-v0.1's config.json: 1e-5
     assert a.vocab_size == SOLO_VOCAB_SIZE == 33031 and a.patch_dim == 3072
     assert a.window_size == (4095, 0)  # HF: kv_idx > q_idx - 4096
-    assert a.padded_vocab_size(1) == 33152 and a.padded_vocab_size(2) == 33280 and a.padded_vocab_size(8) == 34816
+    assert a.padded_vocab_size(1) == 33152 and a.padded_vocab_size(2) == 33280 and a.padded_vocab_size(8) == 33792
 
 
 def test_presets_round_trip_through_json_and_tiny_is_small():
