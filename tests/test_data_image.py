@@ -46,10 +46,10 @@ def ref_solo_patches(img):
 
 def synthetic(w, h, seed=0):
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([(xx * 7 + yy * 3) % 256, (xx * 2 + yy * 11) % 256, (xx ^ yy) % 256], -1)
-    noise = rng.integers(0, 40, size=(h, w, 3))
-    return Image.fromarray(((base + noise) % 256).astype(np.uint8), "RGB")
+    x = np.arange(w, dtype=np.uint8)[None, :]
+    y = np.arange(h, dtype=np.uint8)[:, None]
+    base = np.stack([x * 7 + y * 3, x * 2 + y * 11, x ^ y], -1)  # uint8 arithmetic wraps mod 256
+    return Image.fromarray(base + rng.integers(0, 40, size=(h, w, 3), dtype=np.uint8), "RGB")
 
 
 @pytest.mark.parametrize("w,h,expect", [(500, 375, (512, 384)), (2048, 1536, (1024, 768)), (40, 10, (64, 32)),

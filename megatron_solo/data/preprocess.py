@@ -1,0 +1,359 @@
+"""The preprocessing pipeline behind ``tools/preprocess_data.py``.
+
+Reads chat JSONL, LLaVA JSON/JSONL and WebDataset tar shards (plain, .gz, .lz4, .zst), encodes every
+record (:mod:`megatron_solo.data.encode`) in K worker processes, packs (:class:`Packer`) and writes one
+prefix atomically (:class:`SoloPrefixWriter`). Output order does not depend on K: records are
+encoded in order-preserving chunks, so the same input gives byte-identical ``.bin``/``.idx`` files.
+Memory is bounded: at most ``4 * K`` chunks are in flight.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Optional
+
+from megatron_solo.data.encode import DocumentEncoder, Message, normalize_messages
+from megatron_solo.data.errors import SKIP_REASONS, SkipRecord
+from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS
+from megatron_solo.data.indexed import Packer, SoloPrefixWriter, prefix_complete, remove_prefix
+
+logger = logging.getLogger("megatron_solo.preprocess")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+CHUNK = 16
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: list
+    output_prefix: str
+    tokenizer_model: str
+    fmt: str = "pretrain"
+    seq_length: Optional[int] = None
+    workers: int = 1
+    image_root: Optional[str] = None
+    exif_transpose: bool = True
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS
+    max_error_rate: float = 0.01
+    overwrite: bool = False
+    progress: bool = True
+    use_cpp: bool = True
+
+
+class TooManyErrors(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------- reading
+def open_binary(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".lz4"):
+        import lz4.frame
+
+        return lz4.frame.open(path, "rb")
+    if path.endswith(".zst"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    return open(path, "rb")
+
+
+def _base_ext(path: str) -> str:
+    p = path
+    for c in (".gz", ".lz4", ".zst"):
+        if p.endswith(c):
+            p = p[: -len(c)]
+    return p.rsplit(".", 1)[-1].lower() if "." in os.path.basename(p) else ""
+
+
+def iter_records(paths) -> Iterator[tuple]:
+    """Yield ``(where, kind, payload)``: kind "line" (a JSON text), "obj" (parsed JSON) or "tar"
+    (a dict ext -> bytes of one WebDataset sample)."""
+    for path in paths:
+        ext = _base_ext(path)
+        if ext == "tar":
+            yield from _iter_tar(path)
+        elif ext == "json":
+            with open_binary(path) as f:
+                text = f.read().decode("utf-8", errors="replace")
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError:  # maybe JSON lines after all
+                yield from _iter_lines(path)
+                continue
+            items = data if isinstance(data, list) else [data]
+            for i, obj in enumerate(items):
+                yield f"{path}:[{i}]", "obj", obj
+        else:  # jsonl and anything else: one JSON document per line
+            yield from _iter_lines(path)
+
+
+def _iter_lines(path):
+    with open_binary(path) as f:
+        for lineno, raw in enumerate(io.TextIOWrapper(f, encoding="utf-8", errors="replace"), 1):
+            if raw.strip():
+                yield f"{path}:{lineno}", "line", raw
+
+
+def _iter_tar(path):
+    with open_binary(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        key, sample, first = None, {}, None
+        for member in tar:
+            if not member.isfile():
+                continue
+            d, base = os.path.split(member.name)
+            k, _, ext = base.partition(".")
+            k = os.path.join(d, k)
+            if k != key and sample:
+                yield f"{path}:{first}", "tar", sample
+                sample = {}
+            if not sample:
+                first = member.name
+            key = k
+            data = tar.extractfile(member).read()
+            sample[ext.lower()] = data
+        if sample:
+            yield f"{path}:{first}", "tar", sample
+
+
+def _tar_messages(sample: dict, where: str) -> list:
+    img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    text = None
+    if "txt" in sample:
+        text = sample["txt"].decode("utf-8", errors="replace").strip()
+    elif "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SkipRecord("invalid_json", f"{where}: {e}") from None
+        if isinstance(meta, dict):
+            for k in ("caption", "text", "txt", "class_name", "label"):
+                if isinstance(meta.get(k), str):
+                    text = meta[k].strip()
+                    break
+    if img_ext is None or not text:
+        raise SkipRecord("bad_sample", f"{where}: needs an image and a caption (.txt or .json), has {sorted(sample)}")
+    return [Message("assistant", [("image", sample[img_ext]), ("text", text)])]
+
+
+# ------------------------------------------------------------------------------------- workers
+_ENCODER: Optional[DocumentEncoder] = None
+
+
+def _init_worker(tokenizer_model, fmt, image_root, exif_transpose, max_image_pixels):
+    global _ENCODER
+    from megatron_solo.data.tokenizer import SoloTokenizer
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt means
+    tok = SoloTokenizer(tokenizer_model)
+    tok.check_solo_ids()
+    _ENCODER = DocumentEncoder(tok, fmt, image_root=image_root, exif_transpose=exif_transpose,
+                               max_image_pixels=max_image_pixels)
+
+
+def encode_record(item):
+    """One record -> ("ok", tokens, roles, patches, n_images, n_image_tokens) or ("skip", reason, detail)."""
+    where, kind, payload = item
+    try:
+        if kind == "line":
+            try:
+                obj = json.loads(payload)
+            except json.JSONDecodeError as e:
+                raise SkipRecord("invalid_json", str(e)) from None
+            msgs = normalize_messages(obj, where)
+        elif kind == "obj":
+            msgs = normalize_messages(payload, where)
+        else:
+            msgs = _tar_messages(payload, where)
+        doc = _ENCODER.encode(msgs, where)
+        return ("ok", doc.tokens, doc.roles, doc.patches, doc.n_images, doc.n_image_tokens)
+    except SkipRecord as e:
+        return ("skip", e.reason, e.detail)
+
+
+def _encode_chunk(chunk):
+    return [encode_record(item) for item in chunk]
+
+
+def _chunks(it, n):
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _ordered_results(records, cfg: PreprocessConfig):
+    """Yield (item, result) in input order, encoding in ``cfg.workers`` processes."""
+    init_args = (cfg.tokenizer_model, cfg.fmt, cfg.image_root, cfg.exif_transpose, cfg.max_image_pixels)
+    if cfg.workers <= 1:
+        _init_worker(*init_args)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for item in records:
+            yield item, encode_record(item)
+        return
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending = collections.deque()
+        chunks = _chunks(records, CHUNK)
+        for chunk in chunks:
+            pending.append((chunk, pool.apply_async(_encode_chunk, (chunk,))))
+            if len(pending) >= 4 * cfg.workers:
+                c, r = pending.popleft()
+                yield from zip(c, r.get())
+        while pending:
+            c, r = pending.popleft()
+            yield from zip(c, r.get())
+
+
+# ------------------------------------------------------------------------------------- driver
+@dataclass
+class Stats:
+    records: int = 0
+    documents: int = 0
+    packs: int = 0
+    segments: int = 0
+    tokens: int = 0
+    image_tokens: int = 0
+    images: int = 0
+    patches: int = 0
+    skipped: dict = field(default_factory=dict)
+    skipped_total: int = 0
+    time_s: float = 0.0
+
+
+def _raise_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def preprocess(cfg: PreprocessConfig) -> dict:
+    """Run the pipeline; return the stats dict (also written to ``P.stats.json``).
+
+    Returns ``{"skipped_existing": True}`` when the prefix is complete and ``overwrite`` is off.
+    Raises :class:`TooManyErrors` (no prefix is left) when the skip rate exceeds ``max_error_rate``.
+    """
+    prefix = cfg.output_prefix
+    if prefix_complete(prefix) and not cfg.overwrite:
+        logger.info("%s is complete; skipping (use --overwrite to rebuild)", prefix)
+        return {"skipped_existing": True}
+    for p in cfg.inputs:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(p)
+    remove_prefix(prefix)  # a stale incomplete prefix, or the old one with --overwrite
+    t0 = time.time()
+    stats = Stats()
+    writer = SoloPrefixWriter(prefix, use_cpp=cfg.use_cpp)
+    packer = Packer(writer, cfg.seq_length)
+    old_term = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _is_main_thread() else None
+    bar = None
+    try:
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(unit="doc", desc=os.path.basename(prefix), mininterval=1.0, file=sys.stderr)
+        for (where, _, _), res in _ordered_results(iter_records(cfg.inputs), cfg):
+            stats.records += 1
+            if res[0] == "skip":
+                _, reason, detail = res
+                stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
+                stats.skipped_total += 1
+                logger.warning("skip %s: %s%s", where, reason, f" ({detail})" if detail else "")
+                continue
+            _, tokens, roles, patches, n_images, n_image_tokens = res
+            packer.add(tokens, roles, patches)
+            stats.documents += 1
+            stats.images += n_images
+            stats.image_tokens += n_image_tokens
+            if bar is not None:
+                bar.update(1)
+        packer.close()
+        rate = stats.skipped_total / max(stats.records, 1)
+        if stats.records == 0 or stats.documents == 0 or rate > cfg.max_error_rate:
+            raise TooManyErrors(
+                f"{stats.skipped_total} of {stats.records} records skipped ({rate:.2%} > --max-error-rate "
+                f"{cfg.max_error_rate:.2%}); by reason: {json.dumps(stats.skipped, sort_keys=True)}; "
+                f"no prefix written")
+        stats.packs, stats.segments = writer.n_packs, writer.n_segments
+        stats.tokens, stats.patches = writer.n_tokens, writer.n_patches
+        stats.time_s = round(time.time() - t0, 3)
+        out = asdict(stats)
+        out.update(format=cfg.fmt, seq_length=cfg.seq_length, inputs=list(cfg.inputs), workers=cfg.workers,
+                   exif_transpose=cfg.exif_transpose, skip_reasons=SKIP_REASONS)
+        writer.finalize(out)
+        return out
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _is_main_thread():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) -> dict:
+    """Concatenate complete prefixes (packs in order) into one, atomically; stats are summed."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_solo.data.indexed import DTYPES, SUFFIXES, component_prefix
+
+    if prefix_complete(output_prefix) and not overwrite:
+        return {"skipped_existing": True}
+    for p in inputs:
+        if not prefix_complete(p):
+            raise FileNotFoundError(f"{p} is not a complete prefix")
+    remove_prefix(output_prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    tmp = {}
+    try:
+        for n in SUFFIXES:
+            base = component_prefix(output_prefix, n)
+            b = IndexedDatasetBuilder(base + ".bin.tmp", dtype=DTYPES[n])
+            for p in inputs:
+                b.add_index(component_prefix(p, n))
+            b.finalize(base + ".idx.tmp")
+            tmp[n] = base
+        totals: dict = {"skipped": {}, "merged_from": list(inputs)}
+        for p in inputs:
+            try:
+                with open(p + ".stats.json") as f:
+                    s = json.load(f)
+            except FileNotFoundError:
+                continue
+            for k in ("records", "documents", "packs", "segments", "tokens", "image_tokens", "images", "patches",
+                      "skipped_total", "time_s"):
+                totals[k] = totals.get(k, 0) + s.get(k, 0)
+            for k, v in s.get("skipped", {}).items():
+                totals["skipped"][k] = totals["skipped"].get(k, 0) + v
+        for n in SUFFIXES:
+            os.replace(tmp[n] + ".bin.tmp", tmp[n] + ".bin")
+        with open(output_prefix + ".stats.json.tmp", "w") as f:
+            json.dump(totals, f, indent=2, sort_keys=True)
+        os.replace(output_prefix + ".stats.json.tmp", output_prefix + ".stats.json")
+        for n in ("patches", "roles", "tokens"):
+            os.replace(tmp[n] + ".idx.tmp", tmp[n] + ".idx")
+        return totals
+    except BaseException:
+        remove_prefix(output_prefix)
+        raise

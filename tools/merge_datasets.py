@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+"""Merge complete SOLO prefixes (e.g. shards written in parallel) into one prefix, atomically.
+
+    python tools/merge_datasets.py --input out/shard0 out/shard1 --output-prefix out/all
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    from megatron_solo.data.preprocess import merge_prefixes
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True, help="prefixes to concatenate, in order")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    stats = merge_prefixes(a.input, a.output_prefix, overwrite=a.overwrite)
+    print(json.dumps(stats, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

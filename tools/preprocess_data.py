@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Turn image-text corpora into SOLO indexed datasets (P-tokens, P-roles, P-patches).
+
+    python tools/preprocess_data.py --input data/*.jsonl.zst --output-prefix out/cc3m \
+        --tokenizer-model tok/tokenizer.model --format pretrain --seq-length 32768 --workers 8
+
+See docs/DATA_FORMAT.md for the inputs, the layout on disk and the skip reasons.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS
+    from megatron_solo.data.preprocess import PreprocessConfig, TooManyErrors, preprocess
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True,
+                   help="chat/LLaVA .jsonl/.json or WebDataset .tar files (optionally .gz/.lz4/.zst)")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--tokenizer-model", required=True, help="SOLO tokenizer.model (tools/create_solo_tokenizer.py)")
+    p.add_argument("--format", choices=("pretrain", "chat"), default="pretrain")
+    p.add_argument("--seq-length", type=int, default=None, help="pack greedily into sequences of this length")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--image-root", default=None, help="directory image paths are relative to")
+    p.add_argument("--no-exif-transpose", action="store_true", help="ignore EXIF orientation, as SOLO did")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="skip images with more pixels (decompression bombs); default PIL's limit")
+    p.add_argument("--max-error-rate", type=float, default=0.01,
+                   help="fail (exit 1, no prefix written) when more than this fraction of records is skipped")
+    p.add_argument("--overwrite", action="store_true", help="rebuild a prefix that is already complete")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--python-writer", action="store_true", help="use megatron-core's Python builder (slower)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if a.seq_length is not None and a.seq_length < 1:
+        p.error("--seq-length must be positive")
+    cfg = PreprocessConfig(
+        inputs=a.input, output_prefix=a.output_prefix, tokenizer_model=a.tokenizer_model, fmt=a.format,
+        seq_length=a.seq_length, workers=max(1, a.workers), image_root=a.image_root,
+        exif_transpose=not a.no_exif_transpose, max_image_pixels=a.max_image_pixels,
+        max_error_rate=a.max_error_rate, overwrite=a.overwrite, progress=not a.no_progress,
+        use_cpp=not a.python_writer)
+    try:
+        stats = preprocess(cfg)
+    except TooManyErrors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no prefix written", file=sys.stderr)
+        return 130
+    if stats.get("skipped_existing"):
+        print(f"{a.output_prefix} is complete; nothing to do (--overwrite to rebuild)")
+        return 0
+    summary = {k: stats[k] for k in ("records", "documents", "packs", "tokens", "image_tokens", "images",
+                                     "patches", "skipped_total", "time_s")}
+    print(json.dumps({"output_prefix": a.output_prefix, **summary, "skipped": stats["skipped"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
