@@ -305,6 +305,16 @@ def _single_rank_worker():
         losses = out["packed_losses"]
         out["loss_func"] = solo_loss_func(batch, losses)
 
+    # Activation recompute (full uniform/block, selective) gives the same losses and gradients.
+    base = loss_and_grads(model, config, batch)
+    out["recompute"] = {"none": base}
+    for name, kw in (("full_uniform", dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)),
+                     ("full_block", dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2)),
+                     ("selective", dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"]))):
+        m, c = build(**kw)
+        assert c.recompute_granularity == kw["recompute_granularity"]
+        out["recompute"][name] = loss_and_grads(m, c, batch)
+
     out["dp1"] = dp_training()
     return out
 
@@ -432,6 +442,14 @@ def test_loss_func_sums_only_masked_tokens_and_reports_image_and_text_docs(singl
     torch.testing.assert_close(report["text-doc loss"], torch.stack([(losses * mask * ~img).sum(), (mask * ~img).sum()]))
     torch.testing.assert_close(report["image-doc loss"] + report["text-doc loss"], report["lm loss"])
     assert report["image-doc loss"][1] > 0 and report["text-doc loss"][1] > 0
+
+
+def test_activation_recompute_gives_the_same_losses_and_grads(single):
+    r = single["recompute"]
+    assert set(r) == {"none", "full_uniform", "full_block", "selective"}
+    for name in ("full_uniform", "full_block", "selective"):
+        for key in ("losses", "patch_grad", "norm_grad"):
+            torch.testing.assert_close(r[name][key], r["none"][key], rtol=1e-6, atol=1e-7, msg=lambda m: f"{name} {key}: {m}")
 
 
 def test_tp2_equals_tp1_logits_loss_and_patch_grad(pair):

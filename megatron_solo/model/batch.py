@@ -141,11 +141,13 @@ def packed_seq_params_from_batch(batch: dict):
     )
 
 
-def model_forward_kwargs(batch: dict, config) -> dict:
+def model_forward_kwargs(batch: dict, config, *, document_ids_mask: bool = False) -> dict:
     """Keyword arguments of ``SoloModel.forward`` for a (prepared) micro-batch.
 
     A THD batch (from :func:`prepare_batch` on the TE path) gives ``packed_seq_params``; a [b, s]
-    batch gives the explicit block-diagonal causal mask with the sliding window. Keys missing from the
+    batch gives the explicit block-diagonal causal mask with the sliding window, or, with
+    ``document_ids_mask=True`` (only for the ``core_attention="sdpa_flex"`` spec), the [b, s] document
+    ids from which FlexAttention builds its block mask without an [s, s] tensor. Keys missing from the
     batch (e.g. tokens on a middle pipeline stage) are passed as None.
     """
     kwargs = dict(
@@ -161,6 +163,10 @@ def model_forward_kwargs(batch: dict, config) -> dict:
     elif batch.get("doc_lengths") is not None:
         seq_length = batch["doc_lengths"].sum(dim=1)[0].item() if batch.get("tokens") is None \
             else batch["tokens"].size(1)
+        if document_ids_mask:
+            ids = document_ids(batch["doc_lengths"], int(seq_length))
+            kwargs["attention_mask"] = ids if batch.get("tokens") is None else ids.to(batch["tokens"].device)
+            return kwargs
         kwargs["attention_mask"] = packed_causal_mask(batch["doc_lengths"], int(seq_length),
                                                       getattr(config, "window_size", None))
         if batch.get("tokens") is not None:
