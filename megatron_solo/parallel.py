@@ -8,6 +8,7 @@ import os
 import torch
 
 from megatron_solo import cpu_backend
+from megatron_solo.netutil import free_port
 
 
 def init_process_group(timeout_s: int = 600) -> None:
@@ -70,11 +71,3 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import time
 import traceback
 from typing import Any, Callable
 
-from megatron_solo.parallel import free_port
+from megatron_solo.netutil import free_port
 
 
 class DistributedTestError(RuntimeError):
     pass
 
 
-def _rank_main(fn, rank, world_size, port, env, args, kwargs, results):
+def _rank_main(fn, rank, world_size, port, env, cpu_backend_on, args, kwargs, results):
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
@@ -34,21 +35,25 @@ def _rank_main(fn, rank, world_size, port, env, args, kwargs, results):
         MASTER_PORT=str(port),
     )
     try:
-        from megatron_solo import cpu_backend
+        if cpu_backend_on:
+            from megatron_solo import cpu_backend
 
-        cpu_backend.ensure()
+            cpu_backend.ensure()
         out = fn(*args, **kwargs)
-        results.put((rank, "ok", out))
+        # Plain pickle copies tensor data into the message; torch's queue reducers would pass
+        # shared-memory handles that vanish when this process exits before the parent reads them.
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
         results.put((rank, "error", traceback.format_exc()))
     finally:
-        try:
-            import torch
+        import sys
 
-            if torch.distributed.is_initialized():
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.distributed.is_initialized():
+            try:
                 torch.distributed.destroy_process_group()
-        except Exception:
-            pass
+            except Exception:
+                pass
 
 
 def run_distributed(
@@ -57,11 +62,13 @@ def run_distributed(
     *args,
     timeout: float = 300.0,
     env: dict[str, str] | None = None,
+    cpu_backend: bool = True,
     **kwargs,
 ) -> list[Any]:
     """Call ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return results in rank order.
 
     ``fn`` must be importable (defined at module level). Results must be picklable (CPU tensors are).
+    ``cpu_backend=False`` skips the (torch + megatron-core) CPU backend for workers that need neither.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -73,7 +80,7 @@ def run_distributed(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, rank, world_size, port, base_env, args, kwargs, results),
+            args=(fn, rank, world_size, port, base_env, cpu_backend, args, kwargs, results),
             name=f"rank{rank}",
             daemon=False,
         )
@@ -139,4 +146,4 @@ def run_distributed(
         first = min(errors)
         others = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()) if r != first)
         raise DistributedTestError(f"rank {first} failed:\n{errors[first]}{others}")
-    return [outputs[r] for r in range(world_size)]
+    return [pickle.loads(outputs[r]) for r in range(world_size)]
