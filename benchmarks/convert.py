@@ -2,7 +2,7 @@
 """Peak memory of the checkpoint conversion against the model's size (goal: peak RSS <= 1.3x model bytes).
 
 Writes a random HF SOLO checkpoint of about 1B parameters (bf16, streamed: never whole in memory),
-then runs, each in a fresh process, and reports the peak RSS (ru_maxrss of the child):
+then runs, each in a fresh process, and reports the peak RSS of its process tree (psutil, sampled every 20 ms):
 
     baseline         python + torch + megatron-core + transformers imported, nothing converted
     hf-to-megatron   tools/convert_checkpoint.py hf-to-megatron (fp32 parameters)
@@ -17,7 +17,6 @@ Ratios are given both for the raw peak and for the peak above the baseline proce
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -55,14 +54,23 @@ def make_checkpoint(out_dir, hidden, layers, ffn, heads, groups, head_dim):
 
 
 def run(cmd):
+    """Run ``cmd``; return (peak RSS in bytes of its process tree, sampled every 20 ms, seconds)."""
+    import psutil
+
     t0 = time.time()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="2"))
+    ps, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    out, err = proc.communicate()
     if proc.returncode:
-        raise SystemExit(f"{cmd} failed:\n{proc.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    if resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss <= before:
-        print(f"warning: peak of {cmd[2:4]} not above an earlier child's; the figure is a lower bound")
+        raise SystemExit(f"{cmd} failed:\n{err[-3000:]}")
     return peak, time.time() - t0
 
 
@@ -82,7 +90,6 @@ def main():
     model_bytes = 4 * n
     py = sys.executable
     tool = os.path.join(ROOT, "tools", "convert_checkpoint.py")
-    # Baseline first: ru_maxrss of children is a running maximum, so the smallest process goes first.
     base, _ = run([py, "-c", "import torch, transformers, megatron_solo.model, megatron_solo.convert.megatron_io"])
     imp, t_imp = run([py, tool, "hf-to-megatron", "--hf-dir", hf, "--save", ckpt])
     exp, t_exp = run([py, tool, "megatron-to-hf", "--load", ckpt, "--save", out])

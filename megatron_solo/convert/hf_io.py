@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_solo.convert.mapping import PATCH_DIM, ConversionShapes, expected_hf_shapes
+from megatron_solo.convert.mapping import ConversionShapes, expected_hf_shapes
 
 HF_FILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_files")
 SOLO_VOCAB_SIZE = 33031
@@ -188,16 +188,17 @@ class HFCheckpoint:
             bins = [f for f in os.listdir(hf_dir) if f.endswith((".bin", ".pt", ".pth"))]
             hint = f" (found {bins[:3]}: convert pickled checkpoints to safetensors first)" if bins else ""
             raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json{hint}")
-        self._handles: dict[str, object] = {}
         self.header: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype, shape)
         self.file_of: dict[str, str] = {}
+        self.offset: dict[str, int] = {}  # absolute byte offset of each tensor's data in its file
         files = sorted(set(weight_map.values())) if weight_map is not None else ["model.safetensors"]
         for fname in files:
             path = os.path.join(hf_dir, fname)
             if not os.path.isfile(path):
                 raise ConversionError(f"{path}: shard listed in the index is missing")
-            for name, (dtype, shape) in _read_safetensors_header(path).items():
+            for name, (dtype, shape, offset) in _read_safetensors_header(path).items():
                 self.header[name] = (dtype, shape)
+                self.offset[name] = offset
                 self.file_of[name] = fname
         if weight_map is not None:
             for name, fname in weight_map.items():
@@ -221,25 +222,33 @@ class HFCheckpoint:
                                   f"({len(extra)} in all)")
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
-
+        """Read one tensor with a plain positioned read: no memory map, so nothing but the returned
+        tensor stays resident (a mapped shard's pages would count in the converter's RSS)."""
         fname = self.file_of[name]
         path = os.path.join(self.hf_dir, fname)
+        dtype, shape = self.header[name]
+        if dtype not in _ST_TO_TORCH:
+            raise ConversionError(f"{path}: {name} has dtype {dtype}; expected F32, F16 or BF16")
+        t = torch.empty(shape, dtype=_ST_TO_TORCH[dtype])
+        buf = t.reshape(-1).view(torch.uint8).numpy()
         try:
-            if fname not in self._handles:
-                self._handles[fname] = safe_open(path, framework="pt")
-            return self._handles[fname].get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
+            with open(path, "rb") as f:
+                f.seek(self.offset[name])
+                got = f.readinto(memoryview(buf))
+        except OSError as e:
             raise ConversionError(f"{path}: cannot read {name}: {e}") from None
+        if got != buf.nbytes:
+            raise ConversionError(f"{path}: {name} is cut short ({got} of {buf.nbytes} bytes)")
+        return t
 
     def dtype_of(self, name: str) -> str:
         return self.header[name][0]
 
     def close(self) -> None:
-        self._handles.clear()
+        pass
 
 
-def _read_safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _read_safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...], int]]:
     """Parse a safetensors header and check that the data it describes is all in the file."""
     size = os.path.getsize(path)
     try:
@@ -269,7 +278,7 @@ def _read_safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]
             raise ConversionError(f"{path}: {name} ({dtype} {list(shape)}) should take {nbytes} bytes, "
                                   f"its offsets say {end - begin}")
         end_max = max(end_max, end)
-        out[name] = (dtype, shape)
+        out[name] = (dtype, shape, 8 + n + begin)
     if end_max > data_size:
         raise ConversionError(f"{path}: truncated: its header describes {end_max} bytes of data, the file holds "
                               f"{data_size} (an incomplete download or copy?)")
@@ -279,6 +288,7 @@ def _read_safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _TORCH_TO_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+_ST_TO_TORCH = {v: k for k, v in _TORCH_TO_ST.items()}
 
 
 def check_hf_checkpoint(hf_dir: str, tokenizer_model: str | None = None) -> tuple[str, dict, dict, HFCheckpoint]:
