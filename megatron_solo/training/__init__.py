@@ -1,0 +1,1 @@
+"""Training: arguments, loop, checkpointing, logging. Entry point: ``python -m megatron_solo.train``."""

@@ -1,0 +1,241 @@
+"""Megatron-LM-style command line of ``python -m megatron_solo.train`` and its start-up checks.
+
+Every bad combination is reported by :func:`validate_args` as one line (``error: ...``) and exit code 2
+before anything heavy is built, never as a traceback from deep inside megatron-core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+class ArgumentError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megatron_solo.train",
+        description="Train a SOLO model (stage 1/2/3 pre-training or SFT) with megatron-core.",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", help="preset: solo-7b | tiny (see megatron_solo.model.PRESETS)")
+    for name, typ in (("num-layers", int), ("hidden-size", int), ("ffn-hidden-size", int),
+                      ("num-attention-heads", int), ("num-query-groups", int), ("kv-channels", int),
+                      ("max-position-embeddings", int), ("rotary-base", int), ("norm-epsilon", float),
+                      ("sliding-window", int), ("init-method-std", float)):
+        g.add_argument(f"--{name}", type=typ, default=None, help="override the preset's field")
+    g.add_argument("--no-sliding-window", action="store_true", help="full causal attention")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+    g = p.add_argument_group("batch and schedule")
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-samples", type=int, default=None)
+
+    g = p.add_argument_group("optimizer and learning rate")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant", "WSD"])
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0)
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--max-skipped-iters", type=int, default=10,
+                   help="stop after this many consecutive iterations skipped for a NaN/inf loss or gradient")
+
+    g = p.add_argument_group("precision")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--fp8-format", default=None, choices=["e4m3", "hybrid"])
+    g.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "tensorwise", "mxfp8", "blockwise"])
+    g.add_argument("--fp8-margin", type=int, default=0)
+    g.add_argument("--fp8-interval", type=int, default=1)
+    g.add_argument("--fp8-amax-history-len", type=int, default=1)
+    g.add_argument("--fp8-amax-compute-algo", default="most_recent", choices=["most_recent", "max"])
+    g.add_argument("--no-fp8-wgrad", action="store_true")
+    g.add_argument("--fp8-param-gather", action="store_true")
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--transformer-impl", default=None, choices=["transformer_engine", "local"],
+                   help="layer spec (default: TE when it imports on a GPU, else local)")
+    g.add_argument("--attention-backend", default="dot_product", choices=["dot_product", "sdpa_flex"],
+                   help="core attention of the local spec: megatron's dot product, or torch SDPA/FlexAttention")
+
+    g = p.add_argument_group("data and loss")
+    g.add_argument("--data-path", nargs="+", required=True, help="'P' or 'w1 P1 w2 P2 ...' (Megatron syntax)")
+    g.add_argument("--valid-data-path", nargs="+", default=None,
+                   help="validation prefixes; the loss is reported per prefix")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--tokenizer-model", default=None, help="SOLO tokenizer.model (checked against SOLO's ids)")
+    g.add_argument("--loss-role", default="assistant", choices=["assistant", "user", "system", "all"])
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only; reset iteration, optimizer and scheduler (a new stage)")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--ckpt-step", type=int, default=None, help="load this iteration instead of the latest")
+    g.add_argument("--keep-last-checkpoints", type=int, default=None)
+    g.add_argument("--no-save-optim", action="store_true")
+
+    g = p.add_argument_group("evaluation, logging and exit")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--log-file", default=None, help="also append the log lines as JSON to this file")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM/SIGINT, save a checkpoint at the end of the iteration and exit")
+    g.add_argument("--exit-interval", type=int, default=None)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    return p
+
+
+def _fail(msg: str):
+    raise ArgumentError(msg)
+
+
+def validate_args(args) -> None:
+    """Check flag combinations; fills derived fields (world/dp sizes, global batch, model args)."""
+    from megatron_solo.model.config import SoloModelArgs
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    for name, v in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp),
+                    ("context-parallel-size", cp), ("micro-batch-size", args.micro_batch_size),
+                    ("seq-length", args.seq_length)):
+        if v < 1:
+            _fail(f"--{name} must be >= 1, got {v}")
+    if world % (tp * pp * cp):
+        _fail(f"world size {world} is not divisible by TP({tp}) x PP({pp}) x CP({cp})")
+    args.world_size = world
+    args.data_parallel_size = world // (tp * pp * cp)
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size % (args.micro_batch_size * args.data_parallel_size):
+        _fail(f"--global-batch-size {args.global_batch_size} is not divisible by micro-batch-size "
+              f"({args.micro_batch_size}) x data-parallel size ({args.data_parallel_size})")
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+    if (args.train_iters is None) == (args.train_samples is None):
+        _fail("give exactly one of --train-iters and --train-samples")
+    if args.train_samples is not None:
+        args.train_iters = args.train_samples // args.global_batch_size
+    if args.train_iters < 1:
+        _fail("the run has no iterations (--train-iters / --train-samples too small)")
+    if args.bf16 and args.fp16:
+        _fail("choose at most one of --bf16 and --fp16")
+    if args.fp8_format and not (args.bf16 or args.fp16):
+        _fail("--fp8-format needs --bf16 (or --fp16) for the non-FP8 parts")
+    if cp > 1:
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("--context-parallel-size > 1 needs GPUs with Transformer Engine; this machine has no CUDA")
+    if args.sequence_parallel and tp == 1:
+        _fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        _fail("--overlap-param-gather needs --use-distributed-optimizer")
+    if args.recompute_method and args.recompute_granularity != "full":
+        _fail("--recompute-method applies to --recompute-granularity full only")
+    if args.recompute_granularity == "full" and not args.recompute_method:
+        args.recompute_method = "uniform"
+        if args.recompute_num_layers is None:
+            args.recompute_num_layers = 1
+    if args.min_lr > args.lr:
+        _fail(f"--min-lr ({args.min_lr}) is larger than --lr ({args.lr})")
+    if args.save_interval is not None and not args.save:
+        _fail("--save-interval needs --save")
+    if args.finetune and not args.load:
+        _fail("--finetune needs --load (the checkpoint to start from)")
+    if args.exit_signal_handler and not args.save:
+        _fail("--exit-signal-handler needs --save (it saves before exiting)")
+    if args.tokenizer_model and not os.path.isfile(args.tokenizer_model):
+        _fail(f"--tokenizer-model {args.tokenizer_model} does not exist")
+    if args.log_interval < 1 or args.eval_interval < 1:
+        _fail("--log-interval and --eval-interval must be >= 1")
+
+    overrides = {}
+    for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                  "kv_channels", "max_position_embeddings", "rotary_base", "norm_epsilon", "sliding_window",
+                  "init_method_std", "make_vocab_size_divisible_by"):
+        v = getattr(args, field)
+        if v is not None:
+            overrides[field] = v
+    if args.no_sliding_window:
+        overrides["sliding_window"] = None
+    if args.num_attention_heads is not None and args.kv_channels is None and args.hidden_size is not None:
+        overrides["kv_channels"] = args.hidden_size // args.num_attention_heads
+    try:
+        model_args = SoloModelArgs.from_preset(args.model, **overrides)
+    except (ValueError, TypeError) as e:
+        _fail(str(e))
+    if model_args.num_attention_heads % tp:
+        _fail(f"--tensor-model-parallel-size {tp} does not divide the {model_args.num_attention_heads} attention heads")
+    if model_args.num_query_groups % tp:
+        _fail(f"--tensor-model-parallel-size {tp} does not divide the {model_args.num_query_groups} query groups")
+    if model_args.ffn_hidden_size % tp:
+        _fail(f"--tensor-model-parallel-size {tp} does not divide ffn-hidden-size {model_args.ffn_hidden_size}")
+    if model_args.num_layers % pp:
+        _fail(f"--pipeline-model-parallel-size {pp} does not divide the {model_args.num_layers} layers")
+    args.virtual_pipeline_model_parallel_size = None
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        if pp < 2:
+            _fail("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        per_stage = model_args.num_layers // pp
+        if per_stage % args.num_layers_per_virtual_pipeline_stage:
+            _fail(f"{per_stage} layers per pipeline stage are not divisible by "
+                  f"--num-layers-per-virtual-pipeline-stage {args.num_layers_per_virtual_pipeline_stage}")
+        args.virtual_pipeline_model_parallel_size = per_stage // args.num_layers_per_virtual_pipeline_stage
+        if args.num_microbatches % pp:
+            _fail(f"the interleaved schedule needs the number of micro-batches ({args.num_microbatches}) "
+                  f"to be a multiple of --pipeline-model-parallel-size {pp}")
+    if args.seq_length > model_args.max_position_embeddings:
+        _fail(f"--seq-length {args.seq_length} exceeds max-position-embeddings {model_args.max_position_embeddings}")
+    if args.fp8_format:
+        from megatron_solo.model.config import check_fp8, use_te_default
+
+        use_te = use_te_default() if args.transformer_impl is None else args.transformer_impl == "transformer_engine"
+        try:
+            check_fp8(args.fp8_format, args.fp8_recipe, use_te)
+        except ValueError as e:
+            _fail(str(e))
+    args.model_args = model_args
+
+
+def parse_args(argv=None):
+    """Parse and validate; on a bad combination print one line and exit with status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args)
+    except ArgumentError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return args

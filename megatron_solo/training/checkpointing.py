@@ -1,0 +1,280 @@
+"""Megatron-LM-layout checkpoints on megatron-core ``dist_checkpointing`` (torch_dist).
+
+Layout (see docs/ARCHITECTURE.md)::
+
+    SAVE/latest_checkpointed_iteration.txt   # replaced atomically, only after a complete save
+    SAVE/iter_0001200/                        # dist_checkpointing: model(s), optimizer, scheduler, RNG
+    SAVE/iter_0001200/solo_checkpoint.json    # written last: a directory without it is incomplete
+
+Every rank takes part in save and load. A checkpoint saved at one TP/PP loads at another: model and
+distributed-optimizer state are saved in megatron-core's reshardable formats (the optimizer's
+``fully_sharded_model_space``). RNG state is per (PP, TP) rank and is restored only when the layout
+is unchanged; other layouts start their RNG from the seed (there is no dropout in SOLO's recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import torch
+
+from megatron_solo import cpu_backend
+
+cpu_backend.ensure()
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
+from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
+
+TRACKER = "latest_checkpointed_iteration.txt"
+INFO = "solo_checkpoint.json"
+FORMAT_VERSION = 1
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, INFO)) and os.path.isfile(os.path.join(path, "metadata.json"))
+
+
+def complete_iterations(root: str) -> list[int]:
+    if not os.path.isdir(root):
+        return []
+    its = []
+    for name in os.listdir(root):
+        m = _ITER_RE.match(name)
+        if m and is_complete(os.path.join(root, name)):
+            its.append(int(m.group(1)))
+    return sorted(its)
+
+
+def latest_iteration(root: str) -> int | None:
+    """The tracker's iteration if that checkpoint is complete, else the newest complete one."""
+    tracker = os.path.join(root, TRACKER)
+    if os.path.isfile(tracker):
+        text = open(tracker).read().strip()
+        if text.isdigit() and is_complete(iteration_dir(root, int(text))):
+            return int(text)
+    its = complete_iterations(root)
+    return its[-1] if its else None
+
+
+def read_checkpoint_info(root: str, iteration: int | None = None) -> dict:
+    """``solo_checkpoint.json`` of a checkpoint (``root`` may also be an ``iter_*`` directory)."""
+    if is_complete(root):
+        path = root
+    else:
+        if iteration is None:
+            iteration = latest_iteration(root)
+        if iteration is None:
+            raise CheckpointError(f"no complete checkpoint under {root}")
+        path = iteration_dir(root, iteration)
+        if not is_complete(path):
+            raise CheckpointError(f"{path} is not a complete checkpoint (no {INFO})")
+    with open(os.path.join(path, INFO)) as f:
+        info = json.load(f)
+    info["path"] = path
+    return info
+
+
+def _layout() -> dict:
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _rng_sharded_object() -> ShardedObject:
+    state = {
+        "random": __import__("random").getstate(),
+        "np": __import__("numpy").random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": None if cpu_backend.is_active() else torch.cuda.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    pp, tp = _layout()["pp"], _layout()["tp"]
+    return ShardedObject(
+        "rng_state",
+        [state],
+        (pp, tp),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _set_rng(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and not cpu_backend.is_active():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def _unwrap(m):
+    while hasattr(m, "module"):
+        m = m.module
+    return m
+
+
+def _sharded_state(model_chunks, optimizer, include_optimizer: bool, include_rng: bool, is_loading: bool):
+    sd: dict[str, Any] = {}
+    n = len(model_chunks)
+    for i, chunk in enumerate(model_chunks):
+        sd[_model_key(i, n)] = _unwrap(chunk).sharded_state_dict()
+    if include_optimizer and optimizer is not None:
+        model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
+        merged = {}
+        for v in model_sd.values():
+            merged.update(v)
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            merged, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"}
+        )
+    if include_rng:
+        sd["rng_state"] = _rng_sharded_object()
+    return sd
+
+
+def _all_ranks_agree(flag: bool) -> bool:
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def save_checkpoint(
+    save_dir: str,
+    iteration: int,
+    model_chunks,
+    optimizer=None,
+    opt_param_scheduler=None,
+    *,
+    model_args,
+    padded_vocab_size: int,
+    consumed_train_samples: int = 0,
+    args: dict | None = None,
+    tokenizer_model: str | None = None,
+    keep_last: int | None = None,
+    extra: dict | None = None,
+) -> str:
+    """Collective save of model(s), optimizer, scheduler and RNG; marks the checkpoint complete last."""
+    import dataclasses
+
+    path = iteration_dir(save_dir, iteration)
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        os.makedirs(save_dir, exist_ok=True)
+        if os.path.isdir(path):  # an interrupted or superseded save of this iteration
+            shutil.rmtree(path)
+        os.makedirs(path)
+    torch.distributed.barrier()
+
+    sd = _sharded_state(model_chunks, optimizer, include_optimizer=optimizer is not None,
+                        include_rng=True, is_loading=False)
+    # Plain (non-sharded) values go to megatron-core's common state, written once by rank 0.
+    sd["iteration"] = iteration
+    sd["consumed_train_samples"] = consumed_train_samples
+    if opt_param_scheduler is not None:
+        sd["opt_param_scheduler"] = opt_param_scheduler.state_dict()
+    if extra:
+        sd["extra"] = extra
+    dist_checkpointing.save(sd, path)
+    torch.distributed.barrier()
+
+    if rank0:
+        info = {
+            "format_version": FORMAT_VERSION,
+            "iteration": iteration,
+            "consumed_train_samples": consumed_train_samples,
+            "model_args": dataclasses.asdict(model_args) if dataclasses.is_dataclass(model_args) else dict(model_args),
+            "padded_vocab_size": int(padded_vocab_size),
+            "layout": _layout(),
+            "has_optimizer": optimizer is not None,
+            "num_model_chunks": len(model_chunks),
+            "tokenizer_model": tokenizer_model,
+            "args": args or {},
+        }
+        _atomic_write(os.path.join(path, INFO), json.dumps(info, indent=2, default=str))
+        if not is_complete(path):
+            raise CheckpointError(f"checkpoint {path} failed validation after save")
+        _atomic_write(os.path.join(save_dir, TRACKER), str(iteration))
+        if keep_last:
+            for old in complete_iterations(save_dir)[:-keep_last]:
+                shutil.rmtree(iteration_dir(save_dir, old), ignore_errors=True)
+    torch.distributed.barrier()
+    return path
+
+
+def load_checkpoint(
+    load_dir: str,
+    model_chunks,
+    optimizer=None,
+    opt_param_scheduler=None,
+    *,
+    iteration: int | None = None,
+    finetune: bool = False,
+    load_optim: bool = True,
+    load_rng: bool = True,
+    strict: bool = True,
+) -> dict:
+    """Collective load. ``finetune`` loads weights only (iteration, optimizer, scheduler reset).
+
+    Returns the checkpoint's info dict (``solo_checkpoint.json``) with ``path``; when ``finetune`` the
+    caller should restart at iteration 0.
+    """
+    info = read_checkpoint_info(load_dir, iteration)
+    path = info["path"]
+    same_layout = info.get("layout", {}).get("tp") == _layout()["tp"] and info.get("layout", {}).get("pp") == _layout()["pp"]
+    n_saved = info.get("num_model_chunks", 1)
+    if n_saved != len(model_chunks):
+        raise CheckpointError(
+            f"{path} holds {n_saved} model chunk(s) (virtual pipeline stages) and this run builds "
+            f"{len(model_chunks)}; load it with the same --num-layers-per-virtual-pipeline-stage"
+        )
+    want_optim = bool(optimizer is not None and load_optim and not finetune and info.get("has_optimizer"))
+    want_rng = bool(load_rng and not finetune and same_layout)
+    if load_rng and not finetune and not same_layout and torch.distributed.get_rank() == 0:
+        print(f" > {path}: saved at TP={info['layout']['tp']} PP={info['layout']['pp']}, loading at "
+              f"TP={_layout()['tp']} PP={_layout()['pp']}: RNG state restarts from the seed", flush=True)
+    sd = _sharded_state(model_chunks, optimizer, include_optimizer=want_optim, include_rng=want_rng, is_loading=True)
+    state = dist_checkpointing.load(sd, path, strict="assume_ok_unexpected" if not strict else "raise_all")
+    n = len(model_chunks)
+    for i, chunk in enumerate(model_chunks):
+        _unwrap(chunk).load_state_dict(state[_model_key(i, n)], strict=strict)
+    if want_optim:
+        optimizer.load_state_dict(state["optimizer"])
+    if opt_param_scheduler is not None and not finetune and "opt_param_scheduler" in state:
+        opt_param_scheduler.load_state_dict(state["opt_param_scheduler"])
+    if want_rng and "rng_state" in state:
+        rng = state["rng_state"]
+        _set_rng(rng[0] if isinstance(rng, list) else rng)
+    if finetune:
+        info = dict(info, iteration=0, consumed_train_samples=0)
+    return info
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

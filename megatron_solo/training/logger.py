@@ -1,0 +1,114 @@
+"""Megatron-style per-iteration log lines, mirrored to TensorBoard and (optionally) a JSON-lines file."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+
+from megatron_solo import cpu_backend
+
+
+def memory_report() -> str:
+    import psutil
+
+    rss = psutil.Process().memory_info().rss / 2**30
+    text = f"host RSS {rss:.2f} GiB"
+    if not cpu_backend.is_active() and torch.cuda.is_available():
+        text += (f", GPU allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB, "
+                 f"max {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    return text
+
+
+def peak_flops_per_gpu() -> float | None:
+    """bf16 dense peak of the card, for MFU (None on CPU or an unknown card)."""
+    if cpu_backend.is_active() or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peak in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("B200", 2250e12)):
+        if key in name:
+            return peak
+    return None
+
+
+class TrainingLogger:
+    def __init__(self, args, is_logging_rank: bool):
+        self.args = args
+        self.is_logging_rank = is_logging_rank
+        self.writer = None
+        self.jsonl = None
+        if is_logging_rank and args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=args.tensorboard_dir)
+        if is_logging_rank and args.log_file:
+            os.makedirs(os.path.dirname(os.path.abspath(args.log_file)), exist_ok=True)
+            self.jsonl = open(args.log_file, "a")
+        self.peak = peak_flops_per_gpu()
+
+    def info(self, msg: str, all_ranks_first: bool = False) -> None:
+        if all_ranks_first and torch.distributed.is_initialized() and torch.distributed.get_rank() == 0 \
+                and not self.is_logging_rank:
+            print(f"[rank 0] {msg}", flush=True)
+        if self.is_logging_rank:
+            print(msg, flush=True)
+
+    def _record(self, kind: str, iteration: int, values: dict) -> None:
+        if self.writer:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and v == v:
+                    self.writer.add_scalar(k, v, iteration)
+            self.writer.flush()
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"kind": kind, "iteration": iteration, **values}) + "\n")
+            self.jsonl.flush()
+
+    def iteration_line(self, *, iteration, consumed, lr, losses, grad_norm, skipped_window, skipped_total,
+                       step_time, tokens_per_s, images_per_s, flops_per_iter) -> None:
+        if not self.is_logging_rank:
+            return
+        a = self.args
+        parts = [
+            f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{a.train_iters:8d}",
+            f"consumed samples: {consumed:12d}",
+            f"elapsed time per iteration (ms): {step_time * 1000:.1f}",
+            f"learning rate: {lr:.6E}",
+            f"global batch size: {a.global_batch_size:5d}",
+        ]
+        for key in ("lm loss", "image-doc loss", "text-doc loss"):
+            if key in losses and losses.get(key + " tokens", 1) > 0:
+                parts.append(f"{key}: {losses[key]:.6E}")
+        parts.append(f"grad norm: {float(grad_norm):.3f}" if grad_norm is not None else "grad norm: skipped")
+        parts.append(f"number of skipped iterations: {skipped_window:3d}")
+        parts.append(f"tokens/s: {tokens_per_s:.1f}")
+        parts.append(f"images/s: {images_per_s:.2f}")
+        values = {"lm loss": losses.get("lm loss", float("nan")), "learning-rate": lr,
+                  "grad-norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                  "skipped-iterations": skipped_total, "tokens-per-sec": tokens_per_s,
+                  "images-per-sec": images_per_s, "iteration-time": step_time, "consumed-samples": consumed}
+        for key in ("image-doc loss", "text-doc loss"):
+            if key in losses:
+                values[key] = losses[key]
+        if self.peak:
+            tflops = flops_per_iter / step_time / a.world_size / 1e12
+            parts.append(f"TFLOP/s/GPU: {tflops:.1f}")
+            parts.append(f"MFU: {100 * tflops * 1e12 / self.peak:.1f}%")
+            values["tflops-per-gpu"] = tflops
+        print(" | ".join(parts) + " |", flush=True)
+        self._record("train", iteration, values)
+
+    def validation(self, iteration: int, name: str, losses: dict) -> None:
+        if not self.is_logging_rank or not losses:
+            return
+        body = " | ".join(f"{k} value: {v:.6E}" for k, v in losses.items())
+        print("-" * 100 + f"\n validation loss at iteration {iteration} on {name} | {body}\n" + "-" * 100,
+              flush=True)
+        self._record("valid", iteration, {f"valid/{name}/{k}": v for k, v in losses.items()})
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.jsonl:
+            self.jsonl.close()
