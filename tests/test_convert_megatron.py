@@ -29,13 +29,14 @@ def _build(model_args, padded, tp, pp):
 
 
 def _load(ckpt, tp, pp, iteration=None):
+    from megatron_solo.convert.megatron_io import load_weights
     from megatron_solo.model import SoloModelArgs
-    from megatron_solo.training.checkpointing import load_checkpoint, read_checkpoint_info
+    from megatron_solo.training.checkpointing import read_checkpoint_info
 
     info = read_checkpoint_info(ckpt, iteration)
     model_args = SoloModelArgs(**info["model_args"])
     model = _build(model_args, info["padded_vocab_size"], tp, pp)
-    load_checkpoint(ckpt, [model], iteration=iteration, load_optim=False, load_rng=False)
+    load_weights(ckpt, model, info["iteration"])
     return model, model_args, info
 
 

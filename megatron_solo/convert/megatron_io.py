@@ -93,6 +93,24 @@ def model_parameters(model) -> dict[str, torch.nn.Parameter]:
     return params
 
 
+def load_weights(load_dir: str, model, iteration: int) -> None:
+    """Load only the model weights of a checkpoint (any TP/PP layout) into ``model``.
+
+    ``strict=False`` lets the load skip what a conversion does not want (RNG and optimizer state, which
+    are only restorable at the saving layout). Every parameter is set to NaN first and checked after,
+    so a weight the checkpoint lacks cannot pass silently.
+    """
+    from megatron_solo.training.checkpointing import load_checkpoint
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    load_checkpoint(load_dir, [model], iteration=iteration, load_optim=False, load_rng=False, strict=False)
+    for name, p in model.named_parameters():
+        if torch.isnan(p).any():
+            raise ConversionError(f"{load_dir} (iteration {iteration}): {name} was not in the checkpoint (or holds NaN)")
+
+
 def _check_coverage(params: dict, mappings) -> None:
     table = {b.megatron for b in mappings}
     missing, extra = sorted(table - set(params)), sorted(set(params) - table)
@@ -157,12 +175,7 @@ def hf_to_megatron(
                "tokenizer_model": tok_path, "parameters": sum(p.numel() for p in params.values())}
     if verify:
         # Check what is on disk: reload the checkpoint into the model, then compare with the source.
-        from megatron_solo.training.checkpointing import load_checkpoint
-
-        with torch.no_grad():
-            for p in params.values():
-                p.zero_()
-        load_checkpoint(save_dir, [model], iteration=iteration, load_optim=False, load_rng=False)
+        load_weights(save_dir, model, iteration)
         summary["verify"] = verify_against_hf(model, hf_dir, kind=kind, padded_vocab_size=padded)
     return summary
 
@@ -205,7 +218,7 @@ def load_hf_into_model(hf_dir: str, kind: str, cfg: dict, model_args, padded: in
 
 def _load_megatron(load_dir: str, iteration: int | None, params_dtype):
     from megatron_solo.model import SoloModelArgs
-    from megatron_solo.training.checkpointing import latest_iteration, load_checkpoint, read_checkpoint_info
+    from megatron_solo.training.checkpointing import CheckpointError, latest_iteration, read_checkpoint_info
 
     if not os.path.isdir(load_dir):
         raise ConversionError(f"{load_dir}: no such checkpoint directory")
@@ -215,12 +228,12 @@ def _load_megatron(load_dir: str, iteration: int | None, params_dtype):
             raise ConversionError(f"{load_dir}: no complete checkpoint (no latest_checkpointed_iteration.txt)")
     try:
         info = read_checkpoint_info(load_dir, iteration)
-    except (FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise ConversionError(f"{load_dir}: cannot read checkpoint iteration {iteration}: {e}") from None
     model_args = SoloModelArgs(**info["model_args"])
     padded = int(info["padded_vocab_size"])
     model = build_full_model(model_args, padded, params_dtype)
-    load_checkpoint(load_dir, [model], iteration=iteration, load_optim=False, load_rng=False)
+    load_weights(load_dir, model, iteration)
     return model, model_args, padded, info, iteration
 
 
