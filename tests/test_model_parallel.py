@@ -257,6 +257,56 @@ def dp_training(n_steps: int = 2):
             "params": {n: p.detach().clone() for n, p in model.module.named_parameters()}}
 
 
+def compare_with_hf_mistral(model, batch):
+    """Copy the weights into transformers' Mistral (an implementation nobody here wrote) and run both."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    a = model_args()
+    hf = MistralForCausalLM(MistralConfig(
+        vocab_size=model.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.ffn_hidden_size,
+        num_hidden_layers=a.num_layers, num_attention_heads=a.num_attention_heads,
+        num_key_value_heads=a.num_query_groups, head_dim=a.kv_channels, max_position_embeddings=a.max_position_embeddings,
+        rms_norm_eps=a.norm_epsilon, rope_theta=float(a.rotary_base), sliding_window=a.sliding_window,
+        tie_word_embeddings=False, attn_implementation="eager",
+    )).eval()
+    nq, ng, d = a.num_attention_heads, a.num_query_groups, a.kv_channels
+    sd = {"model.embed_tokens.weight": model.embedding.word_embeddings.weight,
+          "model.norm.weight": model.decoder.final_layernorm.weight, "lm_head.weight": model.output_layer.weight}
+    for i, layer in enumerate(model.decoder.layers):
+        qkv = layer.self_attention.linear_qkv.weight.view(ng, nq // ng + 2, d, a.hidden_size)
+        fc1 = layer.mlp.linear_fc1.weight
+        p = f"model.layers.{i}."
+        sd.update({
+            p + "self_attn.q_proj.weight": qkv[:, :nq // ng].reshape(nq * d, -1),
+            p + "self_attn.k_proj.weight": qkv[:, -2].reshape(ng * d, -1),
+            p + "self_attn.v_proj.weight": qkv[:, -1].reshape(ng * d, -1),
+            p + "self_attn.o_proj.weight": layer.self_attention.linear_proj.weight,
+            p + "mlp.gate_proj.weight": fc1[:a.ffn_hidden_size], p + "mlp.up_proj.weight": fc1[a.ffn_hidden_size:],
+            p + "mlp.down_proj.weight": layer.mlp.linear_fc2.weight,
+            p + "input_layernorm.weight": layer.input_layernorm.weight,
+            p + "post_attention_layernorm.weight": layer.pre_mlp_layernorm.weight,
+        })
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    config = model.config
+    res = {}
+    with torch.no_grad():
+        for name, row in (("image_doc", 0), ("text_doc", None)):
+            if row == 0:
+                n = int(batch["doc_lengths"][0, 0])
+                one = {k: batch[k][:1, :n] for k in ("tokens", "position_ids")}
+                one["doc_lengths"], one["patches"] = torch.tensor([[n]]), batch["patches"][:6]
+            else:
+                t, r, p_ = make_doc("text", 5)
+                one = dict(tokens=torch.tensor([t]), position_ids=torch.arange(len(t))[None],
+                           doc_lengths=torch.tensor([[len(t)]]), patches=torch.zeros(0, 3072, dtype=torch.uint8))
+            ours = forward(model, config, one)
+            emb = model.embed_inputs(one["tokens"], one["position_ids"], one["patches"]).transpose(0, 1)
+            theirs = hf(inputs_embeds=emb, position_ids=one["position_ids"]).logits
+            res[name] = (ours.clone(), theirs.clone())
+    return res
+
+
 # ----------------------------------------------------------------------------------------------
 # World of one rank
 # ----------------------------------------------------------------------------------------------
@@ -304,6 +354,10 @@ def _single_rank_worker():
         # Loss function on real model output: masked tokens never count.
         losses = out["packed_losses"]
         out["loss_func"] = solo_loss_func(batch, losses)
+
+    # transformers' MistralForCausalLM with the same weights, on one image document (inputs_embeds =
+    # our decoder input, so the patch embedding is included) and on one text document.
+    out["hf"] = compare_with_hf_mistral(model, batch)
 
     # Activation recompute (full uniform/block, selective) gives the same losses and gradients.
     base = loss_and_grads(model, config, batch)
@@ -442,6 +496,12 @@ def test_loss_func_sums_only_masked_tokens_and_reports_image_and_text_docs(singl
     torch.testing.assert_close(report["text-doc loss"], torch.stack([(losses * mask * ~img).sum(), (mask * ~img).sum()]))
     torch.testing.assert_close(report["image-doc loss"] + report["text-doc loss"], report["lm loss"])
     assert report["image-doc loss"][1] > 0 and report["text-doc loss"][1] > 0
+
+
+def test_backbone_equals_transformers_mistral_with_sliding_window(single):
+    for name, (ours, theirs) in single["hf"].items():
+        assert ours.shape[1] > WINDOW  # the window cuts into these documents
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 def test_activation_recompute_gives_the_same_losses_and_grads(single):

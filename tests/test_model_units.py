@@ -242,3 +242,12 @@ def test_loss_func_ignores_masked_tokens_and_is_exact_over_micro_batches():
     total = r1["lm loss"] + r2["lm loss"]
     torch.testing.assert_close(total[0] / total[1], mean)
     assert n1.dtype == torch.int and set(r1) == {"lm loss", "image-doc loss", "text-doc loss"}
+
+
+def test_sliding_window_mask_matches_megatron_core():
+    from megatron.core.transformer.utils import get_sliding_window_causal_mask
+
+    from megatron_solo.model.specs import sliding_window_causal_mask
+
+    for sq, sk, w in ((10, 10, (3, 0)), (4, 10, (2, 0)), (10, 10, (3, 2)), (7, 7, (0, 0))):
+        assert torch.equal(sliding_window_causal_mask(sq, sk, w, "cpu"), get_sliding_window_causal_mask(sq, sk, w))

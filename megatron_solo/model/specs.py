@@ -19,7 +19,6 @@ from typing import Optional
 
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.utils import get_sliding_window_causal_mask
 
 from megatron_solo.model.config import check_fp8, te_available, use_te_default
 
@@ -34,6 +33,17 @@ class SoloRMSNorm(torch.nn.RMSNorm):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
 
+def sliding_window_causal_mask(sq: int, sk: int, window_size: tuple[int, int], device) -> torch.Tensor:
+    """megatron-core's ``get_sliding_window_causal_mask`` (True = masked), made on ``device``.
+
+    (megatron's own hard-codes ``device="cuda"``, which breaks on CPU when activation recompute
+    re-runs the attention inside the backward pass.)
+    """
+    i = torch.arange(sq, device=device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=device)[None, :]
+    return ~((j >= i - window_size[0]) & (j <= i + window_size[1]))
+
+
 class SoloDotProductAttention(DotProductAttention):
     """``DotProductAttention`` whose sliding window combines with the given mask (True = masked)."""
 
@@ -46,8 +56,7 @@ class SoloDotProductAttention(DotProductAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if self.sliding_window_size is not None:
-            sq, sk = query.size(0), key.size(0)
-            window = get_sliding_window_causal_mask(sq, sk, self.sliding_window_size).to(query.device)
+            window = sliding_window_causal_mask(query.size(0), key.size(0), self.sliding_window_size, query.device)
             attention_mask = window if attention_mask is None else (attention_mask.bool() | window)
         return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                attention_bias=attention_bias, packed_seq_params=packed_seq_params)
