@@ -8,7 +8,7 @@ Layout (see docs/ARCHITECTURE.md)::
 
 Every rank takes part in save and load. A checkpoint saved at one TP/PP loads at another: model and
 distributed-optimizer state are saved in megatron-core's reshardable formats (the optimizer's
-``fully_sharded_model_space``). RNG state is per (PP, TP) rank and is restored only when the layout
+``fully_reshardable``, gathered on DP rank 0 at save). RNG state is per (PP, TP) rank and is restored only when the layout
 is unchanged; other layouts start their RNG from the seed (there is no dropout in SOLO's recipe).
 """
 
@@ -147,7 +147,7 @@ def _sharded_state(model_chunks, optimizer, include_optimizer: bool, include_rng
         for v in model_sd.values():
             merged.update(v)
         sd["optimizer"] = optimizer.sharded_state_dict(
-            merged, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"}
+            merged, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
         )
     if include_rng:
         sd["rng_state"] = _rng_sharded_object()
@@ -255,7 +255,8 @@ def load_checkpoint(
         print(f" > {path}: saved at TP={info['layout']['tp']} PP={info['layout']['pp']}, loading at "
               f"TP={_layout()['tp']} PP={_layout()['pp']}: RNG state restarts from the seed", flush=True)
     sd = _sharded_state(model_chunks, optimizer, include_optimizer=want_optim, include_rng=want_rng, is_loading=True)
-    state = dist_checkpointing.load(sd, path, strict="assume_ok_unexpected" if not strict else "raise_all")
+    state = dist_checkpointing.load(sd, path, strict="raise_unexpected" if strict else "log_unexpected")
+    # Keys we did not ask for (e.g. the optimizer under --finetune) are fine; keys we need must exist.
     n = len(model_chunks)
     for i, chunk in enumerate(model_chunks):
         _unwrap(chunk).load_state_dict(state[_model_key(i, n)], strict=strict)
