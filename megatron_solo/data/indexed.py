@@ -257,11 +257,12 @@ class SoloIndexedDataset:
                     break
                 length = min(length, left)
                 left -= length
-            t = self.tokens.get(s, 0, length)
-            r = self.roles.get(s, 0, length)
+            # copies: megatron's reader returns views into an mmap that closes with the dataset
+            t = np.array(self.tokens.get(s, 0, length))
+            r = np.array(self.roles.get(s, 0, length))
             n_p = int(np.count_nonzero(t == SOLO_IDS.vision_patch))
             if n_p:
-                p = self.patches.get(s, 0, n_p * PATCH_DIM).reshape(n_p, PATCH_DIM)
+                p = np.array(self.patches.get(s, 0, n_p * PATCH_DIM)).reshape(n_p, PATCH_DIM)
             else:
                 p = np.zeros((0, PATCH_DIM), np.uint8)
             out.append((t, r, p))

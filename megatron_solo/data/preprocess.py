@@ -26,7 +26,6 @@ from typing import Iterator, Optional
 from megatron_solo.data.encode import DocumentEncoder, Message, normalize_messages
 from megatron_solo.data.errors import SKIP_REASONS, SkipRecord
 from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS
-from megatron_solo.data.indexed import Packer, SoloPrefixWriter, prefix_complete, remove_prefix
 
 logger = logging.getLogger("megatron_solo.preprocess")
 
@@ -157,6 +156,7 @@ def _init_worker(tokenizer_model, fmt, image_root, exif_transpose, max_image_pix
     from megatron_solo.data.tokenizer import SoloTokenizer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt means
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     tok = SoloTokenizer(tokenizer_model)
     tok.check_solo_ids()
     _ENCODER = DocumentEncoder(tok, fmt, image_root=image_root, exif_transpose=exif_transpose,
@@ -202,12 +202,15 @@ def _ordered_results(records, cfg: PreprocessConfig):
     """Yield (item, result) in input order, encoding in ``cfg.workers`` processes."""
     init_args = (cfg.tokenizer_model, cfg.fmt, cfg.image_root, cfg.exif_transpose, cfg.max_image_pixels)
     if cfg.workers <= 1:
+        old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
         _init_worker(*init_args)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
         for item in records:
             yield item, encode_record(item)
         return
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # spawn, not fork: the parent may hold threads (torch, OpenMP, tqdm) whose locks a fork would copy
+    ctx = mp.get_context("spawn")
     with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init_args) as pool:
         pending = collections.deque()
         chunks = _chunks(records, CHUNK)
@@ -247,6 +250,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     Returns ``{"skipped_existing": True}`` when the prefix is complete and ``overwrite`` is off.
     Raises :class:`TooManyErrors` (no prefix is left) when the skip rate exceeds ``max_error_rate``.
     """
+    from megatron_solo.data.indexed import Packer, SoloPrefixWriter, prefix_complete, remove_prefix
+
     prefix = cfg.output_prefix
     if prefix_complete(prefix) and not cfg.overwrite:
         logger.info("%s is complete; skipping (use --overwrite to rebuild)", prefix)
@@ -316,7 +321,7 @@ def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) ->
     """Concatenate complete prefixes (packs in order) into one, atomically; stats are summed."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from megatron_solo.data.indexed import DTYPES, SUFFIXES, component_prefix
+    from megatron_solo.data.indexed import DTYPES, SUFFIXES, component_prefix, prefix_complete, remove_prefix
 
     if prefix_complete(output_prefix) and not overwrite:
         return {"skipped_existing": True}
