@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Preprocessing speed and memory, each as a ratio against a baseline measured in the same run.
+
+    .venv/bin/python benchmarks/preprocess.py --docs 200
+
+(a) this tool (tools/preprocess_data.py's pipeline) at 1 and 2 workers;
+(b) baseline: a straightforward Python version of SOLO's pipeline (float16 normalised patches,
+    megatron-core's Python IndexedDatasetBuilder);
+(c) decode + resize alone: the floor;
+RSS of the tool (1 worker, subprocess) for N and 10N documents;
+index writer per-item overhead (C++ IndexWriter vs megatron-core's IndexedDatasetBuilder).
+Inputs: JPEGs from sklearn's real photos, 512x384 and 1024x768, as base64 data URLs in chat JSONL.
+"""
+
+import argparse
+import base64
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def make_corpus(path, n):
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    urls = []
+    for i, size in enumerate([(512, 384), (1024, 768)]):
+        for p in photos:
+            buf = io.BytesIO()
+            p.resize(size, Image.BILINEAR).save(buf, format="JPEG", quality=90)
+            urls.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps([{"role": "assistant", "content": [
+                {"type": "image_url", "image_url": {"url": urls[i % len(urls)]}},
+                {"type": "text", "text": f"A photo number {i} of a place."}]}]) + "\n")
+
+
+def baseline_solo(corpus, prefix, tokenizer_model):
+    """SOLO-style: PIL decode, resize, float16 normalised patches, megatron's Python builder."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from PIL import Image
+
+    from megatron_solo.data.tokenizer import SoloTokenizer
+
+    tok = SoloTokenizer(tokenizer_model)
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    tb = IndexedDatasetBuilder(prefix + "-tokens.bin", dtype=np.int32)
+    pb = IndexedDatasetBuilder(prefix + "-patches.bin", dtype=np.float32)  # no float16 code: store as float32 bits
+    for line in open(corpus):
+        msgs = json.loads(line)
+        ids = [1]
+        patches = []
+        for part in msgs[0]["content"]:
+            if part["type"] == "text":
+                ids += tok.encode(part["text"])
+            else:
+                data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+                img = Image.open(io.BytesIO(data)).convert("RGB")
+                w, h = img.size
+                L, S = max(w, h), min(w, h)
+                nl = min(-(-L // 32) * 32, 1024)
+                ns = max(-(-(nl * S // L) // 32) * 32, 32)
+                img = img.resize((nl, ns) if w >= h else (ns, nl), Image.BILINEAR)
+                a = ((np.asarray(img, np.float32) / 255 - mean) / std).astype(np.float16)
+                r, c = a.shape[0] // 32, a.shape[1] // 32
+                p = a.reshape(r, 32, c, 32, 3).transpose(0, 2, 4, 1, 3).reshape(r * c, 3072)
+                patches.append(p)
+                ids += [32000]
+                for i in range(r):
+                    ids += [32001] * c + ([32002] if i < r - 1 else [])
+                ids += [32004]
+        tb.add_item(torch.tensor(ids, dtype=torch.int32))
+        tb.end_document()
+        pb.add_item(torch.from_numpy(np.concatenate(patches).view(np.uint16).astype(np.float32)))
+        pb.end_document()
+    tb.finalize(prefix + "-tokens.idx")
+    pb.finalize(prefix + "-patches.idx")
+
+
+def floor_decode_resize(corpus):
+    from PIL import Image
+
+    from megatron_solo.data.image import target_size
+
+    for line in open(corpus):
+        for part in json.loads(line)[0]["content"]:
+            if part["type"] == "image_url":
+                img = Image.open(io.BytesIO(base64.b64decode(part["image_url"]["url"].split(",", 1)[1]))).convert("RGB")
+                img.resize(target_size(*img.size), Image.BILINEAR)
+
+
+def timed(fn, *a):
+    t = time.perf_counter()
+    fn(*a)
+    return time.perf_counter() - t
+
+
+def rss_of_tool(corpus, prefix, tokenizer_model):
+    code = ("import sys, resource; sys.path.insert(0, %r); from megatron_solo.data.preprocess import *; "
+            "preprocess(PreprocessConfig(inputs=[%r], output_prefix=%r, tokenizer_model=%r, progress=False, overwrite=True)); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % (ROOT, corpus, prefix, tokenizer_model)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return int(out.strip().splitlines()[-1]) / 1024  # MiB
+
+
+def writer_overhead(tmp, n=200_000):
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_solo._C import IndexWriter
+
+    items = [np.arange(8, dtype=np.int32)] * n
+    titems = [torch.from_numpy(x) for x in items]
+    b = IndexedDatasetBuilder(os.path.join(tmp, "py.bin"), dtype=np.int32)
+    t = time.perf_counter()
+    for x in titems:
+        b.add_item(x)
+    b.end_document()
+    b.finalize(os.path.join(tmp, "py.idx"))
+    py = (time.perf_counter() - t) / n
+    w = IndexWriter(os.path.join(tmp, "c.bin"), "<i4")
+    t = time.perf_counter()
+    for x in items:
+        w.add_item(x)
+    w.end_document()
+    w.finalize(os.path.join(tmp, "c.idx"))
+    cpp = (time.perf_counter() - t) / n
+    return py * 1e6, cpp * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--docs", type=int, default=200)
+    ap.add_argument("--rss-docs", type=int, default=1000, help="RSS at this many docs and 10x")
+    a = ap.parse_args()
+    from megatron_solo.data.preprocess import PreprocessConfig, preprocess
+    from megatron_solo.data.tokenizer import create_solo_tokenizer, mistral_tokenizer_path
+
+    tmp = tempfile.mkdtemp(prefix="bench_pre_")
+    tokm = create_solo_tokenizer(mistral_tokenizer_path(), tmp)
+    corpus = os.path.join(tmp, "c.jsonl")
+    make_corpus(corpus, a.docs)
+    n = a.docs
+    print(f"machine: {os.cpu_count()} CPUs (shared); {n} docs, one 512x384 or 1024x768 JPEG each")
+    t_floor = timed(floor_decode_resize, corpus)
+    t_base = timed(baseline_solo, corpus, os.path.join(tmp, "base"), tokm)
+    run = lambda k: preprocess(PreprocessConfig(inputs=[corpus], output_prefix=os.path.join(tmp, f"w{k}"),  # noqa
+                                                tokenizer_model=tokm, workers=k, progress=False, overwrite=True))
+    t1 = timed(run, 1)
+    t2 = timed(run, 2)
+    print(f"(c) decode+resize floor : {n / t_floor:8.1f} docs/s")
+    print(f"(b) SOLO-style baseline  : {n / t_base:8.1f} docs/s")
+    print(f"(a) tool, 1 worker       : {n / t1:8.1f} docs/s  = {t_base / t1:.2f}x baseline, {t_floor / t1:.2f}x floor")
+    print(f"(a) tool, 2 workers      : {n / t2:8.1f} docs/s  = {t1 / t2:.2f}x the 1-worker speed")
+    base_bytes = os.path.getsize(os.path.join(tmp, "base-patches.bin"))
+    ours_bytes = os.path.getsize(os.path.join(tmp, "w1-patches.bin"))
+    print(f"patch bytes: tool {ours_bytes} vs baseline float16-as-float32 {base_bytes} "
+          f"(float16 would be {base_bytes // 2}: tool = {ours_bytes / (base_bytes / 2):.2f}x)")
+    py_us, cpp_us = writer_overhead(tmp)
+    print(f"index writer per item (8 int32): megatron builder {py_us:.2f} us, C++ IndexWriter {cpp_us:.2f} us "
+          f"= {py_us / cpp_us:.1f}x")
+    if a.rss_docs:
+        for m in (a.rss_docs, 10 * a.rss_docs):
+            c = os.path.join(tmp, f"rss{m}.jsonl")
+            make_corpus(c, m)
+            print(f"peak RSS, tool 1 worker, {m} docs: {rss_of_tool(c, os.path.join(tmp, f'rss{m}'), tokm):.0f} MiB")
+            os.remove(c)
+
+
+if __name__ == "__main__":
+    main()
