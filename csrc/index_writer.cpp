@@ -37,6 +37,7 @@ class IndexWriter {
   IndexWriter(const std::string& bin_path, const std::string& dtype, size_t buffer_bytes)
       : bin_path_(bin_path), dtype_(dtype), cap_(buffer_bytes ? buffer_bytes : 1) {
     code_ = dtype_code(dtype, &itemsize_);
+    np_dtype_ = py::dtype(dtype);
     f_ = std::fopen(bin_path.c_str(), "wb");
     if (!f_) throw std::runtime_error("IndexWriter: cannot open " + bin_path);
     buf_.reserve(cap_);
@@ -48,11 +49,9 @@ class IndexWriter {
 
   void add_item(py::array arr) {
     if (closed_) throw std::runtime_error("IndexWriter: already finalized");
-    if (arr.dtype().itemsize() != static_cast<py::ssize_t>(itemsize_) ||
-        py::str(arr.dtype().attr("str")).cast<std::string>() != dtype_ ||
-        !(arr.flags() & py::array::c_style)) {
+    if (!arr.dtype().equal(np_dtype_) || !(arr.flags() & py::array::c_style)) {
       // same cast as the Python builder's numpy.array(x, dtype=self.dtype)
-      arr = py::array::ensure(arr.attr("astype")(py::dtype(dtype_)), py::array::c_style);
+      arr = py::array::ensure(arr.attr("astype")(np_dtype_), py::array::c_style);
     }
     const size_t n = static_cast<size_t>(arr.size());
     const size_t bytes = n * itemsize_;
@@ -121,6 +120,7 @@ class IndexWriter {
   }
 
   std::string bin_path_, dtype_;
+  py::dtype np_dtype_;
   size_t itemsize_ = 0, cap_;
   int code_ = 0;
   FILE* f_ = nullptr;
