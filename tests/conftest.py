@@ -12,3 +12,41 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 from megatron_solo import cpu_backend  # noqa: E402
 
 cpu_backend.ensure()
+
+
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+PY = sys.executable
+
+
+def run_tool(args, **kw):
+    """Run a tools/ script or module with this interpreter; raise with its output on failure."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    r = subprocess.run([PY, *args], capture_output=True, text=True, env=env, cwd=ROOT, **kw)
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def solo_tokenizer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("solo_tok")
+    run_tool(["tools/create_solo_tokenizer.py", "--base", "mistral-common", "--output", str(out)])
+    return str(out / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory, solo_tokenizer):
+    """The demo's real corpora (scikit-learn digits), preprocessed with the real tool, packed to 128."""
+    root = tmp_path_factory.mktemp("digits")
+    run_tool(["tools/make_digits_corpus.py", "--output", str(root / "corpus")])
+    prefixes = {}
+    for name, fmt in (("pretrain", "pretrain"), ("sft", "chat")):
+        prefix = str(root / "data" / name)
+        run_tool(["tools/preprocess_data.py", "--input", str(root / "corpus" / f"{name}.jsonl"),
+                  "--output-prefix", prefix, "--tokenizer-model", solo_tokenizer, "--format", fmt,
+                  "--seq-length", "128", "--image-root", str(root / "corpus"), "--no-progress"])
+        prefixes[name] = prefix
+    return {"root": str(root), "tokenizer": solo_tokenizer, **prefixes}

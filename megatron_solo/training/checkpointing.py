@@ -29,6 +29,34 @@ cpu_backend.ensure()
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
 from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
 
+def _patch_torch_adam_reshardable_load() -> None:
+    """megatron-core 0.19.2 bug, without TE/apex only: loading the distributed optimizer's
+    ``fully_reshardable`` state copies every tensor of torch Adam's per-parameter state, including
+    ``step``, from a source dict that (by design) has no ``step`` (it is restored from param_groups),
+    and fails with ``KeyError: 'step'``. Skip keys the source does not carry."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if getattr(dopt, "HAVE_APEX_OR_TE", True) or getattr(dopt.DistributedOptimizer, "_solo_patched", False):
+        return
+    original = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        step = state.pop("step", None)
+        try:
+            return original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    dopt.DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    dopt.DistributedOptimizer._solo_patched = True
+
+
+_patch_torch_adam_reshardable_load()
+
 TRACKER = "latest_checkpointed_iteration.txt"
 INFO = "solo_checkpoint.json"
 FORMAT_VERSION = 1
@@ -142,6 +170,8 @@ def _sharded_state(model_chunks, optimizer, include_optimizer: bool, include_rng
     for i, chunk in enumerate(model_chunks):
         sd[_model_key(i, n)] = _unwrap(chunk).sharded_state_dict()
     if include_optimizer and optimizer is not None:
+        if is_loading:
+            _ensure_optimizer_state(optimizer)
         model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
         merged = {}
         for v in model_sd.values():
@@ -152,6 +182,23 @@ def _sharded_state(model_chunks, optimizer, include_optimizer: bool, include_rng
     if include_rng:
         sd["rng_state"] = _rng_sharded_object()
     return sd
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer the state tensors a load fills in.
+
+    torch's Adam creates its state lazily at the first step, and megatron-core's distributed optimizer
+    (without TE/apex) reads ``state[p]["step"]`` while building the sharded state dict to load into.
+    """
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if inner is None or getattr(sub, "init_state_fn", None) is None:
+            continue
+        sub.init_state_fn(inner, sub.config)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if inner.state[p] and "step" not in inner.state[p]:
+                    inner.state[p]["step"] = torch.tensor(0.0)
 
 
 def _all_ranks_agree(flag: bool) -> bool:

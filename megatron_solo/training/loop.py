@@ -275,7 +275,7 @@ def pretrain(args) -> dict:
         from megatron_solo.data.tokenizer import SoloTokenizer
 
         SoloTokenizer(args.tokenizer_model).check_solo_ids()
-    args.padded_vocab_size = args.model_args.padded_vocab_size(args.tensor_model_parallel_size)
+    args.padded_vocab_size = resolve_padded_vocab_size(args)
 
     config = build_transformer_config(
         args.model_args,
@@ -406,6 +406,21 @@ def pretrain(args) -> dict:
                "exit_reason": exit_reason, "history": history}
     torch.distributed.barrier()
     return summary
+
+
+def resolve_padded_vocab_size(args) -> int:
+    """Megatron's rule (a multiple of 128 x TP) for a new model; the checkpoint's own padding when one is
+    loaded, so that a run can change TP (33280 rows saved at TP=2 load at TP=1; 33152 would not)."""
+    tp = args.tensor_model_parallel_size
+    for root in (args.save if args.finetune else None, args.load):
+        if root and checkpointing.latest_iteration(root) is not None:
+            padded = int(checkpointing.read_checkpoint_info(root, args.ckpt_step if root == args.load else None)
+                         ["padded_vocab_size"])
+            if padded % tp:
+                raise SystemExit(f"error: the checkpoint in {root} has a vocabulary padded to {padded} rows, "
+                                 f"which TP={tp} does not divide; convert it with tools/convert_checkpoint.py")
+            return padded
+    return args.model_args.padded_vocab_size(tp)
 
 
 def build_datasets(args):
