@@ -117,7 +117,8 @@ def test_resume_is_exact_after_sigterm_and_kill9_and_reshards(digits_data, tmp_p
     # E: reshard TP=2 -> TP=1 PP=2 from the checkpoint at iteration k, continue to the end.
     e = tmp_path / "e"
     e.mkdir()
-    out = _run(2, _common(digits_data, str(e), "--pipeline-model-parallel-size", "2", "--load", str(ck),
+    out = _run(2, _common(digits_data, str(e), "--pipeline-model-parallel-size", "2", "--use-distributed-optimizer",
+                          "--load", str(ck),
                           "--ckpt-step", str(k)))
     assert "RNG state restarts from the seed" in out
     resharded = _losses(e / "log.jsonl")

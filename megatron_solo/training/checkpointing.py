@@ -201,6 +201,19 @@ def _ensure_optimizer_state(optimizer) -> None:
                     inner.state[p]["step"] = torch.tensor(0.0)
 
 
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core's distributed optimizer (without TE/apex) restores torch Adam's ``step`` as ONE tensor
+    object shared by every parameter's state; torch increments it in place once per parameter, so the
+    bias correction after a resume would differ from an uninterrupted run. Give each its own copy."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if inner is None:
+            continue
+        for st in inner.state.values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
+
+
 def _all_ranks_agree(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int64)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
@@ -309,6 +322,7 @@ def load_checkpoint(
         _unwrap(chunk).load_state_dict(state[_model_key(i, n)], strict=strict)
     if want_optim:
         optimizer.load_state_dict(state["optimizer"])
+        _unshare_adam_steps(optimizer)
     if opt_param_scheduler is not None and not finetune and "opt_param_scheduler" in state:
         opt_param_scheduler.load_state_dict(state["opt_param_scheduler"])
     if want_rng and "rng_state" in state:
