@@ -1,0 +1,276 @@
+#!/usr/bin/env python
+"""Training tokens/s of the tiny SOLO preset (one process, CPU) against transformers' Mistral.
+
+    .venv/bin/python benchmarks/train_step.py [--seq-length 256 --micro-batch-size 4 --repeats 5] [--profile]
+
+ours      megatron_solo's real training step: ``build_model_chunks`` (megatron-core DDP),
+          ``build_optimizer_and_scheduler`` (megatron-core Adam, clip, scheduler), ``wire_schedule`` and
+          ``train_step`` (megatron-core's forward-backward schedule, SOLO loss), flags parsed by
+          ``megatron_solo.training.arguments`` exactly as ``python -m megatron_solo.train`` parses them.
+baseline  transformers ``MistralForCausalLM`` of identical shape (padded vocabulary, layers, heads, GQA,
+          FFN, sliding window, untied head), weights copied from ours, trained with a plain PyTorch loop:
+          forward, masked per-token cross entropy, backward, ``clip_grad_norm_``, ``torch.optim.AdamW``
+          with the same lr / betas / eps / weight decay (decay on matrices only, as megatron-core does).
+
+Both train on the same micro-batches (random token documents, one document per row, so that the
+causal + sliding-window rule is the same for both; ``--packed`` packs several documents per row and
+gives HF the same block-diagonal mask as a 4D mask). The first step's losses are printed: equal losses
+show that the two models and batches are the same. After ``--warmup`` steps each, ``--repeats`` timed
+windows of ``--steps`` steps alternate between the two (ABAB, so machine noise hits both alike); the
+medians of tokens/s and their ratio are printed last. ``--profile`` adds a torch.profiler table of
+one of our steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------ batches
+def random_batches(n, mbs, seq, vocab, *, packed=False, seed=0, device="cpu"):
+    """``n`` micro-batches in the contract of docs/ARCHITECTURE.md: random text documents.
+
+    Token ids avoid the SOLO special ids (< 3 and the image ids 32000..32005), so no row holds a
+    ``<vpatch>``; labels are the next token of the same document, loss mask 1 where a label exists.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(3, 32000, (mbs, seq), generator=g)
+        if packed:  # 2..5 documents per row, lengths summing to seq
+            rows = []
+            for _r in range(mbs):
+                k = int(torch.randint(2, 6, (1,), generator=g))
+                cuts = torch.sort(torch.randperm(seq - 1, generator=g)[: k - 1] + 1).values
+                edges = torch.cat([torch.tensor([0]), cuts, torch.tensor([seq])])
+                rows.append((edges[1:] - edges[:-1]).int())
+            d = max(len(r) for r in rows)
+            doc_lengths = torch.zeros(mbs, d, dtype=torch.int32)
+            for i, r in enumerate(rows):
+                doc_lengths[i, : len(r)] = r
+        else:
+            doc_lengths = torch.full((mbs, 1), seq, dtype=torch.int32)
+        from megatron_solo.model.batch import document_ids, position_ids_from_doc_lengths
+
+        doc = document_ids(doc_lengths, seq)
+        same = torch.zeros(mbs, seq, dtype=torch.bool)
+        same[:, :-1] = doc[:, 1:] == doc[:, :-1]
+        labels = torch.where(same, torch.roll(tokens, -1, 1), torch.zeros_like(tokens))
+        out.append({
+            "tokens": tokens.to(device), "labels": labels.to(device), "loss_mask": same.float().to(device),
+            "position_ids": position_ids_from_doc_lengths(doc_lengths, seq).to(device),
+            "doc_lengths": doc_lengths.to(device), "image_doc_mask": torch.zeros(mbs, seq, dtype=torch.bool, device=device),
+            "patches": torch.zeros(0, 3072, dtype=torch.uint8, device=device),
+        })
+    return out
+
+
+# ------------------------------------------------------------------------------------------ ours
+def megatron_setup(argv):
+    """Parse training flags and build model chunks, optimizer, scheduler exactly as ``pretrain`` does."""
+    from megatron_solo import parallel
+    from megatron_solo.model import build_transformer_config
+    from megatron_solo.training.arguments import parse_args
+    from megatron_solo.training.loop import (
+        build_model_chunks,
+        build_optimizer_and_scheduler,
+        resolve_padded_vocab_size,
+        wire_schedule,
+    )
+
+    args = parse_args(argv)
+    parallel.init_process_group()
+    parallel.initialize_model_parallel(seed=args.seed)
+    args.padded_vocab_size = resolve_padded_vocab_size(args)
+    config = build_transformer_config(
+        args.model_args, bf16=args.bf16, fp16=args.fp16,
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        use_te=None if args.transformer_impl is None else args.transformer_impl == "transformer_engine")
+    chunks = build_model_chunks(args, config)
+    optimizer, scheduler = build_optimizer_and_scheduler(args, chunks)
+    wire_schedule(args, config, chunks, optimizer)
+    return args, config, chunks, optimizer, scheduler
+
+
+def megatron_step_fn(args, config, chunks, optimizer, scheduler):
+    from megatron_solo.training.loop import train_step
+
+    stats = {"images": 0}
+
+    def step(micro_batches):
+        losses, _, skipped = train_step(args, config, chunks, optimizer, scheduler, micro_batches, stats)
+        assert not skipped, losses
+        return losses["lm loss"]
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------ HF
+def hf_model_from_ours(args, chunks):
+    """MistralForCausalLM of the same shape (padded vocabulary), weights copied from our model."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from megatron_solo.convert.hf_io import conversion_shapes
+    from megatron_solo.convert.mapping import bound_mappings
+
+    m = args.model_args
+    cfg = MistralConfig(
+        vocab_size=args.padded_vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups, head_dim=m.kv_channels,
+        max_position_embeddings=m.max_position_embeddings, rope_theta=float(m.rotary_base),
+        rms_norm_eps=m.norm_epsilon, sliding_window=m.sliding_window, tie_word_embeddings=False,
+        attention_dropout=0.0, torch_dtype=torch.float32)
+    cfg._attn_implementation = "sdpa"
+    model = MistralForCausalLM(cfg)
+    shapes = conversion_shapes(m.to_dict(), padded_vocab_size=args.padded_vocab_size,
+                               vocab_size=args.padded_vocab_size)
+    ours = {n: p for n, p in chunks[0].module.named_parameters()}
+    sd = {}
+    with torch.no_grad():
+        for bm in bound_mappings(m.num_layers, include_solo_only=False):
+            sd.update({k: v.clone() for k, v in bm.to_hf(ours[bm.megatron].detach(), shapes).items()})
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if "rotary" not in k]
+    assert not missing and not unexpected, (missing, unexpected)
+    model.train()
+    return model
+
+
+def hf_hf_mask(batch, window):
+    """Block-diagonal causal + window mask as HF's 4D boolean mask (True = may attend)."""
+    from megatron_solo.model.batch import packed_causal_mask
+
+    return ~packed_causal_mask(batch["doc_lengths"], batch["tokens"].size(1), window)
+
+
+def hf_step_fn(args, model):
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                            foreach=True)
+    packed = args.bench_packed
+    window = args.model_args.window_size
+
+    def step(micro_batches):
+        opt.zero_grad(set_to_none=True)
+        n_tok = sum(b["loss_mask"].sum() for b in micro_batches)
+        total = 0.0
+        for b in micro_batches:
+            kw = {}
+            if packed:
+                kw["attention_mask"] = hf_hf_mask(b, window)
+            logits = model(input_ids=b["tokens"], position_ids=b["position_ids"], **kw).logits
+            ce = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), b["labels"].view(-1),
+                                                   reduction="none")
+            loss = (ce * b["loss_mask"].view(-1)).sum() / n_tok
+            loss.backward()
+            total += float(loss)
+        if args.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        opt.step()
+        return total
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------ timing
+def time_window(step, batches, steps, offset):
+    t0 = time.perf_counter()
+    for k in range(steps):
+        step(batches[(offset + k) % len(batches)])
+    return time.perf_counter() - t0
+
+
+def profile_step(step, batches, label, rows=25):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        for b in batches:
+            step(b)
+    print(f"\n== torch.profiler: {label}, {len(batches)} steps, top {rows} by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    return prof
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq-length", type=int, default=256)
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--num-microbatches", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="steps per timed window")
+    ap.add_argument("--repeats", type=int, default=5, help="timed windows per side (median reported)")
+    ap.add_argument("--packed", action="store_true", help="several documents per row (HF gets a 4D mask)")
+    ap.add_argument("--attention-backend", default="dot_product", choices=["dot_product", "sdpa_flex"])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler tables of both steps")
+    ap.add_argument("--model", default="tiny")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    gbs = a.micro_batch_size * a.num_microbatches
+    train_argv = ["--model", a.model, "--seq-length", str(a.seq_length), "--micro-batch-size",
+                  str(a.micro_batch_size), "--global-batch-size", str(gbs), "--train-iters", "1000000",
+                  "--lr", "1e-4", "--min-lr", "1e-4", "--lr-decay-style", "constant", "--weight-decay", "0.1",
+                  "--clip-grad", "1.0", "--data-path", "unused", "--attention-backend", a.attention_backend]
+    args, config, chunks, optimizer, scheduler = megatron_setup(train_argv)
+    args.bench_packed = a.packed
+    n_params = sum(p.numel() for p in chunks[0].module.parameters())
+    hf = hf_model_from_ours(args, chunks)
+    ours = megatron_step_fn(args, config, chunks, optimizer, scheduler)
+    base = hf_step_fn(args, hf)
+
+    n_batches = 8
+    batches = [random_batches(a.num_microbatches, a.micro_batch_size, a.seq_length, args.padded_vocab_size,
+                              packed=a.packed, seed=i) for i in range(n_batches)]
+    tokens_per_step = gbs * a.seq_length
+    print(f"train_step: model {a.model} ({n_params / 1e6:.2f}M params, padded vocab {args.padded_vocab_size}), "
+          f"seq {a.seq_length}, micro-batch {a.micro_batch_size} x {a.num_microbatches}, "
+          f"{'packed' if a.packed else 'one document per row'}, attention {a.attention_backend}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+
+    # Same weights, same batch: the first losses must agree (same model, same loss).
+    l_ours, l_hf = ours(batches[0]), base(batches[0])
+    print(f"first-step loss: ours {l_ours:.6f}  HF {l_hf:.6f}  |diff| {abs(l_ours - l_hf):.2e}", flush=True)
+    for k in range(1, a.warmup):
+        ours(batches[k % n_batches])
+        base(batches[k % n_batches])
+
+    t_ours, t_hf = [], []
+    for r in range(a.repeats):
+        t_ours.append(tokens_per_step * a.steps / time_window(ours, batches, a.steps, r * a.steps))
+        t_hf.append(tokens_per_step * a.steps / time_window(base, batches, a.steps, r * a.steps))
+        print(f"  repeat {r + 1}: ours {t_ours[-1]:9.0f} tok/s   HF {t_hf[-1]:9.0f} tok/s   "
+              f"ratio {t_ours[-1] / t_hf[-1]:.3f}", flush=True)
+
+    if a.profile:
+        profile_step(ours, batches[:3], "ours (megatron-core train_step)")
+        profile_step(base, batches[:3], "HF Mistral, plain loop")
+
+    m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
+    per_repeat = statistics.median([x / y for x, y in zip(t_ours, t_hf)])
+    print(f"\nmedian tokens/s over {a.repeats} windows of {a.steps} steps: ours {m_ours:.0f}, "
+          f"HF MistralForCausalLM {m_hf:.0f}")
+    print(f"RATIO ours / HF = {m_ours / m_hf:.3f} (median of per-window ratios {per_repeat:.3f}; goal >= 0.9)")
+    from megatron_solo import parallel
+
+    parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
