@@ -48,13 +48,17 @@ def build_data(work, seq_length):
     corpus = os.path.join(work, "corpus")
     if not os.path.exists(os.path.join(corpus, "sft.jsonl")):
         run(["tools/make_digits_corpus.py", "--output", corpus])
+    from megatron_solo.data.indexed import prefix_complete
+
     prefixes = {}
     for name, fmt in (("pretrain", "pretrain"), ("sft", "chat")):
         prefix = os.path.join(work, f"data_s{seq_length}", name)
+        prefixes[name] = prefix
+        if prefix_complete(prefix):
+            continue
         run(["tools/preprocess_data.py", "--input", os.path.join(corpus, f"{name}.jsonl"), "--output-prefix", prefix,
              "--tokenizer-model", tok, "--format", fmt, "--seq-length", str(seq_length), "--image-root", corpus,
              "--no-progress"])
-        prefixes[name] = prefix
     return tok, prefixes
 
 
@@ -73,8 +77,8 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     tok, prefixes = build_data(a.work, a.seq_length)
-    print(f"data: digits corpora preprocessed to seq {a.seq_length} in {time.perf_counter() - t0:.1f} s "
-          f"(cached after the first run): {prefixes}", flush=True)
+    print(f"data: digits corpora preprocessed to seq {a.seq_length} ({time.perf_counter() - t0:.1f} s; "
+          f"reused when already there): {prefixes}", flush=True)
 
     from train_step import megatron_setup, megatron_step_fn
 
