@@ -7,8 +7,9 @@ tracker, stream/event objects in DDP, and ``Tensor.type()`` checks in the optimi
 
 * ``torch.cuda.current_device()`` answers ``"cpu"``, so ``torch.empty(..., device=current_device())``
   lands on the CPU;
-* a ``TorchFunctionMode`` rewrites any remaining ``cuda`` device argument and ``Tensor.cuda()`` to
-  the CPU;
+* torch's factory functions, ``Tensor.new_*``, ``Tensor.to`` and ``Tensor/Module.cuda()`` map a
+  ``cuda`` device argument to the CPU (patched on the functions, so it also holds inside autograd's
+  backward, where activation recompute re-runs forward code);
 * the CUDA RNG calls (``torch.cuda.manual_seed/get_rng_state/set_rng_state`` and the tracker's
   ``_get/_set_cuda_rng_state``) act on the CPU generator, which is what CPU dropout draws from;
 * ``Tensor.type()`` reports ``torch.cuda.*`` names for CPU tensors (the optimizer asserts them);
@@ -26,14 +27,13 @@ Model configs built for the CPU must also set ``use_cpu_initialization=True``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 _ACTIVE = False
-_MODE: "_CudaToCpuMode | None" = None
 
 
 def cuda_available() -> bool:
@@ -52,25 +52,51 @@ def _is_cuda_device(device) -> bool:
     return False
 
 
-def _to_cpu_device(device):
-    return torch.device("cpu") if _is_cuda_device(device) else device
+# Everything in torch that takes a ``device``: rewritten at the function itself rather than through a
+# TorchFunctionMode, because a mode is thread-local state that autograd does not carry into
+# ``Function.backward`` (activation recompute re-runs megatron's forward code there), and because it
+# would add a Python hop to every torch op.
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "arange", "range", "linspace", "logspace", "eye", "tensor",
+    "as_tensor", "rand", "randn", "randint", "randperm", "empty_like", "zeros_like", "ones_like",
+    "full_like", "rand_like", "randn_like", "randint_like", "empty_strided", "scalar_tensor",
+    "tril_indices", "triu_indices", "normal",
+)
+_TENSOR_NEW = ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor")
 
 
-class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA placement in megatron-core's torch calls to the CPU."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            return args[0]
+def _device_kwarg_to_cpu(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs = dict(kwargs, device="cpu")
-        if func in _TO_FUNCS and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], "cpu", *args[2:])
-        return func(*args, **kwargs)
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    wrapper._solo_cpu_wrapped = True
+    return wrapper
 
 
-_TO_FUNCS = {torch.Tensor.to}
+def _patch_device_literals():
+    for name in _FACTORIES:
+        fn = getattr(torch, name, None)
+        if fn is not None and not getattr(fn, "_solo_cpu_wrapped", False):
+            setattr(torch, name, _device_kwarg_to_cpu(fn))
+    for name in _TENSOR_NEW:
+        setattr(torch.Tensor, name, _device_kwarg_to_cpu(getattr(torch.Tensor, name)))
+    orig_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        if args and _is_cuda_device(args[0]):
+            args = ("cpu", *args[1:])
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        return orig_to(self, *args, **kwargs)
+
+    torch.Tensor.to = to
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.Tensor.pin_memory = lambda self, *a, **k: self
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+
 
 _ORIG_TYPE = torch.Tensor.type
 _CUDA_TYPE_NAMES = {
@@ -181,7 +207,7 @@ def _patch_megatron_rng():
 
 def ensure() -> bool:
     """Activate the CPU backend if CUDA is absent. Returns True when it is active."""
-    global _ACTIVE, _MODE
+    global _ACTIVE
     if _ACTIVE:
         return True
     if cuda_available():
@@ -189,8 +215,7 @@ def ensure() -> bool:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _patch_torch_cuda()
     torch.Tensor.type = _tensor_type
-    _MODE = _CudaToCpuMode()
-    _MODE.__enter__()
+    _patch_device_literals()
     _patch_megatron_rng()
     _ACTIVE = True
     return True

@@ -1,0 +1,68 @@
+"""The CPU backend's mappings, each on a case that fails without it."""
+
+import torch
+
+from megatron_solo import cpu_backend
+
+
+def test_active_here_because_cuda_is_absent():
+    assert not torch.cuda.is_available()
+    assert cpu_backend.ensure() and cpu_backend.is_active()
+    assert cpu_backend.dist_backend() == "gloo"
+    assert cpu_backend.cpu_config_overrides()["use_cpu_initialization"] is True
+
+
+def test_device_literals_land_on_cpu_in_forward_and_in_backward():
+    assert torch.cuda.current_device() == "cpu"
+    assert torch.empty(2, device="cuda").device.type == "cpu"
+    assert torch.zeros(2, device=torch.device("cuda", 0)).device.type == "cpu"
+    assert torch.ones(2).to("cuda").device.type == "cpu" and torch.ones(2).cuda().device.type == "cpu"
+    assert torch.ones(2).new_zeros(3, device="cuda").device.type == "cpu"
+
+    class UsesCudaInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * torch.full((3,), 2.0, device="cuda")
+
+    x = torch.ones(3, requires_grad=True)
+    UsesCudaInBackward.apply(x).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
+
+    from megatron.core.tensor_parallel.random import checkpoint
+
+    y = torch.ones(3, requires_grad=True)
+    checkpoint(lambda t: t * torch.arange(3, device="cuda"), False, y).sum().backward()  # re-runs forward in backward
+    assert torch.equal(y.grad, torch.arange(3, dtype=torch.float32))
+
+
+def test_tensor_type_reports_cuda_names_as_megatron_optimizer_expects():
+    assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+    assert torch.ones(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+    assert torch.ones(1).type(torch.float64).dtype == torch.float64  # the conversion form is untouched
+
+
+def test_cuda_rng_calls_drive_the_cpu_generator_and_megatron_tracker_forks_it():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.cuda.manual_seed(123)
+    a = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(a, torch.rand(4))
+    state = torch.cuda.get_rng_state()
+    b = torch.rand(4)
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(b, torch.rand(4))
+
+    tracker = mrandom.CudaRNGStatesTracker()
+    tracker.add("model-parallel-rng", 777)
+    torch.manual_seed(1)
+    outside_before = torch.get_rng_state()
+    with tracker.fork("model-parallel-rng"):
+        inside = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), outside_before)  # fork restored the default stream
+    torch.manual_seed(777)
+    assert torch.equal(inside, torch.rand(4))  # and drew from the tracked seed
