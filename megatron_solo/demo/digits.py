@@ -62,4 +62,4 @@ def write_corpora(out_dir: str, test_fraction: float = 0.2, seed: int = 0, size:
         for i in test_idx:
             f.write(json.dumps({"image": f"images/digit_{i:04d}.png", "label": int(digits.target[i]),
                                 "answer": WORDS[digits.target[i]]}) + "\n")
-    return {"train": len(train_idx), "test": len(test_idx), **paths, "image_root": out_dir}
+    return {"train": len(train_idx), "held_out": len(test_idx), **paths, "image_root": out_dir}

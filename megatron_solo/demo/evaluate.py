@@ -1,0 +1,93 @@
+"""Held-out digits accuracy of an exported Hugging Face SOLO model, through ``generate``.
+
+Only the exported directory is used: its modeling code (``trust_remote_code``) and its
+``processing_solo.py`` (``SoloProcessor``), exactly as a user of the export would. Each test digit is
+asked the SFT question in a chat turn; greedy decoding of a few tokens gives the answer word.
+
+SOLO's loss never falls on ids >= 32000, so the model never learns to emit ``<|im_end|>``: decoding
+stops after ``max_new_tokens`` and the answer is the first word of what was generated.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import time
+
+from megatron_solo.demo.digits import QUESTION, WORDS
+
+CHANCE = 1.0 / len(WORDS)
+
+
+def load_processor_module(hf_dir: str):
+    """The export's own ``processing_solo.py``, imported from the directory."""
+    path = os.path.join(hf_dir, "processing_solo.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{hf_dir} has no processing_solo.py (not a SOLO export?)")
+    spec = importlib.util.spec_from_file_location("processing_solo_export", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def read_test_set(test_jsonl: str, limit: int | None = None) -> list[dict]:
+    with open(test_jsonl) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def first_word(text: str) -> str:
+    m = re.search(r"[A-Za-z]+", text)
+    return m.group(0).lower() if m else ""
+
+
+def _batch_inputs(encoded: list[dict]):
+    """Stack single-example processor outputs of equal length into one batch. Patches are concatenated
+    in row-major order of their ``<vpatch>`` tokens, which is how the model assigns them."""
+    import torch
+
+    lengths = {e["input_ids"].shape[1] for e in encoded}
+    if len(lengths) != 1:  # every digit has the same size, hence the same prompt length
+        raise ValueError(f"prompts of different lengths {sorted(lengths)}; batch them by length")
+    input_ids = torch.cat([e["input_ids"] for e in encoded])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "vision_patches": torch.cat([e["vision_patches"] for e in encoded])}
+
+
+def evaluate(hf_dir: str, test_jsonl: str, image_root: str | None = None, *, batch_size: int = 64,
+             max_new_tokens: int = 2, limit: int | None = None, progress=None) -> dict:
+    """Accuracy of the exported model on the held-out digits. Returns a dict with ``accuracy``,
+    ``correct``, ``total``, ``chance`` and per-example ``predictions`` (image, label, answer, output)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    image_root = image_root or os.path.dirname(os.path.abspath(test_jsonl))
+    P = load_processor_module(hf_dir)
+    processor = P.SoloProcessor.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    rows = read_test_set(test_jsonl, limit)
+    t0 = time.time()
+    predictions = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        encoded = [processor.chat([{"role": "user", "content": [P.load_image(os.path.join(image_root, r["image"])),
+                                                                 QUESTION]}]) for r in chunk]
+        inputs = _batch_inputs(encoded)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=0)  # no padding is used; silences the "no pad token" note
+        prompt_len = inputs["input_ids"].shape[1]
+        for r, seq in zip(chunk, out[:, prompt_len:].tolist()):
+            text = processor.decode(seq)
+            predictions.append({"image": r["image"], "label": int(r["label"]), "answer": r["answer"],
+                                "output": text, "predicted": first_word(text)})
+        if progress:
+            done = start + len(chunk)
+            acc = sum(p["predicted"] == p["answer"] for p in predictions) / len(predictions)
+            progress(f"{done}/{len(rows)} digits, running accuracy {acc:.1%}")
+    correct = sum(p["predicted"] == p["answer"] for p in predictions)
+    return {"hf_dir": hf_dir, "test": test_jsonl, "total": len(predictions), "correct": correct,
+            "accuracy": correct / max(len(predictions), 1), "chance": CHANCE,
+            "max_new_tokens": max_new_tokens, "seconds": round(time.time() - t0, 2), "predictions": predictions}

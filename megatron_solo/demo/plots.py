@@ -1,0 +1,116 @@
+"""The demo's pictures: loss curves from training's JSON-lines logs (``--log-file``), and test digits
+drawn as the patch grids the model reads, titled with the model's answers.
+
+    python -m megatron_solo.demo.plots losses --log "stage 1=run/stage1.jsonl" --log "SFT=run/sft.jsonl" \
+        --output run/loss_curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+
+PATCH = 32
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_losses(log_file: str, kind: str = "train") -> tuple[list[int], list[float]]:
+    """(iterations, lm losses) of one training log."""
+    its, losses = [], []
+    with open(log_file) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if rec.get("kind") == kind and "lm loss" in rec:
+                its.append(int(rec["iteration"]))
+                losses.append(float(rec["lm loss"]))
+    return its, losses
+
+
+def plot_losses(logs: list[tuple[str, str]], output: str) -> str:
+    """One panel per phase: training loss per iteration, validation loss as points."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(logs), figsize=(5 * len(logs), 3.6), squeeze=False)
+    for ax, (name, path) in zip(axes[0], logs):
+        its, losses = read_losses(path)
+        ax.plot(its, losses, lw=1.5, label="train")
+        v_its, v_losses = read_losses(path, "valid")
+        if v_its:
+            ax.plot(v_its, v_losses, "o", color="tab:red", label="validation")
+        if losses:
+            ax.set_title(f"{name}: loss {losses[0]:.2f} -> {losses[-1]:.2f}")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("lm loss (nats/token)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
+def patch_grid(patches: np.ndarray, rows: int, cols: int, gap: int = 4, fill: int = 160) -> np.ndarray:
+    """uint8 patches [R*C, 3072] (channel-major, as the model reads them) -> one HxWx3 picture with a
+    ``gap``-pixel grey line between patches."""
+    p = patches.reshape(rows, cols, 3, PATCH, PATCH).transpose(0, 1, 3, 4, 2)  # R, C, 32, 32, 3
+    h, w = rows * PATCH + (rows - 1) * gap, cols * PATCH + (cols - 1) * gap
+    out = np.full((h, w, 3), fill, dtype=np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            y, x = r * (PATCH + gap), c * (PATCH + gap)
+            out[y:y + PATCH, x:x + PATCH] = p[r, c]
+    return out
+
+
+def plot_answers(predictions: list[dict], image_root: str, image_to_patches, load_image, output: str,
+                 n: int = 16, ncols: int = 8) -> str:
+    """The first ``n`` test digits as patch grids; title: the model's answer (green right, red wrong)
+    and, when wrong, the label. ``image_to_patches``/``load_image`` come from the export's processor."""
+    plt = _pyplot()
+    shown = predictions[:n]
+    nrows = math.ceil(len(shown) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.6 * ncols, 1.95 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, p in zip(axes.flat, shown):
+        patches, rows, cols = image_to_patches(load_image(os.path.join(image_root, p["image"])))
+        ax.imshow(patch_grid(patches, rows, cols), interpolation="nearest")
+        ok = p["predicted"] == p["answer"]
+        title = f"\"{p['predicted'] or p['output']!s}\"" + ("" if ok else f"\n(is {p['answer']})")
+        ax.set_title(title, fontsize=9, color="tab:green" if ok else "tab:red")
+    fig.suptitle(f"held-out digits as {rows}x{cols} patch grids of 32x32, with the exported model's answers",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    lp = sub.add_parser("losses", help="loss curves of one or more training logs")
+    lp.add_argument("--log", action="append", required=True, metavar="NAME=PATH")
+    lp.add_argument("--output", required=True)
+    a = ap.parse_args(argv)
+    logs = [tuple(s.split("=", 1)) for s in a.log]
+    print(plot_losses(logs, a.output))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
