@@ -136,12 +136,13 @@ class MicroBatchStream:
 
 
 # ---------------------------------------------------------------------------------- one iteration
-def make_forward_step(config, stats):
+def make_forward_step(config, stats, document_ids_mask=False):
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         stats["images"] += int((batch["tokens"] == SOLO_IDS.vision_start).sum())
         prepared = prepare_batch(batch, config)
-        output = model(**model_forward_kwargs(prepared, config))
+        # FlexAttention builds its block mask from [b, s] document ids, never an [s, s] tensor.
+        output = model(**model_forward_kwargs(prepared, config, document_ids_mask=document_ids_mask))
         return output, partial(solo_loss_func, prepared)
 
     return forward_step
@@ -185,7 +186,7 @@ def train_step(args, config, model_chunks, optimizer, scheduler, micro_batches, 
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     reports = get_forward_backward_func()(
-        forward_step_func=make_forward_step(config, stats),
+        forward_step_func=make_forward_step(config, stats, args.attention_backend == "sdpa_flex"),
         data_iterator=[iter(micro_batches)] if len(model_chunks) == 1 else
         [iter(micro_batches) for _ in model_chunks],
         model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
@@ -214,7 +215,7 @@ def evaluate(args, config, model_chunks, dataset, stats):
         for _ in range(args.eval_iters):
             micro_batches = stream.global_step()
             reports = get_forward_backward_func()(
-                forward_step_func=make_forward_step(config, stats),
+                forward_step_func=make_forward_step(config, stats, args.attention_backend == "sdpa_flex"),
                 data_iterator=[iter(micro_batches)] if len(model_chunks) == 1 else
                 [iter(micro_batches) for _ in model_chunks],
                 model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
@@ -434,18 +435,21 @@ def build_datasets(args):
     train_samples = args.train_iters * args.global_batch_size
     eval_samples = args.eval_iters * args.global_batch_size
     if args.valid_data_path:
+        # Unused splits get 0 samples, not None: megatron-core refuses None sizes for weighted blends.
         train, _, _ = build_train_valid_test_datasets(" ".join(args.data_path), split="1,0,0",
-                                                      train_samples=train_samples, is_built_on_rank=on_rank, **common)
+                                                      train_samples=train_samples, valid_samples=0, test_samples=0,
+                                                      is_built_on_rank=on_rank, **common)
         valid_sets = []
         prefixes = _blend_prefixes(args.valid_data_path)
         for prefix in prefixes:
             ds, _, _ = build_train_valid_test_datasets(prefix, split="1,0,0", train_samples=eval_samples,
+                                                       valid_samples=0, test_samples=0,
                                                        is_built_on_rank=on_rank, **common)
             valid_sets.append((os.path.basename(prefix), ds))
         return train, valid_sets
     train, valid, _ = build_train_valid_test_datasets(
         " ".join(args.data_path), split=args.split, train_samples=train_samples,
-        valid_samples=eval_samples if args.eval_iters else 0, is_built_on_rank=on_rank, **common)
+        valid_samples=eval_samples if args.eval_iters else 0, test_samples=0, is_built_on_rank=on_rank, **common)
     return train, ([("valid", valid)] if valid is not None and args.eval_iters else [])
 
 
