@@ -21,6 +21,7 @@ STAGE1_LR=${STAGE1_LR:-8e-3}
 SFT_LR=${SFT_LR:-3e-3}
 DEMO_GBS=${DEMO_GBS:-16}
 DEMO_MBS=${DEMO_MBS:-8}
+SFT_GBS=${SFT_GBS:-$DEMO_GBS}
 DEMO_TP=${DEMO_TP:-2}
 DEMO_PP=${DEMO_PP:-1}
 EVAL_LIMIT=${EVAL_LIMIT:-}          # evaluate only the first N held-out digits (default: all)
@@ -108,13 +109,25 @@ echo "== [2/8] corpora from scikit-learn's 1797 handwritten digits (8x8 -> 64x64
 run_step corpora "$LOGS/2_corpora.log" passthrough_filter '"(train|held_out)"' -- \
   "$PY" tools/make_digits_corpus.py --output "$OUT/corpus"
 
-echo "== [3/8] preprocess both corpora with tools/preprocess_data.py (packed to $SEQ tokens)"
-for spec in pretrain:pretrain sft:chat; do
-  name=${spec%%:*} fmt=${spec##*:}
-  run_step "preprocess $name" "$LOGS/3_preprocess_$name.log" passthrough_filter '^\{"output_prefix"' -- \
-    "$PY" tools/preprocess_data.py --input "$OUT/corpus/$name.jsonl" --output-prefix "$OUT/data/$name" \
-      --tokenizer-model "$TOK" --format "$fmt" --seq-length "$SEQ" --image-root "$OUT/corpus" --no-progress
-done
+echo "== [3/8] preprocess both corpora with tools/preprocess_data.py (packed to $SEQ tokens; the two run at once)"
+preprocess() {  # NAME FORMAT: one corpus, its own log; says which one failed
+  local log="$LOGS/3_preprocess_$1.log"
+  if "$PY" tools/preprocess_data.py --input "$OUT/corpus/$1.jsonl" --output-prefix "$OUT/data/$1" \
+       --tokenizer-model "$TOK" --format "$2" --seq-length "$SEQ" --image-root "$OUT/corpus" --no-progress >"$log" 2>&1; then
+    grep '^{"output_prefix"' "$log"
+  else
+    local rc=$?; echo "preprocess $1 failed (exit $rc); log: $log"; tail -n 15 "$log"; return "$rc"
+  fi
+}
+preprocess_both() {
+  local rc=0 p1 p2
+  preprocess pretrain pretrain & p1=$!
+  preprocess sft chat & p2=$!
+  wait "$p1" || rc=$?
+  wait "$p2" || rc=$?
+  return "$rc"
+}
+run_step preprocess "$LOGS/3_preprocess.log" passthrough_filter '' -- preprocess_both
 
 launcher_env=(PRESET=tiny PYTHON="$PY" TOKENIZER_MODEL="$TOK" TP="$DEMO_TP" PP="$DEMO_PP" SEQ_LENGTH="$SEQ"
               GLOBAL_BATCH_SIZE="$DEMO_GBS" MICRO_BATCH_SIZE="$DEMO_MBS" LOG_INTERVAL=1
@@ -131,7 +144,7 @@ run_step "stage 1" "$LOGS/4_stage1.log" train_filter "stage 1" -- \
 echo "== [5/8] instruction tuning (chat: \"Which digit is this?\") from stage 1: examples/sft.sh, 2 processes"
 run_step SFT "$LOGS/5_sft.log" train_filter "SFT" -- \
   env "${launcher_env[@]}" MASTER_PORT="$(free_port)" DATA_PATH="$OUT/data/sft" STAGE3_CKPT="$OUT/checkpoints/stage1" \
-    TRAIN_ITERS="$SFT_ITERS" LR="$SFT_LR" MIN_LR="$(awk -v x="$SFT_LR" 'BEGIN{print x/10}')" \
+    TRAIN_ITERS="$SFT_ITERS" GLOBAL_BATCH_SIZE="$SFT_GBS" LR="$SFT_LR" MIN_LR="$(awk -v x="$SFT_LR" 'BEGIN{print x/10}')" \
     LR_WARMUP_ITERS=$((SFT_ITERS / 10 + 1)) \
     EXTRA_ARGS="--log-file $LOGS/sft.jsonl --no-save-optim $MODEL_ARGS" \
     bash examples/sft.sh

@@ -80,9 +80,11 @@ def evaluate(hf_dir: str, test_jsonl: str, image_root: str | None = None, *, bat
                                  pad_token_id=0)  # no padding is used; silences the "no pad token" note
         prompt_len = inputs["input_ids"].shape[1]
         for r, seq in zip(chunk, out[:, prompt_len:].tolist()):
-            text = processor.decode(seq)
+            # Words are cut at token boundaries: the model never learned to stop, so the token after the
+            # answer may continue it without a space ("one" + "ass" from "assistant").
+            pieces = [processor.decode([t]) for t in seq]
             predictions.append({"image": r["image"], "label": int(r["label"]), "answer": r["answer"],
-                                "output": text, "predicted": first_word(text)})
+                                "output": "".join(pieces), "predicted": first_word(" ".join(pieces))})
         if progress:
             done = start + len(chunk)
             acc = sum(p["predicted"] == p["answer"] for p in predictions) / len(predictions)
