@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=2)
+    ap.add_argument("--prompt-format", choices=["chat", "pretrain"], default="chat",
+                    help="chat: the SFT question in a user turn; pretrain: BOS + image (a stage-1 model)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N test digits")
     ap.add_argument("--examples", type=int, default=16, help="digits in the answers PNG")
     a = ap.parse_args(argv)
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
 
     image_root = a.image_root or os.path.dirname(os.path.abspath(a.test))
     res = evaluate(a.hf_dir, a.test, image_root, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
-                   limit=a.limit, progress=lambda s: print(f"   {s}", flush=True))
+                   limit=a.limit, prompt_format=a.prompt_format, progress=lambda s: print(f"   {s}", flush=True))
     os.makedirs(a.output_dir, exist_ok=True)
     with open(os.path.join(a.output_dir, "eval.json"), "w") as f:
         json.dump(res, f, indent=1)

@@ -57,9 +57,13 @@ def _batch_inputs(encoded: list[dict]):
 
 
 def evaluate(hf_dir: str, test_jsonl: str, image_root: str | None = None, *, batch_size: int = 64,
-             max_new_tokens: int = 2, limit: int | None = None, progress=None) -> dict:
+             max_new_tokens: int = 2, limit: int | None = None, prompt_format: str = "chat",
+             progress=None) -> dict:
     """Accuracy of the exported model on the held-out digits. Returns a dict with ``accuracy``,
-    ``correct``, ``total``, ``chance`` and per-example ``predictions`` (image, label, answer, output)."""
+    ``correct``, ``total``, ``chance`` and per-example ``predictions`` (image, label, answer, output).
+
+    ``prompt_format``: ``"chat"`` asks the SFT question in a user turn (an instruction-tuned model);
+    ``"pretrain"`` is BOS + image, the stage-1 format, whose next word is the label (a stage-1 model)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -72,8 +76,11 @@ def evaluate(hf_dir: str, test_jsonl: str, image_root: str | None = None, *, bat
     predictions = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        encoded = [processor.chat([{"role": "user", "content": [P.load_image(os.path.join(image_root, r["image"])),
-                                                                 QUESTION]}]) for r in chunk]
+        images = [P.load_image(os.path.join(image_root, r["image"])) for r in chunk]
+        if prompt_format == "chat":
+            encoded = [processor.chat([{"role": "user", "content": [im, QUESTION]}]) for im in images]
+        else:
+            encoded = [processor([im]) for im in images]
         inputs = _batch_inputs(encoded)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,

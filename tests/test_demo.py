@@ -1,0 +1,60 @@
+"""`make demo` end to end, shortened: examples/quickstart.sh with few iterations and a slice of the
+held-out digits. Checks that every step ran through the real tools and launchers, that the export
+verified, that the evaluation ran through HF generate, that every artifact is written, and that the
+loss falls in both phases. (The accuracy target is the full demo's; see docs/DEMO.md.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+from megatron_solo.demo.plots import read_losses
+from tests.conftest import ROOT
+
+
+def test_quickstart_shortened_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, PY=sys.executable, OUT=str(out), STAGE1_ITERS="12", SFT_ITERS="6", SFT_GBS="8",
+               EVAL_LIMIT="48", PYTHONWARNINGS="ignore")
+    r = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    for step in ("[1/8]", "[2/8]", "[3/8]", "[4/8]", "[5/8]", "[6/8]", "[7/8]", "[8/8]", "== done in"):
+        assert step in r.stdout, r.stdout[-3000:]
+
+    # Training went through the launchers: 2 processes, TP=2, SFT started from stage 1's checkpoint.
+    sft_log = (out / "logs" / "5_sft.log").read_text()
+    assert "TP=2" in sft_log and "weights only, --finetune" in sft_log
+    assert (out / "checkpoints" / "stage1" / "latest_checkpointed_iteration.txt").read_text() == "12"
+    assert (out / "checkpoints" / "sft" / "latest_checkpointed_iteration.txt").read_text() == "6"
+    s1 = read_losses(out / "logs" / "stage1.jsonl")
+    sft = read_losses(out / "logs" / "sft.jsonl")
+    assert s1[0] == list(range(1, 13)) and sft[0] == list(range(1, 7))
+    assert s1[1][-1] < s1[1][0] - 1.0, s1  # learning on the real corpus
+    assert sft[1][-1] < sft[1][0] - 1.0, sft
+
+    # The export verified against the checkpoint; the evaluation used it through generate.
+    assert "verify: 40 tensors bit-identical" in (out / "logs" / "6_export.log").read_text()
+    for f in ("config.json", "model.safetensors", "tokenizer.model", "modeling_solo.py", "processing_solo.py"):
+        assert (out / "hf" / f).is_file(), f
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["total"] == 48 and len(ev["predictions"]) == 48 and ev["chance"] == 0.1
+    assert 0.0 <= ev["accuracy"] <= 1.0 and ev["hf_dir"] == str(out / "hf")
+    assert all(p["output"] for p in ev["predictions"])  # something was generated for every digit
+    assert "held-out accuracy:" in r.stdout and "vs chance 10%" in r.stdout
+
+    for png in ("loss_curves.png", "test_digits.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+
+
+def test_quickstart_stops_with_the_failing_step_and_its_log(tmp_path):
+    out = tmp_path / "demo"
+    # A python that fails: the first step stops the demo, names itself and its log.
+    env = dict(os.environ, PY="false", OUT=str(out))
+    r = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0
+    assert "step 'tokenizer' failed" in r.stderr, r.stderr
+    assert f"full log: {out / 'logs' / '1_tokenizer.log'}" in r.stderr
+    assert "[2/8]" not in r.stdout
