@@ -22,6 +22,8 @@ SFT_LR=${SFT_LR:-3e-3}
 DEMO_GBS=${DEMO_GBS:-16}
 DEMO_MBS=${DEMO_MBS:-8}
 SFT_GBS=${SFT_GBS:-$DEMO_GBS}
+# SFT's data: the chat corpus, blended with some stage-1 data ("W1 chat W2 pretrain"; 0 = chat only)
+SFT_PRETRAIN_WEIGHT=${SFT_PRETRAIN_WEIGHT:-0.3}
 DEMO_TP=${DEMO_TP:-2}
 DEMO_PP=${DEMO_PP:-1}
 EVAL_LIMIT=${EVAL_LIMIT:-}          # evaluate only the first N held-out digits (default: all)
@@ -141,9 +143,13 @@ run_step "stage 1" "$LOGS/4_stage1.log" train_filter "stage 1" -- \
     EXTRA_ARGS="--log-file $LOGS/stage1.jsonl --no-save-optim $MODEL_ARGS" \
     bash examples/stage1_pretrain.sh
 
+sft_data="$OUT/data/sft"
+if [[ "$SFT_PRETRAIN_WEIGHT" != 0 ]]; then
+  sft_data="$(awk -v w="$SFT_PRETRAIN_WEIGHT" 'BEGIN{print 1 - w}') $OUT/data/sft $SFT_PRETRAIN_WEIGHT $OUT/data/pretrain"
+fi
 echo "== [5/8] instruction tuning (chat: \"Which digit is this?\") from stage 1: examples/sft.sh, 2 processes"
 run_step SFT "$LOGS/5_sft.log" train_filter "SFT" -- \
-  env "${launcher_env[@]}" MASTER_PORT="$(free_port)" DATA_PATH="$OUT/data/sft" STAGE3_CKPT="$OUT/checkpoints/stage1" \
+  env "${launcher_env[@]}" MASTER_PORT="$(free_port)" DATA_PATH="$sft_data" STAGE3_CKPT="$OUT/checkpoints/stage1" \
     TRAIN_ITERS="$SFT_ITERS" GLOBAL_BATCH_SIZE="$SFT_GBS" LR="$SFT_LR" MIN_LR="$(awk -v x="$SFT_LR" 'BEGIN{print x/10}')" \
     LR_WARMUP_ITERS=$((SFT_ITERS / 10 + 1)) \
     EXTRA_ARGS="--log-file $LOGS/sft.jsonl --no-save-optim $MODEL_ARGS" \
