@@ -9,7 +9,8 @@ tracker, stream/event objects in DDP, and ``Tensor.type()`` checks in the optimi
   lands on the CPU;
 * torch's factory functions, ``Tensor.new_*``, ``Tensor.to`` and ``Tensor/Module.cuda()`` map a
   ``cuda`` device argument to the CPU (patched on the functions, so it also holds inside autograd's
-  backward, where activation recompute re-runs forward code);
+  backward, where activation recompute re-runs forward code), and a ``TorchFunctionMode`` catches any
+  other ``device="cuda"`` in forward code (``torch.tensor`` among them);
 * the CUDA RNG calls (``torch.cuda.manual_seed/get_rng_state/set_rng_state`` and the tracker's
   ``_get/_set_cuda_rng_state``) act on the CPU generator, which is what CPU dropout draws from;
 * ``Tensor.type()`` reports ``torch.cuda.*`` names for CPU tensors (the optimizer asserts them);
@@ -32,8 +33,10 @@ import logging
 import os
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _ACTIVE = False
+_MODE = None
 
 
 def cuda_available() -> bool:
@@ -52,12 +55,12 @@ def _is_cuda_device(device) -> bool:
     return False
 
 
-# Everything in torch that takes a ``device``: rewritten at the function itself rather than through a
-# TorchFunctionMode, because a mode is thread-local state that autograd does not carry into
-# ``Function.backward`` (activation recompute re-runs megatron's forward code there), and because it
-# would add a Python hop to every torch op.
+# torch's factories that take a ``device``: rewritten at the function itself, because a TorchFunctionMode
+# is thread-local state that autograd does not carry into ``Function.backward`` (activation recompute
+# re-runs megatron's forward code there). ``torch.tensor`` stays unwrapped (wrapping it changed
+# transformers' Mistral outputs); the mode below still catches it, and every other call, in forward code.
 _FACTORIES = (
-    "empty", "zeros", "ones", "full", "arange", "range", "linspace", "logspace", "eye", "tensor",
+    "empty", "zeros", "ones", "full", "arange", "range", "linspace", "logspace", "eye",
     "as_tensor", "rand", "randn", "randint", "randperm", "empty_like", "zeros_like", "ones_like",
     "full_like", "rand_like", "randn_like", "randint_like", "empty_strided", "scalar_tensor",
     "tril_indices", "triu_indices", "normal",
@@ -74,6 +77,16 @@ def _device_kwarg_to_cpu(fn):
 
     wrapper._solo_cpu_wrapped = True
     return wrapper
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Catch-all for CUDA placement in forward code that the wrappers above do not cover."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        return func(*args, **kwargs)
 
 
 def _patch_device_literals():
@@ -207,7 +220,7 @@ def _patch_megatron_rng():
 
 def ensure() -> bool:
     """Activate the CPU backend if CUDA is absent. Returns True when it is active."""
-    global _ACTIVE
+    global _ACTIVE, _MODE
     if _ACTIVE:
         return True
     if cuda_available():
@@ -216,6 +229,8 @@ def ensure() -> bool:
     _patch_torch_cuda()
     torch.Tensor.type = _tensor_type
     _patch_device_literals()
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
     _patch_megatron_rng()
     _ACTIVE = True
     return True
