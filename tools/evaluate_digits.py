@@ -41,10 +41,10 @@ def main(argv=None) -> int:
     P = load_processor_module(a.hf_dir)
     png = plot_answers(res["predictions"], image_root, P.image_to_patches, P.load_image,
                        os.path.join(a.output_dir, "test_digits.png"), n=a.examples)
-    print(f"   examples (label -> model's generated text):")
+    print("   examples (label -> the model's answer):")
     for p in res["predictions"][:6]:
         mark = "ok" if p["predicted"] == p["answer"] else "WRONG"
-        print(f"     {p['image']}: {p['answer']:>5} -> {p['output']!r} {mark}")
+        print(f"     {p['image']}: {p['answer']:>5} -> {p['predicted']!r} (generated {p['output']!r}) {mark}")
     print(f"   wrote {png} and {os.path.join(a.output_dir, 'eval.json')}")
     print(f"ACCURACY {res['accuracy']:.1%} ({res['correct']}/{res['total']} held-out digits; chance {res['chance']:.0%})")
     return 0

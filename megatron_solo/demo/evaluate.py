@@ -5,7 +5,8 @@ Only the exported directory is used: its modeling code (``trust_remote_code``) a
 asked the SFT question in a chat turn; greedy decoding of a few tokens gives the answer word.
 
 SOLO's loss never falls on ids >= 32000, so the model never learns to emit ``<|im_end|>``: decoding
-stops after ``max_new_tokens`` and the answer is the first word of what was generated.
+stops after ``max_new_tokens`` and the answer is the word the generated text starts with
+(:func:`parse_answer`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ def read_test_set(test_jsonl: str, limit: int | None = None) -> list[dict]:
 def first_word(text: str) -> str:
     m = re.search(r"[A-Za-z]+", text)
     return m.group(0).lower() if m else ""
+
+
+def parse_answer(text: str) -> str:
+    """The answer word at the start of the generated text. The model never learned to stop, so the
+    next token may continue the word without a space ("one" + "ass" of "assistant" -> "oneass"), and a
+    word may span tokens ("nine" after a newline is "n" + "ine"): a digit word that starts the text is
+    the answer (none is a prefix of another); otherwise the first run of letters."""
+    t = text.strip().lower()
+    for w in WORDS:
+        if t.startswith(w):
+            return w
+    return first_word(t)
 
 
 def _batch_inputs(encoded: list[dict]):
@@ -87,11 +100,9 @@ def evaluate(hf_dir: str, test_jsonl: str, image_root: str | None = None, *, bat
                                  pad_token_id=0)  # no padding is used; silences the "no pad token" note
         prompt_len = inputs["input_ids"].shape[1]
         for r, seq in zip(chunk, out[:, prompt_len:].tolist()):
-            # Words are cut at token boundaries: the model never learned to stop, so the token after the
-            # answer may continue it without a space ("one" + "ass" from "assistant").
-            pieces = [processor.decode([t]) for t in seq]
+            text = processor.decode(seq)
             predictions.append({"image": r["image"], "label": int(r["label"]), "answer": r["answer"],
-                                "output": "".join(pieces), "predicted": first_word(" ".join(pieces))})
+                                "output": text, "predicted": parse_answer(text)})
         if progress:
             done = start + len(chunk)
             acc = sum(p["predicted"] == p["answer"] for p in predictions) / len(predictions)
