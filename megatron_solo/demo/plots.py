@@ -34,9 +34,13 @@ def read_losses(log_file: str, kind: str = "train") -> tuple[list[int], list[flo
             if not line.strip():
                 continue
             rec = json.loads(line)
-            if rec.get("kind") == kind and "lm loss" in rec:
+            if rec.get("kind") != kind:
+                continue
+            # train records: "lm loss"; validation records: "valid/<dataset>/lm loss"
+            key = next((k for k in rec if k == "lm loss" or k.endswith("/lm loss")), None)
+            if key is not None:
                 its.append(int(rec["iteration"]))
-                losses.append(float(rec["lm loss"]))
+                losses.append(float(rec[key]))
     return its, losses
 
 
