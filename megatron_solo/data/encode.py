@@ -131,7 +131,8 @@ def _parse_content(content, where: str) -> list:
     return parts
 
 
-def _llava_turn(turn: dict, image, where: str, image_used: list) -> Message:
+def _llava_turn(turn: dict, take_image, where: str) -> Message:
+    """One LLaVA turn; each ``<image>`` in its text takes ``take_image()`` at that place."""
     role = _LLAVA_ROLES.get(turn.get("from"))
     if role is None:
         raise SkipRecord("unknown_role", f"{where}: LLaVA 'from' {turn.get('from')!r}")
@@ -139,16 +140,19 @@ def _llava_turn(turn: dict, image, where: str, image_used: list) -> Message:
     if not isinstance(value, str):
         raise SkipRecord("missing_field", f"{where}: LLaVA turn without a string 'value'")
     parts = []
-    pieces = value.split("<image>")
-    for i, piece in enumerate(pieces):
+    for i, piece in enumerate(value.split("<image>")):
         if i:
-            if image is None:
-                raise SkipRecord("missing_field", f"{where}: '<image>' in text but no 'image' field")
-            parts.append(("image", image))
-            image_used[0] = True
+            parts.append(("image", take_image()))
         if piece:
             parts.append(("text", piece))
     return Message(role, parts)
+
+
+def _no_image(where: str):
+    def take():
+        raise SkipRecord("missing_field", f"{where}: '<image>' in text but no 'image' field")
+
+    return take
 
 
 def normalize_messages(record, where: str = "") -> list[Message]:
@@ -157,23 +161,25 @@ def normalize_messages(record, where: str = "") -> list[Message]:
             and record["conversations"] and isinstance(record["conversations"][0], dict) \
             and "from" in record["conversations"][0]:
         image = record.get("image")
-        if isinstance(image, list):  # multi-image LLaVA: images fill <image> slots in order
-            images = list(image)
-        else:
-            images = None
         used = [False]
+        if isinstance(image, list):  # multi-image LLaVA: images fill <image> slots in order
+            pending = list(image)
+
+            def take_image():
+                if not pending:
+                    raise SkipRecord("missing_field", f"{where}: more '<image>' than images")
+                return pending.pop(0)
+        elif image is None:
+            take_image = _no_image(where)
+        else:
+            def take_image():
+                used[0] = True
+                return image
         msgs = []
         for turn in record["conversations"]:
             if not isinstance(turn, dict):
                 raise SkipRecord("missing_field", f"{where}: a conversation turn is not an object")
-            if images is not None:
-                value = turn.get("value", "")
-                n = value.count("<image>") if isinstance(value, str) else 0
-                msg = _llava_turn_multi(turn, images, n, where)
-                used[0] = used[0] or n > 0
-            else:
-                msg = _llava_turn(turn, image, where, used)
-            msgs.append(msg)
+            msgs.append(_llava_turn(turn, take_image, where))
         if image is not None and not used[0] and not isinstance(image, list):
             # LLaVA convention: no placeholder -> the image opens the first human turn
             first = next((m for m in msgs if m.role == "user"), msgs[0])
@@ -195,7 +201,7 @@ def normalize_messages(record, where: str = "") -> list[Message]:
         if not isinstance(m, dict):
             raise SkipRecord("missing_field", f"{where}: a message is not an object")
         if "from" in m and "role" not in m:
-            msgs.append(_llava_turn(m, None, where, [False]))
+            msgs.append(_llava_turn(m, _no_image(where), where))
             continue
         role = m.get("role")
         if role is None or "content" not in m:
@@ -204,24 +210,6 @@ def normalize_messages(record, where: str = "") -> list[Message]:
             raise SkipRecord("unknown_role", f"{where}: role {role!r}")
         msgs.append(Message(role, _parse_content(m["content"], where)))
     return msgs
-
-
-def _llava_turn_multi(turn, images, n, where):
-    role = _LLAVA_ROLES.get(turn.get("from"))
-    if role is None:
-        raise SkipRecord("unknown_role", f"{where}: LLaVA 'from' {turn.get('from')!r}")
-    value = turn.get("value")
-    if not isinstance(value, str):
-        raise SkipRecord("missing_field", f"{where}: LLaVA turn without a string 'value'")
-    parts = []
-    for i, piece in enumerate(value.split("<image>")):
-        if i:
-            if not images:
-                raise SkipRecord("missing_field", f"{where}: more '<image>' than images")
-            parts.append(("image", images.pop(0)))
-        if piece:
-            parts.append(("text", piece))
-    return Message(role, parts)
 
 
 # --------------------------------------------------------------------------------------- images
