@@ -96,14 +96,14 @@ def test_local_spec_is_chosen_without_te_and_uses_solo_modules():
         get_layer_spec(c, core_attention="flash")
 
 
-@pytest.mark.skipif(te_available(), reason="Transformer Engine is importable here")
+@pytest.mark.skipif(te_available(), reason="checks the refusal when Transformer Engine is absent; it is importable here")
 def test_te_spec_without_te_is_refused():
     c = build_transformer_config(SoloModelArgs.from_preset("tiny"))
     with pytest.raises(ValueError, match="Transformer Engine is not importable"):
         get_layer_spec(c, use_te=True)
 
 
-@pytest.mark.skipif(use_te_default(), reason="TE and a GPU are present: FP8 is allowed")
+@pytest.mark.skipif(use_te_default(), reason="checks the FP8 refusal without TE+GPU; this machine has both, so FP8 is allowed")
 @pytest.mark.parametrize("fp8", ["hybrid", "e4m3"])
 def test_fp8_without_te_is_refused_at_config_time_with_a_clear_message(fp8):
     with pytest.raises(ValueError) as e:

@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--examples", type=int, default=16, help="digits in the answers PNG")
     a = ap.parse_args(argv)
 
-    from megatron_solo.demo.evaluate import evaluate, load_processor_module
+    from megatron_solo.convert.hf_io import load_export_processor
+    from megatron_solo.demo.evaluate import evaluate
     from megatron_solo.demo.plots import plot_answers
 
     image_root = a.image_root or os.path.dirname(os.path.abspath(a.test))
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     os.makedirs(a.output_dir, exist_ok=True)
     with open(os.path.join(a.output_dir, "eval.json"), "w") as f:
         json.dump(res, f, indent=1)
-    P = load_processor_module(a.hf_dir)
+    P = load_export_processor(a.hf_dir)
     png = plot_answers(res["predictions"], image_root, P.image_to_patches, P.load_image,
                        os.path.join(a.output_dir, "test_digits.png"), n=a.examples)
     print("   examples (label -> the model's answer):")

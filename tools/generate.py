@@ -8,19 +8,7 @@ Uses only the exported directory: its modeling code (trust_remote_code) and its 
 """
 
 import argparse
-import importlib.util
-import os
 import sys
-
-
-def load_processor(hf_dir: str):
-    path = os.path.join(hf_dir, "processing_solo.py")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {hf_dir} has no processing_solo.py (not a SOLO export?)")
-    spec = importlib.util.spec_from_file_location("processing_solo", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main(argv=None) -> int:
@@ -38,7 +26,12 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    P = load_processor(args.hf_dir)
+    from megatron_solo.convert.hf_io import load_export_processor
+
+    try:
+        P = load_export_processor(args.hf_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}")
     processor = P.SoloProcessor.from_pretrained(args.hf_dir)
     parts = ([P.load_image(args.image)] if args.image else []) + [args.prompt]
     if args.no_chat:

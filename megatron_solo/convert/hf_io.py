@@ -498,3 +498,16 @@ def parse_size(text: str) -> int:
         if t.endswith(u):
             return int(float(t[: -len(u)]) * units[u])
     return int(t)
+
+
+def load_export_processor(hf_dir: str):
+    """Import an export's own ``processing_solo.py`` (what a user of the HF directory runs)."""
+    import importlib.util
+
+    path = os.path.join(hf_dir, "processing_solo.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{hf_dir} has no processing_solo.py (not a SOLO export?)")
+    spec = importlib.util.spec_from_file_location("processing_solo_export", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

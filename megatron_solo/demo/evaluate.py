@@ -11,26 +11,15 @@ stops after ``max_new_tokens`` and the answer is the word the generated text sta
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import time
 
+from megatron_solo.convert.hf_io import load_export_processor
 from megatron_solo.demo.digits import QUESTION, WORDS
 
 CHANCE = 1.0 / len(WORDS)
-
-
-def load_processor_module(hf_dir: str):
-    """The export's own ``processing_solo.py``, imported from the directory."""
-    path = os.path.join(hf_dir, "processing_solo.py")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{hf_dir} has no processing_solo.py (not a SOLO export?)")
-    spec = importlib.util.spec_from_file_location("processing_solo_export", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def read_test_set(test_jsonl: str, limit: int | None = None) -> list[dict]:
@@ -81,7 +70,7 @@ def evaluate(hf_dir: str, test_jsonl: str, image_root: str | None = None, *, bat
     from transformers import AutoModelForCausalLM
 
     image_root = image_root or os.path.dirname(os.path.abspath(test_jsonl))
-    P = load_processor_module(hf_dir)
+    P = load_export_processor(hf_dir)
     processor = P.SoloProcessor.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
     rows = read_test_set(test_jsonl, limit)

@@ -214,12 +214,6 @@ def _unshare_adam_steps(optimizer) -> None:
                 st["step"] = st["step"].clone()
 
 
-def _all_ranks_agree(flag: bool) -> bool:
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item())
-
-
 def save_checkpoint(
     save_dir: str,
     iteration: int,

@@ -8,8 +8,6 @@ samples an uninterrupted one would.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import signal
 import time
@@ -148,6 +146,20 @@ def make_forward_step(config, stats, document_ids_mask=False):
     return forward_step
 
 
+def _run_schedule(args, config, model_chunks, micro_batches, stats, forward_only):
+    """One megatron-core forward(-backward) schedule over a global batch; returns the loss reports."""
+    n = len(model_chunks)
+    return get_forward_backward_func()(
+        forward_step_func=make_forward_step(config, stats, args.attention_backend == "sdpa_flex"),
+        data_iterator=[iter(micro_batches) for _ in range(n)] if n > 1 else [iter(micro_batches)],
+        model=model_chunks if n > 1 else model_chunks[0],
+        num_microbatches=args.num_microbatches,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
 def _reduce_reports(reports: list[dict]) -> dict:
     """Sum [sum, count] over micro-batches and data-parallel ranks; return means (last stage only)."""
     out = {}
@@ -185,16 +197,7 @@ def train_step(args, config, model_chunks, optimizer, scheduler, micro_batches, 
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    reports = get_forward_backward_func()(
-        forward_step_func=make_forward_step(config, stats, args.attention_backend == "sdpa_flex"),
-        data_iterator=[iter(micro_batches)] if len(model_chunks) == 1 else
-        [iter(micro_batches) for _ in model_chunks],
-        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
-        num_microbatches=args.num_microbatches,
-        seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size,
-        forward_only=False,
-    )
+    reports = _run_schedule(args, config, model_chunks, micro_batches, stats, forward_only=False)
     losses = _reduce_reports(reports)
     loss_ok = all(v == v and abs(v) != float("inf") for k, v in losses.items() if k == "lm loss")
     if not _all_ranks_true(loss_ok and _grads_finite(model_chunks)):
@@ -207,35 +210,18 @@ def train_step(args, config, model_chunks, optimizer, scheduler, micro_batches, 
 
 
 def evaluate(args, config, model_chunks, dataset, stats):
+    """Mean losses over ``--eval-iters`` global batches from the start of ``dataset`` (same every time)."""
     for chunk in model_chunks:
         chunk.eval()
     stream = MicroBatchStream(dataset, args, consumed=0)
-    totals: dict[str, list] = {}
+    reports = []
     with torch.no_grad():
         for _ in range(args.eval_iters):
-            micro_batches = stream.global_step()
-            reports = get_forward_backward_func()(
-                forward_step_func=make_forward_step(config, stats, args.attention_backend == "sdpa_flex"),
-                data_iterator=[iter(micro_batches)] if len(model_chunks) == 1 else
-                [iter(micro_batches) for _ in model_chunks],
-                model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
-                num_microbatches=args.num_microbatches, seq_length=args.seq_length,
-                micro_batch_size=args.micro_batch_size, forward_only=True,
-            )
-            for r in reports:
-                for k in REPORT_KEYS:
-                    if k in r:
-                        totals.setdefault(k, []).append(r[k])
+            reports += _run_schedule(args, config, model_chunks, stream.global_step(), stats, forward_only=True)
     for chunk in model_chunks:
         chunk.train()
-    out = {}
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        for k, vals in totals.items():
-            total = torch.stack(vals).sum(0).float()
-            torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
-            if total[1] > 0:
-                out[k] = (total[0] / total[1]).item()
-    return out
+    means = _reduce_reports(reports)
+    return {k: v for k, v in means.items() if k in REPORT_KEYS and means[k + " tokens"] > 0}
 
 
 # ---------------------------------------------------------------------------------------- driver
@@ -425,7 +411,8 @@ def resolve_padded_vocab_size(args) -> int:
 
 
 def build_datasets(args):
-    """Train blend (+ validation sets, one per --valid-data-path prefix), built rank 0 first."""
+    """Train blend (+ validation sets, one per --valid-data-path prefix), built on every rank
+    (the sample order is a pure function of the seed and the split)."""
     common = dict(seq_length=args.seq_length, seed=args.seed, loss_role=args.loss_role,
                   path_to_cache=args.data_cache_path)
 
@@ -467,7 +454,5 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     summary = pretrain(args)
-    if args.log_file and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
-        pass  # the logger already wrote every line
     parallel.destroy()
     return 2 if summary["exit_reason"] == "nan" else 0
