@@ -29,12 +29,9 @@ sys.path.insert(0, ROOT)
 def make_checkpoint(out_dir, hidden, layers, ffn, heads, groups, head_dim):
     import torch
 
-    from megatron_solo.convert.hf_io import (
-        StreamingSafetensorsWriter,
-        conversion_shapes,
-        hf_config_from_model_args,
-        write_hf_support_files,
-    )
+    from megatron_solo.convert.hf_config import conversion_shapes, hf_config_from_model_args
+    from megatron_solo.convert.hf_export_files import write_hf_support_files
+    from megatron_solo.convert.safetensors_io import StreamingSafetensorsWriter
     from megatron_solo.convert.mapping import expected_hf_shapes
     from megatron_solo.data.tokenizer import create_solo_tokenizer, mistral_tokenizer_path
 

@@ -120,7 +120,7 @@ def hf_model_from_ours(args, chunks):
     """MistralForCausalLM of the same shape (padded vocabulary), weights copied from our model."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from megatron_solo.convert.hf_io import conversion_shapes
+    from megatron_solo.convert.hf_config import conversion_shapes
     from megatron_solo.convert.mapping import bound_mappings
 
     m = args.model_args

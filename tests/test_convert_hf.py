@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_solo.convert.hf_io import (
-    ConversionError,
-    StreamingSafetensorsWriter,
-    check_hf_checkpoint,
-    resolve_tokenizer,
-)
+from megatron_solo.convert.errors import ConversionError
+from megatron_solo.convert.hf_config import check_hf_checkpoint
+from megatron_solo.convert.hf_export_files import resolve_tokenizer
 from megatron_solo.convert.mapping import (
     GATED_MLP,
     QKV_GQA,
@@ -23,7 +20,8 @@ from megatron_solo.convert.mapping import (
     bound_mappings,
     expected_hf_shapes,
 )
-from megatron_solo.convert.testing import make_random_mistral, make_random_solo, mistral_config
+from megatron_solo.convert.safetensors_io import StreamingSafetensorsWriter
+from tests.helpers_convert import make_random_mistral, make_random_solo, mistral_config
 
 SHAPES = ConversionShapes(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=6,
                           num_query_groups=2, head_dim=16, vocab_size=33031, padded_vocab_size=33280)
@@ -139,6 +137,7 @@ def test_processor_follows_the_spec_and_the_training_data_path(dirs):
     from sklearn.datasets import load_sample_images
 
     from megatron_solo.convert.hf_files import processing_solo as P
+    from megatron_solo import spec
     from megatron_solo.data import image as D
 
     for (w, h), want in {(500, 375): (512, 384), (2048, 1536): (1024, 768), (40, 10): (64, 32),
@@ -151,7 +150,7 @@ def test_processor_follows_the_spec_and_the_training_data_path(dirs):
         p, r, c = P.image_to_patches(img)
         q, r2, c2 = D.image_to_patches(img)
         assert (r, c) == (r2, c2) and np.array_equal(p, q)
-        assert torch.equal(P.normalize_patches(p), D.normalize_patches(q))
+        assert torch.equal(P.normalize_patches(p), spec.normalize_patches(q))
     proc = P.SoloProcessor.from_pretrained(dirs["solo"])
     out = proc([photo, "a photo"])
     r, c = 14, 20  # 640x427 -> 640x448

@@ -108,7 +108,7 @@ def _world(paths):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from megatron_solo.convert.testing import make_random_mistral, make_random_solo
+    from tests.helpers_convert import make_random_mistral, make_random_solo
 
     root = tmp_path_factory.mktemp("convert")
     paths = {k: str(root / k) for k in ("mistral", "solo", "ckpt_m", "ckpt_s", "ckpt_rt", "hf_rt", "hf_trained")}

@@ -9,11 +9,11 @@ from PIL import Image
 from megatron_solo.data.image import (
     image_to_patches,
     load_image,
-    normalize_patches,
     patchify,
     patchify_numpy,
     target_size,
 )
+from megatron_solo.spec import normalize_patches
 from tests.data_fixtures.helpers import jpeg_bytes, sample_photos
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)

@@ -12,7 +12,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatase
 from megatron_solo._C import IndexWriter
 from megatron_solo.data.dataset import BATCH_KEYS, SoloDataset, build_sample, build_train_valid_test_datasets, collate
 from megatron_solo.data.indexed import Packer, SoloIndexedDataset, SoloPrefixWriter, pack_segments, prefix_complete
-from megatron_solo.data.roles import ASSISTANT, IMAGE, USER
+from megatron_solo.spec import ASSISTANT, IMAGE, USER
 
 VPATCH = 32001
 

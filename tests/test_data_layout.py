@@ -6,7 +6,7 @@ import pytest
 from megatron_solo.data.encode import DocumentEncoder, image_block_tokens, normalize_messages, video_block_tokens
 from megatron_solo.data.errors import SkipRecord
 from megatron_solo.data.image import image_to_patches
-from megatron_solo.data.roles import ASSISTANT, IMAGE, SYSTEM, USER
+from megatron_solo.spec import ASSISTANT, IMAGE, SYSTEM, USER
 from tests.data_fixtures.helpers import data_url, jpeg_bytes, png_bytes, small_photo, solo_tokenizer
 
 VISION, VPATCH, VROW, VFRAME, VEND, IM_START, IM_END = 32000, 32001, 32002, 32003, 32004, 33029, 33030

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_solo.data.roles import ASSISTANT, IMAGE, USER, label_loss_mask
-from megatron_solo.data.tokenizer import SOLO_IDS
+from megatron_solo.data.roles import label_loss_mask
+from megatron_solo.spec import ASSISTANT, IMAGE, SOLO_IDS, USER
 from megatron_solo.testing.distributed import run_distributed
 
 SEQ, MBS = 64, 2

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_solo.data.tokenizer import SOLO_IDS, SOLO_VOCAB_SIZE
+from megatron_solo.spec import SOLO_IDS, SOLO_VOCAB_SIZE
 from megatron_solo.model import (
     SoloDotProductAttention,
     SoloModelArgs,

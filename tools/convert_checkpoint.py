@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from megatron_solo.convert.hf_io import ConversionError, check_hf_checkpoint
+    from megatron_solo.convert.errors import ConversionError
+    from megatron_solo.convert.hf_config import check_hf_checkpoint
 
     try:
         if args.command == "hf-to-megatron":

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--examples", type=int, default=16, help="digits in the answers PNG")
     a = ap.parse_args(argv)
 
-    from megatron_solo.convert.hf_io import load_export_processor
+    from megatron_solo.convert.hf_export_files import load_export_processor
     from megatron_solo.demo.evaluate import evaluate
     from megatron_solo.demo.plots import plot_answers
 

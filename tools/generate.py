@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_solo.convert.hf_io import load_export_processor
+    from megatron_solo.convert.hf_export_files import load_export_processor
 
     try:
         P = load_export_processor(args.hf_dir)

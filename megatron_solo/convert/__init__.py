@@ -1,7 +1,9 @@
 """Hugging Face <-> megatron_solo conversion (see docs/CONVERSION.md).
 
 * :mod:`megatron_solo.convert.mapping`: the one declarative name/transform table (plain torch).
-* :mod:`megatron_solo.convert.hf_io`: reading/checking HF checkpoints, streaming safetensors export.
+* :mod:`megatron_solo.convert.hf_config`: HF ``config.json`` <-> model args; checking a HF checkpoint.
+* :mod:`megatron_solo.convert.safetensors_io`: safetensors shards read and written one tensor at a time.
+* :mod:`megatron_solo.convert.hf_export_files`: an export's config, tokenizer and remote-code files.
 * :mod:`megatron_solo.convert.megatron_io`: ``hf_to_megatron``, ``megatron_to_hf``, ``verify_against_hf``.
 * ``hf_files/``: ``configuration_solo.py``, ``modeling_solo.py``, ``processing_solo.py``, copied into
   every export (``trust_remote_code``).
@@ -10,7 +12,7 @@ Importing this package is cheap; the megatron-facing functions below import mega
 switch on the CPU backend) on first use.
 """
 
-from megatron_solo.convert.hf_io import ConversionError, VerificationError  # noqa: F401
+from megatron_solo.convert.errors import ConversionError, VerificationError  # noqa: F401
 from megatron_solo.convert.mapping import MAPPINGS, bound_mappings  # noqa: F401
 
 _MEGATRON_API = ("hf_to_megatron", "megatron_to_hf", "verify_against_hf", "megatron_logits", "build_full_model")

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-PATCH_DIM = 3 * 32 * 32  # one 32x32 RGB patch, flattened channel-major
+from megatron_solo.spec import PATCH_DIM
 
 
 @dataclass(frozen=True)

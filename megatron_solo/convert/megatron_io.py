@@ -22,18 +22,11 @@ from megatron_solo import cpu_backend
 
 cpu_backend.ensure()
 
-from megatron_solo.convert.hf_io import (  # noqa: E402
-    HFCheckpoint,
-    ConversionError,
-    VerificationError,
-    check_hf_checkpoint,
-    conversion_shapes,
-    hf_config_from_model_args,
-    parse_size,
-    resolve_tokenizer,
-    write_hf_support_files,
-    SOLO_VOCAB_SIZE,
-)
+from megatron_solo.convert.errors import ConversionError, VerificationError  # noqa: E402
+from megatron_solo.convert.hf_config import check_hf_checkpoint, conversion_shapes, hf_config_from_model_args  # noqa: E402
+from megatron_solo.convert.hf_export_files import resolve_tokenizer, write_hf_support_files  # noqa: E402
+from megatron_solo.convert.safetensors_io import HFCheckpoint, StreamingSafetensorsWriter, parse_size  # noqa: E402
+from megatron_solo.spec import BASE_VOCAB_SIZE, PATCH_DIM, SOLO_IDS, SOLO_VOCAB_SIZE  # noqa: E402
 from megatron_solo.convert.mapping import (  # noqa: E402
     bound_mappings,
     canonical_megatron_name,
@@ -206,7 +199,6 @@ def load_hf_into_model(hf_dir: str, kind: str, cfg: dict, model_args, padded: in
                 raise ConversionError(f"{bm.megatron}: converted shape {list(full.shape)} != model's {list(param.shape)}")
             param.copy_(full)
             del hf, full
-    ckpt.close()
     return model, params
 
 
@@ -282,7 +274,6 @@ def megatron_to_hf(
     _check_coverage(params, mappings)
     summary = {"save_dir": save_dir, "iteration": iteration, "dtype": str(dtype).replace("torch.", "")}
     if _rank0():
-        from megatron_solo.convert.hf_io import StreamingSafetensorsWriter
 
         parent = os.path.dirname(os.path.abspath(save_dir)) or "."
         os.makedirs(parent, exist_ok=True)
@@ -322,13 +313,14 @@ def verification_inputs(vocab_size: int, with_image: bool, seed: int = 0):
     from megatron_solo.convert.hf_files.processing_solo import normalize_patches
 
     g = torch.Generator().manual_seed(seed)
-    text = torch.randint(3, min(vocab_size, 32000), (2, 12), generator=g)
+    text = torch.randint(3, min(vocab_size, BASE_VOCAB_SIZE), (2, 12), generator=g)
     if not with_image:
         return torch.cat([torch.ones(2, 1, dtype=torch.long), text], dim=1), None
     rows, cols = 2, 3
-    block = [32000] + [32001] * cols + [32002] + [32001] * cols + [32004]
+    t = SOLO_IDS
+    block = [t.vision_start] + [t.vision_patch] * cols + [t.vision_row_sep] + [t.vision_patch] * cols + [t.vision_end]
     ids = torch.cat([torch.ones(2, 1, dtype=torch.long), torch.tensor([block, block]), text], dim=1)
-    pixels = torch.randint(0, 256, (2 * rows * cols, 3072), generator=g, dtype=torch.uint8)
+    pixels = torch.randint(0, 256, (2 * rows * cols, PATCH_DIM), generator=g, dtype=torch.uint8)
     return ids, normalize_patches(pixels)
 
 
@@ -407,7 +399,6 @@ def verify_against_hf(model, hf_dir: str, *, kind: str, padded_vocab_size: int, 
         if round_to is not None:
             for p in params.values():
                 p.copy_(p.to(round_to).to(p.dtype))
-    ckpt.close()
 
     hf_model = load_hf_model(hf_dir, kind)
     ids, patches = verification_inputs(src_vocab, with_image=(kind == "solo"))

@@ -13,7 +13,7 @@ _EXPORTS = {
     "encode": ("DocumentEncoder", "EncodedDocument", "image_block_length", "image_block_tokens",
                "normalize_messages", "video_block_tokens"),
     "errors": ("SKIP_REASONS", "SkipRecord"),
-    "image": ("PATCH_DIM", "PATCH_SIZE", "image_to_patches", "load_image", "normalize_patches", "target_size"),
+    "image": ("image_to_patches", "load_image", "target_size"),
     "indexed": ("Packer", "SoloIndexedDataset", "SoloPrefixWriter", "prefix_complete"),
     "preprocess": ("PreprocessConfig", "preprocess", "merge_prefixes"),
 }

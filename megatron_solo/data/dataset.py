@@ -33,10 +33,9 @@ from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatr
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split, get_blend_from_list
 
-from megatron_solo.data.image import PATCH_DIM
 from megatron_solo.data.indexed import SoloIndexedDataset
-from megatron_solo.data.roles import IMAGE, label_loss_mask, trained_roles
-from megatron_solo.data.tokenizer import SOLO_IDS
+from megatron_solo.data.roles import label_loss_mask, trained_roles
+from megatron_solo.spec import IMAGE, PATCH_DIM, SOLO_IDS
 
 logger = logging.getLogger(__name__)
 

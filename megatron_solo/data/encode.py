@@ -31,10 +31,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_solo.data.errors import SkipRecord
-from megatron_solo.data.image import PATCH_DIM, DEFAULT_MAX_IMAGE_PIXELS, image_to_patches, load_image
-from megatron_solo.data.roles import ASSISTANT, IMAGE, ROLE_CODES
-from megatron_solo.data.tokenizer import (
+from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS, image_to_patches, load_image
+from megatron_solo.spec import (
+    ASSISTANT,
     BOS_ID,
+    IMAGE,
+    ROLE_CODES,
+    PATCH_DIM,
     IM_END,
     IM_START,
     SOLO_IDS,

@@ -3,7 +3,7 @@
 1. decode, convert to RGB (:func:`load_image`);
 2. target size (:func:`target_size`);
 3. PIL bilinear antialiased resize;
-4. (in the model, not here) /255 and ImageNet normalisation (:func:`normalize_patches` is the reference);
+4. (in the model, not here) /255 and ImageNet normalisation (:func:`megatron_solo.spec.normalize_patches`);
 5. cut into a row-major grid of 32x32 patches, each flattened channel-major (3, 32, 32) -> 3072.
 
 On disk the patches are the resized uint8 pixels (3072 bytes per patch, half of SOLO's float16).
@@ -28,12 +28,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megatron_solo.data.errors import SkipRecord
 
-PATCH_SIZE = 32
-PATCH_DIM = 3 * PATCH_SIZE * PATCH_SIZE  # 3072
-MAX_LONG_SIDE = 1024
+from megatron_solo.spec import MAX_LONG_SIDE, PATCH_DIM, PATCH_SIZE
+
 DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own bomb limit
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 try:  # C++ reorder (csrc/patchify.cpp); the numpy path gives the same bytes
     from megatron_solo import _C as _ext
@@ -152,20 +149,3 @@ def image_to_patches(img: Image.Image) -> tuple[np.ndarray, int, int]:
     pixels = np.asarray(resized, dtype=np.uint8)
     n_rows, n_cols = pixels.shape[0] // PATCH_SIZE, pixels.shape[1] // PATCH_SIZE
     return patchify(pixels), n_rows, n_cols
-
-
-def normalize_patches(patches, dtype=None):
-    """Reference normalisation (SOLO step 4) of uint8 patches [..., 3072] -> float32 tensor.
-
-    Computes ``(x / 255 - mean[c]) / std[c]`` in float32 in torchvision's order (ToTensor, then
-    Normalize). The model's input path must give the same values; SOLO stored them as float16.
-    """
-    import torch
-
-    x = torch.as_tensor(np.asarray(patches)) if not isinstance(patches, torch.Tensor) else patches
-    shape = x.shape
-    x = x.reshape(*shape[:-1], 3, PATCH_SIZE * PATCH_SIZE).to(torch.float32).div(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1)
-    x = x.sub(mean).div(std).reshape(shape)
-    return x if dtype is None else x.to(dtype)

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-from megatron_solo.data.image import PATCH_DIM
-from megatron_solo.data.tokenizer import SOLO_IDS
+from megatron_solo.spec import PATCH_DIM, SOLO_IDS
 
 SUFFIXES = ("tokens", "roles", "patches")
 DTYPES = {"tokens": np.int32, "roles": np.uint8, "patches": np.uint8}

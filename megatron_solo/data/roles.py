@@ -2,18 +2,14 @@
 
 Roles are stored on disk as uint8, one per token. Every token of an image block (``<vision>``,
 ``<vpatch>``, ``<vrow_sep>``, ``<vframe_sep>``, ``</vision>``) has role IMAGE. A document's BOS takes the
-role of the document's first message. SOLO marked the BOS between packed documents with role 1000; here
-document boundaries are stored explicitly (see docs/DATA_FORMAT.md), so no such code is needed.
+role of the document's first message. The codes are in :mod:`megatron_solo.spec`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-SYSTEM, USER, ASSISTANT, IMAGE = 0, 1, 2, 3
-ROLE_CODES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-TEXT_ROLES = (SYSTEM, USER, ASSISTANT)
-FIRST_SPECIAL_ID = 32000  # no loss on ids >= this: vision markers, location and chat markers
+from megatron_solo.spec import ROLE_CODES, SOLO_IDS, TEXT_ROLES
 
 
 def trained_roles(loss_role: str) -> tuple[int, ...]:
@@ -30,8 +26,8 @@ def label_loss_mask(labels: np.ndarray, label_roles: np.ndarray, label_valid: np
     """Loss mask over *label* positions (the token being predicted).
 
     A label counts when it is valid (inside the same document as its input token, not padding),
-    its role is a trained role (never IMAGE), and its id is a plain text piece (< 32000).
+    its role is a trained role (never IMAGE), and its id is a plain text piece (< ``SOLO_IDS.first_special``, 32000).
     Arrays are any matching shape; returns float32 of that shape.
     """
     roles = np.isin(label_roles, trained_roles(loss_role))
-    return (label_valid & roles & (labels < FIRST_SPECIAL_ID)).astype(np.float32)
+    return (label_valid & roles & (labels < SOLO_IDS.first_special)).astype(np.float32)

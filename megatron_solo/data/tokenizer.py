@@ -1,66 +1,26 @@
 """SOLO's tokenizer: a SentencePiece model (Mistral-7B-v0.1's) with SOLO's pieces appended.
 
 The pieces are appended to the model proto itself, as SOLO did, so plain ``sentencepiece`` and the
-training code see the same ids (``../shared/SOLO_SPEC.md``):
-``<vision>``=32000 ... ``<loc_1024>``=33028, ``<|im_start|>``=33029, ``<|im_end|>``=33030.
+training code see the same ids (``../shared/SOLO_SPEC.md``; the ids and pieces are in
+:mod:`megatron_solo.spec`): ``<vision>``=32000 ... ``<loc_1024>``=33028, ``<|im_start|>``=33029, ``<|im_end|>``=33030.
 They are USER_DEFINED pieces: SentencePiece never splits them and matches them whole in text.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import cached_property
 
-BASE_VOCAB_SIZE = 32000
-UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
-
-VISION_START = "<vision>"
-VISION_PATCH = "<vpatch>"
-VISION_ROW_SEP = "<vrow_sep>"
-VISION_FRAME_SEP = "<vframe_sep>"
-VISION_END = "</vision>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-NUM_LOC_TOKENS = 1024
-
-SOLO_SPECIAL_PIECES: tuple[str, ...] = (
-    VISION_START,
-    VISION_PATCH,
-    VISION_ROW_SEP,
-    VISION_FRAME_SEP,
-    VISION_END,
-    *(f"<loc_{i}>" for i in range(1, NUM_LOC_TOKENS + 1)),
-    IM_START,
-    IM_END,
+from megatron_solo.spec import (
+    BASE_VOCAB_SIZE,
+    BOS_ID,
+    EOS_ID,
+    MAKE_VOCAB_SIZE_DIVISIBLE_BY,
+    SOLO_IDS,
+    SOLO_SPECIAL_PIECES,
+    SOLO_VOCAB_SIZE,
+    pad_vocab_size,
 )
-SOLO_VOCAB_SIZE = BASE_VOCAB_SIZE + len(SOLO_SPECIAL_PIECES)  # 33031
-
-
-@dataclass(frozen=True)
-class SoloTokenIds:
-    """The fixed ids of SOLO_SPEC (valid for any SOLO tokenizer built on a 32000-piece base)."""
-
-    bos: int = BOS_ID
-    eos: int = EOS_ID
-    vision_start: int = 32000
-    vision_patch: int = 32001
-    vision_row_sep: int = 32002
-    vision_frame_sep: int = 32003
-    vision_end: int = 32004
-    loc_first: int = 32005
-    im_start: int = 33029
-    im_end: int = 33030
-    first_special: int = BASE_VOCAB_SIZE  # loss never falls on ids >= this
-
-
-SOLO_IDS = SoloTokenIds()
-
-
-def pad_vocab_size(vocab_size: int, tensor_model_parallel_size: int = 1, divisible_by: int = 128) -> int:
-    """Megatron's rule: pad the embedding to a multiple of ``divisible_by * TP``."""
-    multiple = divisible_by * tensor_model_parallel_size
-    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 def extend_sentencepiece_model(base_model_bytes: bytes) -> bytes:
@@ -73,7 +33,7 @@ def extend_sentencepiece_model(base_model_bytes: bytes) -> bytes:
     if n != BASE_VOCAB_SIZE:
         existing = {p.piece for p in proto.pieces}
         if n == SOLO_VOCAB_SIZE and all(p in existing for p in SOLO_SPECIAL_PIECES):
-            raise ValueError("this tokenizer already holds SOLO's pieces (33031 pieces); use it as it is")
+            raise ValueError(f"this tokenizer already holds SOLO's pieces ({SOLO_VOCAB_SIZE} pieces); use it as it is")
         raise ValueError(
             f"base tokenizer has {n} pieces; SOLO's ids assume a {BASE_VOCAB_SIZE}-piece base "
             "(Mistral-7B-v0.1's tokenizer.model)"
@@ -120,7 +80,7 @@ class SoloTokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
-    def padded_vocab_size(self, tensor_model_parallel_size: int = 1, divisible_by: int = 128) -> int:
+    def padded_vocab_size(self, tensor_model_parallel_size: int = 1, divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> int:
         return pad_vocab_size(self.vocab_size, tensor_model_parallel_size, divisible_by)
 
     def check_solo_ids(self) -> None:
@@ -135,7 +95,8 @@ class SoloTokenizer:
             if got != BASE_VOCAB_SIZE + i:
                 raise ValueError(f"{self.model_path}: {piece} has id {got}, SOLO expects {BASE_VOCAB_SIZE + i}")
         if (self.sp.bos_id(), self.sp.eos_id()) != (BOS_ID, EOS_ID):
-            raise ValueError(f"{self.model_path}: BOS/EOS are {self.sp.bos_id()}/{self.sp.eos_id()}, expected 1/2")
+            raise ValueError(f"{self.model_path}: BOS/EOS are {self.sp.bos_id()}/{self.sp.eos_id()}, "
+                             f"expected {BOS_ID}/{EOS_ID}")
 
     def encode(self, text: str) -> list[int]:
         """Plain text to ids, without BOS/EOS."""

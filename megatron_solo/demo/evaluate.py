@@ -16,7 +16,7 @@ import os
 import re
 import time
 
-from megatron_solo.convert.hf_io import load_export_processor
+from megatron_solo.convert.hf_export_files import load_export_processor
 from megatron_solo.demo.digits import QUESTION, WORDS
 
 CHANCE = 1.0 / len(WORDS)

@@ -15,10 +15,7 @@ from typing import Optional
 import torch
 
 from megatron_solo import cpu_backend
-from megatron_solo.data.tokenizer import SOLO_VOCAB_SIZE, pad_vocab_size
-
-PATCH_SIZE = 32
-PATCH_DIM = 3 * PATCH_SIZE * PATCH_SIZE  # 3072: one channel-major (3, 32, 32) patch
+from megatron_solo.spec import MAKE_VOCAB_SIZE_DIVISIBLE_BY, PATCH_DIM, SOLO_VOCAB_SIZE, pad_vocab_size
 
 
 @dataclass
@@ -41,7 +38,7 @@ class SoloModelArgs:
     sliding_window: Optional[int] = 4096  # tokens a query sees, itself included (HF Mistral's meaning)
     patch_dim: int = PATCH_DIM
     init_method_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:

@@ -27,35 +27,13 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_solo.data.tokenizer import SOLO_IDS
-from megatron_solo.model.config import PATCH_DIM, PATCH_SIZE
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-VISION_PATCH_ID = SOLO_IDS.vision_patch  # 32001
-
-
-def normalize_patches(patches: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[n, 3072]`` pixels -> fp32 ``(x/255 - mean)/std`` per channel (channel-major patches).
-
-    Floating-point input is returned as fp32 unchanged (it is already normalised).
-    """
-    if patches.dim() != 2 or patches.size(-1) != PATCH_DIM:
-        raise ValueError(f"patches must be [n, {PATCH_DIM}], got {tuple(patches.shape)}")
-    if patches.is_floating_point():
-        return patches.float()
-    if patches.dtype != torch.uint8:
-        raise TypeError(f"patches must be uint8 pixels or normalised floats, got {patches.dtype}")
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=patches.device).view(1, 3, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=patches.device).view(1, 3, 1)
-    x = patches.view(-1, 3, PATCH_SIZE * PATCH_SIZE).float() / 255.0
-    return ((x - mean) / std).view(-1, PATCH_DIM)
+from megatron_solo.spec import PATCH_DIM, SOLO_IDS, normalize_patches
 
 
 class VisionPatchEmbedding(MegatronModule):
     """``weight`` [hidden, 3072], no bias; ``forward`` adds ``W @ normalise(patch_k)`` at the k-th ``<vpatch>``."""
 
-    def __init__(self, config, patch_dim: int = PATCH_DIM, vision_patch_id: int = VISION_PATCH_ID):
+    def __init__(self, config, patch_dim: int = PATCH_DIM, vision_patch_id: int = SOLO_IDS.vision_patch):
         super().__init__(config=config)
         self.vision_patch_id = vision_patch_id
         self.weight = torch.nn.Parameter(
@@ -69,7 +47,9 @@ class VisionPatchEmbedding(MegatronModule):
 
     def project(self, patches: torch.Tensor) -> torch.Tensor:
         """``[n, 3072]`` patches -> ``[n, hidden]``."""
-        x = normalize_patches(patches.to(self.weight.device)).to(self.weight.dtype)
+        if patches.dim() != 2:
+            raise ValueError(f"patches must be [n, {PATCH_DIM}], got {tuple(patches.shape)}")
+        x = normalize_patches(patches.to(self.weight.device), dtype=self.weight.dtype)
         return torch.nn.functional.linear(x, self.weight)
 
     def forward(self, embeddings: torch.Tensor, input_ids: torch.Tensor, patches: torch.Tensor | None):

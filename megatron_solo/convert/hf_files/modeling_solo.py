@@ -39,7 +39,7 @@ def vision_patch_indices_from_ids(input_ids: torch.LongTensor, vision_patch_toke
     return torch.where(is_patch, order, torch.full_like(order, -1))
 
 
-class SoloModel(SoloPreTrainedModel, MistralModel):
+class SoloMistralModel(SoloPreTrainedModel, MistralModel):
     """Mistral's decoder plus ``embed_vision_patch`` (3072 -> hidden, no bias)."""
 
     def __init__(self, config: SoloConfig):
@@ -97,7 +97,7 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: SoloConfig):
         super().__init__(config)
-        self.model = SoloModel(config)
+        self.model = SoloMistralModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -159,4 +159,4 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
         return model_inputs
 
 
-__all__ = ["SoloForCausalLM", "SoloModel", "SoloPreTrainedModel"]
+__all__ = ["SoloForCausalLM", "SoloMistralModel", "SoloPreTrainedModel"]

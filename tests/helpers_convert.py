@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from megatron_solo.spec import BASE_VOCAB_SIZE
+
 # A non-trivial GQA shape: 6 query heads in 2 groups (3 per group), head_dim 16 != hidden/heads.
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
                   num_key_value_heads=2, head_dim=16)
@@ -14,7 +16,7 @@ TINY_SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num
 def mistral_config(**overrides):
     from transformers import MistralConfig
 
-    kw = dict(TINY_SHAPE, vocab_size=32000, max_position_embeddings=512, rms_norm_eps=1e-5,
+    kw = dict(TINY_SHAPE, vocab_size=BASE_VOCAB_SIZE, max_position_embeddings=512, rms_norm_eps=1e-5,
               rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, sliding_window=256,
               tie_word_embeddings=False, initializer_range=0.05)
     kw.update(overrides)
@@ -49,15 +51,12 @@ def make_random_mistral(out_dir: str, seed: int = 0, dtype=torch.float32, **over
 
 def make_random_solo(out_dir: str, seed: int = 0, dtype=torch.bfloat16, max_shard_size: int = 2**20) -> str:
     """A random HF SOLO checkpoint laid out exactly as an export (several shards + index)."""
-    from megatron_solo.convert.hf_io import (
-        StreamingSafetensorsWriter,
-        hf_config_from_model_args,
-        write_hf_support_files,
-    )
-    from megatron_solo.convert.hf_io import model_args_from_hf_config
-    from megatron_solo.data.tokenizer import create_solo_tokenizer, mistral_tokenizer_path
-    from megatron_solo.convert.hf_files.modeling_solo import SoloForCausalLM
+    from megatron_solo.convert.hf_config import hf_config_from_model_args, model_args_from_hf_config
+    from megatron_solo.convert.hf_export_files import write_hf_support_files
     from megatron_solo.convert.hf_files.configuration_solo import SoloConfig
+    from megatron_solo.convert.hf_files.modeling_solo import SoloForCausalLM
+    from megatron_solo.convert.safetensors_io import StreamingSafetensorsWriter
+    from megatron_solo.data.tokenizer import create_solo_tokenizer, mistral_tokenizer_path
 
     args = model_args_from_hf_config(mistral_config().to_dict())
     hf_cfg = hf_config_from_model_args(args, torch_dtype=str(dtype).replace("torch.", ""))
