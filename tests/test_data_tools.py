@@ -1,4 +1,4 @@
-"""tools/data_mixture.py and tools/visualize_patches.py."""
+"""The mixture arithmetic of tools/data_mixture.py (megatron_solo.data.mixture) and tools/visualize_patches.py."""
 
 import importlib.util
 import json
@@ -22,9 +22,10 @@ def _tool(name):
 
 
 def test_mixture_arithmetic():
-    mix = _tool("data_mixture")
+    from megatron_solo.data.mixture import compute_mixture
+
     # source A: 100 packs of 1000 tokens; B: 50 packs of 4000 tokens; want 50/50 tokens
-    plan = mix.compute_mixture([0.5, 0.5], [{"packs": 100, "tokens": 100_000}, {"packs": 50, "tokens": 200_000}], 10)
+    plan = compute_mixture([0.5, 0.5], [{"packs": 100, "tokens": 100_000}, {"packs": 50, "tokens": 200_000}], 10)
     wa, wb = plan["weights"]
     assert abs(wa - 0.8) < 1e-9 and abs(wb - 0.2) < 1e-9  # 4x more A samples for equal tokens
     assert plan["samples_per_epoch"] == 250 and plan["samples_per_source"] == [200, 50]

@@ -16,10 +16,7 @@ See docs/CONVERSION.md.
 """
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,10 +10,7 @@ See docs/DATA_FORMAT.md for the inputs, the layout on disk and the skip reasons.
 import argparse
 import json
 import logging
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:

@@ -5,41 +5,33 @@
 """
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def render(tokens, patches, gap: int = 2):
-    """Images of a token stream -> list of [H, W, 3] uint8 arrays (patch grids with ``gap`` px between patches)."""
-    import numpy as np
+    """Images of a token stream -> list of [H, W, 3] uint8 patch grids (``gap`` px of white between patches).
 
-    from megatron_solo.data.tokenizer import SOLO_IDS
+    Each ``<vision>`` ... ``</vision>`` block takes the next patches in ``<vpatch>`` order; rows end at
+    ``<vrow_sep>`` and ``<vframe_sep>`` (a video's frames are stacked as further rows).
+    """
+    from megatron_solo.data.image import patch_grid
+    from megatron_solo.spec import SOLO_IDS
 
-    images, k = [], 0
-    rows = []
-    row = 0
-    for t in tokens:
-        t = int(t)
+    images, k, rows, row_len = [], 0, [], 0
+    for t in map(int, tokens):
         if t == SOLO_IDS.vision_start:
-            rows, row = [], 0
+            rows, row_len, start = [], 0, k
         elif t == SOLO_IDS.vision_patch:
-            if not rows or row:
-                rows.append([])
-                row = 0
-            rows[-1].append(patches[k].reshape(3, 32, 32).transpose(1, 2, 0))
+            row_len += 1
             k += 1
-        elif t in (SOLO_IDS.vision_row_sep, SOLO_IDS.vision_frame_sep):
-            row = 1
-        elif t == SOLO_IDS.vision_end and rows:
-            cols = max(len(r) for r in rows)
-            canvas = np.full((len(rows) * (32 + gap), cols * (32 + gap), 3), 255, np.uint8)
-            for i, r in enumerate(rows):
-                for j, p in enumerate(r):
-                    canvas[i * (32 + gap):i * (32 + gap) + 32, j * (32 + gap):j * (32 + gap) + 32] = p
-            images.append(canvas)
-            rows = []
+        elif t in (SOLO_IDS.vision_row_sep, SOLO_IDS.vision_frame_sep, SOLO_IDS.vision_end):
+            if row_len:
+                rows.append(row_len)
+            row_len = 0
+            if t == SOLO_IDS.vision_end and rows:
+                if len(set(rows)) != 1:
+                    raise ValueError(f"an image block has rows of {sorted(set(rows))} patches; expected equal rows")
+                images.append(patch_grid(patches[start:k], len(rows), rows[0], gap=gap, fill=255))
     return images
 
 
@@ -48,7 +40,8 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from megatron_solo.data.indexed import SoloIndexedDataset
-    from megatron_solo.data.tokenizer import SOLO_IDS, SoloTokenizer
+    from megatron_solo.data.tokenizer import SoloTokenizer
+    from megatron_solo.spec import PATCH_DIM, SOLO_IDS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefix", required=True)
@@ -60,7 +53,7 @@ def main(argv=None) -> int:
     tok = SoloTokenizer(a.tokenizer_model)
     segs = ds.pack(a.pack)
     tokens = np.concatenate([t for t, _, _ in segs])
-    patches = np.concatenate([p for _, _, p in segs]) if segs else np.zeros((0, 3072), np.uint8)
+    patches = np.concatenate([p for _, _, p in segs]) if segs else np.zeros((0, PATCH_DIM), np.uint8)
     for i, (t, r, _) in enumerate(segs):
         shown = []
         for x in t:

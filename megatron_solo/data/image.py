@@ -128,9 +128,7 @@ def patchify(pixels: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected [H, W, 3] with H, W multiples of {PATCH_SIZE}, got {pixels.shape}")
     if _HAVE_CPP_PATCHIFY and pixels.dtype == np.uint8:
         return _ext.patchify(np.ascontiguousarray(pixels))
-    r, q = h // PATCH_SIZE, w // PATCH_SIZE
-    grid = pixels.reshape(r, PATCH_SIZE, q, PATCH_SIZE, 3).transpose(0, 2, 4, 1, 3)
-    return np.ascontiguousarray(grid).reshape(r * q, PATCH_DIM)
+    return patchify_numpy(pixels)
 
 
 def patchify_numpy(pixels: np.ndarray) -> np.ndarray:
@@ -139,6 +137,19 @@ def patchify_numpy(pixels: np.ndarray) -> np.ndarray:
     r, q = h // PATCH_SIZE, w // PATCH_SIZE
     grid = pixels.reshape(r, PATCH_SIZE, q, PATCH_SIZE, 3).transpose(0, 2, 4, 1, 3)
     return np.ascontiguousarray(grid).reshape(r * q, PATCH_DIM)
+
+
+def patch_grid(patches: np.ndarray, rows: int, cols: int, gap: int = 0, fill: int = 255) -> np.ndarray:
+    """The inverse of :func:`patchify`, for looking at what the model reads: uint8 patches
+    ``[rows*cols, 3072]`` -> one ``[H, W, 3]`` picture, with a ``gap``-pixel line of grey level ``fill``
+    between patches (``gap=0`` gives back the resized image exactly)."""
+    p = np.asarray(patches, dtype=np.uint8).reshape(rows, cols, 3, PATCH_SIZE, PATCH_SIZE).transpose(0, 1, 3, 4, 2)
+    step = PATCH_SIZE + gap
+    out = np.full((rows * step - gap, cols * step - gap, 3), fill, dtype=np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            out[r * step:r * step + PATCH_SIZE, c * step:c * step + PATCH_SIZE] = p[r, c]
+    return out
 
 
 def image_to_patches(img: Image.Image) -> tuple[np.ndarray, int, int]:

@@ -6,8 +6,8 @@ document that fell into one pack); the three files hold the same number of seque
 order. megatron's ``document_indices`` group the sequences into *packs* (training samples). The
 patches sequence of a segment holds that segment's patches in ``<vpatch>`` order.
 
-Writes are atomic: data go to ``*.tmp`` names and are renamed at :meth:`SoloPrefixWriter.finalize`,
-``.bin`` files first, then ``P.stats.json``, then the ``.idx`` files. A prefix is complete when
+Writes are atomic: data go to ``*.tmp`` names and are renamed by :func:`publish_prefix` (at
+:meth:`SoloPrefixWriter.finalize`, and by merges), ``.bin`` files first, then ``P.stats.json``, then the ``.idx`` files. A prefix is complete when
 all three ``.idx`` files exist (:func:`prefix_complete`).
 """
 
@@ -53,6 +53,24 @@ def remove_prefix(prefix: str) -> None:
     for p in (prefix + ".stats.json", prefix + ".stats.json.tmp"):
         if os.path.exists(p):
             os.remove(p)
+
+
+def publish_prefix(prefix: str, stats: dict | None = None) -> None:
+    """Move a prefix written under ``*.tmp`` names into place, in the one order that keeps it atomic:
+    the ``.bin`` files, then ``P.stats.json`` (written here), then the ``.idx`` files, ``tokens`` last,
+    so that a reader never sees an ``.idx`` (a complete-looking prefix) before its data and stats."""
+    for n in SUFFIXES:
+        base = component_prefix(prefix, n)
+        os.replace(base + ".bin.tmp", base + ".bin")
+    if stats is not None:
+        tmp = prefix + ".stats.json.tmp"
+        with open(tmp, "w") as f:
+            json.dump(stats, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, prefix + ".stats.json")
+    for n in ("patches", "roles", "tokens"):
+        base = component_prefix(prefix, n)
+        os.replace(base + ".idx.tmp", base + ".idx")
 
 
 class PythonIndexWriter:
@@ -125,18 +143,7 @@ class SoloPrefixWriter:
         self.end_pack()
         for n, w in self._writers.items():
             w.finalize(component_prefix(self.prefix, n) + ".idx.tmp")
-        for n in SUFFIXES:
-            base = component_prefix(self.prefix, n)
-            os.replace(base + ".bin.tmp", base + ".bin")
-        if stats is not None:
-            tmp = self.prefix + ".stats.json.tmp"
-            with open(tmp, "w") as f:
-                json.dump(stats, f, indent=2, sort_keys=True)
-                f.write("\n")
-            os.replace(tmp, self.prefix + ".stats.json")
-        for n in ("patches", "roles", "tokens"):
-            base = component_prefix(self.prefix, n)
-            os.replace(base + ".idx.tmp", base + ".idx")
+        publish_prefix(self.prefix, stats)
         self._done = True
 
     def abort(self) -> None:

@@ -321,7 +321,14 @@ def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) ->
     """Concatenate complete prefixes (packs in order) into one, atomically; stats are summed."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from megatron_solo.data.indexed import DTYPES, SUFFIXES, component_prefix, prefix_complete, remove_prefix
+    from megatron_solo.data.indexed import (
+        DTYPES,
+        SUFFIXES,
+        component_prefix,
+        prefix_complete,
+        publish_prefix,
+        remove_prefix,
+    )
 
     if prefix_complete(output_prefix) and not overwrite:
         return {"skipped_existing": True}
@@ -330,7 +337,6 @@ def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) ->
             raise FileNotFoundError(f"{p} is not a complete prefix")
     remove_prefix(output_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    tmp = {}
     try:
         for n in SUFFIXES:
             base = component_prefix(output_prefix, n)
@@ -338,7 +344,6 @@ def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) ->
             for p in inputs:
                 b.add_index(component_prefix(p, n))
             b.finalize(base + ".idx.tmp")
-            tmp[n] = base
         totals: dict = {"skipped": {}, "merged_from": list(inputs)}
         for p in inputs:
             try:
@@ -351,13 +356,7 @@ def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) ->
                 totals[k] = totals.get(k, 0) + s.get(k, 0)
             for k, v in s.get("skipped", {}).items():
                 totals["skipped"][k] = totals["skipped"].get(k, 0) + v
-        for n in SUFFIXES:
-            os.replace(tmp[n] + ".bin.tmp", tmp[n] + ".bin")
-        with open(output_prefix + ".stats.json.tmp", "w") as f:
-            json.dump(totals, f, indent=2, sort_keys=True)
-        os.replace(output_prefix + ".stats.json.tmp", output_prefix + ".stats.json")
-        for n in ("patches", "roles", "tokens"):
-            os.replace(tmp[n] + ".idx.tmp", tmp[n] + ".idx")
+        publish_prefix(output_prefix, totals)
         return totals
     except BaseException:
         remove_prefix(output_prefix)

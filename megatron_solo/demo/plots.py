@@ -12,9 +12,7 @@ import json
 import math
 import os
 
-import numpy as np
-
-PATCH = 32
+from megatron_solo.spec import PATCH_SIZE
 
 
 def _pyplot():
@@ -67,23 +65,12 @@ def plot_losses(logs: list[tuple[str, str]], output: str) -> str:
     return output
 
 
-def patch_grid(patches: np.ndarray, rows: int, cols: int, gap: int = 4, fill: int = 160) -> np.ndarray:
-    """uint8 patches [R*C, 3072] (channel-major, as the model reads them) -> one HxWx3 picture with a
-    ``gap``-pixel grey line between patches."""
-    p = patches.reshape(rows, cols, 3, PATCH, PATCH).transpose(0, 1, 3, 4, 2)  # R, C, 32, 32, 3
-    h, w = rows * PATCH + (rows - 1) * gap, cols * PATCH + (cols - 1) * gap
-    out = np.full((h, w, 3), fill, dtype=np.uint8)
-    for r in range(rows):
-        for c in range(cols):
-            y, x = r * (PATCH + gap), c * (PATCH + gap)
-            out[y:y + PATCH, x:x + PATCH] = p[r, c]
-    return out
-
-
 def plot_answers(predictions: list[dict], image_root: str, image_to_patches, load_image, output: str,
                  n: int = 16, ncols: int = 8) -> str:
     """The first ``n`` test digits as patch grids; title: the model's answer (green right, red wrong)
     and, when wrong, the label. ``image_to_patches``/``load_image`` come from the export's processor."""
+    from megatron_solo.data.image import patch_grid
+
     plt = _pyplot()
     shown = predictions[:n]
     nrows = math.ceil(len(shown) / ncols)
@@ -92,11 +79,11 @@ def plot_answers(predictions: list[dict], image_root: str, image_to_patches, loa
         ax.axis("off")
     for ax, p in zip(axes.flat, shown):
         patches, rows, cols = image_to_patches(load_image(os.path.join(image_root, p["image"])))
-        ax.imshow(patch_grid(patches, rows, cols), interpolation="nearest")
+        ax.imshow(patch_grid(patches, rows, cols, gap=4, fill=160), interpolation="nearest")
         ok = p["predicted"] == p["answer"]
         title = f"\"{p['predicted'] or p['output']!s}\"" + ("" if ok else f"\n(is {p['answer']})")
         ax.set_title(title, fontsize=9, color="tab:green" if ok else "tab:red")
-    fig.suptitle(f"held-out digits as {rows}x{cols} patch grids of 32x32, with the exported model's answers",
+    fig.suptitle(f"held-out digits as {rows}x{cols} patch grids of {PATCH_SIZE}x{PATCH_SIZE}, with the exported model's answers",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(output, dpi=110)
