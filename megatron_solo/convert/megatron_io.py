@@ -6,7 +6,7 @@ divides its padded vocabulary, and any TP/PP checkpoint is read here. Every rank
 world takes part (the checkpoint writer is collective); on the command line that is a world of one.
 
 Memory: one model (the parameters are the only full copy) plus the HF tensors of one table row in
-flight; HF shards are memory-mapped and written tensor by tensor.
+flight; HF shards are read and written tensor by tensor (``convert/safetensors_io.py``).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ _IGNORED_KEYS_SUFFIX = ("rotary_emb.inv_freq",)  # buffers some old exports carr
 
 
 class HFCheckpoint:
-    """The safetensors tensors of a HF checkpoint directory, read one at a time (memory-mapped).
+    """The safetensors tensors of a HF checkpoint directory, read one at a time (positioned reads).
 
     :meth:`check` validates everything that can be checked without reading data: the index, that each
     shard exists and has a valid safetensors header whose data fits in the file, and that every
