@@ -41,7 +41,9 @@ def test_hf_processing_copy_equals_spec():
     P = processing_solo
     assert P.PATCH_SIZE == spec.PATCH_SIZE and P.MAX_LONG_SIDE == spec.MAX_LONG_SIDE
     assert P.IMAGE_MEAN == spec.IMAGENET_MEAN and P.IMAGE_STD == spec.IMAGENET_STD
-    assert P.BOS_ID == spec.BOS_ID
+    assert (P.UNK_ID, P.BOS_ID, P.EOS_ID, P.BASE_VOCAB_SIZE) == (spec.UNK_ID, spec.BOS_ID, spec.EOS_ID,
+                                                                  spec.BASE_VOCAB_SIZE)
+    assert (P.VISION_START_ID, P.IM_END_ID) == (spec.SOLO_IDS.vision_start, spec.SOLO_IDS.im_end)
     assert (P.VISION_START, P.VISION_PATCH, P.VISION_ROW_SEP, P.VISION_END, P.IM_START, P.IM_END) == (
         spec.VISION_START, spec.VISION_PATCH, spec.VISION_ROW_SEP, spec.VISION_END, spec.IM_START, spec.IM_END)
 

@@ -6,7 +6,6 @@ import base64
 import functools
 import io
 import json
-import os
 import tempfile
 
 import numpy as np

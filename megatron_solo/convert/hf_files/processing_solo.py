@@ -35,7 +35,9 @@ MAX_LONG_SIDE = 1024
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 
-BOS_ID = 1
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+BASE_VOCAB_SIZE = 32000  # ids from here on are SOLO's pieces: <vision>=32000 ... <|im_end|>=33030
+VISION_START_ID, IM_END_ID = 32000, 33030
 VISION_START, VISION_PATCH, VISION_ROW_SEP, VISION_END = "<vision>", "<vpatch>", "<vrow_sep>", "</vision>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -128,9 +130,10 @@ class SoloProcessor:
         self.ids = {p: self.sp.piece_to_id(p) for p in
                     (VISION_START, VISION_PATCH, VISION_ROW_SEP, VISION_END, IM_START, IM_END)}
         self._space_id = self.sp.piece_to_id("\u2581")
-        self._specials = tuple(self.sp.id_to_piece(i) for i in range(32000, self.sp.get_piece_size()))
-        if self.ids[VISION_START] != 32000 or self.ids[IM_END] != 33030:
-            raise ValueError(f"{tokenizer_model} is not a SOLO tokenizer (no <vision>=32000 ... <|im_end|>=33030)")
+        self._specials = tuple(self.sp.id_to_piece(i) for i in range(BASE_VOCAB_SIZE, self.sp.get_piece_size()))
+        if self.ids[VISION_START] != VISION_START_ID or self.ids[IM_END] != IM_END_ID:
+            raise ValueError(f"{tokenizer_model} is not a SOLO tokenizer (no <vision>={VISION_START_ID} ... "
+                             f"<|im_end|>={IM_END_ID})")
 
     @classmethod
     def from_pretrained(cls, path: str) -> "SoloProcessor":
@@ -206,7 +209,7 @@ class SoloProcessor:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
         if skip_special_tokens:
-            ids = [i for i in ids if i < 32000 and i not in (0, 1, 2)]
+            ids = [i for i in ids if i < BASE_VOCAB_SIZE and i not in (UNK_ID, BOS_ID, EOS_ID)]
         return self.sp.decode(ids)
 
 
