@@ -249,6 +249,9 @@ def main(argv=None):
     ap.add_argument("--attention-backend", default="sdpa_flex", choices=["dot_product", "sdpa_flex"])
     ap.add_argument("--peak-n", type=int, default=8192)
     a = ap.parse_args(argv)
+    from megatron_solo import cpu_backend
+
+    cpu_backend.ensure()  # a no-op where CUDA is present; the CPU backend for the reference and the dry run
     if a.cpu_reference:
         cpu_reference(a.cpu_reference)
         return 0

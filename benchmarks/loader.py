@@ -83,7 +83,7 @@ def main(argv=None):
     from train_step import megatron_setup, megatron_step_fn
 
     from megatron_solo.data import build_train_valid_test_datasets
-    from megatron_solo.training.loop import MicroBatchStream
+    from megatron_solo.training.sampler import MicroBatchStream
 
     blend = f"0.7 {prefixes['pretrain']} 0.3 {prefixes['sft']}"
     train_argv = ["--model", "tiny", "--seq-length", str(a.seq_length), "--micro-batch-size", str(a.micro_batch_size),

@@ -77,25 +77,19 @@ def random_batches(n, mbs, seq, vocab, *, packed=False, seed=0, device="cpu"):
 # ------------------------------------------------------------------------------------------ ours
 def megatron_setup(argv):
     """Parse training flags and build model chunks, optimizer, scheduler exactly as ``pretrain`` does."""
-    from megatron_solo import parallel
+    from megatron_solo import cpu_backend, parallel
     from megatron_solo.model import build_transformer_config
     from megatron_solo.training.arguments import parse_args
-    from megatron_solo.training.loop import (
-        build_model_chunks,
-        build_optimizer_and_scheduler,
-        resolve_padded_vocab_size,
-        wire_schedule,
-    )
+    from megatron_solo.training.loop import build_model_chunks, build_optimizer_and_scheduler, wire_schedule
 
     args = parse_args(argv)
+    cpu_backend.ensure()  # the trainer's own first step on a machine without CUDA
     parallel.init_process_group()
     parallel.initialize_model_parallel(seed=args.seed)
-    args.padded_vocab_size = resolve_padded_vocab_size(args)
     config = build_transformer_config(
         args.model_args, bf16=args.bf16, fp16=args.fp16,
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
-        use_te=None if args.transformer_impl is None else args.transformer_impl == "transformer_engine")
+        recompute_num_layers=args.recompute_num_layers, use_te=args.use_te)
     chunks = build_model_chunks(args, config)
     optimizer, scheduler = build_optimizer_and_scheduler(args, chunks)
     wire_schedule(args, config, chunks, optimizer)
@@ -154,14 +148,13 @@ def hf_hf_mask(batch, window):
     return ~packed_causal_mask(batch["doc_lengths"], batch["tokens"].size(1), window)
 
 
-def hf_step_fn(args, model):
+def hf_step_fn(args, model, packed: bool):
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                             foreach=True)
-    packed = args.bench_packed
     window = args.model_args.window_size
 
     def step(micro_batches):
@@ -230,11 +223,10 @@ def main(argv=None):
                   "--lr", "1e-4", "--min-lr", "1e-4", "--lr-decay-style", "constant", "--weight-decay", "0.1",
                   "--clip-grad", "1.0", "--data-path", "unused", "--attention-backend", a.attention_backend]
     args, config, chunks, optimizer, scheduler = megatron_setup(train_argv)
-    args.bench_packed = a.packed
     n_params = sum(p.numel() for p in chunks[0].module.parameters())
     hf = hf_model_from_ours(args, chunks)
     ours = megatron_step_fn(args, config, chunks, optimizer, scheduler)
-    base = hf_step_fn(args, hf)
+    base = hf_step_fn(args, hf, packed=a.packed)
 
     n_batches = 8
     batches = [random_batches(a.num_microbatches, a.micro_batch_size, a.seq_length, args.padded_vocab_size,

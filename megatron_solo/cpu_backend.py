@@ -17,8 +17,10 @@ tracker, stream/event objects in DDP, and ``Tensor.type()`` checks in the optimi
 * streams, events, ``synchronize``, nvtx and the memory counters are no-ops.
 
 It activates only when ``torch.cuda.is_available()`` is False, so it can never leak into the GPU
-path. :func:`ensure` is idempotent and is called by every entry point (and by ``megatron_solo.model``,
-``megatron_solo.training`` and ``megatron_solo.convert`` on import).
+path. Importing any megatron_solo module changes nothing: :func:`ensure` (idempotent) is an explicit call
+made by the entry points (the trainer's ``main``, each tool that runs megatron-core, benchmarks, the test
+fixtures). :func:`deactivate` restores every patched object, and :func:`suspended` runs a block on plain
+torch (third-party reference models such as transformers' Mistral run there).
 
 Model configs built for the CPU must also set ``use_cpu_initialization=True``,
 ``gradient_accumulation_fusion=False``, no fused bias-dropout/RoPE/softmax and
@@ -37,6 +39,15 @@ from torch.overrides import TorchFunctionMode
 
 _ACTIVE = False
 _MODE = None
+# (owner, attribute name, original value) of every patched attribute, so that deactivate() restores them.
+# (None: the attribute was inherited, e.g. Tensor.to from TensorBase, and is deleted again.)
+_SAVED: list[tuple[object, str, object]] = []
+
+
+def _set(owner, name: str, value) -> None:
+    own = vars(owner).get(name) if isinstance(owner, type) else getattr(owner, name)
+    _SAVED.append((owner, name, own))
+    setattr(owner, name, value)
 
 
 def cuda_available() -> bool:
@@ -93,9 +104,9 @@ def _patch_device_literals():
     for name in _FACTORIES:
         fn = getattr(torch, name, None)
         if fn is not None and not getattr(fn, "_solo_cpu_wrapped", False):
-            setattr(torch, name, _device_kwarg_to_cpu(fn))
+            _set(torch, name, _device_kwarg_to_cpu(fn))
     for name in _TENSOR_NEW:
-        setattr(torch.Tensor, name, _device_kwarg_to_cpu(getattr(torch.Tensor, name)))
+        _set(torch.Tensor, name, _device_kwarg_to_cpu(getattr(torch.Tensor, name)))
     orig_to = torch.Tensor.to
 
     def to(self, *args, **kwargs):
@@ -105,10 +116,10 @@ def _patch_device_literals():
             kwargs["device"] = "cpu"
         return orig_to(self, *args, **kwargs)
 
-    torch.Tensor.to = to
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    torch.Tensor.pin_memory = lambda self, *a, **k: self
-    torch.nn.Module.cuda = lambda self, *a, **k: self
+    _set(torch.Tensor, "to", to)
+    _set(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    _set(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
+    _set(torch.nn.Module, "cuda", lambda self, *a, **k: self)
 
 
 _ORIG_TYPE = torch.Tensor.type
@@ -179,43 +190,49 @@ def _cpu_set_rng_state(new_state, device=None, *args, **kwargs):
 
 def _patch_torch_cuda():
     cuda = torch.cuda
-    cuda.current_device = lambda: "cpu"
-    cuda.set_device = lambda *a, **k: None
-    cuda.device_count = lambda: 0
-    cuda.synchronize = lambda *a, **k: None
-    cuda.empty_cache = lambda *a, **k: None
-    cuda.manual_seed = _cpu_manual_seed
-    cuda.manual_seed_all = _cpu_manual_seed
-    cuda.get_rng_state = _cpu_get_rng_state
-    cuda.set_rng_state = _cpu_set_rng_state
-    cuda.random.get_rng_state = _cpu_get_rng_state
-    cuda.random.set_rng_state = _cpu_set_rng_state
-    cuda.Stream = _NullStream
-    cuda.Event = _NullStream
-    cuda.current_stream = lambda *a, **k: _NullStream()
-    cuda.default_stream = lambda *a, **k: _NullStream()
-    cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    cuda.memory_allocated = lambda *a, **k: 0
-    cuda.max_memory_allocated = lambda *a, **k: 0
-    cuda.memory_reserved = lambda *a, **k: 0
-    cuda.max_memory_reserved = lambda *a, **k: 0
-    cuda.reset_peak_memory_stats = lambda *a, **k: None
-    cuda.memory_stats = lambda *a, **k: {}
-    cuda.nvtx.range_push = lambda *a, **k: None
-    cuda.nvtx.range_pop = lambda *a, **k: None
-    cuda.nvtx.range = lambda *a, **k: contextlib.nullcontext()
+    _set(cuda, "current_device", lambda: "cpu")
+    _set(cuda, "set_device", lambda *a, **k: None)
+    _set(cuda, "device_count", lambda: 0)
+    _set(cuda, "synchronize", lambda *a, **k: None)
+    _set(cuda, "empty_cache", lambda *a, **k: None)
+    _set(cuda, "manual_seed", _cpu_manual_seed)
+    _set(cuda, "manual_seed_all", _cpu_manual_seed)
+    _set(cuda, "get_rng_state", _cpu_get_rng_state)
+    _set(cuda, "set_rng_state", _cpu_set_rng_state)
+    _set(cuda.random, "get_rng_state", _cpu_get_rng_state)
+    _set(cuda.random, "set_rng_state", _cpu_set_rng_state)
+    _set(cuda, "Stream", _NullStream)
+    _set(cuda, "Event", _NullStream)
+    _set(cuda, "current_stream", lambda *a, **k: _NullStream())
+    _set(cuda, "default_stream", lambda *a, **k: _NullStream())
+    _set(cuda, "stream", lambda *a, **k: contextlib.nullcontext())
+    _set(cuda, "memory_allocated", lambda *a, **k: 0)
+    _set(cuda, "max_memory_allocated", lambda *a, **k: 0)
+    _set(cuda, "memory_reserved", lambda *a, **k: 0)
+    _set(cuda, "max_memory_reserved", lambda *a, **k: 0)
+    _set(cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+    _set(cuda, "memory_stats", lambda *a, **k: {})
+    _set(cuda.nvtx, "range_push", lambda *a, **k: None)
+    _set(cuda.nvtx, "range_pop", lambda *a, **k: None)
+    _set(cuda.nvtx, "range", lambda *a, **k: contextlib.nullcontext())
 
 
 def _patch_megatron_rng():
     from megatron.core.tensor_parallel import random as mrandom
 
-    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
-    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    _set(mrandom, "_get_cuda_rng_state",
+         lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state())
+    _set(mrandom, "_set_cuda_rng_state",
+         lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state))
     # The tracker warns when the CPU RNG moves inside a fork; on this backend the "CUDA" RNG *is* the
     # CPU RNG, so that warning fires on every forked dropout and says nothing.
-    logging.getLogger(mrandom.__name__).addFilter(
-        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
-    )
+    logger = logging.getLogger(mrandom.__name__)
+    if _quiet_rng_warning not in logger.filters:
+        logger.addFilter(_quiet_rng_warning)
+
+
+def _quiet_rng_warning(record) -> bool:
+    return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
 def ensure() -> bool:
@@ -227,13 +244,56 @@ def ensure() -> bool:
         return False
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _patch_torch_cuda()
-    torch.Tensor.type = _tensor_type
+    _set(torch.Tensor, "type", _tensor_type)
     _patch_device_literals()
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     _patch_megatron_rng()
     _ACTIVE = True
     return True
+
+
+activate = ensure
+
+
+def deactivate() -> None:
+    """Undo :func:`ensure`: torch and megatron-core get back every original object."""
+    global _ACTIVE, _MODE
+    if not _ACTIVE:
+        return
+    _MODE.__exit__(None, None, None)
+    _MODE = None
+    while _SAVED:
+        owner, name, original = _SAVED.pop()
+        if original is None:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
+    _ACTIVE = False
+
+
+@contextlib.contextmanager
+def activated():
+    """The CPU backend for the block only (restores the previous state after it)."""
+    was_active = _ACTIVE
+    ensure()
+    try:
+        yield
+    finally:
+        if not was_active:
+            deactivate()
+
+
+@contextlib.contextmanager
+def suspended():
+    """Plain torch for the block (for third-party reference models), the backend again after it."""
+    was_active = _ACTIVE
+    deactivate()
+    try:
+        yield
+    finally:
+        if was_active:
+            ensure()
 
 
 def device() -> torch.device:

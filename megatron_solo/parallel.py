@@ -13,7 +13,9 @@ from megatron_solo.netutil import free_port
 
 def init_process_group(timeout_s: int = 600) -> None:
     """Join the torchrun/SLURM world described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT."""
-    cpu_backend.ensure()
+    if not cpu_backend.cuda_available() and not cpu_backend.is_active():
+        raise RuntimeError("no CUDA here: call megatron_solo.cpu_backend.ensure() first "
+                           "(the entry points do) to run megatron-core on the CPU")
     if torch.distributed.is_initialized():
         return
     if "RANK" not in os.environ:  # a plain `python` run is a world of one

@@ -23,6 +23,7 @@ from megatron_solo.convert.mapping import (
 from megatron_solo.convert.safetensors_io import StreamingSafetensorsWriter
 from tests.helpers_convert import make_random_mistral, make_random_solo, mistral_config
 
+pytestmark = pytest.mark.usefixtures("plain_torch")  # transformers' models run on plain torch
 SHAPES = ConversionShapes(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=6,
                           num_query_groups=2, head_dim=16, vocab_size=33031, padded_vocab_size=33280)
 

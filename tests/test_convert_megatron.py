@@ -29,14 +29,13 @@ def _build(model_args, padded, tp, pp):
 
 
 def _load(ckpt, tp, pp, iteration=None):
-    from megatron_solo.convert.megatron_io import load_weights
+    from megatron_solo.convert.megatron_io import load_weights, read_checkpoint
     from megatron_solo.model import SoloModelArgs
-    from megatron_solo.training.checkpointing import read_checkpoint_info
 
-    info = read_checkpoint_info(ckpt, iteration)
+    info = read_checkpoint(ckpt, iteration)
     model_args = SoloModelArgs(**info["model_args"])
     model = _build(model_args, info["padded_vocab_size"], tp, pp)
-    load_weights(ckpt, model, info["iteration"])
+    load_weights(model, info)
     return model, model_args, info
 
 
@@ -50,7 +49,7 @@ def _world(paths):
         verification_inputs,
         verify_against_hf,
     )
-    from megatron_solo.training.checkpointing import save_checkpoint
+    from megatron_solo.checkpoint import save_checkpoint
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ["RANK"])
     out = {}
@@ -118,6 +117,7 @@ def world(tmp_path_factory):
     return paths, out
 
 
+@pytest.mark.usefixtures("plain_torch")
 def test_mistral_reference_logits_at_tp1_and_tp2(world):
     from transformers import MistralForCausalLM
 
@@ -148,6 +148,7 @@ def test_hf_to_megatron_tp2_pp2_to_hf_is_bit_identical(world):
         assert back[k].dtype == torch.bfloat16 and torch.equal(src[k], back[k]), k
 
 
+@pytest.mark.usefixtures("plain_torch")
 def test_export_parity_logits_and_greedy_generation(world):
     import json
 

@@ -56,12 +56,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    from megatron_solo import cpu_backend
     from megatron_solo.convert.errors import ConversionError
     from megatron_solo.convert.hf_config import check_hf_checkpoint
 
     try:
         if args.command == "hf-to-megatron":
             check_hf_checkpoint(args.hf_dir)  # refuse bad input before megatron is imported
+            cpu_backend.ensure()  # megatron-core on this machine's CPU when CUDA is absent
             from megatron_solo.convert.megatron_io import hf_to_megatron
 
             out = hf_to_megatron(
@@ -71,6 +73,7 @@ def main(argv=None) -> int:
                 iteration=args.iteration, seed=args.seed, verify=args.verify,
             )
         else:
+            cpu_backend.ensure()
             from megatron_solo.convert.megatron_io import megatron_to_hf
 
             out = megatron_to_hf(

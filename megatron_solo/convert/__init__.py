@@ -8,8 +8,8 @@
 * ``hf_files/``: ``configuration_solo.py``, ``modeling_solo.py``, ``processing_solo.py``, copied into
   every export (``trust_remote_code``).
 
-Importing this package is cheap; the megatron-facing functions below import megatron-core (and
-switch on the CPU backend) on first use.
+Importing this package is cheap and changes nothing global; the megatron-facing functions below
+import megatron-core on first use (on a CPU machine the caller first runs ``cpu_backend.ensure()``).
 """
 
 from megatron_solo.convert.errors import ConversionError, VerificationError  # noqa: F401
@@ -20,9 +20,6 @@ _MEGATRON_API = ("hf_to_megatron", "megatron_to_hf", "verify_against_hf", "megat
 
 def __getattr__(name):
     if name in _MEGATRON_API:
-        from megatron_solo import cpu_backend
-
-        cpu_backend.ensure()
         from megatron_solo.convert import megatron_io
 
         return getattr(megatron_io, name)

@@ -19,19 +19,16 @@ import tempfile
 import torch
 
 from megatron_solo import cpu_backend
-
-cpu_backend.ensure()
-
-from megatron_solo.convert.errors import ConversionError, VerificationError  # noqa: E402
-from megatron_solo.convert.hf_config import check_hf_checkpoint, conversion_shapes, hf_config_from_model_args  # noqa: E402
-from megatron_solo.convert.hf_export_files import resolve_tokenizer, write_hf_support_files  # noqa: E402
-from megatron_solo.convert.safetensors_io import HFCheckpoint, StreamingSafetensorsWriter, parse_size  # noqa: E402
-from megatron_solo.spec import BASE_VOCAB_SIZE, PATCH_DIM, SOLO_IDS, SOLO_VOCAB_SIZE  # noqa: E402
-from megatron_solo.convert.mapping import (  # noqa: E402
+from megatron_solo.convert.errors import ConversionError, VerificationError
+from megatron_solo.convert.hf_config import check_hf_checkpoint, conversion_shapes, hf_config_from_model_args
+from megatron_solo.convert.hf_export_files import resolve_tokenizer, write_hf_support_files
+from megatron_solo.convert.safetensors_io import HFCheckpoint, StreamingSafetensorsWriter, parse_size
+from megatron_solo.convert.mapping import (
     bound_mappings,
     canonical_megatron_name,
     patch_embed_init_std,
 )
+from megatron_solo.spec import BASE_VOCAB_SIZE, PATCH_DIM, SOLO_IDS, SOLO_VOCAB_SIZE
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -86,22 +83,15 @@ def model_parameters(model) -> dict[str, torch.nn.Parameter]:
     return params
 
 
-def load_weights(load_dir: str, model, iteration: int) -> None:
-    """Load only the model weights of a checkpoint (any TP/PP layout) into ``model``.
+def load_weights(model, info: dict) -> None:
+    """The weights of the checkpoint ``info`` describes (read once, by :func:`read_checkpoint`) into
+    ``model``, at any TP/PP layout; a missing weight is a :class:`ConversionError`."""
+    from megatron_solo.checkpoint import CheckpointError, load_model_weights
 
-    ``strict=False`` lets the load skip what a conversion does not want (RNG and optimizer state, which
-    are only restorable at the saving layout). Every parameter is set to NaN first and checked after,
-    so a weight the checkpoint lacks cannot pass silently.
-    """
-    from megatron_solo.training.checkpointing import load_checkpoint
-
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(float("nan"))
-    load_checkpoint(load_dir, [model], iteration=iteration, load_optim=False, load_rng=False, strict=False)
-    for name, p in model.named_parameters():
-        if torch.isnan(p).any():
-            raise ConversionError(f"{load_dir} (iteration {iteration}): {name} was not in the checkpoint (or holds NaN)")
+    try:
+        load_model_weights([model], info)
+    except CheckpointError as e:
+        raise ConversionError(f"{e} (iteration {info['iteration']})") from None
 
 
 def _check_coverage(params: dict, mappings) -> None:
@@ -137,8 +127,8 @@ def hf_to_megatron(
     patch enters at the scale of a token embedding (:func:`~megatron_solo.convert.mapping.patch_embed_init_std`).
     Returns a summary dict.
     """
+    from megatron_solo.checkpoint import read_checkpoint_info, save_checkpoint
     from megatron_solo.model import SoloModelArgs
-    from megatron_solo.training.checkpointing import save_checkpoint
 
     params_dtype = parse_dtype(params_dtype)
     kind, cfg, args, ckpt = check_hf_checkpoint(hf_dir)
@@ -168,7 +158,7 @@ def hf_to_megatron(
                "tokenizer_model": tok_path, "parameters": sum(p.numel() for p in params.values())}
     if verify:
         # Check what is on disk: reload the checkpoint into the model, then compare with the source.
-        load_weights(save_dir, model, iteration)
+        load_weights(model, read_checkpoint_info(save_dir, iteration))
         summary["verify"] = verify_against_hf(model, hf_dir, kind=kind, padded_vocab_size=padded)
     return summary
 
@@ -208,9 +198,9 @@ def load_hf_into_model(hf_dir: str, kind: str, cfg: dict, model_args, padded: in
 # ------------------------------------------------------------------------------------------------
 
 
-def _load_megatron(load_dir: str, iteration: int | None, params_dtype):
-    from megatron_solo.model import SoloModelArgs
-    from megatron_solo.training.checkpointing import CheckpointError, latest_iteration, read_checkpoint_info
+def read_checkpoint(load_dir: str, iteration: int | None = None) -> dict:
+    """The info of a megatron_solo checkpoint (its solo_checkpoint.json), or a :class:`ConversionError`."""
+    from megatron_solo.checkpoint import CheckpointError, latest_iteration, read_checkpoint_info
 
     if not os.path.isdir(load_dir):
         raise ConversionError(f"{load_dir}: no such checkpoint directory")
@@ -219,14 +209,20 @@ def _load_megatron(load_dir: str, iteration: int | None, params_dtype):
         if iteration is None:
             raise ConversionError(f"{load_dir}: no complete checkpoint (no latest_checkpointed_iteration.txt)")
     try:
-        info = read_checkpoint_info(load_dir, iteration)
+        return read_checkpoint_info(load_dir, iteration)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise ConversionError(f"{load_dir}: cannot read checkpoint iteration {iteration}: {e}") from None
+
+
+def _load_megatron(load_dir: str, iteration: int | None, params_dtype):
+    from megatron_solo.model import SoloModelArgs
+
+    info = read_checkpoint(load_dir, iteration)
     model_args = SoloModelArgs(**info["model_args"])
     padded = int(info["padded_vocab_size"])
     model = build_full_model(model_args, padded, params_dtype)
-    load_weights(load_dir, model, iteration)
-    return model, model_args, padded, info, iteration
+    load_weights(model, info)
+    return model, model_args, padded, info, info["iteration"]
 
 
 def _check_tokenizer_for_export(path: str | None, model_args) -> str:
@@ -400,12 +396,12 @@ def verify_against_hf(model, hf_dir: str, *, kind: str, padded_vocab_size: int, 
             for p in params.values():
                 p.copy_(p.to(round_to).to(p.dtype))
 
-    hf_model = load_hf_model(hf_dir, kind)
     ids, patches = verification_inputs(src_vocab, with_image=(kind == "solo"))
-    with torch.no_grad():
+    with cpu_backend.suspended(), torch.no_grad():  # the reference runs on plain torch, not on the CPU backend
+        hf_model = load_hf_model(hf_dir, kind)
         kw = {} if patches is None else {"vision_patches": patches}
         ref = hf_model(input_ids=ids, **kw).logits.float()
-    del hf_model
+        del hf_model
     got = megatron_logits(model, ids, patches)[..., :src_vocab]
     diff = (got - ref).abs().max().item()
     if next(model.parameters()).dtype != torch.float32:  # a half-precision Megatron model: bf16-level check

@@ -1,13 +1,10 @@
 """The SOLO model on megatron-core: presets, config, layer specs, patch embedding, batch glue, loss.
 
-See docs/MODEL.md. Importing this package switches on the CPU backend when CUDA is absent.
+See docs/MODEL.md. Importing this package changes nothing global; on a CPU machine the entry point
+calls ``megatron_solo.cpu_backend.ensure()`` before running megatron-core.
 """
 
-from megatron_solo import cpu_backend
-
-cpu_backend.ensure()
-
-from megatron_solo.model.batch import (  # noqa: E402
+from megatron_solo.model.batch import (
     document_ids,
     model_forward_kwargs,
     packed_causal_mask,
@@ -16,7 +13,7 @@ from megatron_solo.model.batch import (  # noqa: E402
     prepare_batch,
     to_thd_batch,
 )
-from megatron_solo.model.config import (  # noqa: E402
+from megatron_solo.model.config import (
     PRESETS,
     SoloModelArgs,
     build_transformer_config,
@@ -25,15 +22,15 @@ from megatron_solo.model.config import (  # noqa: E402
     te_available,
     use_te_default,
 )
-from megatron_solo.model.loss import solo_loss_func  # noqa: E402
-from megatron_solo.model.solo_model import SoloModel, build_solo_model  # noqa: E402
-from megatron_solo.model.specs import (  # noqa: E402
+from megatron_solo.model.loss import solo_loss_func
+from megatron_solo.model.solo_model import SoloModel, build_solo_model
+from megatron_solo.model.specs import (
     SoloDotProductAttention,
     SoloRMSNorm,
     get_block_spec,
     get_layer_spec,
 )
-from megatron_solo.model.vision import VisionPatchEmbedding, normalize_patches  # noqa: E402
+from megatron_solo.model.vision import VisionPatchEmbedding, normalize_patches
 
 __all__ = [
     "PRESETS", "SoloModelArgs", "build_transformer_config", "check_fp8", "fp8_thd_pad_multiple",

@@ -36,9 +36,10 @@ def _rank_main(fn, rank, world_size, port, env, cpu_backend_on, args, kwargs, re
     )
     try:
         if cpu_backend_on:
-            from megatron_solo import cpu_backend
+            from megatron_solo import cpu_backend, mcore_fixes
 
             cpu_backend.ensure()
+            mcore_fixes.apply()
         out = fn(*args, **kwargs)
         # Plain pickle copies tensor data into the message; torch's queue reducers would pass
         # shared-memory handles that vanish when this process exits before the parent reads them.
@@ -68,7 +69,8 @@ def run_distributed(
     """Call ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return results in rank order.
 
     ``fn`` must be importable (defined at module level). Results must be picklable (CPU tensors are).
-    ``cpu_backend=False`` skips the (torch + megatron-core) CPU backend for workers that need neither.
+    Each rank is an entry point: it calls ``cpu_backend.ensure()`` and ``mcore_fixes.apply()`` first;
+    ``cpu_backend=False`` skips both for workers that need neither torch nor megatron-core.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()

@@ -1,1 +1,2 @@
-"""Training: arguments, loop, checkpointing, logging. Entry point: ``python -m megatron_solo.train``."""
+"""Training: arguments, the derived TrainConfig, the loop, the sampler, logging. Entry point:
+``python -m megatron_solo.train``. The checkpoint format lives in :mod:`megatron_solo.checkpoint`."""

@@ -122,10 +122,13 @@ def _fail(msg: str):
     raise ArgumentError(msg)
 
 
-def validate_args(args) -> None:
-    """Check flag combinations; fills derived fields (world/dp sizes, global batch, model args)."""
+def validate_args(args) -> argparse.Namespace:
+    """Check flag combinations; returns a checked copy with Megatron's derived sizes (world/dp sizes,
+    global batch, micro-batches, virtual pipeline size, model args). ``args`` itself is not changed;
+    :func:`megatron_solo.training.config.build_train_config` turns the copy into the run's config."""
     from megatron_solo.model.config import SoloModelArgs
 
+    args = argparse.Namespace(**vars(args))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     for name, v in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp),
@@ -227,15 +230,18 @@ def validate_args(args) -> None:
         except ValueError as e:
             _fail(str(e))
     args.model_args = model_args
+    return args
 
 
 def parse_args(argv=None):
-    """Parse and validate; on a bad combination print one line and exit with status 2."""
+    """Parse, validate and derive the run's :class:`~megatron_solo.training.config.TrainConfig`; on a bad
+    combination print one line and exit with status 2."""
+    from megatron_solo.training.config import build_train_config
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        validate_args(args)
+        return build_train_config(args)
     except ArgumentError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    return args

@@ -22,5 +22,5 @@ def num_floating_point_operations(args) -> float:
         + 2 * 2 * window * n * d / 2                     # causal attention (half the score matrix)
         + 2 * 3 * h * f                                  # gated MLP
     )
-    forward = tokens * (L * per_token_layer + 2 * h * getattr(args, "padded_vocab_size", m.vocab_size))
+    forward = tokens * (L * per_token_layer + 2 * h * args.padded_vocab_size)
     return 3.0 * forward

@@ -1,4 +1,8 @@
-"""Megatron-style per-iteration log lines, mirrored to TensorBoard and (optionally) a JSON-lines file."""
+"""Megatron-style per-iteration log lines, mirrored to TensorBoard and (optionally) a JSON-lines file.
+
+The logger also owns the run's timing and throughput: the loop reports each finished step
+(:meth:`TrainingLogger.step_done`) and the logger turns the window since the last line into step time,
+tokens/s, images/s (summed over data-parallel ranks) and, on a known GPU, TFLOP/s and MFU."""
 
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ def peak_flops_per_gpu() -> float | None:
 class TrainingLogger:
     def __init__(self, args, is_logging_rank: bool):
         self.args = args
+        self.flops_per_iter = 0.0
+        self._window = {"time": 0.0, "iters": 0, "images": 0, "skipped": 0}
         self.is_logging_rank = is_logging_rank
         self.writer = None
         self.jsonl = None
@@ -65,8 +71,30 @@ class TrainingLogger:
             self.jsonl.write(json.dumps({"kind": kind, "iteration": iteration, **values}) + "\n")
             self.jsonl.flush()
 
-    def iteration_line(self, *, iteration, consumed, lr, losses, grad_norm, skipped_window, skipped_total,
-                       step_time, tokens_per_s, images_per_s, flops_per_iter) -> None:
+    def start_throughput(self, flops_per_iter: float) -> None:
+        self.flops_per_iter = flops_per_iter
+
+    def step_done(self, seconds: float, *, images: int, skipped: bool) -> None:
+        w = self._window
+        w["time"] += seconds
+        w["iters"] += 1
+        w["images"] += images
+        w["skipped"] += int(skipped)
+
+    def _throughput(self):
+        """(step time, tokens/s, images/s, skipped iterations) of the window; resets it. Collective (DP)."""
+        from megatron.core import parallel_state
+
+        w, a = self._window, self.args
+        self._window = {"time": 0.0, "iters": 0, "images": 0, "skipped": 0}
+        images = torch.tensor([float(w["images"])])
+        torch.distributed.all_reduce(images, group=parallel_state.get_data_parallel_group())
+        return (w["time"] / w["iters"], a.global_batch_size * a.seq_length * w["iters"] / w["time"],
+                images.item() / w["time"], w["skipped"])
+
+    def iteration_line(self, *, iteration, consumed, lr, losses, grad_norm, skipped_total) -> None:
+        step_time, tokens_per_s, images_per_s, skipped_window = self._throughput()
+        flops_per_iter = self.flops_per_iter
         if not self.is_logging_rank:
             return
         a = self.args

@@ -6,9 +6,13 @@ Layout (see docs/ARCHITECTURE.md)::
     SAVE/iter_0001200/                        # dist_checkpointing: model(s), optimizer, scheduler, RNG
     SAVE/iter_0001200/solo_checkpoint.json    # written last: a directory without it is incomplete
 
-Every rank takes part in save and load. A checkpoint saved at one TP/PP loads at another: model and
+Every rank takes part in save and load. A checkpoint saved at one TP/PP/virtual-pipeline layout loads at
+another: megatron-core names every layer's tensors by its *global* layer number (TransformerBlock's
+``sharded_offsets``), so the stored keys do not depend on how layers are split into stages or chunks; the
+``model``/``model0``/``model1`` names of the chunks are only paths in the request dict. Model and
 distributed-optimizer state are saved in megatron-core's reshardable formats (the optimizer's
-``fully_reshardable``, gathered on DP rank 0 at save). RNG state is per (PP, TP) rank and is restored only when the layout
+``fully_reshardable``, gathered on DP rank 0 at save; loading it needs
+:func:`megatron_solo.mcore_fixes.apply` without TE/apex). RNG state is per (PP, TP) rank and is restored only when the layout
 is unchanged; other layouts start their RNG from the seed (there is no dropout in SOLO's recipe).
 """
 
@@ -22,40 +26,10 @@ from typing import Any
 
 import torch
 
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
 from megatron_solo import cpu_backend
-
-cpu_backend.ensure()
-
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
-from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
-
-def _patch_torch_adam_reshardable_load() -> None:
-    """megatron-core 0.19.2 bug, without TE/apex only: loading the distributed optimizer's
-    ``fully_reshardable`` state copies every tensor of torch Adam's per-parameter state, including
-    ``step``, from a source dict that (by design) has no ``step`` (it is restored from param_groups),
-    and fails with ``KeyError: 'step'``. Skip keys the source does not carry."""
-    from megatron.core.optimizer import distrib_optimizer as dopt
-
-    if getattr(dopt, "HAVE_APEX_OR_TE", True) or getattr(dopt.DistributedOptimizer, "_solo_patched", False):
-        return
-    original = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
-
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        state = self.optimizer.state[main_param]
-        step = state.pop("step", None)
-        try:
-            return original(self, model_param, tensors)
-        finally:
-            if step is not None:
-                state["step"] = step
-
-    dopt.DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
-    dopt.DistributedOptimizer._solo_patched = True
-
-
-_patch_torch_adam_reshardable_load()
 
 TRACKER = "latest_checkpointed_iteration.txt"
 INFO = "solo_checkpoint.json"
@@ -172,12 +146,10 @@ def _sharded_state(model_chunks, optimizer, include_optimizer: bool, include_rng
     if include_optimizer and optimizer is not None:
         if is_loading:
             _ensure_optimizer_state(optimizer)
+        # Nested per chunk: the dict keys hold *local* layer numbers, which repeat across chunks.
         model_sd = {k: v for k, v in sd.items() if k.startswith("model")}
-        merged = {}
-        for v in model_sd.values():
-            merged.update(v)
         sd["optimizer"] = optimizer.sharded_state_dict(
-            merged, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+            model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
         )
     if include_rng:
         sd["rng_state"] = _rng_sharded_object()
@@ -288,21 +260,18 @@ def load_checkpoint(
     load_optim: bool = True,
     load_rng: bool = True,
     strict: bool = True,
+    info: dict | None = None,
 ) -> dict:
     """Collective load. ``finetune`` loads weights only (iteration, optimizer, scheduler reset).
 
+    ``info``: the checkpoint's info dict when the caller has already read it (it is read once per load).
     Returns the checkpoint's info dict (``solo_checkpoint.json``) with ``path``; when ``finetune`` the
-    caller should restart at iteration 0.
+    caller should restart at iteration 0. Any number of model chunks loads any saved number.
     """
-    info = read_checkpoint_info(load_dir, iteration)
+    if info is None:
+        info = read_checkpoint_info(load_dir, iteration)
     path = info["path"]
     same_layout = info.get("layout", {}).get("tp") == _layout()["tp"] and info.get("layout", {}).get("pp") == _layout()["pp"]
-    n_saved = info.get("num_model_chunks", 1)
-    if n_saved != len(model_chunks):
-        raise CheckpointError(
-            f"{path} holds {n_saved} model chunk(s) (virtual pipeline stages) and this run builds "
-            f"{len(model_chunks)}; load it with the same --num-layers-per-virtual-pipeline-stage"
-        )
     want_optim = bool(optimizer is not None and load_optim and not finetune and info.get("has_optimizer"))
     want_rng = bool(load_rng and not finetune and same_layout)
     if load_rng and not finetune and not same_layout and torch.distributed.get_rank() == 0:
@@ -324,6 +293,25 @@ def load_checkpoint(
         _set_rng(rng[0] if isinstance(rng, list) else rng)
     if finetune:
         info = dict(info, iteration=0, consumed_train_samples=0)
+    return info
+
+
+def load_model_weights(model_chunks, info: dict) -> dict:
+    """Only the weights of the checkpoint described by ``info`` (from :func:`read_checkpoint_info`, read
+    once by the caller) into ``model_chunks``, at any TP/PP/VPP layout.
+
+    Every parameter is set to NaN first and checked after, so a weight the checkpoint lacks cannot pass
+    silently; what a weights-only load does not want (optimizer, RNG) is skipped.
+    """
+    with torch.no_grad():
+        for chunk in model_chunks:
+            for p in chunk.parameters():
+                p.fill_(float("nan"))
+    load_checkpoint(info["path"], model_chunks, info=info, load_optim=False, load_rng=False, strict=False)
+    for chunk in model_chunks:
+        for name, p in chunk.named_parameters():
+            if torch.isnan(p).any():
+                raise CheckpointError(f"{info['path']}: {name} was not in the checkpoint (or holds NaN)")
     return info
 
 
