@@ -23,9 +23,10 @@ _IGNORED_KEYS_SUFFIX = ("rotary_emb.inv_freq",)  # buffers some old exports carr
 class HFCheckpoint:
     """The safetensors tensors of a HF checkpoint directory, read one at a time (positioned reads).
 
-    :meth:`check` validates everything that can be checked without reading data: the index, that each
-    shard exists and has a valid safetensors header whose data fits in the file, and that every
-    expected tensor is present with the expected shape (no unexpected ones).
+    Nothing is read but headers until :meth:`get`: opening checks the index, that each shard exists and
+    has a valid safetensors header whose data fits in the file, and that the index agrees with the
+    shards; :meth:`check` then checks that every expected tensor is present with the expected shape
+    (and no unexpected ones).
     """
 
     def __init__(self, hf_dir: str):
