@@ -261,14 +261,18 @@ def compare_with_hf_mistral(model, batch):
     """Copy the weights into transformers' Mistral (an implementation nobody here wrote) and run both."""
     from transformers import MistralConfig, MistralForCausalLM
 
+    from megatron_solo import cpu_backend
+
     a = model_args()
-    hf = MistralForCausalLM(MistralConfig(
-        vocab_size=model.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.ffn_hidden_size,
-        num_hidden_layers=a.num_layers, num_attention_heads=a.num_attention_heads,
-        num_key_value_heads=a.num_query_groups, head_dim=a.kv_channels, max_position_embeddings=a.max_position_embeddings,
-        rms_norm_eps=a.norm_epsilon, rope_theta=float(a.rotary_base), sliding_window=a.sliding_window,
-        tie_word_embeddings=False, attn_implementation="eager",
-    )).eval()
+    with cpu_backend.suspended():  # transformers' model is built and run on plain torch
+        hf = MistralForCausalLM(MistralConfig(
+            vocab_size=model.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.ffn_hidden_size,
+            num_hidden_layers=a.num_layers, num_attention_heads=a.num_attention_heads,
+            num_key_value_heads=a.num_query_groups, head_dim=a.kv_channels,
+            max_position_embeddings=a.max_position_embeddings,
+            rms_norm_eps=a.norm_epsilon, rope_theta=float(a.rotary_base), sliding_window=a.sliding_window,
+            tie_word_embeddings=False, attn_implementation="eager",
+        )).eval()
     nq, ng, d = a.num_attention_heads, a.num_query_groups, a.kv_channels
     sd = {"model.embed_tokens.weight": model.embedding.word_embeddings.weight,
           "model.norm.weight": model.decoder.final_layernorm.weight, "lm_head.weight": model.output_layer.weight}
@@ -302,7 +306,8 @@ def compare_with_hf_mistral(model, batch):
                            doc_lengths=torch.tensor([[len(t)]]), patches=torch.zeros(0, 3072, dtype=torch.uint8))
             ours = forward(model, config, one)
             emb = model.embed_inputs(one["tokens"], one["position_ids"], one["patches"]).transpose(0, 1)
-            theirs = hf(inputs_embeds=emb, position_ids=one["position_ids"]).logits
+            with cpu_backend.suspended():
+                theirs = hf(inputs_embeds=emb, position_ids=one["position_ids"]).logits
             res[name] = (ours.clone(), theirs.clone())
     return res
 
