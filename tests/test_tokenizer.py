@@ -7,14 +7,12 @@ import pytest
 import sentencepiece as spm
 
 from megatron_solo.data.tokenizer import (
-    SOLO_IDS,
-    SOLO_SPECIAL_PIECES,
     SoloTokenizer,
     create_solo_tokenizer,
     extend_sentencepiece_model,
     mistral_tokenizer_path,
-    pad_vocab_size,
 )
+from megatron_solo.spec import SOLO_IDS, SOLO_SPECIAL_PIECES, pad_vocab_size
 
 TEXTS = [
     "A photo of a golden retriever playing in the snow.",

@@ -8,13 +8,8 @@
 import argparse
 import sys
 
-from megatron_solo.data.tokenizer import (
-    SOLO_SPECIAL_PIECES,
-    SoloTokenizer,
-    create_solo_tokenizer,
-    mistral_tokenizer_path,
-    pad_vocab_size,
-)
+from megatron_solo.data.tokenizer import SoloTokenizer, create_solo_tokenizer, mistral_tokenizer_path
+from megatron_solo.spec import SOLO_SPECIAL_PIECES, pad_vocab_size
 
 
 def main(argv=None) -> int:
