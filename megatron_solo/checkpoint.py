@@ -11,9 +11,10 @@ another: megatron-core names every layer's tensors by its *global* layer number 
 ``sharded_offsets``), so the stored keys do not depend on how layers are split into stages or chunks; the
 ``model``/``model0``/``model1`` names of the chunks are only paths in the request dict. Model and
 distributed-optimizer state are saved in megatron-core's reshardable formats (the optimizer's
-``fully_reshardable``, gathered on DP rank 0 at save; loading it needs
-:func:`megatron_solo.mcore_fixes.apply` without TE/apex). RNG state is per (PP, TP) rank and is restored only when the layout
-is unchanged; other layouts start their RNG from the seed (there is no dropout in SOLO's recipe).
+``fully_reshardable``, gathered on DP rank 0 at save; loading it without TE/apex needs
+:func:`megatron_solo.mcore_fixes.apply`). The optimizer's request is nested per chunk, because the chunks'
+dict keys hold *local* layer numbers, which repeat. RNG state is per (PP, TP) rank and is restored only
+when TP and PP are unchanged; other layouts start their RNG from the seed (no dropout in SOLO's recipe).
 """
 
 from __future__ import annotations
