@@ -23,7 +23,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_solo import checkpoint, cpu_backend, mcore_fixes, parallel
-from megatron_solo.data import build_train_valid_test_datasets
+from megatron_solo.data import build_train_valid_test_datasets, parse_data_path
 from megatron_solo.data.tokenizer import SOLO_IDS
 from megatron_solo.model import (
     build_solo_model,
@@ -388,7 +388,7 @@ def build_datasets(cfg: TrainConfig):
                                                       train_samples=train_samples, valid_samples=0, test_samples=0,
                                                       is_built_on_rank=on_rank, **common)
         valid_sets = []
-        prefixes = _blend_prefixes(cfg.valid_data_path)
+        prefixes, _ = parse_data_path(cfg.valid_data_path)  # Megatron's syntax, parsed in one place
         for prefix in prefixes:
             ds, _, _ = build_train_valid_test_datasets(prefix, split="1,0,0", train_samples=eval_samples,
                                                        valid_samples=0, test_samples=0,
@@ -399,15 +399,6 @@ def build_datasets(cfg: TrainConfig):
         " ".join(cfg.data_path), split=cfg.split, train_samples=train_samples,
         valid_samples=eval_samples if cfg.eval_iters else 0, test_samples=0, is_built_on_rank=on_rank, **common)
     return train, ([("valid", valid)] if valid is not None and cfg.eval_iters else [])
-
-
-def _blend_prefixes(words):
-    words = " ".join(words).split()
-    try:
-        float(words[0])
-        return words[1::2]
-    except ValueError:
-        return words
 
 
 def main(argv=None) -> int:
