@@ -26,11 +26,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import psutil  # noqa: E402
-import torch  # noqa: E402
+import psutil
+import torch
 
 
 def run(cmd):

@@ -17,7 +17,6 @@ import base64
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,8 +24,6 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def make_corpus(path, n):
@@ -110,9 +107,9 @@ def timed(fn, *a):
 
 
 def rss_of_tool(corpus, prefix, tokenizer_model):
-    code = ("import sys, resource; sys.path.insert(0, %r); from megatron_solo.data.preprocess import *; "
+    code = ("import resource; from megatron_solo.data.preprocess import *; "
             "preprocess(PreprocessConfig(inputs=[%r], output_prefix=%r, tokenizer_model=%r, progress=False, overwrite=True)); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % (ROOT, corpus, prefix, tokenizer_model)
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % (corpus, prefix, tokenizer_model)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return int(out.strip().splitlines()[-1]) / 1024  # MiB
 

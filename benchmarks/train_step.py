@@ -24,15 +24,12 @@ one of our steps.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
 
 # ------------------------------------------------------------------------------------------ batches

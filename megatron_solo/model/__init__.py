@@ -30,7 +30,8 @@ from megatron_solo.model.specs import (
     get_block_spec,
     get_layer_spec,
 )
-from megatron_solo.model.vision import VisionPatchEmbedding, normalize_patches
+from megatron_solo.model.vision import VisionPatchEmbedding
+from megatron_solo.spec import normalize_patches
 
 __all__ = [
     "PRESETS", "SoloModelArgs", "build_transformer_config", "check_fp8", "fp8_thd_pad_multiple",
