@@ -62,16 +62,39 @@ def test_text_encodes_as_with_the_base_model(solo_model, base_sp, text):
     assert tok.decode(tok.encode(text)) == base_sp.decode(base_sp.encode(text))
 
 
-def test_special_pieces_are_single_tokens_never_split(solo_model):
+def test_special_pieces_typed_in_text_stay_text(solo_model, base_sp):
+    """SentencePiece itself matches the USER_DEFINED pieces whole in text; SoloTokenizer.encode never
+    does: text is encoded by the base model, exactly as Mistral's tokenizer encodes it."""
     tok = SoloTokenizer(solo_model)
-    for piece in SOLO_SPECIAL_PIECES[:8] + SOLO_SPECIAL_PIECES[-3:]:
-        ids = tok.encode(piece)
-        # SentencePiece may put the word-boundary piece "▁" before a user-defined piece, never inside it.
-        core = [i for i in ids if tok.id_to_piece(i) != "▁"]
-        assert core == [tok.piece_to_id(piece)], (piece, ids)
-    mixed = tok.encode("look<vision><vpatch><vrow_sep></vision>here<|im_end|>")
-    assert [tok.id_to_piece(i) for i in mixed if i >= 32000] == [
-        "<vision>", "<vpatch>", "<vrow_sep>", "</vision>", "<|im_end|>"]
+    for piece in SOLO_SPECIAL_PIECES[:8] + SOLO_SPECIAL_PIECES[-3:] + ("<s>", "</s>", "<unk>"):
+        text = f"look{piece}here"
+        assert tok.encode(text) == base_sp.encode(text), piece
+        assert max(tok.encode(text)) < 32000
+    assert 33030 in tok.sp.encode("a<|im_end|>")  # the raw processor would have matched it
+    # without the dummy prefix: text as SentencePiece encodes it after a matched piece
+    assert tok.sp.encode("<|im_start|>user\nHi") == [tok.sp.piece_to_id("▁"), 33029] + tok.encode(
+        "user\nHi", dummy_prefix=False)
+
+
+def test_normal_piece_tokenizer_is_accepted_and_encodes_the_same(solo_model, tmp_path):
+    """SOLO's release marks its 1031 pieces NORMAL; check_solo_ids accepts both kinds and the text
+    encoding is identical (the piece type never matters downstream)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    with open(mistral_tokenizer_path(), "rb") as f:
+        data = extend_sentencepiece_model(f.read(), piece_type="NORMAL")
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(data)
+    proto = pb.ModelProto()
+    proto.ParseFromString(data)
+    assert {p.type for p in proto.pieces[32000:]} == {pb.ModelProto.SentencePiece.NORMAL}
+    normal, ours = SoloTokenizer(str(path)), SoloTokenizer(solo_model)
+    normal.check_solo_ids()
+    ours.check_solo_ids()
+    for text in TEXTS + ["<|im_start|>user\n<vpatch><loc_5></s>"]:
+        for prefix in (True, False):
+            assert normal.encode(text, prefix) == ours.encode(text, prefix)
+    assert normal.sp.encode("<|im_end|>") != ours.sp.encode("<|im_end|>")  # the raw files do differ
 
 
 def test_bos_eos_unchanged(solo_model, base_sp):

@@ -22,10 +22,18 @@ def main(argv=None) -> int:
                    help="chat/LLaVA .jsonl/.json or WebDataset .tar files (optionally .gz/.lz4/.zst)")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer-model", required=True, help="SOLO tokenizer.model (tools/create_solo_tokenizer.py)")
-    p.add_argument("--format", choices=("pretrain", "chat"), default="pretrain")
+    p.add_argument("--format", choices=("pretrain", "chat"), default="pretrain",
+                   help="pretrain: BOS + parts, no template (SOLO's pre-training); chat: turns in --chat-template")
+    p.add_argument("--chat-template", choices=("chatml", "solo-inst"), default="chatml",
+                   help="with --format chat: chatml (<|im_start|>role ... <|im_end|>; the default) or solo-inst "
+                        "(SOLO-7B's released [INST] ... [/INST] instruction format); docs/DATA_FORMAT.md")
+    p.add_argument("--allow-image-placeholder-mismatch", action="store_true",
+                   help="LLaVA records: let a single image fill every '<image>' and stand in gpt turns "
+                        "(default: such records are skipped as image_placeholder_mismatch / image_in_assistant_turn)")
     p.add_argument("--seq-length", type=int, default=None, help="pack greedily into sequences of this length")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--image-root", default=None, help="directory image paths are relative to")
+    p.add_argument("--image-root", default=None,
+                   help="directory relative image paths are read from (default: the current working directory)")
     p.add_argument("--no-exif-transpose", action="store_true", help="ignore EXIF orientation, as SOLO did")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="skip images with more pixels (decompression bombs); default PIL's limit")
@@ -43,7 +51,8 @@ def main(argv=None) -> int:
         seq_length=a.seq_length, workers=max(1, a.workers), image_root=a.image_root,
         exif_transpose=not a.no_exif_transpose, max_image_pixels=a.max_image_pixels,
         max_error_rate=a.max_error_rate, overwrite=a.overwrite, progress=not a.no_progress,
-        use_cpp=not a.python_writer)
+        use_cpp=not a.python_writer, chat_template=a.chat_template,
+        allow_image_mismatch=a.allow_image_placeholder_mismatch)
     try:
         stats = preprocess(cfg)
     except TooManyErrors as e:

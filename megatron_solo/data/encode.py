@@ -14,10 +14,19 @@ A video is one block whose frames are separated by ``<vframe_sep>`` (:func:`vide
 
     <vision> frame_1 grid <vframe_sep> frame_2 grid ... </vision>
 
-Text runs (maximal text between two image blocks inside one message, with the chat markers of the
-``chat`` format) are encoded with one SentencePiece call each; the lone "▁" that SentencePiece's
-dummy prefix puts before a run starting with a special piece or a newline is dropped, so a chat
-document encodes exactly as its whole ChatML string would.
+Control ids only by construction: every id >= 32000 (and BOS/EOS) is placed here because the format
+calls for it (image blocks, chat markers, an explicit ``{"type": "loc", "loc": N}`` part for
+grounding). Text is always text: it is encoded by the tokenizer's base model
+(:meth:`~megatron_solo.data.tokenizer.SoloTokenizer.encode`), so a typed ``<|im_end|>``, ``<vpatch>``,
+``<loc_5>``, ``<s>`` or ``</s>`` stays plain text pieces, whichever way the tokenizer file marks SOLO's
+pieces. A text segment that starts a run (after BOS or an image block) gets SentencePiece's dummy
+prefix "▁" (dropped when it starts with a newline); one that follows a control id (``<|im_start|>``,
+``<|im_end|>``, ``<loc_N>``) gets none. So a chat document without forged markers encodes exactly as
+its whole ChatML string did through SentencePiece.
+
+Chat templates (``--chat-template``, docs/DATA_FORMAT.md): ``chatml`` (the default) and ``solo-inst``
+(what SOLO's released instruction tuning fed SOLO-7B: image blocks first, each closed with
+``<vision>``, then BOS, ``[INST] {user text.strip()} [/INST]`` per user turn, assistant text + EOS).
 """
 
 from __future__ import annotations
@@ -25,7 +34,6 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,23 +43,18 @@ from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS, image_to_patches,
 from megatron_solo.spec import (
     ASSISTANT,
     BOS_ID,
+    EOS_ID,
     IMAGE,
-    ROLE_CODES,
+    NUM_LOC_TOKENS,
     PATCH_DIM,
-    IM_END,
-    IM_START,
+    ROLE_CODES,
     SOLO_IDS,
-    SOLO_SPECIAL_PIECES,
-    VISION_END,
-    VISION_FRAME_SEP,
-    VISION_PATCH,
-    VISION_ROW_SEP,
-    VISION_START,
+    USER,
 )
 
 FORMATS = ("pretrain", "chat")
-_VISION_PIECES = (VISION_START, VISION_PATCH, VISION_ROW_SEP, VISION_FRAME_SEP, VISION_END)
-_VISION_RE = re.compile("(" + "|".join(re.escape(p) for p in _VISION_PIECES) + ")")
+CHAT_TEMPLATES = ("chatml", "solo-inst")
+B_INST, E_INST = "[INST]", "[/INST]"  # Mistral's instruction markers: plain text pieces
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "system": "system"}
 
@@ -118,6 +121,11 @@ def _parse_content(content, where: str) -> list:
             if not isinstance(url, (str, bytes)) or not url:
                 raise SkipRecord("missing_field", f"{where}: {t} part without a url")
             parts.append(("image", url))
+        elif t == "loc":  # grounding: an explicit location token <loc_N>, N in 1..1024
+            n = p.get("loc")
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= NUM_LOC_TOKENS:
+                raise SkipRecord("missing_field", f"{where}: loc part needs an int 'loc' in 1..{NUM_LOC_TOKENS}")
+            parts.append(("loc", n))
         elif t == "video":
             frames = p.get("frames")
             if not isinstance(frames, list) or not frames:
@@ -134,60 +142,68 @@ def _parse_content(content, where: str) -> list:
     return parts
 
 
-def _llava_turn(turn: dict, take_image, where: str) -> Message:
-    """One LLaVA turn; each ``<image>`` in its text takes ``take_image()`` at that place."""
-    role = _LLAVA_ROLES.get(turn.get("from"))
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def _llava_turn(turn: dict, where: str) -> tuple[str, str]:
+    role = _LLAVA_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+    if not isinstance(turn, dict):
+        raise SkipRecord("missing_field", f"{where}: a conversation turn is not an object")
     if role is None:
         raise SkipRecord("unknown_role", f"{where}: LLaVA 'from' {turn.get('from')!r}")
     value = turn.get("value")
     if not isinstance(value, str):
         raise SkipRecord("missing_field", f"{where}: LLaVA turn without a string 'value'")
-    parts = []
-    for i, piece in enumerate(value.split("<image>")):
-        if i:
-            parts.append(("image", take_image()))
-        if piece:
-            parts.append(("text", piece))
-    return Message(role, parts)
+    return role, value
 
 
-def _no_image(where: str):
-    def take():
-        raise SkipRecord("missing_field", f"{where}: '<image>' in text but no 'image' field")
+def _llava_messages(turns: list, image, where: str, allow_image_mismatch: bool = False) -> list[Message]:
+    """LLaVA turns -> messages; each ``<image>`` takes the next image at that place.
 
-    return take
+    The placeholders must match the images: a single ``image`` takes one ``<image>`` (none: it opens
+    the first human turn, LLaVA's convention), a list takes exactly one per image, no ``image`` takes
+    none; and no image stands in an assistant turn. Otherwise the record is skipped
+    (``image_placeholder_mismatch`` / ``image_in_assistant_turn``). ``allow_image_mismatch``
+    (``--allow-image-placeholder-mismatch``) keeps the old lenient reading: a single image fills every
+    ``<image>`` and assistant turns may hold one (a list must still match one to one).
+    """
+    pairs = [_llava_turn(t, where) for t in turns]
+    counts = [v.count(IMAGE_PLACEHOLDER) for _, v in pairs]
+    total = sum(counts)
+    if not allow_image_mismatch and any(c and r == "assistant" for (r, _), c in zip(pairs, counts)):
+        raise SkipRecord("image_in_assistant_turn", f"{where}: '<image>' in a gpt/assistant turn")
+    if image is None:
+        images = []
+    elif isinstance(image, list):
+        images = list(image)
+    else:
+        images = [image] * max(total, 1) if allow_image_mismatch else [image]
+    if total != len(images) and not (total == 0 and len(images) == 1 and not isinstance(image, list)):
+        raise SkipRecord("image_placeholder_mismatch",
+                         f"{where}: {total} '<image>' placeholder(s) for {len(images) if image is not None else 0} "
+                         "image(s)")
+    msgs, k = [], 0
+    for role, value in pairs:
+        parts = []
+        for i, piece in enumerate(value.split(IMAGE_PLACEHOLDER)):
+            if i:
+                parts.append(("image", images[k]))
+                k += 1
+            if piece:
+                parts.append(("text", piece))
+        msgs.append(Message(role, parts))
+    if total == 0 and images:  # LLaVA convention: no placeholder -> the image opens the first human turn
+        first = next((m for m in msgs if m.role == "user"), msgs[0])
+        first.parts.insert(0, ("image", images[0]))
+    return msgs
 
 
-def normalize_messages(record, where: str = "") -> list[Message]:
+def normalize_messages(record, where: str = "", allow_image_mismatch: bool = False) -> list[Message]:
     """Any accepted record shape -> list of :class:`Message` (raises :class:`SkipRecord`)."""
     if isinstance(record, dict) and "conversations" in record and isinstance(record["conversations"], list) \
             and record["conversations"] and isinstance(record["conversations"][0], dict) \
             and "from" in record["conversations"][0]:
-        image = record.get("image")
-        used = [False]
-        if isinstance(image, list):  # multi-image LLaVA: images fill <image> slots in order
-            pending = list(image)
-
-            def take_image():
-                if not pending:
-                    raise SkipRecord("missing_field", f"{where}: more '<image>' than images")
-                return pending.pop(0)
-        elif image is None:
-            take_image = _no_image(where)
-        else:
-            def take_image():
-                used[0] = True
-                return image
-        msgs = []
-        for turn in record["conversations"]:
-            if not isinstance(turn, dict):
-                raise SkipRecord("missing_field", f"{where}: a conversation turn is not an object")
-            msgs.append(_llava_turn(turn, take_image, where))
-        if image is not None and not used[0] and not isinstance(image, list):
-            # LLaVA convention: no placeholder -> the image opens the first human turn
-            first = next((m for m in msgs if m.role == "user"), msgs[0])
-            first.parts.insert(0, ("image", image))
-        return msgs
+        return _llava_messages(record["conversations"], record.get("image"), where, allow_image_mismatch)
     if isinstance(record, dict):
         if "messages" in record:
             record = record["messages"]
@@ -199,13 +215,12 @@ def normalize_messages(record, where: str = "") -> list[Message]:
             raise SkipRecord("missing_field", f"{where}: no 'messages', 'conversations' or 'content'")
     if not isinstance(record, list):
         raise SkipRecord("missing_field", f"{where}: a document must be a list of messages")
+    if record and all(isinstance(m, dict) and "from" in m and "role" not in m for m in record):
+        return _llava_messages(record, None, where, allow_image_mismatch)  # bare LLaVA turns: no image
     msgs = []
     for m in record:
         if not isinstance(m, dict):
             raise SkipRecord("missing_field", f"{where}: a message is not an object")
-        if "from" in m and "role" not in m:
-            msgs.append(_llava_turn(m, _no_image(where), where))
-            continue
         role = m.get("role")
         if role is None or "content" not in m:
             raise SkipRecord("missing_field", f"{where}: a message without 'role' or 'content'")
@@ -254,48 +269,40 @@ class EncodedDocument:
 
 @dataclass
 class DocumentEncoder:
-    """Encodes normalized messages with a :class:`~megatron_solo.data.tokenizer.SoloTokenizer`."""
+    """Encodes normalized messages with a :class:`~megatron_solo.data.tokenizer.SoloTokenizer`.
+
+    ``fmt``: "pretrain" (BOS + parts, all text role assistant) or "chat" (``chat_template`` "chatml"
+    or "solo-inst"). ``allow_image_mismatch`` is read by :func:`normalize_messages` callers
+    (``preprocess.encode_record``).
+    """
 
     tokenizer: object
     fmt: str = "pretrain"
     image_root: str | None = None
     exif_transpose: bool = True
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    chat_template: str = "chatml"
+    allow_image_mismatch: bool = False
     _space_id: int = field(init=False, default=-1)
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.fmt!r}")
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(f"chat template must be one of {CHAT_TEMPLATES}, got {self.chat_template!r}")
         self._space_id = self.tokenizer.piece_to_id("▁")
-        self._specials = tuple(SOLO_SPECIAL_PIECES)
 
     # text ----------------------------------------------------------------------------------
-    def encode_run(self, text: str) -> list[int]:
-        """One text run -> ids (see the module docstring for the dummy-prefix rule)."""
+    def encode_text(self, text: str, after_control: bool = False) -> list[int]:
+        """Text -> ids of text pieces only. ``after_control``: the text follows a control id in the same
+        run (no dummy prefix); else it starts a run (dummy "▁", dropped before a leading newline)."""
         if not text:
             return []
-        out: list[int] = []
-        for i, chunk in enumerate(_VISION_RE.split(text)):
-            if not chunk:
-                continue
-            if i % 2:  # literal "<vision>"-like text in content: spell it out, never a vision token
-                out.extend(self._spell(chunk))
-            else:
-                ids = self.tokenizer.encode(chunk)
-                if ids and ids[0] == self._space_id and (chunk[0] == "\n" or chunk.startswith(self._specials)):
-                    ids = ids[1:]
-                out.extend(ids)
-        return out
-
-    def _spell(self, piece: str) -> list[int]:
-        sp = self.tokenizer.sp
-        ids = []
-        for ch in piece:
-            i = sp.piece_to_id(ch)
-            if i == sp.unk_id():
-                ids.extend(sp.piece_to_id(f"<0x{b:02X}>") for b in ch.encode("utf-8"))
-            else:
-                ids.append(i)
+        if after_control:
+            return self.tokenizer.encode(text, dummy_prefix=False)
+        ids = self.tokenizer.encode(text)
+        if ids and ids[0] == self._space_id and text[0] == "\n":
+            ids = ids[1:]
         return ids
 
     # images --------------------------------------------------------------------------------
@@ -304,15 +311,30 @@ class DocumentEncoder:
         img = load_image(data, exif_transpose=self.exif_transpose, max_image_pixels=self.max_image_pixels)
         return image_to_patches(img)
 
+    def _vision_block(self, kind, value, patches: list) -> tuple[np.ndarray, int]:
+        """(block tokens, number of images) of an image or video part; appends its patches."""
+        if kind == "image":
+            p, r, c = self.load_patches(value)
+            patches.append(p)
+            return image_block_tokens(r, c), 1
+        grids = []
+        for frame in value:
+            p, r, c = self.load_patches(frame)
+            patches.append(p)
+            grids.append((r, c))
+        return video_block_tokens(grids), len(grids)
+
     # documents -----------------------------------------------------------------------------
     def encode(self, messages: list[Message], where: str = "") -> EncodedDocument:
         if not messages:
             raise SkipRecord("empty_document", where)
+        if self.fmt == "chat" and self.chat_template == "solo-inst":
+            return self._encode_solo_inst(messages, where)
         chat = self.fmt == "chat"
         toks: list = []
         roles: list = []
         patches: list = []
-        n_images = n_image_tokens = 0
+        counts = {"images": 0, "image_tokens": 0}
         has_content = False
 
         def add(ids, role):
@@ -324,40 +346,110 @@ class DocumentEncoder:
         add([BOS_ID], first_role)
         for m in messages:
             role = ROLE_CODES[m.role] if chat else ASSISTANT
-            pending = f"{IM_START}{m.role}\n" if chat else ""
+            pending, after_ctl = "", False
+
+            def flush():
+                nonlocal pending
+                add(self.encode_text(pending, after_ctl), role)
+                pending = ""
+
+            if chat:
+                add([SOLO_IDS.im_start], role)
+                pending, after_ctl = f"{m.role}\n", True
             for kind, value in m.parts:
                 if kind == "text":
                     pending += value
                     has_content = has_content or bool(value.strip())
                     continue
-                add(self.encode_run(pending), role)
-                pending = ""
-                if kind == "image":
-                    p, r, c = self.load_patches(value)
-                    block = image_block_tokens(r, c)
-                    patches.append(p)
-                    n_images += 1
-                else:
-                    grids = []
-                    for frame in value:
-                        p, r, c = self.load_patches(frame)
-                        patches.append(p)
-                        grids.append((r, c))
-                        n_images += 1
-                    block = video_block_tokens(grids)
+                flush()
+                if kind == "loc":
+                    add([SOLO_IDS.loc_first + value - 1], role)
+                    after_ctl = True
+                    continue
+                block, n = self._vision_block(kind, value, patches)
                 add(block, IMAGE)
-                n_image_tokens += len(block)
+                counts["images"] += n
+                counts["image_tokens"] += len(block)
+                after_ctl = False
                 has_content = True
+            flush()
             if chat:
-                pending += f"{IM_END}\n"
-            add(self.encode_run(pending), role)
+                add([SOLO_IDS.im_end], role)
+                add(self.encode_text("\n", after_control=True), role)
         if not has_content:
             raise SkipRecord("empty_document", where)
-        tokens = np.concatenate(toks)
+        return self._document(toks, roles, patches, counts)
+
+    def _encode_solo_inst(self, messages: list[Message], where: str) -> EncodedDocument:
+        """SOLO's released instruction format (SOLO_SPEC "solo-inst"): every image block first, closed
+        with ``<vision>``; BOS; ``[INST] {text.strip()} [/INST]`` per user turn (an image's adjacent
+        newline removed: the one after it, else the one before it), assistant text + EOS. Each piece is
+        encoded on its own (dummy prefix, no BOS/EOS). A system message's text opens the first user
+        turn, followed by a blank line (Mistral's habit; SOLO's data had none)."""
+        toks: list = []
+        roles: list = []
+        patches: list = []
+        counts = {"images": 0, "image_tokens": 0}
+
+        def add(ids, role):
+            if len(ids):
+                toks.append(np.asarray(ids, dtype=np.int32))
+                roles.append(np.full(len(ids), role, dtype=np.uint8))
+
+        turns, system = [], []
+        for m in messages:
+            texts, parts = [], list(m.parts)
+            for i in range(len(parts)):
+                kind, value = parts[i]
+                if kind == "text":
+                    texts.append(value)
+                    continue
+                if kind == "loc":
+                    raise SkipRecord("unknown_part_type", f"{where}: loc parts need --chat-template chatml")
+                if m.role != "user":
+                    raise SkipRecord("image_in_assistant_turn",
+                                     f"{where}: solo-inst places images only in user turns, found one in {m.role}")
+                block, n = self._vision_block(kind, value, patches)
+                block = block.copy()
+                block[-1] = SOLO_IDS.vision_start  # as SOLO's SFT code closed its images
+                add(block, IMAGE)
+                counts["images"] += n
+                counts["image_tokens"] += len(block)
+                nxt = parts[i + 1] if i + 1 < len(parts) else None
+                if nxt and nxt[0] == "text" and nxt[1].startswith("\n"):
+                    parts[i + 1] = ("text", nxt[1][1:])
+                elif texts and texts[-1].endswith("\n"):
+                    texts[-1] = texts[-1][:-1]
+            text = "".join(texts)
+            if m.role == "system":
+                system.append(text)
+            else:
+                turns.append((m.role, text))
+        if not turns:
+            raise SkipRecord("empty_document", f"{where}: solo-inst needs a user or assistant turn")
+        if system:
+            first_user = next((k for k, (r, _) in enumerate(turns) if r == "user"), None)
+            if first_user is None:
+                raise SkipRecord("empty_document", f"{where}: a system message without a user turn")
+            turns[first_user] = ("user", "\n\n".join(system) + "\n\n" + turns[first_user][1])
+        add([BOS_ID], USER)
+        has_content = counts["images"] > 0
+        for role, text in turns:
+            has_content = has_content or bool(text.strip())
+            if role == "user":
+                add(self.tokenizer.encode(f"{B_INST} {text.strip()} {E_INST}"), USER)
+            else:
+                add(self.tokenizer.encode(text) + [EOS_ID], ASSISTANT)
+        if not has_content:
+            raise SkipRecord("empty_document", where)
+        return self._document(toks, roles, patches, counts)
+
+    @staticmethod
+    def _document(toks, roles, patches, counts) -> EncodedDocument:
         return EncodedDocument(
-            tokens=tokens,
+            tokens=np.concatenate(toks),
             roles=np.concatenate(roles),
             patches=np.concatenate(patches) if patches else np.zeros((0, PATCH_DIM), np.uint8),
-            n_images=n_images,
-            n_image_tokens=n_image_tokens,
+            n_images=counts["images"],
+            n_image_tokens=counts["image_tokens"],
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 SKIP_REASONS = {
     "invalid_json": "the line/file is not valid JSON",
     "missing_field": "a required field (messages, role, content, url, ...) is missing or has the wrong type",
-    "unknown_part_type": "a content part has a type other than text / image_url / video",
+    "unknown_part_type": "a content part has a type other than text / image_url / video / loc",
     "unknown_role": "a message role other than system / user / assistant (human / gpt / system for LLaVA)",
     "bad_base64": "a data URL whose base64 payload does not decode",
     "unsupported_url": "an image URL that is neither a data URL nor a local path (nothing is downloaded)",
@@ -16,6 +16,8 @@ SKIP_REASONS = {
     "decompression_bomb": "more pixels than --max-image-pixels (PIL's decompression-bomb limit)",
     "empty_document": "a document with no text and no image",
     "bad_sample": "a tar sample without an image or without text",
+    "image_placeholder_mismatch": "a LLaVA record whose '<image>' placeholders do not match its images",
+    "image_in_assistant_turn": "an image in an assistant (gpt) turn (LLaVA placeholder, or any image with solo-inst)",
 }
 
 

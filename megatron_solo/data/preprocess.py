@@ -48,6 +48,8 @@ class PreprocessConfig:
     overwrite: bool = False
     progress: bool = True
     use_cpp: bool = True
+    chat_template: str = "chatml"
+    allow_image_mismatch: bool = False
 
 
 class TooManyErrors(RuntimeError):
@@ -151,7 +153,8 @@ def _tar_messages(sample: dict, where: str) -> list:
 _ENCODER: Optional[DocumentEncoder] = None
 
 
-def _init_worker(tokenizer_model, fmt, image_root, exif_transpose, max_image_pixels):
+def _init_worker(tokenizer_model, fmt, image_root, exif_transpose, max_image_pixels, chat_template="chatml",
+                 allow_image_mismatch=False):
     global _ENCODER
     from megatron_solo.data.tokenizer import SoloTokenizer
 
@@ -160,7 +163,8 @@ def _init_worker(tokenizer_model, fmt, image_root, exif_transpose, max_image_pix
     tok = SoloTokenizer(tokenizer_model)
     tok.check_solo_ids()
     _ENCODER = DocumentEncoder(tok, fmt, image_root=image_root, exif_transpose=exif_transpose,
-                               max_image_pixels=max_image_pixels)
+                               max_image_pixels=max_image_pixels, chat_template=chat_template,
+                               allow_image_mismatch=allow_image_mismatch)
 
 
 def encode_record(item):
@@ -172,9 +176,9 @@ def encode_record(item):
                 obj = json.loads(payload)
             except json.JSONDecodeError as e:
                 raise SkipRecord("invalid_json", str(e)) from None
-            msgs = normalize_messages(obj, where)
+            msgs = normalize_messages(obj, where, _ENCODER.allow_image_mismatch)
         elif kind == "obj":
-            msgs = normalize_messages(payload, where)
+            msgs = normalize_messages(payload, where, _ENCODER.allow_image_mismatch)
         else:
             msgs = _tar_messages(payload, where)
         doc = _ENCODER.encode(msgs, where)
@@ -200,7 +204,8 @@ def _chunks(it, n):
 
 def _ordered_results(records, cfg: PreprocessConfig):
     """Yield (item, result) in input order, encoding in ``cfg.workers`` processes."""
-    init_args = (cfg.tokenizer_model, cfg.fmt, cfg.image_root, cfg.exif_transpose, cfg.max_image_pixels)
+    init_args = (cfg.tokenizer_model, cfg.fmt, cfg.image_root, cfg.exif_transpose, cfg.max_image_pixels,
+                 cfg.chat_template, cfg.allow_image_mismatch)
     if cfg.workers <= 1:
         old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
         _init_worker(*init_args)
@@ -297,7 +302,9 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         stats.tokens, stats.patches = writer.n_tokens, writer.n_patches
         stats.time_s = round(time.time() - t0, 3)
         out = asdict(stats)
-        out.update(format=cfg.fmt, seq_length=cfg.seq_length, inputs=list(cfg.inputs), workers=cfg.workers,
+        out.update(format=cfg.fmt, chat_template=cfg.chat_template if cfg.fmt == "chat" else None,
+                   allow_image_placeholder_mismatch=cfg.allow_image_mismatch, seq_length=cfg.seq_length,
+                   inputs=list(cfg.inputs), workers=cfg.workers,
                    exif_transpose=cfg.exif_transpose, skip_reasons=SKIP_REASONS)
         writer.finalize(out)
         return out

@@ -26,8 +26,12 @@ def label_loss_mask(labels: np.ndarray, label_roles: np.ndarray, label_valid: np
     """Loss mask over *label* positions (the token being predicted).
 
     A label counts when it is valid (inside the same document as its input token, not padding),
-    its role is a trained role (never IMAGE), and its id is a plain text piece (< ``SOLO_IDS.first_special``, 32000).
-    Arrays are any matching shape; returns float32 of that shape.
+    its role is a trained role (never IMAGE), and its id is a plain text piece (< ``SOLO_IDS.first_special``,
+    32000; EOS is one, so solo-inst's answer-closing ``</s>`` is trained), with SOLO_SPEC's one exception:
+    ``<|im_end|>`` in a trained-role turn (the stop token that closes an assistant turn in ChatML)
+    carries loss, so a tuned model learns to stop. Every other id >= 32000 (vision markers,
+    ``<|im_start|>``, location tokens) never does. Arrays are any matching shape; returns float32.
     """
     roles = np.isin(label_roles, trained_roles(loss_role))
-    return (label_valid & roles & (labels < SOLO_IDS.first_special)).astype(np.float32)
+    ids = (labels < SOLO_IDS.first_special) | (labels == SOLO_IDS.im_end)
+    return (label_valid & roles & ids).astype(np.float32)

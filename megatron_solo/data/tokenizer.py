@@ -3,7 +3,11 @@
 The pieces are appended to the model proto itself, as SOLO did, so plain ``sentencepiece`` and the
 training code see the same ids (``../shared/SOLO_SPEC.md``; the ids and pieces are in
 :mod:`megatron_solo.spec`): ``<vision>``=32000 ... ``<loc_1024>``=33028, ``<|im_start|>``=33029, ``<|im_end|>``=33030.
-They are USER_DEFINED pieces: SentencePiece never splits them and matches them whole in text.
+This project writes them as USER_DEFINED pieces; SOLO's release wrote them as NORMAL pieces. Nothing
+depends on that: text is always encoded by the 32000-piece base model inside the file
+(:meth:`SoloTokenizer.encode`), so a ``<|im_end|>`` or ``<vpatch>`` typed in text stays plain text pieces
+whichever way the file marks them, and ids >= 32000 enter a sample only where the encoder places them
+(``megatron_solo.data.encode``).
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ from megatron_solo.spec import (
 )
 
 
-def extend_sentencepiece_model(base_model_bytes: bytes) -> bytes:
-    """Append SOLO's pieces to a serialized SentencePiece model; return the new serialized model."""
+def extend_sentencepiece_model(base_model_bytes: bytes, piece_type: str = "USER_DEFINED") -> bytes:
+    """Append SOLO's pieces to a serialized SentencePiece model; return the new serialized model.
+
+    ``piece_type``: "USER_DEFINED" (this project's tool) or "NORMAL" (how SOLO's release built its file).
+    """
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
     proto = sp_pb2.ModelProto()
@@ -46,7 +53,7 @@ def extend_sentencepiece_model(base_model_bytes: bytes) -> bytes:
         new = proto.pieces.add()
         new.piece = piece
         new.score = 0.0
-        new.type = sp_pb2.ModelProto.SentencePiece.USER_DEFINED
+        new.type = getattr(sp_pb2.ModelProto.SentencePiece, piece_type)
     return proto.SerializeToString()
 
 
@@ -64,6 +71,21 @@ def create_solo_tokenizer(base_model: str, output_dir: str) -> str:
     return out
 
 
+def text_only_processor(model_path: str, dummy_prefix: bool = True):
+    """A SentencePiece processor of the file's first 32000 pieces (the base model): SOLO's pieces are
+    dropped, so no text can ever encode to one of them. The ids of text pieces are the file's."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    with open(model_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    del proto.pieces[BASE_VOCAB_SIZE:]
+    proto.trainer_spec.vocab_size = BASE_VOCAB_SIZE
+    proto.normalizer_spec.add_dummy_prefix = dummy_prefix
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
 class SoloTokenizer:
     """SentencePiece wrapper with SOLO's ids and Megatron's padded vocabulary size."""
 
@@ -75,6 +97,7 @@ class SoloTokenizer:
         self.model_path = model_path
         self.sp = spm.SentencePieceProcessor(model_file=model_path)
         self.ids = SOLO_IDS
+        self._text_sps: dict = {}
 
     @property
     def vocab_size(self) -> int:
@@ -84,7 +107,8 @@ class SoloTokenizer:
         return pad_vocab_size(self.vocab_size, tensor_model_parallel_size, divisible_by)
 
     def check_solo_ids(self) -> None:
-        """Raise unless this model carries SOLO's pieces at SOLO's ids."""
+        """Raise unless this model carries SOLO's pieces at SOLO's ids (as USER_DEFINED pieces, as this
+        project writes them, or as NORMAL pieces, as SOLO's release did: both are accepted)."""
         if self.vocab_size != SOLO_VOCAB_SIZE:
             raise ValueError(
                 f"{self.model_path}: {self.vocab_size} pieces, a SOLO tokenizer has {SOLO_VOCAB_SIZE}; "
@@ -98,9 +122,17 @@ class SoloTokenizer:
             raise ValueError(f"{self.model_path}: BOS/EOS are {self.sp.bos_id()}/{self.sp.eos_id()}, "
                              f"expected {BOS_ID}/{EOS_ID}")
 
-    def encode(self, text: str) -> list[int]:
-        """Plain text to ids, without BOS/EOS."""
-        return self.sp.encode(text)
+    def encode(self, text: str, dummy_prefix: bool = True) -> list[int]:
+        """Text to ids of text pieces only (< 32000), without BOS/EOS, whatever the text spells.
+
+        ``dummy_prefix=False`` leaves out SentencePiece's leading "▁": text that continues after a
+        control id is encoded as SentencePiece encodes it in context after a matched piece."""
+        return self._text_sp(dummy_prefix).encode(text)
+
+    def _text_sp(self, dummy_prefix: bool):
+        if dummy_prefix not in self._text_sps:
+            self._text_sps[dummy_prefix] = text_only_processor(self.model_path, dummy_prefix)
+        return self._text_sps[dummy_prefix]
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])

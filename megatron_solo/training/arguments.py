@@ -243,5 +243,6 @@ def parse_args(argv=None):
     try:
         return build_train_config(args)
     except ArgumentError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank finds the same mistake; one says it
+            print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -22,7 +22,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_solo import checkpoint, cpu_backend, mcore_fixes, parallel
+from megatron_solo import checkpoint, cpu_backend, mcore_fixes, parallel, quiet
 from megatron_solo.data import build_train_valid_test_datasets, parse_data_path
 from megatron_solo.data.tokenizer import SOLO_IDS
 from megatron_solo.model import (
@@ -76,6 +76,7 @@ def setup_parallel(cfg: TrainConfig) -> TrainingLogger:
     log.info(f"megatron_solo: world {cfg.world_size} = TP {cfg.tensor_model_parallel_size} x PP "
              f"{cfg.pipeline_model_parallel_size} x DP {cfg.data_parallel_size}; backend "
              f"{'CPU/gloo' if cpu_backend.is_active() else 'CUDA/nccl'}; {memory_report()}", all_ranks_first=True)
+    log.info(quiet.local_layers_note(cfg.use_te))
     return log
 
 

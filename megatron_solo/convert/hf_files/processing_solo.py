@@ -14,12 +14,22 @@ implements SOLO's image rules (arXiv 2407.06438; this project's SOLO_SPEC):
 An image of R x C patches becomes the tokens ``<vision>``, then per row ``<vpatch>`` x C with one
 ``<vrow_sep>`` between rows, then ``</vision>``.
 
+Control ids only by construction: text is always encoded by the tokenizer's 32000-piece base model,
+so ``<vpatch>``, ``<|im_end|>``, ``<loc_5>``, ``<s>`` typed in a prompt stay plain text; image blocks and
+chat markers are placed by the processor; a location token is asked for explicitly with a part
+``{"type": "loc", "loc": N}``. The same rules as the training data (megatron_solo.data.encode).
+
+Chat templates (``template=``): "chatml" (``<|im_start|>{role}\n`` + content + ``<|im_end|>\n``; the
+model stops at ``<|im_end|>``) and "solo-inst" (SOLO-7B's released instruction format: image blocks
+first, each closed with ``<vision>``; BOS; ``[INST] {text.strip()} [/INST]`` per user turn; answers
+end with ``</s>``).
+
 Usage::
 
     processor = SoloProcessor.from_pretrained(hf_dir)
     inputs = processor([image, "What is in this image?"])            # pre-training style: BOS + parts
     inputs = processor.chat([{"role": "user", "content": [image, "Describe it."]}])  # chat turns
-    out = model.generate(**inputs, max_new_tokens=32)
+    out = model.generate(**inputs, max_new_tokens=32)                 # stops at <|im_end|> / </s>
 """
 
 from __future__ import annotations
@@ -37,7 +47,9 @@ IMAGE_STD = (0.229, 0.224, 0.225)
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 BASE_VOCAB_SIZE = 32000  # ids from here on are SOLO's pieces: <vision>=32000 ... <|im_end|>=33030
-VISION_START_ID, IM_END_ID = 32000, 33030
+VISION_START_ID, IM_START_ID, IM_END_ID = 32000, 33029, 33030
+LOC_FIRST_ID, NUM_LOC_TOKENS = 32005, 1024  # <loc_1> .. <loc_1024>
+CHAT_TEMPLATES = ("chatml", "solo-inst")
 VISION_START, VISION_PATCH, VISION_ROW_SEP, VISION_END = "<vision>", "<vpatch>", "<vrow_sep>", "</vision>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -118,6 +130,21 @@ def normalize_patches(patches) -> torch.Tensor:
     return ((x.view(n, 3, -1) - mean) / std).view(n, -1)
 
 
+def _text_only_processor(tokenizer_model: str, dummy_prefix: bool):
+    """SentencePiece over the file's first 32000 pieces: no text can become one of SOLO's ids,
+    whether the file marks them USER_DEFINED or NORMAL."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    with open(tokenizer_model, "rb") as f:
+        proto.ParseFromString(f.read())
+    del proto.pieces[BASE_VOCAB_SIZE:]
+    proto.trainer_spec.vocab_size = BASE_VOCAB_SIZE
+    proto.normalizer_spec.add_dummy_prefix = dummy_prefix
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
 class SoloProcessor:
     """Tokenizer (the extended SentencePiece ``tokenizer.model``) plus SOLO's image rules."""
 
@@ -129,11 +156,12 @@ class SoloProcessor:
         self.sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
         self.ids = {p: self.sp.piece_to_id(p) for p in
                     (VISION_START, VISION_PATCH, VISION_ROW_SEP, VISION_END, IM_START, IM_END)}
-        self._space_id = self.sp.piece_to_id("\u2581")
-        self._specials = tuple(self.sp.id_to_piece(i) for i in range(BASE_VOCAB_SIZE, self.sp.get_piece_size()))
         if self.ids[VISION_START] != VISION_START_ID or self.ids[IM_END] != IM_END_ID:
             raise ValueError(f"{tokenizer_model} is not a SOLO tokenizer (no <vision>={VISION_START_ID} ... "
                              f"<|im_end|>={IM_END_ID})")
+        self._text = {True: _text_only_processor(tokenizer_model, True),
+                      False: _text_only_processor(tokenizer_model, False)}
+        self._space_id = self.sp.piece_to_id("\u2581")
 
     @classmethod
     def from_pretrained(cls, path: str) -> "SoloProcessor":
@@ -148,30 +176,40 @@ class SoloProcessor:
         ids.append(self.ids[VISION_END])
         return ids
 
-    def encode_text(self, text: str) -> list[int]:
-        """One run of text -> ids, as the training data was encoded: SentencePiece adds a dummy "▁" in
-        front of every run; it is dropped when the run starts with a newline or a special piece."""
+    def encode_text(self, text: str, after_control: bool = False) -> list[int]:
+        """Text -> ids of text pieces only, as the training data was encoded: text that starts a run
+        (after BOS or an image) gets SentencePiece's dummy "▁" (dropped before a leading newline);
+        text that follows a control id (``<|im_start|>``, ``<|im_end|>``, ``<loc_N>``) gets none."""
         if not text:
             return []
-        ids = self.sp.encode(text)
-        if ids and ids[0] == self._space_id and (text[0] == "\n" or text.startswith(self._specials)):
+        ids = self._text[not after_control].encode(text)
+        if not after_control and ids and ids[0] == self._space_id and text[0] == "\n":
             ids = ids[1:]
         return ids
 
-    def encode_parts(self, parts, prefix: str = "", suffix: str = "") -> tuple[list[int], list[np.ndarray]]:
-        """Text and PIL images, in order -> (token ids, uint8 patch arrays). Consecutive text (with
-        ``prefix`` before and ``suffix`` after) forms one run, as in the training documents."""
-        ids, patches, pending = [], [], prefix
+    def encode_parts(self, parts, prefix_ids=(), after_control: bool = False):
+        """Text, PIL images and ``{"type": "loc", "loc": N}`` parts, in order -> (token ids, uint8 patch
+        arrays). Consecutive text forms one run, as in the training documents."""
+        ids, patches, pending = list(prefix_ids), [], ""
         for part in parts:
             if isinstance(part, str):
                 pending += part
                 continue
-            ids.extend(self.encode_text(pending))
+            ids.extend(self.encode_text(pending, after_control))
             pending = ""
+            if isinstance(part, dict):
+                n = part.get("loc") if part.get("type") == "loc" else None
+                if not isinstance(n, int) or not 1 <= n <= NUM_LOC_TOKENS:
+                    raise ValueError(f"unknown part {part!r}: parts are text, PIL images or "
+                                     f"{{'type': 'loc', 'loc': 1..{NUM_LOC_TOKENS}}}")
+                ids.append(LOC_FIRST_ID + n - 1)
+                after_control = True
+                continue
             p, rows, cols = image_to_patches(part)
             ids.extend(self.image_token_ids(rows, cols))
             patches.append(p)
-        ids.extend(self.encode_text(pending + suffix))
+            after_control = False
+        ids.extend(self.encode_text(pending, after_control))
         return ids, patches
 
     def _pack(self, ids, patches) -> dict[str, torch.Tensor]:
@@ -189,22 +227,63 @@ class SoloProcessor:
         ids, patches = self.encode_parts(parts)
         return self._pack(([BOS_ID] if add_bos else []) + ids, patches)
 
-    def chat(self, messages, add_generation_prompt: bool = True) -> dict[str, torch.Tensor]:
-        """Chat format: ``<|im_start|>{role}\\n`` + content + ``<|im_end|>\\n`` per turn.
+    def chat(self, messages, add_generation_prompt: bool = True, template: str = "chatml") -> dict[str, torch.Tensor]:
+        """Chat turns -> model inputs, token for token as the training data of ``template`` was made.
 
         ``content`` is a string or a list of parts (text or PIL images). With ``add_generation_prompt``
-        the assistant turn is opened for the model to complete.
+        the assistant turn is opened for the model to complete (chatml: ``<|im_start|>assistant\n``;
+        solo-inst: nothing, the prompt ends with ``[/INST]``).
         """
+        if template not in CHAT_TEMPLATES:
+            raise ValueError(f"template must be one of {CHAT_TEMPLATES}, got {template!r}")
+        if template == "solo-inst":
+            return self._pack(*self._solo_inst(messages))
         ids, patches = [BOS_ID], []
         for m in messages:
             content = m["content"] if isinstance(m["content"], list) else [m["content"]]
-            turn_ids, turn_patches = self.encode_parts(content, prefix=f"{IM_START}{m['role']}\n",
-                                                       suffix=f"{IM_END}\n")
-            ids.extend(turn_ids)
+            turn_ids, turn_patches = self.encode_parts([f"{m['role']}\n", *content], prefix_ids=[IM_START_ID],
+                                                       after_control=True)
+            ids.extend(turn_ids + [IM_END_ID] + self.encode_text("\n", after_control=True))
             patches.extend(turn_patches)
         if add_generation_prompt:
-            ids.extend(self.encode_text(f"{IM_START}assistant\n"))
+            ids.extend([IM_START_ID] + self.encode_text("assistant\n", after_control=True))
         return self._pack(ids, patches)
+
+    def _solo_inst(self, messages):
+        """SOLO's released instruction format (see the module docstring). An image's adjacent newline
+        (the one after it, else the one before it) is removed; a system message's text opens the first
+        user turn, followed by a blank line."""
+        blocks, patches, turns, system = [], [], [], []
+        for m in messages:
+            parts = list(m["content"]) if isinstance(m["content"], list) else [m["content"]]
+            texts = []
+            for i, part in enumerate(parts):
+                if isinstance(part, str):
+                    texts.append(part)
+                    continue
+                if isinstance(part, dict) or m["role"] != "user":
+                    raise ValueError("solo-inst takes text in every turn and images in user turns only")
+                p, rows, cols = image_to_patches(part)
+                blocks.extend(self.image_token_ids(rows, cols)[:-1] + [VISION_START_ID])
+                patches.append(p)
+                if i + 1 < len(parts) and isinstance(parts[i + 1], str) and parts[i + 1].startswith("\n"):
+                    parts[i + 1] = parts[i + 1][1:]
+                elif texts and texts[-1].endswith("\n"):
+                    texts[-1] = texts[-1][:-1]
+            if m["role"] == "system":
+                system.append("".join(texts))
+            else:
+                turns.append((m["role"], "".join(texts)))
+        if system:
+            k = next(k for k, (r, _) in enumerate(turns) if r == "user")
+            turns[k] = ("user", "\n\n".join(system) + "\n\n" + turns[k][1])
+        ids = blocks + [BOS_ID]
+        for role, text in turns:
+            if role == "user":
+                ids.extend(self._text[True].encode(f"[INST] {text.strip()} [/INST]"))
+            else:
+                ids.extend(self._text[True].encode(text) + [EOS_ID])
+        return ids, patches
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
