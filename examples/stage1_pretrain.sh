@@ -2,8 +2,13 @@
 # SOLO stage 1: build visual features from scratch on ImageNet-21k ("image, then class name")
 # plus ~30% text. Starts from INIT_CKPT (a Mistral converted with
 # `tools/convert_checkpoint.py hf-to-megatron`), or from scratch when INIT_CKPT is empty.
+# Checkpoints:
+#   STAGE1_CKPT (default checkpoints/stage1)  --save; resumed when it already holds a checkpoint
+#   INIT_CKPT (default: none)                 --load --finetune: the converted Mistral to start from
+# Example (full scale; PRESET=tiny and a small DATA_PATH make it a CPU run of minutes):
 #   DATA_PATH="0.7 data/in21k 0.3 data/slimpajama" TOKENIZER_MODEL=tok/tokenizer.model \
 #   INIT_CKPT=checkpoints/mistral-init TRAIN_ITERS=... bash examples/stage1_pretrain.sh
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
+SAVE_VAR=STAGE1_CKPT INIT_VAR=INIT_CKPT  # named in error lines
 run_phase "stage 1 pre-training" "${STAGE1_CKPT:-checkpoints/stage1}" "${INIT_CKPT:-}" "$@"

@@ -169,8 +169,8 @@ class SoloDataset(MegatronDataset):
         if want == 0:
             return np.zeros(0, np.int64)
         if n == 0:
-            raise ValueError(f"{self.dataset_path}: the {self.index_split.name} split holds no packs "
-                             f"but {want} samples were requested")
+            raise DataSplitError(empty_split_message(self.dataset_path, self.index_split.name,
+                                                     getattr(self.config, "split", None), len(self.dataset), want))
         epochs = math.ceil(want / n)
         out = []
         for epoch in range(epochs):
@@ -185,6 +185,41 @@ class SoloDataset(MegatronDataset):
         pack = int(self.sample_index[idx])
         segments = self.dataset.pack(pack, max_tokens=self.config.sequence_length + 1)
         return build_sample(segments, self.config.sequence_length, self.loss_role)
+
+
+class DataSplitError(ValueError):
+    """A split the run reads holds no packs of a prefix (too little data for --split)."""
+
+
+def split_pack_counts(num_packs: int, split: str) -> list[int]:
+    """Packs of a prefix in each of (train, valid, test): megatron-core's rule
+    (BlendedMegatronDatasetBuilder: split bounds ``round(bound * num_packs)``), applied per prefix."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    return [0 if m is None else int(round(m[1] * num_packs)) - int(round(m[0] * num_packs)) for m in matrix]
+
+
+def empty_split_message(prefix, split_name: str, split: Optional[str], num_packs: int, requested: int) -> str:
+    """One line: which split is empty, how many packs the prefix has, and the two fixes."""
+    of_split = f" of --split {split}" if split else ""
+    return (f"{prefix}: the {split_name} split{of_split} holds no packs (the prefix has {num_packs} packs; "
+            f"{requested} {split_name} samples are needed); use --split 100,0,0 to train on every pack "
+            f"without validation, or --valid-data-path PREFIX to validate on a separate prefix")
+
+
+def check_split_sizes(data_path, split: str, train_samples: int = 1, valid_samples: int = 0) -> None:
+    """Raise :class:`DataSplitError` when a split the run reads holds no packs of some prefix."""
+    prefixes, _ = parse_data_path(data_path)
+    for prefix in prefixes:
+        num_packs = len(SoloIndexedDataset(prefix))
+        counts = split_pack_counts(num_packs, split)
+        for name, want, have in (("train", train_samples, counts[0]), ("valid", valid_samples, counts[1])):
+            if want and not have:
+                raise DataSplitError(empty_split_message(prefix, name, split, num_packs, want))
 
 
 def parse_data_path(data_path) -> Optional[tuple[list[str], Optional[list[float]]]]:

@@ -1,0 +1,136 @@
+"""Pre-flight of a launch: every check a run makes at start-up, in one quick process, before torchrun.
+
+``examples/common.sh`` runs ``python -m megatron_solo.training.preflight --nproc-per-node N --nnodes M
+--launcher-vars "FLAG=VAR ..." -- <the trainer's flags>`` and starts torchrun only when it exits 0, so a
+mistake is one ``error:`` line, printed once, naming the launcher variable to change, and no process
+group, torchrun agent or traceback is ever started. The checks are the trainer's own:
+
+1. the flags (:func:`megatron_solo.training.arguments.validate_args` and the resume decision), with the
+   world size torchrun would make;
+2. whether the model fits the machine (:func:`check_fits`): no GPU and SOLO-7B is refused, naming
+   ``PRESET=tiny``; on GPUs, fewer visible devices than processes per node is refused;
+3. the inputs (tokenizer, data prefixes, checkpoint shape, ``--save`` writable: ``faults.check_inputs``);
+4. that every split the run reads has packs (:func:`megatron_solo.data.dataset.check_split_sizes`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+# Bytes of training state per parameter on the device that holds it: bf16/fp32 weight, fp32 main copy
+# and gradient, Adam's two moments (Megatron-LM's accounting without the distributed optimizer's sharding).
+TRAIN_BYTES_PER_PARAM = 18
+
+
+class PreflightError(ValueError):
+    pass
+
+
+def parameter_count(m) -> int:
+    """Parameters of a SOLO model from its shape (decoder layers, embedding + output layer, patch projection)."""
+    h, f, n, g, d = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups, m.kv_channels
+    per_layer = h * (n * d + 2 * g * d) + n * d * h + 3 * h * f + 2 * h
+    return m.num_layers * per_layer + 2 * m.vocab_size * h + m.patch_dim * h + h
+
+
+def check_fits(cfg, nproc_per_node: int) -> None:
+    """Refuse a run whose model cannot fit this machine (say how much it needs and what to change)."""
+    import torch
+
+    params = parameter_count(cfg.model_args)
+    shard = params / (cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size)
+    need_gib = TRAIN_BYTES_PER_PARAM * shard * nproc_per_node / 2**30
+    if not torch.cuda.is_available():
+        import psutil
+
+        have_gib = psutil.virtual_memory().total / 2**30
+        if need_gib > 0.8 * have_gib:
+            raise PreflightError(
+                f"this machine has no GPU, and --model {cfg.model} ({params / 1e9:.1f}B parameters) needs about "
+                f"{need_gib:.0f} GiB of training state for {nproc_per_node} CPU processes; it has {have_gib:.0f} "
+                f"GiB of RAM: set PRESET=tiny for a CPU run")
+        return
+    visible = torch.cuda.device_count()
+    if visible < nproc_per_node:
+        raise PreflightError(f"{nproc_per_node} processes per node were asked for but {visible} GPU(s) are "
+                             f"visible: set GPUS_PER_NODE={visible} (or CUDA_VISIBLE_DEVICES)")
+
+
+def _with_launcher_names(msg: str, names: dict[str, str]) -> str:
+    """Append which launcher variables set the flags the message names (``--split`` -> ``SPLIT``)."""
+    found = []
+    for flag in re.findall(r"--[a-z0-9][a-z0-9-]*", msg):
+        var = names.get(flag.lstrip("-"))
+        if var and var not in found:
+            found.append(var)
+    if "world size" in msg:  # torchrun's process count against TP x PP x CP
+        found += [v for v in (names.get("tensor-model-parallel-size"), names.get("pipeline-model-parallel-size"),
+                              "GPUS_PER_NODE", "NNODES") if v and v not in found]
+    return f"{msg} (launcher: set {', '.join(found)})" if found and names else msg
+
+
+def run(nproc_per_node: int, nnodes: int, train_argv: list[str]) -> None:
+    """All pre-flight checks; raises PreflightError / ArgumentError / faults.InputError with one line."""
+    from megatron_solo.training.arguments import ArgumentError, build_parser
+    from megatron_solo.training.config import build_train_config
+
+    parser = build_parser()
+
+    def parser_error(message):  # argparse's own errors (a missing or malformed flag), as one line
+        raise ArgumentError(message)
+
+    parser.error = parser_error
+    os.environ["WORLD_SIZE"] = str(nproc_per_node * nnodes)  # what validate_args divides by TP x PP x CP
+    cfg = build_train_config(parser.parse_args(train_argv))
+    check_fits(cfg, nproc_per_node)
+    try:
+        from megatron_solo.training import faults
+    except ImportError:  # an older tree without the start-up input checks
+        faults = None
+    if faults is not None and hasattr(faults, "check_inputs"):
+        faults.check_inputs(cfg)
+    from megatron_solo.data.dataset import check_split_sizes
+
+    if not cfg.valid_data_path:
+        check_split_sizes(cfg.data_path, cfg.split, valid_samples=cfg.eval_iters * cfg.global_batch_size)
+
+
+def main(argv=None) -> int:
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()
+    ap = argparse.ArgumentParser(
+        prog="python -m megatron_solo.training.preflight",
+        description="Check a training launch in one process before torchrun starts (examples/common.sh runs it).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--nproc-per-node", type=int, default=1, help="torchrun's processes per node")
+    ap.add_argument("--nnodes", type=int, default=1, help="torchrun's node count")
+    ap.add_argument("--launcher-vars", default="",
+                    help="'flag=VARIABLE ...': name these launcher variables in error lines")
+    ap.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the trainer's flags")
+    args = ap.parse_args(argv)
+    train_argv = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    names = dict(pair.split("=", 1) for pair in args.launcher_vars.split() if "=" in pair)
+    from megatron_solo.data.dataset import DataSplitError
+    from megatron_solo.training.arguments import ArgumentError
+
+    errors: tuple = (ArgumentError, PreflightError, DataSplitError)
+    try:
+        from megatron_solo.training.faults import InputError
+
+        errors += (InputError,)
+    except ImportError:
+        pass
+    try:
+        run(args.nproc_per_node, args.nnodes, train_argv)
+    except errors as e:
+        print(f"error: {_with_launcher_names(str(e), names)}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
