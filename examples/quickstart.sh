@@ -178,7 +178,7 @@ out = sys.argv[1]
 ev = json.load(open(f"{out}/eval.json"))
 s1, sft = read_losses(f"{out}/logs/stage1.jsonl")[1], read_losses(f"{out}/logs/sft.jsonl")[1]
 print(f"   held-out accuracy: {ev['accuracy']:.1%} ({ev['correct']}/{ev['total']} digits, exported HF model, "
-      f"generate) vs chance {ev['chance']:.0%}")
+      f"generate) vs chance {ev['chance']:.0%}; {ev['stopped']}/{ev['total']} answers ended by themselves")
 print(f"   training loss: stage 1 {s1[0]:.2f} -> {s1[-1]:.2f} ({len(s1)} it), SFT {sft[0]:.2f} -> {sft[-1]:.2f} ({len(sft)} it)")
 EOF
 )
@@ -186,6 +186,6 @@ echo "== done in $(elapsed): a tiny SOLO (TP=$DEMO_TP PP=$DEMO_PP, 2 processes) 
 echo "$summary"
 echo "   loss curves:        $OUT/loss_curves.png"
 echo "   answers on digits:  $OUT/test_digits.png"
-echo "   HF export:          $OUT/hf   (python tools/generate.py --hf-dir $OUT/hf --image IMG --prompt \"Which digit is this?\" --max-new-tokens 2)"
+echo "   HF export:          $OUT/hf   (python tools/generate.py --hf-dir $OUT/hf --image IMG --prompt \"Which digit is this?\")"
 echo "   checkpoints:        $OUT/checkpoints/{stage1,sft}"
 echo "   per-example answers: $OUT/eval.json; logs: $LOGS/"

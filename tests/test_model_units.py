@@ -209,20 +209,21 @@ def test_loss_mask_rules_on_constructed_documents():
     # Labels are the next token: position t predicts toks[t+1].
     for t in range(n - 1):
         nxt, role = toks[t + 1], roles[t + 1]
-        expect = role == 2 and nxt < 32000
+        expect = role == 2 and (nxt < 32000 or nxt == SOLO_IDS.im_end)
         assert bool(m[t]) == expect, (t, nxt, role)
-    # Each rule has a case: an assistant token counts; the user turn, image tokens (patches and
-    # markers), chat markers >= 32000 (even inside the assistant turn), the last token and padding do not.
-    assert m[:n - 1].sum() == 7  # the 7 words of the assistant turn
+    # Each rule has a case: an assistant token counts, and so does the <|im_end|> closing the assistant
+    # turn (the stop token); the user turn, image tokens (patches and markers), the other chat markers
+    # >= 32000 (even inside the assistant turn), the last token and padding do not.
+    assert m[:n - 1].sum() == 7 + 1  # the 7 words of the assistant turn and its <|im_end|>
     im_end_assistant = int(np.nonzero(toks == SOLO_IDS.im_end)[0][-1])
-    assert roles[im_end_assistant] == 2 and m[im_end_assistant - 1] == 0
+    assert roles[im_end_assistant] == 2 and m[im_end_assistant - 1] == 1
     assert float(m[n - 1:].sum()) == 0.0  # the document's last token and the padding
     assert not bool(_mask_at(b, 0, lambda l: l == SOLO_IDS.vision_patch).any())
-    assert not bool(_mask_at(b, 0, lambda l: l >= 32000).any())
+    assert not bool(_mask_at(b, 0, lambda l: (l >= 32000) & (l != SOLO_IDS.im_end)).any())
     # 'all' trains every text role (the user's words too) but still never image tokens or specials.
     ball = pack([[chat]], loss_role="all")
-    assert ball["loss_mask"][0].sum() == 7 + 4  # assistant words + user words
-    assert not bool(_mask_at(ball, 0, lambda l: l >= 32000).any())
+    assert ball["loss_mask"][0].sum() == 7 + 4 + 2  # assistant words + user words + both <|im_end|>
+    assert not bool(_mask_at(ball, 0, lambda l: (l >= 32000) & (l != SOLO_IDS.im_end)).any())
     with pytest.raises(ValueError, match="unknown loss role"):
         pack([[chat]], loss_role="robot")
 

@@ -18,7 +18,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image-root", default=None, help="image paths are relative to this (default: test's dir)")
     ap.add_argument("--output-dir", required=True)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--max-new-tokens", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=8,
+                    help="upper bound; a chat answer ends by itself at <|im_end|>")
     ap.add_argument("--prompt-format", choices=["chat", "pretrain"], default="chat",
                     help="chat: the SFT question in a user turn; pretrain: BOS + image (a stage-1 model)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N test digits")
@@ -43,6 +44,7 @@ def main(argv=None) -> int:
         mark = "ok" if p["predicted"] == p["answer"] else "WRONG"
         print(f"     {p['image']}: {p['answer']:>5} -> {p['predicted']!r} (generated {p['output']!r}) {mark}")
     print(f"   wrote {png} and {os.path.join(a.output_dir, 'eval.json')}")
+    print(f"   {res['stopped']}/{res['total']} answers ended by themselves (stop token before --max-new-tokens)")
     print(f"ACCURACY {res['accuracy']:.1%} ({res['correct']}/{res['total']} held-out digits; chance {res['chance']:.0%})")
     return 0
 

@@ -2,11 +2,13 @@
 
 Only the exported directory is used: its modeling code (``trust_remote_code``) and its
 ``processing_solo.py`` (``SoloProcessor``), exactly as a user of the export would. Each test digit is
-asked the SFT question in a chat turn; greedy decoding of a few tokens gives the answer word.
+asked the SFT question in a chat turn; greedy decoding runs until the model stops by itself at
+``<|im_end|>`` (the stop token is trained in chat data; the export's ``generation_config`` stops there)
+and the answer is the whole generated text (:func:`parse_answer`). An answer that did not stop
+within ``max_new_tokens`` is counted, and is wrong unless its text is exactly the label.
 
-SOLO's loss never falls on ids >= 32000, so the model never learns to emit ``<|im_end|>``: decoding
-stops after ``max_new_tokens`` and the answer is the word the generated text starts with
-(:func:`parse_answer`).
+With ``prompt_format="pretrain"`` (a stage-1 model: image, then the label as free text, no stop token)
+the answer is the word the text starts with.
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ def first_word(text: str) -> str:
     return m.group(0).lower() if m else ""
 
 
-def parse_answer(text: str) -> str:
-    """The answer word at the start of the generated text. The model never learned to stop, so the
-    next token may continue the word without a space ("one" + "ass" of "assistant" -> "oneass"), and a
-    word may span tokens ("nine" after a newline is "n" + "ine"): a digit word that starts the text is
-    the answer (none is a prefix of another); otherwise the first run of letters."""
+STOP_IDS = (2, 33030)  # </s>, <|im_end|>: the export's generation_config.eos_token_id
+
+
+def parse_answer(text: str, prompt_format: str = "chat") -> str:
+    """Chat: the whole answer (the model stopped by itself), stripped and lower-cased.
+    Pretrain: a stage-1 model never learned to stop, so the next word may run on without a space
+    ("one" + "ass" -> "oneass"): a digit word that starts the text, else its first run of letters."""
     t = text.strip().lower()
+    if prompt_format == "chat":
+        return t
     for w in WORDS:
         if t.startswith(w):
             return w
@@ -59,11 +65,12 @@ def _batch_inputs(encoded: list[dict]):
 
 
 def evaluate(hf_dir: str, test_jsonl: str, image_root: str | None = None, *, batch_size: int = 64,
-             max_new_tokens: int = 2, limit: int | None = None, prompt_format: str = "chat",
+             max_new_tokens: int = 8, limit: int | None = None, prompt_format: str = "chat",
              progress=None) -> dict:
     """Accuracy of the exported model on the held-out digits. Returns a dict with ``accuracy``,
     ``correct``, ``total``, ``chance`` and per-example ``predictions`` (image, label, answer, output).
 
+    ``stopped`` counts the answers that ended with a stop token before ``max_new_tokens``.
     ``prompt_format``: ``"chat"`` asks the SFT question in a user turn (an instruction-tuned model);
     ``"pretrain"`` is BOS + image, the stage-1 format, whose next word is the label (a stage-1 model)."""
     import torch
@@ -91,7 +98,8 @@ def evaluate(hf_dir: str, test_jsonl: str, image_root: str | None = None, *, bat
         for r, seq in zip(chunk, out[:, prompt_len:].tolist()):
             text = processor.decode(seq)
             predictions.append({"image": r["image"], "label": int(r["label"]), "answer": r["answer"],
-                                "output": text, "predicted": parse_answer(text)})
+                                "output": text, "predicted": parse_answer(text, prompt_format),
+                                "stopped": any(t in STOP_IDS for t in seq)})
         if progress:
             done = start + len(chunk)
             acc = sum(p["predicted"] == p["answer"] for p in predictions) / len(predictions)
@@ -99,4 +107,5 @@ def evaluate(hf_dir: str, test_jsonl: str, image_root: str | None = None, *, bat
     correct = sum(p["predicted"] == p["answer"] for p in predictions)
     return {"hf_dir": hf_dir, "test": test_jsonl, "total": len(predictions), "correct": correct,
             "accuracy": correct / max(len(predictions), 1), "chance": CHANCE,
+            "stopped": sum(p["stopped"] for p in predictions),
             "max_new_tokens": max_new_tokens, "seconds": round(time.time() - t0, 2), "predictions": predictions}

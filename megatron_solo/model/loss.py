@@ -30,3 +30,26 @@ def solo_loss_func(batch: dict, output_tensor: torch.Tensor):
             m = mask * sel
             report[name] = torch.stack([(losses * m).sum().detach(), m.sum()])
     return loss_sum, num_tokens, report
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int | None, padded_vocab_size: int,
+                      tp_rank: int = 0) -> torch.Tensor:
+    """Logits of the padded vocabulary rows (ids >= ``vocab_size``, the tokenizer's 33031) set to the
+    dtype's lowest value, so they never take part in the softmax nor win a greedy pick.
+
+    Megatron pads the output layer to a multiple of 128 x TP and the export drops those rows: masked,
+    the trained function is the exported one whatever the padding. ``logits`` [..., width] are this
+    TP rank's vocab-parallel shard (``width = padded / TP``, global ids from ``tp_rank * width``) or
+    the gathered full vocabulary (``width == padded_vocab_size``). The lowest finite value rather than
+    -inf keeps every arithmetic on the logits finite.
+    """
+    if vocab_size is None or vocab_size >= padded_vocab_size:
+        return logits
+    width = logits.size(-1)
+    start = 0 if width == padded_vocab_size else tp_rank * width
+    first_padded = max(vocab_size - start, 0)  # local column of the first padded id
+    if first_padded >= width:
+        return logits
+    padded = torch.zeros(width, dtype=torch.bool, device=logits.device)
+    padded[first_padded:] = True
+    return logits.masked_fill(padded, torch.finfo(logits.dtype).min)

@@ -10,6 +10,8 @@ What differs from ``GPTModel`` is only the input side:
 * RoPE follows ``position_ids`` (restarting at 0 for each packed document, as SOLO and Hugging Face
   Mistral do) when there is no ``PackedSeqParams``; with THD ``PackedSeqParams`` (TE path) megatron-core
   already restarts the rotation at each ``cu_seqlens`` boundary.
+* The logits of the padded vocabulary rows (ids >= the tokenizer's vocabulary) are masked out
+  (``_scale_logits``), so padding changes neither the loss nor generation.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_solo.model.config import SoloModelArgs
+from megatron_solo.model.loss import mask_padded_vocab
 from megatron_solo.model.specs import get_block_spec, get_layer_spec
 from megatron_solo.model.vision import VisionPatchEmbedding
 
@@ -31,7 +34,8 @@ class SoloModel(GPTModel):
 
     def __init__(self, config, transformer_layer_spec, vocab_size: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True, rotary_base: int = 10000,
-                 vp_stage: Optional[int] = None, **kwargs):
+                 vp_stage: Optional[int] = None, real_vocab_size: Optional[int] = None, **kwargs):
+        self.real_vocab_size = real_vocab_size  # the tokenizer's vocabulary; rows beyond it are padding
         super().__init__(
             config=config,
             transformer_layer_spec=transformer_layer_spec,
@@ -90,6 +94,13 @@ class SoloModel(GPTModel):
             out = (out[0], self.rotary_for_positions(position_ids), *out[2:])
         return out
 
+    def _scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """megatron-core calls this on every logits tensor right after the output layer (training loss,
+        MTP, inference): the place to mask the padded vocabulary rows (``model.loss.mask_padded_vocab``)."""
+        logits = super()._scale_logits(logits)
+        tp_rank = self.tp_group.rank() if self.tp_group is not None else 0
+        return mask_padded_vocab(logits, self.real_vocab_size, self.vocab_size, tp_rank)
+
     def rotary_for_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
         """RoPE angles [s, b, 1, d] for per-token ``position_ids`` [b, s]."""
         table = self.rotary_pos_emb.get_emb(position_ids.size(1))  # [s, 1, 1, d]; positions < s
@@ -133,4 +144,5 @@ def build_solo_model(
         post_process=post_process,
         rotary_base=model_args.rotary_base,
         vp_stage=vp_stage,
+        real_vocab_size=model_args.vocab_size,
     )
