@@ -11,7 +11,6 @@ an uninterrupted one would.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from functools import partial
 
@@ -32,6 +31,7 @@ from megatron_solo.model import (
     prepare_batch,
     solo_loss_func,
 )
+from megatron_solo.training import faults
 from megatron_solo.training.config import TrainConfig
 from megatron_solo.training.flops import num_floating_point_operations
 from megatron_solo.training.logger import TrainingLogger, memory_report
@@ -45,7 +45,6 @@ def pretrain(cfg: TrainConfig) -> dict:
     """Run one phase; returns a summary (for tests and launchers)."""
     t_start = time.time()
     log = setup_parallel(cfg)
-    check_tokenizer(cfg)
     config = build_model_config(cfg)
     model_chunks = build_model_chunks(cfg, config)
     log.info(f"model {cfg.model}: {count_parameters(model_chunks) / 1e6:.2f}M parameters on this rank; "
@@ -53,7 +52,7 @@ def pretrain(cfg: TrainConfig) -> dict:
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model_chunks)
     wire_schedule(cfg, config, model_chunks, optimizer)
     iteration, consumed = load_start_state(cfg, model_chunks, optimizer, scheduler, log)
-    train_ds, valid_sets = build_datasets(cfg)
+    train_ds, valid_sets = faults.watch_data_files(cfg, *build_datasets(cfg))
     stream = MicroBatchStream(train_ds, cfg, consumed)
     summary = train(cfg, config, model_chunks, optimizer, scheduler, stream, valid_sets, iteration, log, t_start)
     log.close()
@@ -78,13 +77,6 @@ def setup_parallel(cfg: TrainConfig) -> TrainingLogger:
              f"{'CPU/gloo' if cpu_backend.is_active() else 'CUDA/nccl'}; {memory_report()}", all_ranks_first=True)
     log.info(quiet.local_layers_note(cfg.use_te))
     return log
-
-
-def check_tokenizer(cfg: TrainConfig) -> None:
-    if cfg.tokenizer_model:
-        from megatron_solo.data.tokenizer import SoloTokenizer
-
-        SoloTokenizer(cfg.tokenizer_model).check_solo_ids()
 
 
 def build_model_config(cfg: TrainConfig):
@@ -286,26 +278,16 @@ def evaluate(cfg, config, model_chunks, dataset, stats):
 
 
 # --------------------------------------------------------------------------------------- training
-class _ExitSignal:
-    def __init__(self, enabled: bool):
-        self.received = None
-        if enabled:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.received = signum
-
-
 def save(cfg: TrainConfig, iteration, model_chunks, optimizer, scheduler, consumed, log, reason) -> None:
     if not cfg.save:
         return
-    checkpoint.save_checkpoint(
-        cfg.save, iteration, model_chunks, None if cfg.no_save_optim else optimizer, scheduler,
-        model_args=cfg.model_args, padded_vocab_size=cfg.padded_vocab_size,
-        consumed_train_samples=consumed, args=cfg.checkpoint_args(),
-        tokenizer_model=os.path.abspath(cfg.tokenizer_model) if cfg.tokenizer_model else None,
-        keep_last=cfg.keep_last_checkpoints)
+    with faults.saving(cfg.save, iteration):  # disk full / I/O error: one line, the tracker untouched
+        checkpoint.save_checkpoint(
+            cfg.save, iteration, model_chunks, None if cfg.no_save_optim else optimizer, scheduler,
+            model_args=cfg.model_args, padded_vocab_size=cfg.padded_vocab_size,
+            consumed_train_samples=consumed, args=cfg.checkpoint_args(),
+            tokenizer_model=os.path.abspath(cfg.tokenizer_model) if cfg.tokenizer_model else None,
+            keep_last=cfg.keep_last_checkpoints)
     log.info(f"saved checkpoint at iteration {iteration} to {cfg.save} ({reason})")
 
 
@@ -323,7 +305,7 @@ def stop_reason(cfg: TrainConfig, iteration, exit_signal, t_start) -> str | None
 def train(cfg: TrainConfig, config, model_chunks, optimizer, scheduler, stream, valid_sets, iteration, log,
           t_start) -> dict:
     """Iterate to --train-iters (or a stop); returns the run's summary."""
-    exit_signal = _ExitSignal(cfg.exit_signal_handler)
+    exit_signal = faults.ExitSignal(cfg.exit_signal_handler)
     log.start_throughput(flops_per_iter=num_floating_point_operations(cfg))
     skipped_total, skipped_in_row = 0, 0
     stats = {"images": 0}
@@ -405,9 +387,11 @@ def build_datasets(cfg: TrainConfig):
 def main(argv=None) -> int:
     from megatron_solo.training.arguments import parse_args
 
+    faults.watch_parent()  # a torchrun worker exits (no save) when its agent dies
     cfg = parse_args(argv)  # a bad flag combination exits here with one error line
-    cpu_backend.ensure()  # megatron-core on CPU/gloo when CUDA is absent (a no-op otherwise)
-    mcore_fixes.apply()
-    summary = pretrain(cfg)
-    parallel.destroy()
+    with faults.guarded_run(cfg):  # inputs checked, --save locked by rank 0; faults -> one error line
+        cpu_backend.ensure()  # megatron-core on CPU/gloo when CUDA is absent (a no-op otherwise)
+        mcore_fixes.apply()
+        summary = pretrain(cfg)
+        parallel.destroy()
     return 2 if summary["exit_reason"] == "nan" else 0

@@ -1,0 +1,277 @@
+"""A run that cannot hurt itself (megatron_solo/training/faults.py): start-up input checks, one writer per
+--save directory, workers that die with their torchrun agent, a data file changed under a running job, a
+disk that fills up during a save. Cheap checks run in-process; each fault that needs real processes runs
+torchrun over gloo on the digits corpus and asserts what remains on disk."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from megatron_solo import checkpoint
+from megatron_solo.training import faults
+from megatron_solo.training.faults import InputError, SaveDirLock
+from tests.conftest import ROOT
+from tests.test_training import _common, _losses, _torchrun, _wait_for
+
+PY = sys.executable
+
+
+def _copy_prefix(src_prefix, dst_dir, name="p"):
+    os.makedirs(dst_dir, exist_ok=True)
+    for n in ("tokens", "roles", "patches"):
+        for ext in (".idx", ".bin"):
+            shutil.copy(f"{src_prefix}-{n}{ext}", os.path.join(dst_dir, f"{name}-{n}{ext}"))
+    return os.path.join(dst_dir, name)
+
+
+def _cfg(monkeypatch, data, prefix, *extra):
+    from megatron_solo.training.arguments import build_parser
+    from megatron_solo.training.config import build_train_config
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = build_parser().parse_args(["--model", "tiny", "--seq-length", "128", "--train-iters", "2",
+                                      "--data-path", prefix, "--tokenizer-model", data["tokenizer"], *extra])
+    return build_train_config(args)
+
+
+def _input_error(cfg) -> str:
+    with pytest.raises(InputError) as exc:
+        faults.check_inputs(cfg)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+# ------------------------------------------------------------------------------- start-up checks
+def test_check_inputs_one_line_per_mistake(digits_data, tmp_path, monkeypatch):
+    good = _copy_prefix(digits_data["pretrain"], str(tmp_path / "good"))
+    faults.check_inputs(_cfg(monkeypatch, digits_data, good, "--save", str(tmp_path / "save")))  # all fine
+
+    missing = str(tmp_path / "nope" / "p")
+    assert "missing p-tokens.idx" in _input_error(_cfg(monkeypatch, digits_data, missing))
+
+    short = _copy_prefix(digits_data["pretrain"], str(tmp_path / "short"))
+    size = os.path.getsize(short + "-patches.bin")
+    os.truncate(short + "-patches.bin", size - 3072)
+    msg = _input_error(_cfg(monkeypatch, digits_data, short))
+    assert f"p-patches.bin has {size - 3072} bytes, its index describes {size}" in msg
+
+    bad_idx = _copy_prefix(digits_data["pretrain"], str(tmp_path / "badidx"))
+    with open(bad_idx + "-roles.idx", "r+b") as f:
+        f.write(b"GARBAGE!!")
+    assert "p-roles.idx is not a readable megatron-core index" in _input_error(_cfg(monkeypatch, digits_data, bad_idx))
+
+    mixed = _copy_prefix(digits_data["pretrain"], str(tmp_path / "mixed"))
+    sft = digits_data["sft"]
+    for ext in (".idx", ".bin"):
+        shutil.copy(sft + "-roles" + ext, mixed + "-roles" + ext)
+    assert "disagree on segments or packs" in _input_error(_cfg(monkeypatch, digits_data, mixed))
+
+    foreign = _copy_prefix(digits_data["pretrain"], str(tmp_path / "foreign"))
+    ids = np.memmap(foreign + "-tokens.bin", dtype=np.int32, mode="r+")
+    ids[len(ids) // 2] = 128000  # a Llama-3 id: preprocessed with another tokenizer
+    ids.flush()
+    del ids
+    from megatron_solo.spec import SOLO_VOCAB_SIZE
+
+    msg = _input_error(_cfg(monkeypatch, digits_data, foreign))
+    assert f"p-tokens.bin holds token id 128000, outside the {SOLO_VOCAB_SIZE}-piece SOLO vocabulary" in msg
+
+    from megatron_solo.data.tokenizer import mistral_tokenizer_path
+
+    args = ["--model", "tiny", "--seq-length", "128", "--train-iters", "2", "--data-path", good,
+            "--tokenizer-model", mistral_tokenizer_path()]
+    from megatron_solo.training.arguments import build_parser
+    from megatron_solo.training.config import build_train_config
+
+    msg = _input_error(build_train_config(build_parser().parse_args(args)))
+    assert "32000 pieces, a SOLO tokenizer has" in msg
+
+    not_dir = tmp_path / "a_file"
+    not_dir.write_text("x")
+    msg = _input_error(_cfg(monkeypatch, digits_data, good, "--save", str(not_dir / "save")))
+    assert msg.startswith(f"--save {not_dir / 'save'} is not writable")
+
+
+def test_load_with_another_model_shape_is_one_line(digits_data, tmp_path, monkeypatch):
+    # A complete-looking checkpoint (the info file and metadata) of a wider model.
+    it = tmp_path / "ck" / "iter_0000005"
+    it.mkdir(parents=True)
+    (it / "metadata.json").write_text("{}")
+    from dataclasses import asdict
+
+    from megatron_solo.model.config import SoloModelArgs
+
+    wide = asdict(SoloModelArgs.from_preset("tiny", hidden_size=256, kv_channels=64))
+    (it / "solo_checkpoint.json").write_text(json.dumps({"iteration": 5, "consumed_train_samples": 40,
+                                                         "model_args": wide, "padded_vocab_size": 32128}))
+    (tmp_path / "ck" / "latest_checkpointed_iteration.txt").write_text("5")
+    cfg = _cfg(monkeypatch, digits_data, digits_data["pretrain"], "--load", str(tmp_path / "ck"))
+    msg = _input_error(cfg)
+    assert msg.startswith(f"--load {it} holds a model with hidden_size 256 (flags: 128), kv_channels 64 (flags: 32)")
+
+
+def test_entry_point_prints_one_line_on_rank_0_only(tmp_path):
+    args = [PY, "-m", "megatron_solo.train", "--seq-length", "128", "--train-iters", "2",
+            "--data-path", str(tmp_path / "missing")]
+    for rank, expect in (("0", [f"error: data prefix {tmp_path / 'missing'}: missing"]), ("1", [])):
+        env = dict(os.environ, PYTHONWARNINGS="ignore", RANK=rank, WORLD_SIZE="1")
+        r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr[-3000:]
+        lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
+        assert len(lines) == len(expect) and all(l.startswith(e) for l, e in zip(lines, expect)), r.stderr
+        assert "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------- the --save lock
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_save_dir_lock_live_stale_and_released(tmp_path):
+    save = str(tmp_path / "save")
+    a = SaveDirLock(save, heartbeat_s=0.2)
+    a.acquire()
+    rec = json.loads(open(os.path.join(save, faults.LOCK_NAME)).read())
+    assert rec["pid"] == os.getpid() and rec["host"] == socket.gethostname() and rec["owner"] == a.owner
+    time.sleep(0.6)
+    assert a.read()["heartbeat"] > rec["heartbeat"]  # refreshed while alive
+
+    b = SaveDirLock(save)
+    with pytest.raises(InputError) as exc:
+        b.acquire()
+    assert f"--save {save} is in use by another run (pid {os.getpid()} on {socket.gethostname()}" in str(exc.value)
+    a.release()
+    assert not os.path.exists(os.path.join(save, faults.LOCK_NAME))
+
+    # The holder died on this host: taken over at once, said out loud.
+    stale = {"host": socket.gethostname(), "pid": _dead_pid(), "start_time": time.time(),
+             "heartbeat": time.time(), "owner": "x"}
+    with open(os.path.join(save, faults.LOCK_NAME), "w") as f:
+        json.dump(stale, f)
+    c = SaveDirLock(save)
+    c.acquire()
+    assert c.warning and "is gone" in c.warning and f"pid {stale['pid']}" in c.warning
+    assert c.read()["owner"] == c.owner
+    c.release()
+
+    # Another host whose heartbeat stopped (a lost node): taken over once the heartbeat is stale; a fresh
+    # one on another host is live (its pid cannot be checked from here).
+    other = dict(stale, host="node-lost-17", pid=1, heartbeat=time.time() - 5)
+    with open(os.path.join(save, faults.LOCK_NAME), "w") as f:
+        json.dump(other, f)
+    with pytest.raises(InputError):
+        SaveDirLock(save, stale_s=60).acquire()
+    d = SaveDirLock(save, stale_s=3)
+    d.acquire()
+    assert "heartbeat is 5 s old" in d.warning
+    d.release()
+
+
+# ------------------------------------------------------------------------------- real processes
+def _workers(agent_pid):
+    return [c for c in psutil.Process(agent_pid).children(recursive=True)
+            if "megatron_solo.train" in " ".join(c.cmdline())]
+
+
+def _alive(proc) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_second_run_is_refused_and_workers_die_with_their_agent(digits_data, tmp_path):
+    ck = tmp_path / "ckpt"
+    a = _torchrun(2, _common(digits_data, str(tmp_path), "--save", str(ck), "--train-iters", "200"))
+    _wait_for(lambda: (tmp_path / "log.jsonl").exists() and 1 in _losses(tmp_path / "log.jsonl"), a)
+    holder = json.loads((ck / faults.LOCK_NAME).read_text())
+    workers = _workers(a.pid)
+    assert len(workers) == 2 and holder["pid"] in {w.pid for w in workers}
+
+    # A second job on the same --save stops at start-up, naming the holder; the first is untouched.
+    b = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                        "--master-port", "0", "-m", "megatron_solo.train",
+                        *_common(digits_data, str(tmp_path / "b"), "--save", str(ck))],
+                       cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=200)
+    assert b.returncode != 0
+    errors = [l for l in b.stderr.splitlines() if l.startswith("error:")]
+    assert errors == [l for l in errors if f"is in use by another run (pid {holder['pid']} on " in l] and len(errors) == 1, \
+        b.stderr[-3000:]
+    assert json.loads((ck / faults.LOCK_NAME).read_text())["owner"] == holder["owner"]
+    assert a.poll() is None
+
+    # SIGKILL of the agent (an OOM killer, a lost node agent): its workers exit without saving.
+    os.kill(a.pid, signal.SIGKILL)
+    t0 = time.time()
+    while any(_alive(w) for w in workers) and time.time() - t0 < 15:
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers), "training processes outlived their torchrun agent by 15 s"
+    out, _ = a.communicate(timeout=30)
+    assert "torchrun agent" in out and "exits without saving" in out, out[-3000:]
+    assert sorted(os.listdir(ck)) == []  # no checkpoint written, and the lock was released on the way out
+
+
+def test_data_file_truncated_during_the_run_is_named(digits_data, tmp_path):
+    prefix = _copy_prefix(digits_data["pretrain"], str(tmp_path / "data"))
+    data = dict(digits_data, pretrain=prefix)
+    p = _torchrun(1, _common(data, str(tmp_path), "--train-iters", "200", "--global-batch-size", "2"))
+    _wait_for(lambda: (tmp_path / "log.jsonl").exists() and 2 in _losses(tmp_path / "log.jsonl"), p)
+    size = os.path.getsize(prefix + "-tokens.bin")
+    os.truncate(prefix + "-tokens.bin", size // 2)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert f"error: data file {prefix}-tokens.bin was truncated during the run ({size} -> {size // 2} bytes)" in out, \
+        out[-3000:]
+    assert "Signal 7" not in out  # no SIGBUS from the memory map
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real filesystem of a chosen size (tmpfs): writes beyond it fail with ENOSPC at the kernel."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {r.stderr.strip()}")
+
+    def resize(nbytes):
+        subprocess.run(["mount", "-o", f"remount,size={nbytes}", str(mnt)], check=True)
+
+    yield mnt, resize
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_during_a_save_keeps_the_last_complete_checkpoint(digits_data, tmp_path, tiny_disk):
+    mnt, resize = tiny_disk
+    ck = mnt / "ckpt"
+    args = _common(digits_data, str(tmp_path), "--save", str(ck), "--train-iters", "1")
+    p = _torchrun(2, args)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+    used = shutil.disk_usage(mnt).used
+    # The disk now has room for half a checkpoint more: the next save fails midway.
+    resize(used + used // 2)
+    p = _torchrun(2, _common(digits_data, str(tmp_path), "--save", str(ck), "--load", str(ck), "--train-iters", "3",
+                             "--save-interval", "1", log_name="log2.jsonl"))
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode != 0
+    errors = [l for l in out.splitlines() if l.startswith("error: saving iteration 2")]
+    assert errors and "No space left on device" in errors[0] and "the last complete checkpoint is iteration 1" in errors[0], \
+        out[-4000:]
+    assert (ck / checkpoint.TRACKER).read_text() == "1"
+    assert checkpoint.latest_iteration(str(ck)) == 1
+    assert not checkpoint.is_complete(str(ck / "iter_0000002"))
+    assert 2 in _losses(tmp_path / "log2.jsonl")  # it trained; only the save failed
