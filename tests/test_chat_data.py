@@ -232,3 +232,30 @@ def test_llava_images_fill_placeholders_in_order():
         {"from": "human", "value": "<image>\nfirst"}, {"from": "gpt", "value": "x"},
         {"from": "human", "value": "then <image>"}, {"from": "gpt", "value": "y"}]})
     assert [p for m in msgs for p in m.parts if p[0] == "image"] == [("image", "a.png"), ("image", "b.png")]
+
+
+def test_inspect_data_shows_the_training_loss_mask(digits_data, tmp_path):
+    """tools/inspect_data.py on the demo's chat prefix: --json, --dump and the text view agree with the
+    training sample (the trained answer and its <|im_end|>, nothing else)."""
+    from megatron_solo.data.indexed import SoloIndexedDataset
+    from tests.conftest import run_tool
+
+    prefix = digits_data["sft"]
+    r = run_tool(["tools/inspect_data.py", "--prefix", prefix, "--index", "1", "--json", "--dump", str(tmp_path)])
+    got = json.loads(r.stdout)
+    segs = SoloIndexedDataset(prefix, mmap=False).pack(1)
+    tokens = np.concatenate([t for t, _, _ in segs])
+    s = build_sample(segs, len(tokens), "assistant")
+    assert got["tokens"] == tokens.tolist()
+    assert got["loss_mask"] == [0] + (s["loss_mask"].numpy()[:-1] > 0).astype(int).tolist()
+    assert got["num_patches"] == sum(len(p) for _, _, p in segs) > 0
+    mask, toks = np.array(got["loss_mask"]), np.array(got["tokens"])
+    assert mask[toks == IM_END].sum() == len(segs)  # each document's answer ends with a trained stop token
+    assert mask[toks == IM_START].sum() == 0 and mask[toks == SOLO_IDS.vision_patch].sum() == 0
+    assert np.array_equal(np.load(tmp_path / "tokens.npy"), toks)
+    assert np.array_equal(np.load(tmp_path / "loss_mask.npy"), mask)
+    patches = np.load(tmp_path / "patches.npy")
+    assert patches.dtype == np.uint8 and patches.shape == (got["num_patches"], 3072)
+    text = run_tool(["tools/inspect_data.py", "--prefix", prefix, "--index", "1", "--tokenizer-model",
+                     digits_data["tokenizer"]]).stdout
+    assert "[[<|im_end|>]]" in text and "<image 2x2 closed by </vision>>" in text and "<|im_start|>user" in text

@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""See what the model is trained on: one pack of a preprocessed prefix, token by token, with the loss mask.
+
+    .venv/bin/python tools/inspect_data.py --prefix out/sft --index 0 --tokenizer-model tok/tokenizer.model
+    .venv/bin/python tools/inspect_data.py --prefix out/sft --index 0 --json          # one JSON object
+    .venv/bin/python tools/inspect_data.py --prefix out/sft --index 0 --dump dir/     # .npy arrays
+
+The loss mask is the training one: the pack goes through the training sample builder
+(``megatron_solo.data.dataset.build_sample``, which calls ``roles.label_loss_mask``). It is shown per
+token: 1 where predicting that token carries loss. In the text view, trained tokens are wrapped in
+[[...]], vision blocks are summarised (``<image RxC>``), and documents inside the pack are separated.
+--json prints {"tokens", "loss_mask", "roles", "num_patches", "doc_lengths"}; --dump DIR writes
+tokens.npy (int64), loss_mask.npy (uint8), patches.npy (uint8 [n, 3072]).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+
+def sample(prefix: str, index: int, loss_role: str, seq_length: int | None):
+    """(tokens, per-token loss mask, roles, patches, doc_lengths) of pack ``index`` as training builds it."""
+    import numpy as np
+
+    from megatron_solo.data.dataset import build_sample
+    from megatron_solo.data.indexed import SoloIndexedDataset
+
+    ds = SoloIndexedDataset(prefix, mmap=False)
+    if not 0 <= index < len(ds):
+        raise IndexError(f"--index {index} is out of range: {prefix} holds {len(ds)} packs")
+    n = ds.pack_length(index) if seq_length is None else min(seq_length, ds.pack_length(index))
+    segments = ds.pack(index, max_tokens=n if seq_length is None else n + 1)
+    s = build_sample(segments, n, loss_role)
+    tokens = s["tokens"].numpy()
+    label_mask = s["loss_mask"].numpy()
+    # label_mask[t] is about predicting token t+1: shift it onto the predicted token
+    token_mask = np.zeros(n, np.uint8)
+    token_mask[1:] = label_mask[:-1] > 0
+    roles = np.concatenate([r for _, r, _ in segments])[:n]
+    return tokens, token_mask, roles, s["patches"].numpy(), s["doc_lengths"].numpy()
+
+
+def render_text(tok, tokens, mask, doc_lengths) -> str:
+    from megatron_solo.spec import SOLO_IDS
+
+    out, i, starts = [], 0, set(__import__("numpy").cumsum(doc_lengths)[:-1].tolist())
+    n = len(tokens)
+    while i < n:
+        if i in starts:
+            out.append("\n--- next document ---\n")
+        t = int(tokens[i])
+        if t == SOLO_IDS.vision_start and i + 1 < n and int(tokens[i + 1]) in (SOLO_IDS.vision_patch,):
+            j, rows, cols, c = i + 1, 1, 0, 0
+            while j < n and int(tokens[j]) in (SOLO_IDS.vision_patch, SOLO_IDS.vision_row_sep, SOLO_IDS.vision_frame_sep):
+                if int(tokens[j]) == SOLO_IDS.vision_patch:
+                    c += 1
+                else:
+                    rows, cols, c = rows + 1, max(cols, c), 0
+                j += 1
+            cols = max(cols, c)
+            close = tok.id_to_piece(int(tokens[j])) if j < n else "(cut)"
+            out.append(f"<image {rows}x{cols} closed by {close}>")
+            i = j + 1
+            continue
+        piece = tok.id_to_piece(t).replace("\u2581", " ")
+        if piece.startswith("<0x") and piece.endswith(">"):
+            piece = bytes([int(piece[3:-1], 16)]).decode("latin-1")
+        out.append(f"[[{piece}]]" if mask[i] else piece)
+        i += 1
+    return "".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prefix", required=True, help="a prefix of tools/preprocess_data.py (P-tokens/-roles/-patches)")
+    ap.add_argument("--index", type=int, default=0, help="which pack (one training sample); default 0")
+    ap.add_argument("--loss-role", default="assistant", help="as the trainer's --loss-role (default assistant)")
+    ap.add_argument("--seq-length", type=int, default=None,
+                    help="cut the pack as training with this --seq-length would (default: the whole pack)")
+    ap.add_argument("--tokenizer-model", default=None,
+                    help="SOLO tokenizer.model, for the text view (not needed with --json / --dump)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the text view")
+    ap.add_argument("--dump", metavar="DIR", default=None, help="write tokens.npy, loss_mask.npy, patches.npy")
+    a = ap.parse_args(argv)
+    if not a.json and not a.dump and not a.tokenizer_model:
+        ap.error("the text view needs --tokenizer-model (or use --json / --dump)")
+    from megatron_solo.data.indexed import prefix_complete
+
+    if not prefix_complete(a.prefix):
+        print(f"error: {a.prefix} is not a complete prefix (no {a.prefix}-tokens.idx ...); "
+              "make one with tools/preprocess_data.py", file=sys.stderr)
+        return 2
+    try:
+        tokens, mask, roles, patches, doc_lengths = sample(a.prefix, a.index, a.loss_role, a.seq_length)
+    except (IndexError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.dump:
+        import numpy as np
+
+        os.makedirs(a.dump, exist_ok=True)
+        np.save(os.path.join(a.dump, "tokens.npy"), tokens)
+        np.save(os.path.join(a.dump, "loss_mask.npy"), mask)
+        np.save(os.path.join(a.dump, "patches.npy"), patches)
+    if a.json:
+        print(json.dumps({"prefix": a.prefix, "index": a.index, "tokens": tokens.tolist(),
+                          "loss_mask": mask.tolist(), "roles": roles.tolist(), "num_patches": int(len(patches)),
+                          "doc_lengths": doc_lengths.tolist()}))
+    elif a.tokenizer_model:
+        from megatron_solo.data.tokenizer import SoloTokenizer
+
+        print(render_text(SoloTokenizer(a.tokenizer_model), tokens, mask, doc_lengths))
+        print(f"\n({len(tokens)} tokens, {int(mask.sum())} with loss, {len(patches)} patches; "
+              f"[[...]] = trained)", file=sys.stderr)
+    if a.dump:
+        print(f"wrote {a.dump}/tokens.npy, loss_mask.npy, patches.npy", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
