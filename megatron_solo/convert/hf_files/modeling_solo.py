@@ -14,17 +14,49 @@ Inputs (besides Mistral's):
         ``<vpatch>`` tokens in `input_ids`.
 
 Generation uses the key-value cache; image inputs are consumed by the prefill step only.
-Written for transformers 5.x (the ``cache`` keyword; ``past_key_values`` is accepted as its alias).
+
+Supported transformers releases: 4.45 to 5.24 (tests/test_hf_compat.py generates with 4.45.2 and the
+pinned release and compares). What differs between them is found by looking, not by version numbers:
+the cache keyword (``cache`` in 5.x, ``past_key_values`` before; both are accepted), whether Mistral's
+config knows ``rope_parameters``, whether ``generate`` says which step is the first, and whether the
+model has a ``loss_function``.
 """
+
+import inspect
 
 import torch
 from torch import nn
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
-from transformers.models.mistral.modeling_mistral import MistralModel, MistralPreTrainedModel
+from transformers.models.mistral.configuration_mistral import MistralConfig
+from transformers.models.mistral.modeling_mistral import MistralForCausalLM, MistralModel, MistralPreTrainedModel
 
 from .configuration_solo import SoloConfig
+
+# The name of the key-value cache in Mistral's forward and in model outputs of this transformers release.
+CACHE_KW = "cache" if "cache" in inspect.signature(MistralModel.forward).parameters else "past_key_values"
+# Before transformers 5, Mistral reads ``config.rope_theta``; an export writes ``rope_parameters``.
+_LEGACY_ROPE = "rope_parameters" not in MistralConfig().to_dict()
+
+
+def _legacy_rope_theta(config) -> None:
+    rope = getattr(config, "rope_parameters", None)
+    if _LEGACY_ROPE and isinstance(rope, dict) and "rope_theta" in rope:
+        config.rope_theta = float(rope["rope_theta"])
+
+
+def _keep_last(hidden_states: torch.Tensor, logits_to_keep) -> torch.Tensor:
+    """The positions the logits are computed for: the last ``n`` (0: all) or the given indices."""
+    if isinstance(logits_to_keep, int):
+        return hidden_states if logits_to_keep == 0 else hidden_states[:, -logits_to_keep:, :]
+    return hidden_states[:, logits_to_keep, :]
+
+
+def _is_prefill(cache, cache_position) -> bool:
+    """True on the step that reads the prompt (nothing cached yet)."""
+    if cache_position is not None and cache_position.numel():
+        return int(cache_position.reshape(-1)[0]) == 0
+    return cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
 
 
 class SoloPreTrainedModel(MistralPreTrainedModel):
@@ -43,6 +75,7 @@ class SoloMistralModel(SoloPreTrainedModel, MistralModel):
     """Mistral's decoder plus ``embed_vision_patch`` (3072 -> hidden, no bias)."""
 
     def __init__(self, config: SoloConfig):
+        _legacy_rope_theta(config)
         super().__init__(config)
         self.embed_vision_patch = nn.Linear(config.vision_patch_dim, config.hidden_size, bias=False)
         self.post_init()
@@ -96,6 +129,7 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: SoloConfig):
+        _legacy_rope_theta(config)
         super().__init__(config)
         self.model = SoloMistralModel(config)
         self.vocab_size = config.vocab_size
@@ -118,39 +152,44 @@ class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         if cache is None and "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
+        kwargs.pop("return_dict", None)  # outputs are always a ModelOutput
         outputs = self.model(
             input_ids=input_ids,
             vision_patches=vision_patches,
             vision_patch_indices=vision_patch_indices,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{CACHE_KW: cache},
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(_keep_last(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if hasattr(self, "loss_function"):
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            else:  # transformers < 4.46: next-token cross-entropy, -100 ignored
+                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_KW: getattr(outputs, CACHE_KW)},
         )
 
     def prepare_inputs_for_generation(self, input_ids, *args, vision_patches=None, vision_patch_indices=None,
-                                      is_first_iteration=False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, *args, is_first_iteration=is_first_iteration, **kwargs
-        )
+                                      **kwargs):
+        first = kwargs.get("is_first_iteration")
+        if first is None:  # releases whose generate() does not say it: the step with an empty cache
+            first = _is_prefill(kwargs.get(CACHE_KW, args[0] if args else None), kwargs.get("cache_position"))
+        # Mistral's own preparation (GenerationMixin's in 5.x, MistralForCausalLM's in 4.45).
+        model_inputs = MistralForCausalLM.prepare_inputs_for_generation(self, input_ids, *args, **kwargs)
         # Patches enter through the prompt's embeddings: the prefill step (or every step when no cache
         # is kept and the whole sequence is recomputed) takes them; cached decode steps do not.
         recompute_all = not kwargs.get("use_cache", True)
-        if vision_patches is not None and (is_first_iteration or recompute_all):
+        if vision_patches is not None and (first or recompute_all):
             ids = model_inputs["input_ids"]
             if vision_patch_indices is not None and vision_patch_indices.shape != ids.shape:
                 vision_patch_indices = None  # derived again from the <vpatch> tokens of `ids`
