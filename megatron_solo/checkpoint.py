@@ -201,8 +201,12 @@ def save_checkpoint(
     tokenizer_model: str | None = None,
     keep_last: int | None = None,
     extra: dict | None = None,
+    sharded_strategy=None,
 ) -> str:
-    """Collective save of model(s), optimizer, scheduler and RNG; marks the checkpoint complete last."""
+    """Collective save of model(s), optimizer, scheduler and RNG; marks the checkpoint complete last.
+
+    ``sharded_strategy``: megatron-core's save strategy to use instead of its default torch_dist one (the
+    conversion's streaming writer, :mod:`megatron_solo.convert.dcp_stream`)."""
     import dataclasses
 
     path = iteration_dir(save_dir, iteration)
@@ -223,7 +227,7 @@ def save_checkpoint(
         sd["opt_param_scheduler"] = opt_param_scheduler.state_dict()
     if extra:
         sd["extra"] = extra
-    dist_checkpointing.save(sd, path)
+    dist_checkpointing.save(sd, path, sharded_strategy=sharded_strategy)
     torch.distributed.barrier()
 
     if rank0:

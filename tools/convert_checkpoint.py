@@ -32,25 +32,31 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--target-tensor-parallel-size", type=int, default=1,
                    help="pad the vocabulary for this TP (and any TP dividing it); default 1")
     h.add_argument("--padded-vocab-size", type=int, default=None, help="explicit padded vocabulary size")
-    h.add_argument("--params-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="dtype of the written model tensors (default float32)")
+    h.add_argument("--params-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written model tensors (default: the source's own, e.g. bf16 stays bf16)")
     h.add_argument("--iteration", type=int, default=0, help="iteration number of the written checkpoint")
     h.add_argument("--seed", type=int, default=1234, help="seed of the new patch embedding (Mistral source)")
     h.add_argument("--verify", action="store_true",
-                   help="reload the written checkpoint and check tensors and logits against the source")
+                   help="re-read the written checkpoint tensor by tensor and check it against the source (bit for "
+                        "bit), plus a logits check when both models fit in memory")
+    h.add_argument("--verify-logits", action="store_true",
+                   help="with --verify: run the logits check even when the models may not fit in memory")
 
     m = sub.add_parser("megatron-to-hf", help="megatron_solo checkpoint (any TP/PP) -> HF SOLO directory")
     m.add_argument("--load", required=True, help="megatron_solo checkpoint directory")
     m.add_argument("--save", required=True, help="HF directory to write")
     m.add_argument("--iteration", type=int, default=None, help="iteration to export (default: latest)")
-    m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="dtype of the exported tensors (default bfloat16, as SOLO-7B)")
+    m.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the exported tensors (default: the checkpoint's own; SOLO-7B's is bfloat16)")
     m.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     m.add_argument("--tokenizer-model", default=None,
                    help="SOLO tokenizer.model (default: the one recorded in the checkpoint)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
     m.add_argument("--verify", action="store_true",
-                   help="check the exported tensors and the exported model's logits against the checkpoint")
+                   help="check the exported tensors against the checkpoint tensor by tensor (bit for bit), plus the "
+                        "exported model's logits when both models fit in memory")
+    m.add_argument("--verify-logits", action="store_true",
+                   help="with --verify: run the logits check even when the models may not fit in memory")
     return ap
 
 
@@ -70,7 +76,8 @@ def main(argv=None) -> int:
                 args.hf_dir, args.save, tokenizer_model=args.tokenizer_model,
                 target_tensor_parallel_size=args.target_tensor_parallel_size,
                 padded_vocab_size=args.padded_vocab_size, params_dtype=args.params_dtype,
-                iteration=args.iteration, seed=args.seed, verify=args.verify,
+                iteration=args.iteration, seed=args.seed, verify=args.verify or args.verify_logits,
+                verify_logits=True if args.verify_logits else None,
             )
         else:
             cpu_backend.ensure()
@@ -79,7 +86,8 @@ def main(argv=None) -> int:
             out = megatron_to_hf(
                 args.load, args.save, iteration=args.iteration, dtype=args.dtype,
                 max_shard_size=args.max_shard_size, tokenizer_model=args.tokenizer_model,
-                overwrite=args.overwrite, verify=args.verify,
+                overwrite=args.overwrite, verify=args.verify or args.verify_logits,
+                verify_logits=True if args.verify_logits else None,
             )
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)

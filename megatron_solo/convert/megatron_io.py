@@ -46,7 +46,7 @@ def _rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def _progress(iterable, **kw):
+def _progress(iterable=None, **kw):
     from tqdm import tqdm
 
     return tqdm(iterable, disable=not _rank0(), dynamic_ncols=True, **kw)
@@ -114,10 +114,11 @@ def hf_to_megatron(
     tokenizer_model: str | None = None,
     target_tensor_parallel_size: int = 1,
     padded_vocab_size: int | None = None,
-    params_dtype="float32",
+    params_dtype=None,
     iteration: int = 0,
     seed: int = 1234,
     verify: bool = False,
+    verify_logits: bool | None = None,
 ) -> dict:
     """Write a megatron_solo checkpoint (``save_dir/iter_XXXXXXX``) from a HF Mistral or SOLO checkpoint.
 
@@ -125,13 +126,20 @@ def hf_to_megatron(
     with SOLO's 1031 pieces; every embedding/output row past Mistral's 32000 (new pieces and padding)
     is the mean of Mistral's rows; the patch embedding is N(0, sigma^2) with sigma chosen so that a
     patch enters at the scale of a token embedding (:func:`~megatron_solo.convert.mapping.patch_embed_init_std`).
-    Returns a summary dict.
+
+    Streaming: the model exists only on the meta device; each table row is converted when megatron-core's
+    checkpoint writer reaches it (:mod:`megatron_solo.convert.dcp_stream`), in ``params_dtype`` (default:
+    the source's own dtype, so bf16 stays bf16). ``verify`` re-reads the written checkpoint one tensor
+    at a time (see :func:`verify_tensors`); ``verify_logits`` (default: when the model fits in memory,
+    :func:`logits_check_fits`) also compares logits. Returns a summary dict.
     """
     from megatron_solo.checkpoint import read_checkpoint_info, save_checkpoint
+    from megatron_solo.convert.dcp_stream import RowCache, StreamingSaveStrategy, build_meta_model
     from megatron_solo.model import SoloModelArgs
 
-    params_dtype = parse_dtype(params_dtype)
     kind, cfg, args, ckpt = check_hf_checkpoint(hf_dir)
+    src_dtype = ckpt.torch_dtype_of("model.embed_tokens.weight")
+    params_dtype = src_dtype if params_dtype is None else parse_dtype(params_dtype)
     model_args = SoloModelArgs(**args)
     padded = padded_vocab_size or model_args.padded_vocab_size(target_tensor_parallel_size)
     if padded < SOLO_VOCAB_SIZE or padded % target_tensor_parallel_size:
@@ -149,48 +157,54 @@ def hf_to_megatron(
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
 
-    model, params = load_hf_into_model(hf_dir, kind, cfg, model_args, padded, ckpt, params_dtype, seed)
+    model = build_meta_model(model_args, padded, params_dtype)
+    _check_coverage(model_parameters(model), bound_mappings(model_args.num_layers))
+    rows = HFRowConverter(ckpt, kind, cfg, model_args, padded, params_dtype, seed)
+    progress = _progress(total=len(rows.mappings), desc=f"{kind} -> megatron", unit="tensor")
+    cache = RowCache(lambda name: rows.convert(name, progress))
     save_checkpoint(save_dir, iteration, [model], model_args=model_args, padded_vocab_size=padded,
-                    tokenizer_model=tok_path,
+                    tokenizer_model=tok_path, sharded_strategy=StreamingSaveStrategy(cache.chunk),
                     args={"converted_from": os.path.abspath(hf_dir), "source_kind": kind,
                           "params_dtype": str(params_dtype).replace("torch.", "")})
+    progress.close()
+    if _rank0() and rows.done != len(rows.mappings):
+        raise ConversionError(f"only {rows.done} of {len(rows.mappings)} tensors were written")
     summary = {"kind": kind, "save_dir": save_dir, "iteration": iteration, "padded_vocab_size": padded,
-               "tokenizer_model": tok_path, "parameters": sum(p.numel() for p in params.values())}
+               "tokenizer_model": tok_path, "params_dtype": str(params_dtype).replace("torch.", ""),
+               "parameters": sum(p.numel() for p in model.parameters())}
     if verify:
-        # Check what is on disk: reload the checkpoint into the model, then compare with the source.
-        load_weights(model, read_checkpoint_info(save_dir, iteration))
-        summary["verify"] = verify_against_hf(model, hf_dir, kind=kind, padded_vocab_size=padded)
+        summary["verify"] = verify_checkpoint_against_hf(read_checkpoint_info(save_dir, iteration), hf_dir,
+                                                         kind=kind, logits=verify_logits)
     return summary
 
 
-def load_hf_into_model(hf_dir: str, kind: str, cfg: dict, model_args, padded: int, ckpt: HFCheckpoint,
-                       params_dtype=torch.float32, seed: int = 1234):
-    """Build the full model and fill it from the HF checkpoint, one table row at a time."""
-    src_vocab = int(cfg["vocab_size"])
-    src_shapes = conversion_shapes(model_args.to_dict(), padded_vocab_size=padded, vocab_size=src_vocab)
-    model = build_full_model(model_args, padded, params_dtype)
-    params = model_parameters(model)
-    mappings = bound_mappings(model_args.num_layers)
-    _check_coverage(params, mappings)
+class HFRowConverter:
+    """The Megatron tensor of one table row, made from the HF tensors it maps (read when asked for)."""
 
-    embed_std = None
-    with torch.no_grad():
-        for bm in _progress(mappings, desc=f"{kind} -> megatron", unit="tensor"):
-            param = params[bm.megatron]
-            if bm.rule.solo_only and kind == "mistral":
-                g = torch.Generator().manual_seed(seed)
-                param.copy_(torch.randn(param.shape, generator=g, dtype=torch.float32) * embed_std)
-                continue
-            hf = {n: ckpt.get(n) for n in bm.hf}
-            if bm.hf == ("model.embed_tokens.weight",):
-                embed_std = patch_embed_init_std(hf["model.embed_tokens.weight"])
-            full = bm.to_megatron(hf, src_shapes)
-            if tuple(full.shape) != tuple(param.shape):
-                raise ConversionError(f"{bm.megatron}: converted shape {list(full.shape)} != model's {list(param.shape)}")
-            param.copy_(full)
-            del hf, full
-    return model, params
+    def __init__(self, ckpt: HFCheckpoint, kind: str, cfg: dict, model_args, padded: int, dtype, seed: int):
+        self.ckpt, self.kind, self.dtype, self.seed = ckpt, kind, dtype, seed
+        self.shapes = conversion_shapes(model_args.to_dict(), padded_vocab_size=padded,
+                                        vocab_size=int(cfg["vocab_size"]))
+        self.mappings = bound_mappings(model_args.num_layers)
+        self.by_name = {bm.megatron: bm for bm in self.mappings}
+        self.done = 0
 
+    def convert(self, name: str, progress=None) -> torch.Tensor:
+        bm = self.by_name[name]
+        if bm.rule.solo_only and self.kind == "mistral":
+            # sigma from Mistral's embedding table (read again: one tensor, no state kept between rows)
+            std = patch_embed_init_std(self.ckpt.get("model.embed_tokens.weight"))
+            g = torch.Generator().manual_seed(self.seed)
+            full = (torch.randn(bm.megatron_shape(self.shapes), generator=g, dtype=torch.float32) * std)
+        else:
+            full = bm.to_megatron({n: self.ckpt.get(n) for n in bm.hf}, self.shapes)
+        if tuple(full.shape) != bm.megatron_shape(self.shapes):
+            raise ConversionError(f"{name}: converted shape {list(full.shape)} != model's "
+                                  f"{list(bm.megatron_shape(self.shapes))}")
+        self.done += 1
+        if progress is not None:
+            progress.update(1)
+        return full.to(self.dtype).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,15 +228,24 @@ def read_checkpoint(load_dir: str, iteration: int | None = None) -> dict:
         raise ConversionError(f"{load_dir}: cannot read checkpoint iteration {iteration}: {e}") from None
 
 
-def _load_megatron(load_dir: str, iteration: int | None, params_dtype):
+def _load_full_model(info: dict, params_dtype):
+    """The whole model of the checkpoint ``info`` describes, in memory at ``params_dtype`` (the logits
+    check only)."""
     from megatron_solo.model import SoloModelArgs
 
-    info = read_checkpoint(load_dir, iteration)
     model_args = SoloModelArgs(**info["model_args"])
     padded = int(info["padded_vocab_size"])
     model = build_full_model(model_args, padded, params_dtype)
     load_weights(model, info)
-    return model, model_args, padded, info, info["iteration"]
+    return model
+
+
+def checkpoint_reader(info: dict):
+    """A :class:`~megatron_solo.convert.dcp_stream.CheckpointTensorReader` for a checkpoint's info."""
+    from megatron_solo.convert.dcp_stream import CheckpointTensorReader
+    from megatron_solo.model import SoloModelArgs
+
+    return CheckpointTensorReader(info, SoloModelArgs(**info["model_args"]), int(info["padded_vocab_size"]))
 
 
 def _check_tokenizer_for_export(path: str | None, model_args) -> str:
@@ -246,56 +269,70 @@ def megatron_to_hf(
     save_dir: str,
     *,
     iteration: int | None = None,
-    dtype="bfloat16",
+    dtype=None,
     max_shard_size: str | int = "5GB",
     tokenizer_model: str | None = None,
     overwrite: bool = False,
     verify: bool = False,
+    verify_logits: bool | None = None,
 ) -> dict:
     """Export a megatron_solo checkpoint (any TP/PP; latest iteration by default) as a HF SOLO directory.
 
-    The directory appears complete or not at all (written beside it, then renamed). Padding rows past
-    the real vocabulary are dropped.
+    Streaming: one parameter is read from the checkpoint at a time (megatron-core reshards it to TP=1),
+    converted and written to its safetensors shard. ``dtype`` defaults to the checkpoint's own. The
+    directory appears complete or not at all (written beside it, then renamed). Padding rows past the
+    real vocabulary are dropped.
     """
-    dtype = parse_dtype(dtype)
     max_shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     if os.path.exists(save_dir) and os.listdir(save_dir) and not overwrite:
         raise ConversionError(f"{save_dir} exists and is not empty (pass --overwrite to replace it)")
-    model, model_args, padded, info, iteration = _load_megatron(load_dir, iteration, torch.float32)
+    from megatron_solo.model import SoloModelArgs
+
+    info = read_checkpoint(load_dir, iteration)
+    iteration = info["iteration"]
+    model_args = SoloModelArgs(**info["model_args"])
+    padded = int(info["padded_vocab_size"])
     tok_path = _check_tokenizer_for_export(tokenizer_model or info.get("tokenizer_model"), model_args)
+    reader = checkpoint_reader(info)
+    dtype = reader.dtype if dtype is None else parse_dtype(dtype)
 
     shapes = conversion_shapes(model_args.to_dict(), padded_vocab_size=padded)
-    params = model_parameters(model)
     mappings = bound_mappings(model_args.num_layers)
-    _check_coverage(params, mappings)
+    _check_coverage({n: None for n in reader.names()}, mappings)
     summary = {"save_dir": save_dir, "iteration": iteration, "dtype": str(dtype).replace("torch.", "")}
-    if _rank0():
-
+    rank0 = _rank0()
+    tmp = None
+    if rank0:
         parent = os.path.dirname(os.path.abspath(save_dir)) or "."
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save_dir))}.tmp-", dir=parent)
-        try:
-            plan = [(n, s, dtype) for bm in mappings for n, s in bm.hf_shapes(shapes).items()]
-            writer = StreamingSafetensorsWriter(tmp, plan, max_shard_bytes)
-            with torch.no_grad():
-                for bm in _progress(mappings, desc="megatron -> hf", unit="tensor"):
-                    for name, t in bm.to_hf(params[bm.megatron], shapes).items():
+    try:
+        plan = [(n, s, dtype) for bm in mappings for n, s in bm.hf_shapes(shapes).items()]
+        writer = StreamingSafetensorsWriter(tmp, plan, max_shard_bytes) if rank0 else None
+        with torch.no_grad():
+            for bm in _progress(mappings, desc="megatron -> hf", unit="tensor"):
+                full = reader.get(bm.megatron)  # collective: every rank reads
+                if rank0:
+                    for name, t in bm.to_hf(full, shapes).items():
                         writer.write(name, t.to(dtype))
+                del full
+        if rank0:
             writer.close()
             write_hf_support_files(tmp, hf_config_from_model_args(model_args.to_dict(),
                                                                   torch_dtype=summary["dtype"]), tok_path)
             if os.path.exists(save_dir):
                 shutil.rmtree(save_dir)
             os.replace(tmp, save_dir)
-        except BaseException:
+            summary["num_shards"] = writer.num_shards
+    except BaseException:
+        if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        summary["num_shards"] = writer.num_shards
+        raise
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     if verify:
-        summary["verify"] = verify_against_hf(model, save_dir, kind="solo", padded_vocab_size=padded,
-                                              round_to=dtype)
+        summary["verify"] = verify_checkpoint_against_hf(info, save_dir, kind="solo", logits=verify_logits,
+                                                         round_to=dtype)
     return summary
 
 
@@ -350,35 +387,30 @@ def load_hf_model(hf_dir: str, kind: str, dtype=torch.float32):
     return model.eval()
 
 
-def verify_against_hf(model, hf_dir: str, *, kind: str, padded_vocab_size: int, round_to=None,
-                      atol: float = 1e-4, rtol: float = 1e-4) -> dict:
-    """Parity of a TP=1 Megatron SOLO model with a HF checkpoint, in two steps:
+def logits_check_fits(num_parameters: int) -> bool:
+    """Whether the logits check (the Megatron model and the HF model, both fp32) fits in this host's
+    available memory with a margin: 2 x 4 bytes per parameter, plus half again."""
+    import psutil
 
-    1. tensors: every row of the mapping table, applied to the Megatron parameters (rounded to the
-       HF tensors' dtype), equals the HF tensor bit for bit (Mistral: the rows it has; the new
-       vocabulary rows are checked to be the mean of Mistral's);
-    2. logits: both models on a small batch (text; plus an image for SOLO) agree within fp32
-       tolerance, over the HF vocabulary. Both compute in fp32 from the same (rounded) weights.
+    return 12 * num_parameters <= psutil.virtual_memory().available
 
-    Raises :class:`VerificationError` naming the first mismatch.
-    """
+
+def verify_tensors(get_megatron, hf_dir: str, *, kind: str, model_args: dict, padded_vocab_size: int) -> int:
+    """Every row of the mapping table, one at a time: ``get_megatron(name)`` (the full TP=1 Megatron
+    tensor) through the inverse transform, rounded to the HF tensor's dtype, equals the HF tensor bit for
+    bit. From a Mistral: the rows it has, and the rows past its vocabulary are the documented
+    initialisation. Holds one row of each side at a time. Returns the number of HF tensors checked;
+    raises :class:`VerificationError` naming the first mismatch."""
     from megatron_solo.convert.mapping import init_extra_vocab_rows
 
-    params = model_parameters(model)
     ckpt = HFCheckpoint(hf_dir)
     src_vocab = ckpt.header["model.embed_tokens.weight"][1][0]
-    from megatron_solo.model import SoloModelArgs  # noqa: F401 - model_args come from the model's config
-
-    cfg = model.config
-    shapes = conversion_shapes(
-        dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
-             num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
-             kv_channels=cfg.kv_channels, vocab_size=src_vocab),
-        padded_vocab_size=padded_vocab_size)
+    shapes = conversion_shapes(dict(model_args, vocab_size=src_vocab), padded_vocab_size=padded_vocab_size)
     n_checked = 0
     with torch.no_grad():
-        for bm in bound_mappings(cfg.num_layers, include_solo_only=(kind == "solo")):
-            p = params[bm.megatron]
+        for bm in _progress(bound_mappings(shapes.num_layers, include_solo_only=(kind == "solo")), desc="verify",
+                            unit="tensor"):
+            p = get_megatron(bm.megatron)
             for name, t in bm.to_hf(p, shapes).items():
                 ref = ckpt.get(name)
                 if not torch.equal(t.to(ref.dtype), ref):
@@ -386,16 +418,50 @@ def verify_against_hf(model, hf_dir: str, *, kind: str, padded_vocab_size: int, 
                     raise VerificationError(f"verify: {bm.megatron} -> {name} differs from {hf_dir} "
                                             f"(max abs diff {diff:.3g})")
                 n_checked += 1
-            if bm.rule.transform.name == "vocab_pad" and src_vocab < p.shape[0]:
-                src = p[:src_vocab]
-                want = init_extra_vocab_rows(src, p.shape[0] - src_vocab)
-                if kind == "mistral" and not torch.allclose(p[src_vocab:], want):
+                del ref
+            if bm.rule.transform.name == "vocab_pad" and src_vocab < p.shape[0] and kind == "mistral":
+                want = init_extra_vocab_rows(p[:src_vocab], p.shape[0] - src_vocab)
+                if not torch.allclose(p[src_vocab:].float(), want.float()):
                     raise VerificationError(f"verify: {bm.megatron} rows past {src_vocab} are not the "
                                             "documented initialisation")
-        if round_to is not None:
-            for p in params.values():
-                p.copy_(p.to(round_to).to(p.dtype))
+            del p
+    return n_checked
 
+
+def verify_checkpoint_against_hf(info: dict, hf_dir: str, *, kind: str, logits: bool | None = None,
+                                 round_to=None) -> dict:
+    """``--verify`` of a written conversion: the checkpoint ``info`` describes against the HF directory,
+    tensor by tensor (one of each side in memory, :func:`verify_tensors`); then the logits of both
+    models on a small batch when ``logits`` is True, or when it is None and both fit in memory
+    (:func:`logits_check_fits`: skipped with a message otherwise)."""
+    reader = checkpoint_reader(info)
+    n = verify_tensors(reader.get, hf_dir, kind=kind, model_args=info["model_args"],
+                       padded_vocab_size=int(info["padded_vocab_size"]))
+    out = {"tensors_checked": n}
+    n_params = sum(p.numel() for p in reader.model.parameters())
+    if logits is None:
+        logits = logits_check_fits(n_params)
+        if not logits and _rank0():
+            print(f"verify: logits check skipped: two fp32 models of {n_params / 1e9:.2f}B parameters do not fit in "
+                  "this host's available memory (--verify-logits runs it anyway)")
+    if _rank0():
+        print(f"verify: {n} tensors bit-identical")
+    if logits:
+        model = _load_full_model(info, torch.float32)
+        if round_to is not None:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.to(round_to).to(p.dtype))
+        out.update(verify_logits(model, hf_dir, kind=kind))
+        del model
+    return out
+
+
+def verify_logits(model, hf_dir: str, *, kind: str, atol: float = 1e-4, rtol: float = 1e-4) -> dict:
+    """Logits of a TP=1 Megatron model and of the HF model on a small batch (text; plus an image for
+    SOLO) agree within fp32 tolerance, over the HF vocabulary (a half-precision Megatron model: bf16-level
+    tolerance)."""
+    src_vocab = HFCheckpoint(hf_dir).header["model.embed_tokens.weight"][1][0]
     ids, patches = verification_inputs(src_vocab, with_image=(kind == "solo"))
     with cpu_backend.suspended(), torch.no_grad():  # the reference runs on plain torch, not on the CPU backend
         hf_model = load_hf_model(hf_dir, kind)
@@ -404,11 +470,32 @@ def verify_against_hf(model, hf_dir: str, *, kind: str, padded_vocab_size: int, 
         del hf_model
     got = megatron_logits(model, ids, patches)[..., :src_vocab]
     diff = (got - ref).abs().max().item()
-    if next(model.parameters()).dtype != torch.float32:  # a half-precision Megatron model: bf16-level check
+    if next(model.parameters()).dtype != torch.float32:
         atol, rtol = max(atol, 5e-2), max(rtol, 5e-2)
     tol = atol + rtol * ref.abs().max().item()
     if not math.isfinite(diff) or diff > tol:
         raise VerificationError(f"verify: logits differ from {hf_dir}: max abs diff {diff:.3g} > {tol:.3g}")
     if _rank0():
-        print(f"verify: {n_checked} tensors bit-identical; logits max abs diff {diff:.2e} (tolerance {tol:.1e})")
-    return {"tensors_checked": n_checked, "max_abs_logit_diff": diff, "tolerance": tol}
+        print(f"verify: logits max abs diff {diff:.2e} (tolerance {tol:.1e})")
+    return {"max_abs_logit_diff": diff, "tolerance": tol}
+
+
+def verify_against_hf(model, hf_dir: str, *, kind: str, padded_vocab_size: int, round_to=None,
+                      atol: float = 1e-4, rtol: float = 1e-4) -> dict:
+    """Parity of an in-memory TP=1 Megatron SOLO model with a HF checkpoint: every tensor
+    (:func:`verify_tensors`), then the logits (:func:`verify_logits`). Raises
+    :class:`VerificationError` naming the first mismatch."""
+    params = model_parameters(model)
+    cfg = model.config
+    model_args = dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+                      num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
+                      kv_channels=cfg.kv_channels)
+    n = verify_tensors(params.__getitem__, hf_dir, kind=kind, model_args=model_args,
+                       padded_vocab_size=padded_vocab_size)
+    if round_to is not None:
+        with torch.no_grad():
+            for p in params.values():
+                p.copy_(p.to(round_to).to(p.dtype))
+    out = {"tensors_checked": n}
+    out.update(verify_logits(model, hf_dir, kind=kind, atol=atol, rtol=rtol))
+    return out

@@ -101,6 +101,13 @@ class HFCheckpoint:
     def dtype_of(self, name: str) -> str:
         return self.header[name][0]
 
+    def torch_dtype_of(self, name: str) -> torch.dtype:
+        """The torch dtype of one tensor (the source's precision, kept by the conversion)."""
+        dtype = self.header[name][0]
+        if dtype not in _ST_TO_TORCH:
+            raise ConversionError(f"{self.hf_dir}: {name} has dtype {dtype}; expected F32, F16 or BF16")
+        return _ST_TO_TORCH[dtype]
+
 
 def _read_safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...], int]]:
     """Parse a safetensors header and check that the data it describes is all in the file."""
