@@ -15,10 +15,20 @@ class ArgumentError(ValueError):
     pass
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Megatron-LM's habit: every flag's help ends with its default (unless the text already says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m megatron_solo.train",
-        description="Train a SOLO model (stage 1/2/3 pre-training or SFT) with megatron-core.",
+        description="Train a SOLO model (stage 1/2/3 pre-training or SFT) with megatron-core. Flags follow "
+                    "Megatron-LM; the launchers in examples/ set them (bash examples/sft.sh --help).",
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", help="preset: solo-7b | tiny (see megatron_solo.model.PRESETS)")
@@ -26,58 +36,98 @@ def build_parser() -> argparse.ArgumentParser:
                       ("num-attention-heads", int), ("num-query-groups", int), ("kv-channels", int),
                       ("max-position-embeddings", int), ("rotary-base", int), ("norm-epsilon", float),
                       ("sliding-window", int), ("init-method-std", float)):
-        g.add_argument(f"--{name}", type=typ, default=None, help="override the preset's field")
+        g.add_argument(f"--{name}", type=typ, default=None, help=f"override the preset's {name.replace('-', '_')} (None: the preset's)")
     g.add_argument("--no-sliding-window", action="store_true", help="full causal attention")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this x TP (Megatron's rule)")
 
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--context-parallel-size", type=int, default=1)
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--overlap-grad-reduce", action="store_true")
-    g.add_argument("--overlap-param-gather", action="store_true")
-    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="tensor-parallel size (TP): each layer's weights split over this many ranks")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="pipeline-parallel size (PP): the layers split into this many stages")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="layers per virtual stage: interleaved 1F1B (needs PP > 1)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split layer norms and dropout over the TP ranks along the sequence (needs TP > 1)")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="context-parallel size (GPU + Transformer Engine only)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the optimizer state over data-parallel ranks (ZeRO-1)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the gradient reduce-scatter with the backward pass")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="overlap the parameter all-gather with the forward pass (needs --use-distributed-optimizer)")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10,
+                   help="timeout of collective operations")
 
     g = p.add_argument_group("batch and schedule")
-    g.add_argument("--seq-length", type=int, required=True)
-    g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--global-batch-size", type=int, default=None)
-    g.add_argument("--train-iters", type=int, default=None)
-    g.add_argument("--train-samples", type=int, default=None)
+    g.add_argument("--seq-length", type=int, required=True,
+                   help="tokens per sample (one pack, cut or padded); required")
+    g.add_argument("--micro-batch-size", type=int, default=1,
+                   help="samples per forward-backward pass on one data-parallel rank")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="samples per optimizer step over all data-parallel ranks (None: micro x DP); micro-batches per step = global / (micro x DP)")
+    g.add_argument("--train-iters", type=int, default=None,
+                   help="optimizer steps to train for (or --train-samples)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="samples to train for (iterations = samples / global batch)")
 
     g = p.add_argument_group("optimizer and learning rate")
-    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    g.add_argument("--lr", type=float, default=5e-5)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant", "WSD"])
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-warmup-init", type=float, default=0.0)
-    g.add_argument("--lr-decay-iters", type=int, default=None)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"],
+                   help="optimizer")
+    g.add_argument("--lr", type=float, default=5e-5,
+                   help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0,
+                   help="learning rate at the end of the decay")
+    g.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant", "WSD"],
+                   help="learning-rate decay after warm-up")
+    g.add_argument("--lr-warmup-iters", type=int, default=0,
+                   help="iterations of linear warm-up from --lr-warmup-init to --lr")
+    g.add_argument("--lr-warmup-init", type=float, default=0.0,
+                   help="learning rate at the start of warm-up")
+    g.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="iterations the decay spans (None: --train-iters)")
+    g.add_argument("--weight-decay", type=float, default=0.01,
+                   help="decoupled weight decay (AdamW)")
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="clip the global gradient norm to this")
+    g.add_argument("--adam-beta1", type=float, default=0.9,
+                   help="Adam's beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.999,
+                   help="Adam's beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8,
+                   help="Adam's epsilon")
     g.add_argument("--max-skipped-iters", type=int, default=10,
                    help="stop after this many consecutive iterations skipped for a NaN/inf loss or gradient")
 
     g = p.add_argument_group("precision")
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--fp16", action="store_true")
-    g.add_argument("--fp8-format", default=None, choices=["e4m3", "hybrid"])
-    g.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "tensorwise", "mxfp8", "blockwise"])
-    g.add_argument("--fp8-margin", type=int, default=0)
-    g.add_argument("--fp8-interval", type=int, default=1)
-    g.add_argument("--fp8-amax-history-len", type=int, default=1)
-    g.add_argument("--fp8-amax-compute-algo", default="most_recent", choices=["most_recent", "max"])
-    g.add_argument("--no-fp8-wgrad", action="store_true")
-    g.add_argument("--fp8-param-gather", action="store_true")
-    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
-    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
-    g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 mixed precision (fp32 main weights and gradients)")
+    g.add_argument("--fp16", action="store_true",
+                   help="fp16 mixed precision with dynamic loss scaling")
+    g.add_argument("--fp8-format", default=None, choices=["e4m3", "hybrid"],
+                   help="FP8 format of Transformer Engine's linear layers (needs TE and --bf16)")
+    g.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "tensorwise", "mxfp8", "blockwise"],
+                   help="FP8 scaling recipe")
+    g.add_argument("--fp8-margin", type=int, default=0,
+                   help="FP8 scaling margin")
+    g.add_argument("--fp8-interval", type=int, default=1,
+                   help="FP8 scaling-factor update interval")
+    g.add_argument("--fp8-amax-history-len", type=int, default=1,
+                   help="length of the FP8 amax history")
+    g.add_argument("--fp8-amax-compute-algo", default="most_recent", choices=["most_recent", "max"],
+                   help="how the FP8 amax is taken from its history")
+    g.add_argument("--no-fp8-wgrad", action="store_true",
+                   help="compute weight gradients in higher precision than FP8")
+    g.add_argument("--fp8-param-gather", action="store_true",
+                   help="keep parameters in FP8 for the all-gather")
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"],
+                   help="activation recomputation: full layers, or the attention core (selective)")
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"],
+                   help="full recompute: uniform (every N layers) or block (the first N per stage)")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="layers per recompute unit (uniform) or recomputed layers per stage (block)")
     g.add_argument("--transformer-impl", default=None, choices=["transformer_engine", "local"],
                    help="layer spec (default: TE when it imports on a GPU, else local)")
     g.add_argument("--attention-backend", default="dot_product", choices=["dot_product", "sdpa_flex"],
@@ -87,34 +137,51 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", nargs="+", required=True, help="'P' or 'w1 P1 w2 P2 ...' (Megatron syntax)")
     g.add_argument("--valid-data-path", nargs="+", default=None,
                    help="validation prefixes; the loss is reported per prefix")
-    g.add_argument("--split", default="969,30,1")
-    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--split", default="969,30,1",
+                   help="train,valid,test weights of each --data-path prefix's packs (100,0,0: no validation)")
+    g.add_argument("--data-cache-path", default=None,
+                   help="where megatron-core caches dataset indices (unused: indices are recomputed in memory)")
     g.add_argument("--tokenizer-model", default=None, help="SOLO tokenizer.model (checked against SOLO's ids)")
-    g.add_argument("--loss-role", default="assistant", choices=["assistant", "user", "system", "all"])
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--loss-role", default="assistant", choices=["assistant", "user", "system", "all"],
+                   help="role whose tokens carry the loss (all: every non-image token)")
+    g.add_argument("--seed", type=int, default=1234,
+                   help="random seed (initialisation, data order)")
 
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--save", default=None)
-    g.add_argument("--load", default=None)
-    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--save", default=None,
+                   help="checkpoint directory to write")
+    g.add_argument("--load", default=None,
+                   help="checkpoint directory to start from (the newest complete iteration)")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="save every this many iterations (and at the end)")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only; reset iteration, optimizer and scheduler (a new stage)")
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="do not load the optimizer state")
+    g.add_argument("--no-load-rng", action="store_true",
+                   help="do not load the RNG state")
     g.add_argument("--ckpt-step", type=int, default=None, help="load this iteration instead of the latest")
-    g.add_argument("--keep-last-checkpoints", type=int, default=None)
-    g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--keep-last-checkpoints", type=int, default=None,
+                   help="keep only this many newest checkpoints in --save (None: all)")
+    g.add_argument("--no-save-optim", action="store_true",
+                   help="save the model without the optimizer state")
 
     g = p.add_argument_group("evaluation, logging and exit")
-    g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=10)
-    g.add_argument("--log-interval", type=int, default=100)
-    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--eval-interval", type=int, default=1000,
+                   help="evaluate on the validation set every this many iterations")
+    g.add_argument("--eval-iters", type=int, default=10,
+                   help="global batches per evaluation")
+    g.add_argument("--log-interval", type=int, default=100,
+                   help="print a log line every this many iterations")
+    g.add_argument("--tensorboard-dir", default=None,
+                   help="write TensorBoard scalars here")
     g.add_argument("--log-file", default=None, help="also append the log lines as JSON to this file")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM/SIGINT, save a checkpoint at the end of the iteration and exit")
-    g.add_argument("--exit-interval", type=int, default=None)
-    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit after an iteration that is a multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit after this many minutes")
     return p
 
 
