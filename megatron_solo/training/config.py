@@ -79,6 +79,12 @@ def decide_resume(flags) -> ResumePlan:
         info = checkpoint.read_checkpoint_info(load_dir, step)
     except (checkpoint.CheckpointError, OSError, ValueError) as e:
         raise ArgumentError(f"cannot load {load_dir}: {e}") from None
+    saved_gbs = (info.get("args") or {}).get("global_batch_size")
+    if not finetune and saved_gbs and saved_gbs != flags.global_batch_size:  # said, never silent
+        change = (f"the global batch size changes from {saved_gbs} (checkpoint) to {flags.global_batch_size}: "
+                  f"the iteration count and consumed samples carry over, the learning-rate schedule continues "
+                  f"by iteration, and each step from here takes {flags.global_batch_size} samples")
+        note = f"{note}; {change}" if note else change
     return ResumePlan(load_dir, finetune, info, note)
 
 
