@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import tempfile
 
 import torch
@@ -222,6 +223,12 @@ def read_checkpoint(load_dir: str, iteration: int | None = None) -> dict:
         iteration = latest_iteration(load_dir)
         if iteration is None:
             raise ConversionError(f"{load_dir}: no complete checkpoint (no latest_checkpointed_iteration.txt)")
+        newest = max((int(n[5:]) for n in os.listdir(load_dir) if n.startswith("iter_") and n[5:].isdigit()),
+                     default=iteration)
+        if newest > iteration:  # said out loud: an interrupted save is never exported silently
+            print(f"note: converting iteration {iteration}, the newest complete checkpoint in {load_dir}; "
+                  f"iter_{newest:07d} is incomplete (an interrupted save); --iteration N chooses another",
+                  file=sys.stderr, flush=True)
     try:
         return read_checkpoint_info(load_dir, iteration)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
@@ -306,6 +313,9 @@ def megatron_to_hf(
         parent = os.path.dirname(os.path.abspath(save_dir)) or "."
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save_dir))}.tmp-", dir=parent)
+        umask = os.umask(0o022)  # read it (os has no getter) and put it back at once
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 -> what os.makedirs gives: the export is shared
     try:
         plan = [(n, s, dtype) for bm in mappings for n, s in bm.hf_shapes(shapes).items()]
         writer = StreamingSafetensorsWriter(tmp, plan, max_shard_bytes) if rank0 else None
