@@ -35,51 +35,114 @@ def render(tokens, patches, gap: int = 2):
     return images
 
 
-def main(argv=None) -> int:
-    import numpy as np
-    from PIL import Image
+def _document_elements(tokens, tok):
+    """A document's tokens -> [("text", str) | ("image", (rows, cols))] in order."""
+    from megatron_solo.spec import SOLO_IDS
 
+    out, text, rows, row_len = [], [], [], 0
+    for x in map(int, tokens):
+        if x == SOLO_IDS.vision_start:
+            if text:
+                out.append(("text", "".join(text)))
+            text, rows, row_len = [], [], 0
+        elif x == SOLO_IDS.vision_patch:
+            row_len += 1
+        elif x in (SOLO_IDS.vision_row_sep, SOLO_IDS.vision_frame_sep, SOLO_IDS.vision_end):
+            if row_len:
+                rows.append(row_len)
+            row_len = 0
+            if x == SOLO_IDS.vision_end:
+                out.append(("image", (len(rows), rows[0] if rows else 0)))
+        elif SOLO_IDS.vision_start < x <= SOLO_IDS.vision_frame_sep:
+            pass
+        else:
+            text.append(tok.id_to_piece(x).replace("\u2581", " ").replace("<0x0A>", "\n"))
+    if text:
+        out.append(("text", "".join(text)))
+    return out
+
+
+def labelled_sheet(images, labels, min_width: int = 720):
+    """Stack image panels, each upscaled (nearest: patch edges stay sharp) to a readable size, under a
+    title line and between the text that precedes and follows it in the document."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=15)
+    line_h, margin = 20, 12
+    panels = []
+    for im, (title, before, after) in zip(images, labels):
+        scale = max(1, min(8, 320 // max(im.shape[0], im.shape[1], 1)))  # small images grow to ~320 px
+        pic = Image.fromarray(im).resize((im.shape[1] * scale, im.shape[0] * scale), Image.NEAREST)
+        width = max(min_width, pic.width + 2 * margin)
+        wrap = max(20, (width - 2 * margin) // 8)
+        lines_before = textwrap.wrap(f"before: {before.strip() or '(nothing)'}", wrap)[-3:]
+        lines_after = textwrap.wrap(f"after: {after.strip() or '(nothing)'}", wrap)[:3]
+        height = margin + line_h * (1 + len(lines_before)) + pic.height + line_h * len(lines_after) + 2 * margin
+        panel = Image.new("RGB", (width, height), "white")
+        d = ImageDraw.Draw(panel)
+        y = margin
+        d.text((margin, y), title, fill="black", font=font)
+        y += line_h
+        for line in lines_before:
+            d.text((margin, y), line, fill=(60, 60, 140), font=font)
+            y += line_h
+        panel.paste(pic, (margin, y + 4))
+        y += pic.height + 8
+        for line in lines_after:
+            d.text((margin, y), line, fill=(60, 60, 140), font=font)
+            y += line_h
+        panels.append(panel)
+    sheet = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), (235, 235, 235))
+    y = 0
+    for p in panels:
+        sheet.paste(p, (0, y))
+        y += p.height
+    return sheet
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prefix", required=True, help="dataset prefix (tools/preprocess_data.py --output-prefix)")
+    ap.add_argument("--pack", type=int, default=0, help="which pack of the prefix to show")
+    ap.add_argument("--tokenizer-model", required=True, help="SOLO's tokenizer.model")
+    ap.add_argument("--out", required=True,
+                    help="PNG path: one labelled panel per image (grid size, image index, the text around it)")
+    a = ap.parse_args(argv)  # before the heavy imports: --help answers at once
+
+    import numpy as np
+
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()
     from megatron_solo.data.indexed import SoloIndexedDataset
     from megatron_solo.data.tokenizer import SoloTokenizer
-    from megatron_solo.spec import PATCH_DIM, SOLO_IDS
+    from megatron_solo.spec import PATCH_DIM
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prefix", required=True)
-    ap.add_argument("--pack", type=int, default=0)
-    ap.add_argument("--tokenizer-model", required=True)
-    ap.add_argument("--out", required=True, help="PNG path (one file; several images are stacked vertically)")
-    a = ap.parse_args(argv)
     ds = SoloIndexedDataset(a.prefix)
     tok = SoloTokenizer(a.tokenizer_model)
     segs = ds.pack(a.pack)
     tokens = np.concatenate([t for t, _, _ in segs])
     patches = np.concatenate([p for _, _, p in segs]) if segs else np.zeros((0, PATCH_DIM), np.uint8)
+    labels = []
     for i, (t, r, _) in enumerate(segs):
-        shown = []
-        for x in t:
-            x = int(x)
-            if x == SOLO_IDS.vision_start:
-                shown.append("[IMAGE ")
-            elif x == SOLO_IDS.vision_end:
-                shown.append("]")
-            elif SOLO_IDS.vision_patch <= x <= SOLO_IDS.vision_frame_sep:
-                shown.append({SOLO_IDS.vision_patch: "", SOLO_IDS.vision_row_sep: "", SOLO_IDS.vision_frame_sep: "|"}[x])
-            else:
-                shown.append(tok.id_to_piece(x).replace("▁", " ").replace("<0x0A>", "\n"))
+        elements = _document_elements(t, tok)
         print(f"--- document {i} ({len(t)} tokens, roles {sorted(set(r.tolist()))}) ---")
-        print("".join(shown))
+        print("".join(v if kind == "text" else "[IMAGE ]" for kind, v in elements))
+        for j, (kind, v) in enumerate(elements):
+            if kind == "image":
+                before = elements[j - 1][1] if j and elements[j - 1][0] == "text" else ""
+                after = elements[j + 1][1] if j + 1 < len(elements) and elements[j + 1][0] == "text" else ""
+                labels.append((f"pack {a.pack}, document {i}, image {len(labels)}: {v[0]} x {v[1]} patches "
+                               f"of 32x32 px ({v[0] * v[1]})", before[-240:], after[:240]))
     images = render(tokens, patches)
     if not images:
         print("(no images in this pack)")
         return 0
-    width = max(im.shape[1] for im in images)
-    canvas = np.full((sum(im.shape[0] + 8 for im in images), width, 3), 255, np.uint8)
-    y = 0
-    for im in images:
-        canvas[y:y + im.shape[0], :im.shape[1]] = im
-        y += im.shape[0] + 8
-    Image.fromarray(canvas).save(a.out)
-    print(f"wrote {a.out}: {len(images)} image(s), {len(patches)} patches")
+    sheet = labelled_sheet(images, labels)
+    sheet.save(a.out)
+    print(f"wrote {a.out} ({sheet.width}x{sheet.height}): {len(images)} image(s), {len(patches)} patches")
     return 0
 
 
