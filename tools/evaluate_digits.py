@@ -23,7 +23,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-format", choices=["chat", "pretrain"], default="chat",
                     help="chat: the SFT question in a user turn; pretrain: BOS + image (a stage-1 model)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N test digits")
-    ap.add_argument("--examples", type=int, default=16, help="digits in the answers PNG")
+    ap.add_argument("--examples", type=int, default=32,
+                    help="digits in the answers PNG (right and wrong in the proportion of the whole test)")
     a = ap.parse_args(argv)
 
     from megatron_solo.convert.hf_export_files import load_export_processor
