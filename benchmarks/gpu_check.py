@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The GPU check of issue 8 (run by benchmarks/gpu_check.sh; one H100/H200, no network, <= 8 minutes).
 
-    python benchmarks/gpu_check.py --out $OUT            # on the GPU machine
-    python benchmarks/gpu_check.py --cpu-dry-run --out bench_out/gpu_dry   # here: every step at toy size
+    .venv/bin/python benchmarks/gpu_check.py --out $OUT            # on the GPU machine
+    .venv/bin/python benchmarks/gpu_check.py --cpu-dry-run --out bench_out/gpu_dry   # here: every step at toy size
 
 1. peak: the card's bf16 matmul rate, measured here (8192^3 products; MFU is relative to it);
 2. logits: the tiny preset at TP=1 on the GPU (bf16 and fp32, same weights) against the CPU (fp32, computed

@@ -186,6 +186,6 @@ echo "== done in $(elapsed): a tiny SOLO (TP=$DEMO_TP PP=$DEMO_PP, 2 processes) 
 echo "$summary"
 echo "   loss curves:        $OUT/loss_curves.png"
 echo "   answers on digits:  $OUT/test_digits.png"
-echo "   HF export:          $OUT/hf   (python tools/generate.py --hf-dir $OUT/hf --image IMG --prompt \"Which digit is this?\")"
+echo "   HF export:          $OUT/hf   (.venv/bin/python tools/generate.py --hf-dir $OUT/hf --image IMG --prompt \"Which digit is this?\")"
 echo "   checkpoints:        $OUT/checkpoints/{stage1,sft}"
 echo "   per-example answers: $OUT/eval.json; logs: $LOGS/"

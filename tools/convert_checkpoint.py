@@ -2,12 +2,12 @@
 """Convert checkpoints between Hugging Face (Mistral, SOLO) and megatron_solo.
 
     # Mistral-7B -> SOLO initialisation (extends the tokenizer, adds vocabulary rows and the patch embedding)
-    python tools/convert_checkpoint.py hf-to-megatron --hf-dir Mistral-7B-v0.1 \\
+    .venv/bin/python tools/convert_checkpoint.py hf-to-megatron --hf-dir Mistral-7B-v0.1 \\
         --tokenizer-model Mistral-7B-v0.1/tokenizer.model --save ckpt/solo-init --target-tensor-parallel-size 2
     # a HF SOLO checkpoint -> megatron_solo (continue training it)
-    python tools/convert_checkpoint.py hf-to-megatron --hf-dir SOLO-7B --save ckpt/solo-7b
+    .venv/bin/python tools/convert_checkpoint.py hf-to-megatron --hf-dir SOLO-7B --save ckpt/solo-7b
     # a megatron_solo checkpoint (any TP/PP; latest iteration by default) -> HF SOLO
-    python tools/convert_checkpoint.py megatron-to-hf --load ckpt/sft --save hf/solo-sft --verify
+    .venv/bin/python tools/convert_checkpoint.py megatron-to-hf --load ckpt/sft --save hf/solo-sft --verify
 
 TP/PP are not arguments of the conversion: megatron-core's dist_checkpointing reshards on load, so a
 converted checkpoint loads at any TP/PP whose TP divides its padded vocabulary

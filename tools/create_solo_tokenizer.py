@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Append SOLO's special pieces to a SentencePiece model (e.g. Mistral-7B-v0.1's tokenizer.model).
 
-    python tools/create_solo_tokenizer.py --base /path/to/mistral/tokenizer.model --output DIR
-    python tools/create_solo_tokenizer.py --base mistral-common --output DIR   # the copy in mistral-common
+    .venv/bin/python tools/create_solo_tokenizer.py --base /path/to/mistral/tokenizer.model --output DIR
+    .venv/bin/python tools/create_solo_tokenizer.py --base mistral-common --output DIR   # the copy in mistral-common
 """
 
 import argparse

@@ -3,7 +3,7 @@
 
 The arithmetic is :mod:`megatron_solo.data.mixture`; from the prefixes' own indices:
 
-    python tools/data_mixture.py --seq-length 32768 --global-batch-size 128 \
+    .venv/bin/python tools/data_mixture.py --seq-length 32768 --global-batch-size 128 \
         --mix 0.7 out/imagenet21k 0.3 out/slimpajama
 
 prints the `--data-path` string (weights = target share of *samples*, derived from the target

@@ -2,7 +2,7 @@
 """Evaluate an exported SOLO model on the held-out digits (megatron_solo/demo/evaluate.py) through
 Hugging Face ``generate``; write eval.json and a PNG of test digits with the model's answers.
 
-    python tools/evaluate_digits.py --hf-dir demo_out/hf --test demo_out/corpus/test.jsonl --output-dir demo_out
+    .venv/bin/python tools/evaluate_digits.py --hf-dir demo_out/hf --test demo_out/corpus/test.jsonl --output-dir demo_out
 """
 
 import argparse

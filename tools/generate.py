@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Ask an exported SOLO model about an image (a first taste, and a smoke test of an export).
 
-    python tools/generate.py --hf-dir hf/solo-sft --image cat.jpg --prompt "What is in this image?"
-    python tools/generate.py --hf-dir hf/solo-base --image cat.jpg --prompt "A photo of" --no-chat
+    .venv/bin/python tools/generate.py --hf-dir hf/solo-sft --image cat.jpg --prompt "What is in this image?"
+    .venv/bin/python tools/generate.py --hf-dir hf/solo-base --image cat.jpg --prompt "A photo of" --no-chat
 
 Uses only the exported directory: its modeling code (trust_remote_code) and its processing_solo.py.
 Generation stops by itself at the stop token of the template (<|im_end|> for chatml, </s> for solo-inst;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Merge complete SOLO prefixes (e.g. shards written in parallel) into one prefix, atomically.
 
-    python tools/merge_datasets.py --input out/shard0 out/shard1 --output-prefix out/all
+    .venv/bin/python tools/merge_datasets.py --input out/shard0 out/shard1 --output-prefix out/all
 """
 
 import argparse

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Turn image-text corpora into SOLO indexed datasets (P-tokens, P-roles, P-patches).
 
-    python tools/preprocess_data.py --input data/*.jsonl.zst --output-prefix out/cc3m \
+    .venv/bin/python tools/preprocess_data.py --input data/*.jsonl.zst --output-prefix out/cc3m \
         --tokenizer-model tok/tokenizer.model --format pretrain --seq-length 32768 --workers 8
 
 See docs/DATA_FORMAT.md for the inputs, the layout on disk and the skip reasons.

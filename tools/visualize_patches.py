@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Show what the model sees: write a PNG of each image's patch grid in one stored pack and print its text.
 
-    python tools/visualize_patches.py --prefix out/cc3m --pack 0 --tokenizer-model tok/tokenizer.model --out pack0.png
+    .venv/bin/python tools/visualize_patches.py --prefix out/cc3m --pack 0 --tokenizer-model tok/tokenizer.model --out pack0.png
 """
 
 import argparse

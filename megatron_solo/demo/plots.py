@@ -1,7 +1,7 @@
 """The demo's pictures: loss curves from training's JSON-lines logs (``--log-file``), and test digits
 drawn as the patch grids the model reads, titled with the model's answers.
 
-    python -m megatron_solo.demo.plots losses --log "stage 1=run/stage1.jsonl" --log "SFT=run/sft.jsonl" \
+    .venv/bin/python -m megatron_solo.demo.plots losses --log "stage 1=run/stage1.jsonl" --log "SFT=run/sft.jsonl" \
         --output run/loss_curves.png
 """
 
