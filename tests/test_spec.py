@@ -44,6 +44,8 @@ def test_hf_processing_copy_equals_spec():
     assert (P.UNK_ID, P.BOS_ID, P.EOS_ID, P.BASE_VOCAB_SIZE) == (spec.UNK_ID, spec.BOS_ID, spec.EOS_ID,
                                                                   spec.BASE_VOCAB_SIZE)
     assert (P.VISION_START_ID, P.IM_END_ID) == (spec.SOLO_IDS.vision_start, spec.SOLO_IDS.im_end)
+    assert (P.IM_START_ID, P.LOC_FIRST_ID, P.NUM_LOC_TOKENS) == (spec.SOLO_IDS.im_start, spec.SOLO_IDS.loc_first,
+                                                                 spec.NUM_LOC_TOKENS)
     assert (P.VISION_START, P.VISION_PATCH, P.VISION_ROW_SEP, P.VISION_END, P.IM_START, P.IM_END) == (
         spec.VISION_START, spec.VISION_PATCH, spec.VISION_ROW_SEP, spec.VISION_END, spec.IM_START, spec.IM_END)
 
