@@ -16,11 +16,16 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	@test -n "$(PYTHON312)" || { echo "error: python3.12 not found (megatron-core needs Python 3.12)"; exit 1; }
+	@echo "== [1/4] virtual environment $(VENV) ($(PYTHON312))"
 	@test -x $(PY) || $(PYTHON312) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	@echo "== [2/4] pip itself"
+	$(PY) -m pip install --upgrade --progress-bar on pip
+	@echo "== [3/4] the pinned dependencies of requirements.txt (torch, megatron-core, transformers ...: a few minutes)"
+	$(PY) -m pip install --progress-bar on -r requirements.txt
+	@echo "== [4/4] this package (editable) and its C++ extension"
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	$(PY) -c "import megatron_solo, megatron_solo._C as c; print('megatron_solo ready, C++ extension', c.__file__)"
+	@echo "== setup done: use $(PY) (or 'source $(VENV)/bin/activate') for the commands in README.md and docs/"
 	@touch $@
 
 test: setup

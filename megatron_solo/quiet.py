@@ -26,6 +26,7 @@ KNOWN_WARNINGS = (
     (r"full scope is deprecated", UserWarning),                 # megatron-core's own default cuda-graph scope
     (r"MimoModelConfig is experimental", UserWarning),
     (r"Could not determine rank from torch.distributed", UserWarning),  # a single-process check or tool
+    (r"torch.distributed is disabled, unavailable or uninitialized", UserWarning),  # one-process conversion
     # megatron-core's DDP reads .grad of its own non-leaf views (on the CPU path, through cpu_backend).
     (r"The .grad attribute of a Tensor that is not a leaf Tensor is being accessed", UserWarning),
     (r"The following imports from `dynamic_context.py` will be removed", DeprecationWarning),

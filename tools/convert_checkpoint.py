@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()  # megatron-core's and transformers' notes that ask nothing of the user
     from megatron_solo import cpu_backend
     from megatron_solo.convert.errors import ConversionError
     from megatron_solo.convert.hf_config import check_hf_checkpoint

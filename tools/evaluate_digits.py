@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     ap.add_argument("--examples", type=int, default=32,
                     help="digits in the answers PNG (right and wrong in the proportion of the whole test)")
     a = ap.parse_args(argv)
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()  # megatron-core's and transformers' notes that ask nothing of the user
 
     from megatron_solo.convert.hf_export_files import load_export_processor
     from megatron_solo.demo.evaluate import evaluate

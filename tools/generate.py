@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="compute dtype (bfloat16 halves memory; float32 is the safe default on CPU)")
     args = ap.parse_args(argv)
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()  # megatron-core's and transformers' notes that ask nothing of the user
 
     import torch
     from transformers import AutoModelForCausalLM
