@@ -42,9 +42,13 @@ def sample(prefix: str, index: int, loss_role: str, seq_length: int | None):
 
 
 def render_text(tok, tokens, mask, doc_lengths) -> str:
+    """Pieces as text (trained ones in [[...]], a trained newline shown as [[\\n]]), vision blocks
+    summarised, a line between the documents of the pack."""
+    import numpy as np
+
     from megatron_solo.spec import SOLO_IDS
 
-    out, i, starts = [], 0, set(__import__("numpy").cumsum(doc_lengths)[:-1].tolist())
+    out, i, starts = [], 0, set(np.cumsum(doc_lengths)[:-1].tolist())
     n = len(tokens)
     while i < n:
         if i in starts:
@@ -66,7 +70,7 @@ def render_text(tok, tokens, mask, doc_lengths) -> str:
         piece = tok.id_to_piece(t).replace("\u2581", " ")
         if piece.startswith("<0x") and piece.endswith(">"):
             piece = bytes([int(piece[3:-1], 16)]).decode("latin-1")
-        out.append(f"[[{piece}]]" if mask[i] else piece)
+        out.append(f"[[{piece}]]".replace("\n", "\\n]]\n[[").replace("[[]]", "") if mask[i] else piece)
         i += 1
     return "".join(out)
 
