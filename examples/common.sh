@@ -99,8 +99,10 @@ case "${1:-}" in -h|--help) launcher_help; exit 0 ;; esac
 run_phase() {
   local name=$1 save_dir=$2 init_ckpt=$3; shift 3
   local missing
+  local dry=${DRY_RUN:-0}  # DRY_RUN=1: plan the job in one process (--dry-run), no data needed
+  [[ "$dry" == 1 ]] && { DATA_PATH=${DATA_PATH:-none}; TRAIN_ITERS=${TRAIN_ITERS:-1}; TOKENIZER_MODEL=${TOKENIZER_MODEL:-}; }
   for missing in DATA_PATH TOKENIZER_MODEL TRAIN_ITERS; do
-    if [[ -z "${!missing:-}" ]]; then
+    if [[ -z "${!missing:-}" && "$dry" != 1 ]]; then
       echo "error: set $missing (bash $0 --help lists every variable)" >&2
       exit 2
     fi
@@ -111,7 +113,7 @@ run_phase() {
   if [[ -f "$save_dir/latest_checkpointed_iteration.txt" ]]; then
     load_args=(--load "$save_dir")
     load_var=${SAVE_VAR:-}
-  elif [[ -n "$init_ckpt" ]]; then
+  elif [[ -n "$init_ckpt" ]] && [[ "$dry" != 1 || -d "$init_ckpt" ]]; then
     load_args=(--load "$init_ckpt" --finetune)
   fi
   local valid_args=()
@@ -134,6 +136,9 @@ run_phase() {
     "${tb_args[@]}" --exit-signal-handler \
     "$@" $EXTRA_ARGS
   )
+  if [[ "$dry" == 1 ]]; then  # torchrun's world size, one process: megatron_solo/training/dry_run.py
+    WORLD_SIZE=$((GPUS_PER_NODE * NNODES)) exec "$PYTHON" -m megatron_solo.train "${train_args[@]}" --dry-run
+  fi
   # Pre-flight: the trainer's own checks in one process, before torchrun (a mistake: one line, exit 2).
   local vars="model=PRESET tensor-model-parallel-size=TP pipeline-model-parallel-size=PP seq-length=SEQ_LENGTH
     micro-batch-size=MICRO_BATCH_SIZE global-batch-size=GLOBAL_BATCH_SIZE train-iters=TRAIN_ITERS lr=LR min-lr=MIN_LR

@@ -101,6 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-skipped-iters", type=int, default=10,
                    help="stop after this many consecutive iterations skipped for a NaN/inf loss or gradient")
 
+    g = p.add_argument_group("parameter groups and freezing (megatron_solo/training/param_groups.py)")
+    g.add_argument("--vision-lr", type=float, default=None,
+                   help="peak learning rate of the patch embedding, same schedule as --lr (default: None, --lr)")
+    g.add_argument("--vision-min-lr", type=float, default=None,
+                   help="final learning rate of the patch embedding (default: None, --min-lr)")
+    g.add_argument("--vision-weight-decay", type=float, default=None,
+                   help="weight decay of the patch embedding (default: None, --weight-decay)")
+    g.add_argument("--decoupled-lr", type=float, default=None,
+                   help="peak learning rate of the word embedding and output layer, as Megatron-LM "
+                        "(default: None, --lr)")
+    g.add_argument("--decoupled-min-lr", type=float, default=None,
+                   help="final learning rate of the word embedding and output layer (default: None, --min-lr)")
+    g.add_argument("--freeze-lm", action="store_true",
+                   help="train only the patch embedding; every other weight stays as loaded, with no gradient "
+                        "buffer and no optimizer state (the alignment stage; default: off)")
+    g.add_argument("--freeze-vision", action="store_true",
+                   help="train everything except the patch embedding (default: off)")
+
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true",
                    help="bf16 mixed precision (fp32 main weights and gradients)")
@@ -182,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save and exit after an iteration that is a multiple of this")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="save and exit after this many minutes")
+
+    g = p.add_argument_group("planning (megatron_solo/training/dry_run.py)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="build each rank's model on the meta device in this one process (world size from "
+                        "WORLD_SIZE), print parameters, memory per rank, FLOPs and step time, and exit; "
+                        "no GPU, data or process group needed")
+    g.add_argument("--dry-run-gpu", default="H100", choices=["H100", "H200", "A100", "B200"],
+                   help="GPU whose dense peak the step time is computed for (default: H100)")
+    g.add_argument("--dry-run-mfu", type=float, default=0.45,
+                   help="model FLOPs utilisation assumed for the step time (default: 0.45)")
     return p
 
 
@@ -240,6 +268,9 @@ def validate_args(args) -> argparse.Namespace:
             args.recompute_num_layers = 1
     if args.min_lr > args.lr:
         _fail(f"--min-lr ({args.min_lr}) is larger than --lr ({args.lr})")
+    from megatron_solo.training import param_groups
+
+    param_groups.check_args(args, _fail)
     if args.save_interval is not None and not args.save:
         _fail("--save-interval needs --save")
     if args.finetune and not args.load:
@@ -288,7 +319,7 @@ def validate_args(args) -> argparse.Namespace:
                   f"to be a multiple of --pipeline-model-parallel-size {pp}")
     if args.seq_length > model_args.max_position_embeddings:
         _fail(f"--seq-length {args.seq_length} exceeds max-position-embeddings {model_args.max_position_embeddings}")
-    if args.fp8_format:
+    if args.fp8_format and not getattr(args, "dry_run", False):  # a dry run plans FP8 without TE
         from megatron_solo.model.config import check_fp8, use_te_default
 
         use_te = use_te_default() if args.transformer_impl is None else args.transformer_impl == "transformer_engine"

@@ -32,6 +32,7 @@ from megatron_solo.model import (
     solo_loss_func,
 )
 from megatron_solo.training import faults
+from megatron_solo.training import param_groups
 from megatron_solo.training.config import TrainConfig
 from megatron_solo.training.flops import num_floating_point_operations
 from megatron_solo.training.logger import TrainingLogger, memory_report
@@ -47,7 +48,8 @@ def pretrain(cfg: TrainConfig) -> dict:
     log = setup_parallel(cfg)
     config = build_model_config(cfg)
     model_chunks = build_model_chunks(cfg, config)
-    log.info(f"model {cfg.model}: {count_parameters(model_chunks) / 1e6:.2f}M parameters on this rank; "
+    log.info(f"model {cfg.model}: {count_parameters(model_chunks) / 1e6:.2f}M parameters on this rank "
+             f"({count_parameters(model_chunks, trainable_only=True) / 1e6:.2f}M trainable); "
              f"{memory_report()}", all_ranks_first=True)
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model_chunks)
     wire_schedule(cfg, config, model_chunks, optimizer)
@@ -108,6 +110,8 @@ def build_model_chunks(cfg: TrainConfig, config):
             cfg.model_args, config, vp_stage=vp_stage if vpp else None,
             padded_vocab_size=cfg.padded_vocab_size, use_te=cfg.use_te, core_attention=cfg.attention_backend,
         ))
+    # Before the DDP wrap: frozen parameters get no gradient buffer, main copy or optimizer state.
+    param_groups.apply_freezing(chunks, cfg)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.overlap_grad_reduce,
@@ -123,14 +127,16 @@ def build_model_chunks(cfg: TrainConfig, config):
     ]
 
 
-def count_parameters(model_chunks) -> int:
-    return sum(p.numel() for c in model_chunks for p in c.module.parameters())
+def count_parameters(model_chunks, trainable_only: bool = False) -> int:
+    return sum(p.numel() for c in model_chunks for p in c.module.parameters() if p.requires_grad or not trainable_only)
 
 
 def build_optimizer_config(cfg: TrainConfig) -> OptimizerConfig:
-    """The one place the optimizer's settings are made (parameter groups and freezing belong here)."""
+    """The one place the optimizer's settings are made (its parameter groups: :func:`build_optimizer_and_scheduler`
+    with :func:`param_groups.config_overrides`)."""
     return OptimizerConfig(
         optimizer=cfg.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        decoupled_lr=cfg.decoupled_lr, decoupled_min_lr=cfg.decoupled_min_lr,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad, bf16=cfg.bf16, fp16=cfg.fp16, params_dtype=cfg.params_dtype,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
@@ -139,7 +145,9 @@ def build_optimizer_config(cfg: TrainConfig) -> OptimizerConfig:
 
 
 def build_optimizer_and_scheduler(cfg: TrainConfig, model_chunks):
-    optimizer = get_megatron_optimizer(build_optimizer_config(cfg), model_chunks)
+    optim_config = build_optimizer_config(cfg)
+    optimizer = get_megatron_optimizer(optim_config, model_chunks,
+                                       config_overrides=param_groups.config_overrides(cfg, optim_config))
     decay_iters = cfg.lr_decay_iters or cfg.train_iters
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -327,8 +335,7 @@ def train(cfg: TrainConfig, config, model_chunks, optimizer, scheduler, stream, 
 
         if iteration % cfg.log_interval == 0 or iteration == cfg.train_iters:
             log.iteration_line(
-                iteration=iteration, consumed=stream.consumed, lr=scheduler.get_lr(optimizer.param_groups[0])
-                if hasattr(scheduler, "get_lr") else optimizer.param_groups[0]["lr"],
+                iteration=iteration, consumed=stream.consumed, lr=param_groups.group_learning_rates(optimizer),
                 losses=losses, grad_norm=grad_norm, skipped_total=skipped_total)
         if skipped_in_row >= cfg.max_skipped_iters:
             log.info(f"error: {skipped_in_row} consecutive iterations had a NaN/inf loss or gradient; stopping "
@@ -389,6 +396,10 @@ def main(argv=None) -> int:
 
     faults.watch_parent()  # a torchrun worker exits (no save) when its agent dies
     cfg = parse_args(argv)  # a bad flag combination exits here with one error line
+    if cfg.dry_run:  # plan only: no data, no GPU, no process group (megatron_solo/training/dry_run.py)
+        from megatron_solo.training.dry_run import run_dry_run
+
+        return run_dry_run(cfg)
     with faults.guarded_run(cfg):  # inputs checked, --save locked by rank 0; faults -> one error line
         cpu_backend.ensure()  # megatron-core on CPU/gloo when CUDA is absent (a no-op otherwise)
         mcore_fixes.apply()

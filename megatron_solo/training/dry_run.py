@@ -1,0 +1,266 @@
+"""``python -m megatron_solo.train ... --dry-run``: plan a job's memory and speed in one CPU process.
+
+How a multi-rank layout is built with no GPU and no other process: torch's ``fake`` process-group
+backend (``torch.testing._internal.distributed.fake_pg``; collectives are no-ops) lets this process
+join a world of ``WORLD_SIZE`` ranks *as* a chosen rank, so megatron-core's own
+``parallel_state.initialize_model_parallel`` builds every group as on the cluster and
+``build_solo_model`` builds that rank's chunks (virtual pipeline stages included) exactly as the
+trainer does, on the ``meta`` device (:mod:`megatron_solo.meta_device`: shapes, no memory). One rank
+per pipeline stage is built (TP and DP ranks of a stage hold the same shapes).
+
+Per rank it reports (formulas below; what they assume is printed with them):
+
+* parameters and weight bytes: counted from the built chunks (``params_dtype``: bf16 with --bf16);
+* gradients: megatron-core DDP's buffer, fp32 (``grad_reduce_in_fp32``), trainable parameters only;
+* optimizer: Adam's two moments plus, in mixed precision, the fp32 main copy: 12 bytes per trainable
+  parameter (8 in fp32), divided by DP under ``--use-distributed-optimizer``. Weights + gradients +
+  optimizer reproduce Megatron-LM's ``theoretical_memory_usage.py`` accounting (18 bytes per parameter,
+  or 6 + 12/DP with the distributed optimizer, for bf16);
+* activations: per layer and micro-batch, Korthikanti et al. 2022 ("Reducing Activation Recomputation in
+  Large Transformer Models", Table 2), the derivation Megatron-LM's ``theoretical_memory_usage.py`` also
+  follows, redone for SOLO's layer (GQA, SwiGLU, no dropout, RMSNorm), 2-byte activations:
+  ``8sbh`` (the inputs of both norms and of the QKV and fc1 projections; divided by TP only with
+  sequence parallelism) ``+ (4sbh + 4sbgd + 6sbf)/TP`` (Q, the attention output, K and V, fc1's output
+  and SwiGLU's output); a fused/flash attention keeps no ``s x s`` matrix (the dot-product attention of
+  the local spec adds ``4bns^2/TP`` unless ``--recompute-granularity selective``). Full recompute keeps
+  only each recomputed layer's input (``2sbh``, /TP with SP), plus one layer's full activations while
+  that layer is recomputed in the backward pass. Stage ``p`` of a 1F1B pipeline holds
+  ``min(PP - p, micro-batches)`` micro-batches in flight; interleaving multiplies the first stage's by
+  ``1 + (PP - 1)/(PP x VPP)`` (Narayanan et al. 2021, as Megatron-LM's accounting). The first stage adds
+  the embedding output, the last the output layer's input and fp32 logits (``4sbV/TP``).
+* FLOPs per step from :mod:`megatron_solo.training.flops` (the number MFU is computed from) and the step
+  time they take at ``--dry-run-mfu`` of ``--dry-run-gpu``'s dense peak (bf16, or FP8 with --fp8-format).
+
+Frozen parameters (``--freeze-lm`` / ``--freeze-vision``) hold weights only: the trainer's own filter
+(:func:`megatron_solo.training.param_groups.trainable_parameter_filter`) decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import types
+
+GIB = 2**30
+
+#: Dense peak TFLOP/s per GPU (vendor data sheets, SXM parts): (bf16, fp8).
+GPU_PEAK_TFLOPS = {
+    "H100": (989.0, 1979.0),
+    "H200": (989.0, 1979.0),
+    "A100": (312.0, None),
+    "B200": (2250.0, 4500.0),
+}
+
+#: Mistral-7B-v0.1's exact parameter count, and what SOLO adds to it (docs/MODEL.md).
+MISTRAL_7B_PARAMETERS = 7_241_732_096
+
+
+def solo_7b_expected_parameters(hidden: int = 4096, new_rows: int = 1031, patch_dim: int = 3072) -> int:
+    """Mistral-7B + SOLO's 1031 new vocabulary rows in the embedding and the output layer + the patch
+    embedding (padding rows excluded)."""
+    return MISTRAL_7B_PARAMETERS + new_rows * hidden * 2 + patch_dim * hidden
+
+
+@contextlib.contextmanager
+def fake_rank(rank: int, world_size: int):
+    """This process as rank ``rank`` of a world of ``world_size`` (torch's fake backend: no peers)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("--dry-run runs in a process without a process group (not under torchrun)")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def build_rank_chunks(cfg, rank: int):
+    """The model chunks of global rank ``rank`` under ``cfg``'s layout, on the meta device."""
+    from megatron.core import parallel_state
+
+    from megatron_solo.meta_device import meta_device
+    from megatron_solo.model import build_solo_model
+    from megatron_solo.parallel import set_seed
+    from megatron_solo.training.loop import build_model_config
+
+    # As megatron_solo.parallel.initialize_model_parallel, without the gloo side groups (a gloo group
+    # would rendezvous with peers that do not exist).
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
+        context_parallel_size=cfg.context_parallel_size, create_gloo_process_groups=False)
+    set_seed(cfg.seed)
+    # FP8 only changes the kernels (and the peak used for the step time below): the layout is the same,
+    # and this CPU has no Transformer Engine, so the chunks are built with the local spec.
+    plan_cfg = dataclasses.replace(cfg, use_te=False,
+                                   flags=types.MappingProxyType({**cfg.flags, "fp8_format": None}))
+    config = build_model_config(plan_cfg)
+    vpp = cfg.virtual_pipeline_model_parallel_size
+    with meta_device():
+        return [build_solo_model(cfg.model_args, config, vp_stage=v if vpp else None,
+                                 padded_vocab_size=cfg.padded_vocab_size, use_te=False,
+                                 core_attention=cfg.attention_backend)
+                for v in range(vpp or 1)]
+
+
+def _activation_bytes(cfg, stage: int, layers: int, first: bool, last: bool) -> dict:
+    m = cfg.model_args
+    s, b, h, f = cfg.seq_length // cfg.context_parallel_size, cfg.micro_batch_size, m.hidden_size, m.ffn_hidden_size
+    tp, pp, vpp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.virtual_pipeline_model_parallel_size
+    g, d, n = m.num_query_groups, m.kv_channels, m.num_attention_heads
+    sp = bool(cfg.sequence_parallel)
+    sbh = s * b * h
+    replicated = 8 * sbh / (tp if sp else 1)
+    sharded = (4 * sbh + 4 * s * b * g * d + 6 * s * b * f) / tp
+    scores = 0.0
+    if not cfg.use_te and cfg.attention_backend == "dot_product" and cfg.recompute_granularity != "selective":
+        scores = 4 * b * n * s * s / tp  # softmax output kept for backward (local spec, no flash attention)
+    per_layer = replicated + sharded + scores
+    if cfg.recompute_granularity == "full":
+        n_rec = layers if cfg.recompute_method == "uniform" else min(layers, cfg.recompute_num_layers or layers)
+        per_layer_stage = n_rec * 2 * sbh / (tp if sp else 1) + (layers - n_rec) * per_layer
+        # (+ one layer's activations, recomputed during its backward: counted once per stage below)
+    else:
+        per_layer_stage = layers * per_layer
+    extra = 0.0
+    if first:
+        extra += 2 * sbh / (tp if sp else 1)  # embedding output (+ patch embedding's, same size)
+    if last:
+        extra += 2 * sbh / (tp if sp else 1) + 4 * s * b * cfg.padded_vocab_size / tp  # output input, fp32 logits
+    in_flight = min(pp - stage, cfg.num_microbatches) if pp > 1 else 1
+    if vpp and stage == 0:
+        in_flight *= 1 + (pp - 1) / (pp * vpp)
+    working = per_layer if cfg.recompute_granularity == "full" else 0.0
+    return {"per_microbatch": per_layer_stage + extra, "in_flight_microbatches": in_flight,
+            "bytes": (per_layer_stage + extra) * in_flight + working}
+
+
+def plan(cfg) -> dict:
+    """Build each pipeline stage's chunks (as its TP rank 0, DP rank 0) and account memory and time."""
+    import torch
+
+    from megatron_solo.training import flops
+    from megatron_solo.training.param_groups import trainable_parameter_filter
+
+    tp, pp, dp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.data_parallel_size
+    cp = cfg.context_parallel_size
+    trains = trainable_parameter_filter(cfg)
+    mixed = cfg.params_dtype != torch.float32
+    weight_b = torch.empty((), dtype=cfg.params_dtype).element_size()
+    opt_b = (12 if mixed else 8) if cfg.optimizer == "adam" else (8 if mixed else 4)  # sgd: momentum (+ main)
+    stages, total, total_real, padding_rows = [], 0, 0, 0
+    for stage in range(pp):
+        rank = stage * (cfg.world_size // pp)  # megatron-core's order tp-cp-ep-dp-pp: PP is the slowest
+        with fake_rank(rank, cfg.world_size):
+            chunks = build_rank_chunks(cfg, rank)
+            from megatron.core import parallel_state
+
+            assert parallel_state.get_pipeline_model_parallel_rank() == stage
+            named = [(n, p) for c in chunks for n, p in c.named_parameters()]
+        params = sum(p.numel() for _, p in named)
+        trainable = sum(p.numel() for n, p in named if trains(n))
+        layers = sum(len(c.decoder.layers) for c in chunks)
+        first, last = stage == 0, stage == pp - 1
+        act = _activation_bytes(cfg, stage, layers, first, last)
+        mem = {
+            "weights": params * weight_b,
+            "gradients": trainable * 4,
+            "optimizer": trainable * opt_b / (dp * cp if cfg.use_distributed_optimizer else 1),
+            "activations": act["bytes"],
+        }
+        mem["total"] = sum(mem.values())
+        stages.append({"pp_rank": stage, "example_rank": rank, "layers": layers, "parameters": params,
+                       "trainable_parameters": trainable, "memory_bytes": mem,
+                       "in_flight_microbatches": act["in_flight_microbatches"]})
+        # Across the TP ranks of the stage: TP-sharded tensors are split, the others (norms) replicated.
+        for n, p in named:
+            k = p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+            total += k
+            if n.endswith(("word_embeddings.weight", "output_layer.weight")):
+                pad = (cfg.padded_vocab_size - cfg.model_args.vocab_size) * p.shape[1]
+                padding_rows += pad
+                k -= pad
+            total_real += k
+    step_flops = flops.num_floating_point_operations(cfg)
+    gpu = cfg.dry_run_gpu
+    bf16_peak, fp8_peak = GPU_PEAK_TFLOPS[gpu]
+    use_fp8 = bool(cfg.fp8_format) and fp8_peak is not None
+    peak = (fp8_peak if use_fp8 else bf16_peak) * 1e12
+    step_s = step_flops / (cfg.world_size * peak * cfg.dry_run_mfu)
+    return {
+        "world_size": cfg.world_size, "tp": tp, "pp": pp, "vpp": cfg.virtual_pipeline_model_parallel_size,
+        "dp": dp, "cp": cp, "sequence_parallel": bool(cfg.sequence_parallel),
+        "distributed_optimizer": bool(cfg.use_distributed_optimizer),
+        "recompute": cfg.recompute_granularity, "params_dtype": str(cfg.params_dtype).replace("torch.", ""),
+        "fp8": cfg.fp8_format, "micro_batch_size": cfg.micro_batch_size, "seq_length": cfg.seq_length,
+        "global_batch_size": cfg.global_batch_size, "num_microbatches": cfg.num_microbatches,
+        "padded_vocab_size": cfg.padded_vocab_size,
+        "parameters_total": total, "parameters_without_padding": total_real, "padding_parameters": padding_rows,
+        "stages": stages, "flops_per_step": step_flops, "gpu": gpu, "peak_tflops": peak / 1e12,
+        "mfu": cfg.dry_run_mfu, "step_seconds": step_s,
+        "tokens_per_second": cfg.global_batch_size * cfg.seq_length / step_s,
+    }
+
+
+def report(p: dict, model_args) -> str:
+    """The human-readable plan, ending with one JSON line (what scripts read)."""
+    g = lambda b: f"{b / GIB:7.2f} GiB"  # noqa: E731
+    lines = [
+        f"dry run: world {p['world_size']} = TP {p['tp']} x PP {p['pp']} x DP {p['dp']}"
+        + (f" x CP {p['cp']}" if p["cp"] > 1 else "")
+        + (f", VPP {p['vpp']}" if p["vpp"] else "") + (", sequence parallel" if p["sequence_parallel"] else "")
+        + (", distributed optimizer" if p["distributed_optimizer"] else "")
+        + (f", recompute {p['recompute']}" if p["recompute"] else "") + f", {p['params_dtype']} weights"
+        + (f", FP8 {p['fp8']}" if p["fp8"] else ""),
+        f"  batch: micro {p['micro_batch_size']} x seq {p['seq_length']}, global {p['global_batch_size']} "
+        f"({p['num_microbatches']} micro-batches per DP rank)",
+        f"  parameters: {p['parameters_total']:,} ({p['parameters_without_padding']:,} without the "
+        f"{p['padding_parameters']:,} of vocabulary padding to {p['padded_vocab_size']} rows)",
+    ]
+    if model_args.hidden_size == 4096 and model_args.num_layers == 32 and model_args.ffn_hidden_size == 14336:
+        want = solo_7b_expected_parameters()
+        ok = "matches" if p["parameters_without_padding"] == want else "DOES NOT MATCH"
+        lines.append(f"  check: Mistral-7B {MISTRAL_7B_PARAMETERS:,} + 1031 new rows x 4096 x 2 + patch embedding "
+                     f"3072 x 4096 = {want:,}: {ok}")
+    lines.append("  per rank (all TP and DP ranks of a pipeline stage are alike):")
+    for s in p["stages"]:
+        m = s["memory_bytes"]
+        lines.append(f"    PP stage {s['pp_rank']} (e.g. rank {s['example_rank']}): {s['layers']} layers, "
+                     f"{s['parameters']:,} parameters ({s['trainable_parameters']:,} trained)")
+        lines.append(f"      weights {g(m['weights'])}  grads {g(m['gradients'])}  optimizer {g(m['optimizer'])}  "
+                     f"activations {g(m['activations'])} ({s['in_flight_microbatches']:.2f} micro-batches in "
+                     f"flight)  total {g(m['total'])}")
+    lines.append(f"  model FLOPs per step: {p['flops_per_step']:.4g}; at {p['mfu']:.0%} MFU of "
+                 f"{p['world_size']} x {p['gpu']} ({p['peak_tflops']:.0f} TFLOP/s dense "
+                 f"{'FP8' if p['fp8'] else 'bf16'}): {p['step_seconds']:.2f} s per step, "
+                 f"{p['tokens_per_second']:,.0f} tokens/s")
+    summary = {
+        "parameters_total": p["parameters_total"],
+        "parameters_without_padding": p["parameters_without_padding"],
+        "parameters_per_rank": [s["parameters"] for s in p["stages"]],
+        "memory_gib_per_rank": [round(s["memory_bytes"]["total"] / GIB, 3) for s in p["stages"]],
+        "memory_gib_per_rank_detail": [{k: round(v / GIB, 3) for k, v in s["memory_bytes"].items()}
+                                       for s in p["stages"]],
+        "flops_per_step": p["flops_per_step"], "step_seconds": round(p["step_seconds"], 4),
+        "gpu": p["gpu"], "mfu": p["mfu"], "world_size": p["world_size"],
+    }
+    lines.append(json.dumps(summary))
+    return "\n".join(lines)
+
+
+def run_dry_run(cfg) -> int:
+    """The ``--dry-run`` entry point (called by the trainer's ``main`` in place of training)."""
+    from megatron_solo import cpu_backend, mcore_fixes
+
+    cpu_backend.ensure()
+    mcore_fixes.apply()
+    print(report(plan(cfg), cfg.model_args), flush=True)
+    return 0
