@@ -32,6 +32,41 @@ def fix_torch_adam_reshardable_load() -> None:
     dopt.DistributedOptimizer._solo_patched = True
 
 
+def fix_torch_adam_step_on_empty_rank() -> None:
+    """megatron-core 0.19.2 bug, without TE/apex only: ``DistributedOptimizer.state_dict`` takes torch Adam's
+    ``step`` from the per-parameter state and asserts there is exactly one value; a rank whose optimizer
+    holds no parameter (a pipeline stage with every parameter frozen: ``--freeze-lm`` at PP > 1) has none,
+    and save and load fail there. Such a rank has no state the step could apply to: report 0. (The saved
+    step comes from global rank 0, which holds the first stage's trainable parameters.)"""
+    import torch
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if getattr(dopt, "HAVE_APEX_OR_TE", True) or getattr(dopt.DistributedOptimizer, "_solo_empty_rank_patched", False):
+        return
+    original = dopt.DistributedOptimizer.state_dict
+
+    def state_dict(self):
+        inner = self.optimizer
+        if inner.state:
+            return original(self)
+        plain = inner.state_dict
+
+        def with_placeholder_step():
+            sd = plain()
+            sd["state"] = {0: {"step": torch.tensor(0.0)}}  # read for its step only; "state" is dropped
+            return sd
+
+        inner.state_dict = with_placeholder_step
+        try:
+            return original(self)
+        finally:
+            del inner.state_dict
+
+    dopt.DistributedOptimizer.state_dict = state_dict
+    dopt.DistributedOptimizer._solo_empty_rank_patched = True
+
+
 def apply() -> None:
     """Every workaround this package needs from megatron-core 0.19.2."""
     fix_torch_adam_reshardable_load()
+    fix_torch_adam_step_on_empty_rank()

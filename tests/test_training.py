@@ -130,17 +130,20 @@ def test_resume_is_exact_after_sigterm_and_kill9_and_reshards(digits_data, tmp_p
 def test_launchers_run_every_phase_in_tiny_mode(digits_data, tmp_path):
     env = dict(os.environ, PRESET="tiny", DATA_PATH=digits_data["pretrain"], TOKENIZER_MODEL=digits_data["tokenizer"],
                TRAIN_ITERS="2", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHON=PY,
-               STAGE1_CKPT=str(tmp_path / "s1"), STAGE2_CKPT=str(tmp_path / "s2"),
+               STAGE0_CKPT=str(tmp_path / "s0"), STAGE1_CKPT=str(tmp_path / "s1"), STAGE2_CKPT=str(tmp_path / "s2"),
                STAGE3_CKPT=str(tmp_path / "s3"), SFT_CKPT=str(tmp_path / "sft"))
-    phases = [("stage1_pretrain.sh", "s1", {}), ("stage2_pretrain.sh", "s2", {"TP": "1", "PP": "2"}),
+    phases = [("stage0_align.sh", "s0", {}), ("stage1_pretrain.sh", "s1", {"FROM_STAGE0": "1"}),
+              ("stage2_pretrain.sh", "s2", {"TP": "1", "PP": "2"}),
               ("stage3_anneal.sh", "s3", {}), ("sft.sh", "sft", {"DATA_PATH": digits_data["sft"]})]
     for script, ck, extra in phases:
         r = subprocess.run(["bash", f"examples/{script}"], cwd=ROOT, env=dict(env, MASTER_PORT=str(free_port()), **extra),
                            capture_output=True, text=True, timeout=400)
         assert r.returncode == 0, f"{script}:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
         assert (tmp_path / ck / "latest_checkpointed_iteration.txt").read_text() == "2"
-        if script != "stage1_pretrain.sh":
+        if script != "stage0_align.sh":  # stage 1 starts from stage 0 (FROM_STAGE0=1), weights only
             assert "weights only, --finetune" in r.stdout, r.stdout[-2000:]
+        else:  # --freeze-lm: only the patch embedding (hidden 128 x 3072) trains
+            assert "(0.39M trainable)" in r.stdout, r.stdout[-2000:]
     info = json.loads((tmp_path / "sft" / "iter_0000002" / "solo_checkpoint.json").read_text())
     assert info["args"]["loss_role"] == "assistant" and info["layout"]["tp"] == 2
 

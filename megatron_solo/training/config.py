@@ -18,6 +18,7 @@ import torch
 from megatron_solo import checkpoint
 from megatron_solo.model.config import SoloModelArgs, use_te_default
 from megatron_solo.training.arguments import ArgumentError, validate_args
+from megatron_solo.training import param_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,7 @@ def build_train_config(args) -> TrainConfig:
     """Check the flags (one-line :class:`ArgumentError`) and derive every decision, once."""
     v = validate_args(args)  # a checked copy with Megatron's derived sizes; ``args`` is left as given
     resume = decide_resume(v)
+    param_groups.check_resume(v, resume)  # the optimizer state fits only its own trainable set and groups
     use_te = use_te_default() if v.transformer_impl is None else v.transformer_impl == "transformer_engine"
     flags = {k: val for k, val in vars(args).items()}
     return TrainConfig(

@@ -93,6 +93,9 @@ class TrainingLogger:
                 images.item() / w["time"], w["skipped"])
 
     def iteration_line(self, *, iteration, consumed, lr, losses, grad_norm, skipped_total) -> None:
+        """``lr``: the learning rate, or one per parameter group ({"default": ..., "vision": ...})."""
+        group_lrs = dict(lr) if isinstance(lr, dict) else {"default": lr}
+        lr = group_lrs.pop("default", next(iter(group_lrs.values()), float("nan")))
         step_time, tokens_per_s, images_per_s, skipped_window = self._throughput()
         flops_per_iter = self.flops_per_iter
         if not self.is_logging_rank:
@@ -103,6 +106,7 @@ class TrainingLogger:
             f"consumed samples: {consumed:12d}",
             f"elapsed time per iteration (ms): {step_time * 1000:.1f}",
             f"learning rate: {lr:.6E}",
+            *(f"{name} learning rate: {v:.6E}" for name, v in group_lrs.items()),
             f"global batch size: {a.global_batch_size:5d}",
         ]
         for key in ("lm loss", "image-doc loss", "text-doc loss"):
@@ -116,6 +120,7 @@ class TrainingLogger:
                   "grad-norm": float(grad_norm) if grad_norm is not None else float("nan"),
                   "skipped-iterations": skipped_total, "tokens-per-sec": tokens_per_s,
                   "images-per-sec": images_per_s, "iteration-time": step_time, "consumed-samples": consumed}
+        values.update({f"learning-rate/{name.replace('/', '-')}": v for name, v in group_lrs.items()})
         for key in ("image-doc loss", "text-doc loss"):
             if key in losses:
                 values[key] = losses[key]
