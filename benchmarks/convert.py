@@ -1,17 +1,26 @@
 #!/usr/bin/env python3
-"""Peak memory of the checkpoint conversion against the model's size (goal: peak RSS <= 1.3x model bytes).
+"""Peak memory and time of the checkpoint conversion, both directions, against the model's size.
 
-Writes a random HF SOLO checkpoint of about 1B parameters (bf16, streamed: never whole in memory),
-then runs, each in a fresh process, and reports the peak RSS of its process tree (psutil, sampled every 20 ms):
+Goal (issue 15): each direction's peak RSS of the whole process tree <= 1.2x the model's bytes at its
+own precision (bf16), and the round trip HF -> megatron_solo -> HF returns every source tensor
+bit-identical.
 
-    baseline         python + torch + megatron-core + transformers imported, nothing converted
-    hf-to-megatron   tools/convert_checkpoint.py hf-to-megatron (fp32 parameters)
-    megatron-to-hf   tools/convert_checkpoint.py megatron-to-hf (bf16 export)
+    python benchmarks/convert.py --shape mistral-7b --work /tmp/convert_bench   # the true Mistral-7B shape
+    python benchmarks/convert.py --shape small                                   # ~1B SOLO, a quick look
 
-"model bytes" is the in-memory size of the model the converter holds (fp32, 4 bytes/parameter).
-Ratios are given both for the raw peak and for the peak above the baseline process.
+Steps, each conversion in a fresh process, peak RSS of its process tree sampled every 20 ms (psutil):
+  1. a random HF checkpoint in bf16, written tensor by tensor (never whole in memory): ``mistral-7b`` is a
+     Mistral source (vocab 32000, no patch embedding: the conversion adds SOLO's 1031 rows, padding and
+     the patch embedding); ``small`` is a HF SOLO source;
+  2. ``baseline``: python + torch + megatron-core + transformers imported, nothing converted;
+  3. ``hf-to-megatron`` (tools/convert_checkpoint.py, the source's bf16 kept);
+  4. the HF source is deleted (disk: each copy of a 7B model is ~14.5 GB) and
+  5. ``megatron-to-hf`` (bf16, the checkpoint's own dtype);
+  6. every source tensor is regenerated and compared with the export, one at a time.
 
-    python benchmarks/convert.py --work /tmp/convert_bench [--hidden 2048 --layers 16 --ffn 5632]
+"model bytes" = parameters of the converted SOLO model (padded vocabulary) x 2 bytes (bf16).
+Source values come from one random pool, each tensor a different rotation of it (so a swapped tensor is
+caught), which keeps generating 7B parameters fast on 2 cores.
 """
 
 import argparse
@@ -21,32 +30,78 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SHAPES = {
+    # Mistral-7B-v0.1's config
+    "mistral-7b": dict(kind="mistral", num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                       num_query_groups=8, kv_channels=128, vocab_size=32000),
+    "small": dict(kind="solo", num_layers=16, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=16,
+                  num_query_groups=8, kv_channels=128, vocab_size=33031),
+}
+_POOL = 1 << 26  # random bf16 values shared by all tensors (128 MB)
 
 
-def make_checkpoint(out_dir, hidden, layers, ffn, heads, groups, head_dim):
+def _pool():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.empty(_POOL, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=g)
+
+
+def source_tensor(pool, name, shape):
+    """The source tensor ``name``: the pool rotated by an offset of its own (tiled for larger tensors)."""
+    import math
+
+    import torch
+
+    n = math.prod(shape)
+    start = zlib.crc32(name.encode()) % _POOL
+    if n <= _POOL - start:
+        flat = pool[start:start + n]
+    else:
+        flat = torch.cat([pool[start:], pool[:start]]).repeat(-(-n // _POOL))[:n]
+    t = flat.reshape(shape)
+    return (1.0 + 5 * t) if len(shape) == 1 else t.clone()  # norms around 1
+
+
+def make_checkpoint(out_dir, shape):
     import torch
 
     from megatron_solo.convert.hf_config import conversion_shapes, hf_config_from_model_args
     from megatron_solo.convert.hf_export_files import write_hf_support_files
-    from megatron_solo.convert.safetensors_io import StreamingSafetensorsWriter
     from megatron_solo.convert.mapping import expected_hf_shapes
-    from megatron_solo.data.tokenizer import create_solo_tokenizer, mistral_tokenizer_path
+    from megatron_solo.convert.safetensors_io import StreamingSafetensorsWriter
 
-    args = dict(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
-                num_query_groups=groups, kv_channels=head_dim, vocab_size=33031, max_position_embeddings=4096,
-                rotary_base=10000, norm_epsilon=1e-5, sliding_window=4096, init_method_std=0.02)
-    shapes = expected_hf_shapes(conversion_shapes(args, padded_vocab_size=33031))
+    a = {k: v for k, v in shape.items() if k != "kind"}
+    args = dict(a, max_position_embeddings=32768, rotary_base=10000, norm_epsilon=1e-5, sliding_window=4096,
+                init_method_std=0.02)
+    mistral = shape["kind"] == "mistral"
+    shapes = expected_hf_shapes(conversion_shapes(args, padded_vocab_size=a["vocab_size"]),
+                                include_solo_only=not mistral)
     os.makedirs(out_dir, exist_ok=True)
-    w = StreamingSafetensorsWriter(out_dir, [(n, s, torch.bfloat16) for n, s in shapes.items()], 2 * 10**9)
-    g = torch.Generator().manual_seed(0)
+    pool = _pool()
+    w = StreamingSafetensorsWriter(out_dir, [(n, s, torch.bfloat16) for n, s in shapes.items()], 5 * 10**9)
     for n, s in shapes.items():
-        w.write(n, (torch.randn(s, generator=g) * (0.02 if len(s) == 2 else 1.0)).to(torch.bfloat16))
+        w.write(n, source_tensor(pool, n, s))
     w.close()
-    tok = create_solo_tokenizer(mistral_tokenizer_path(), os.path.join(out_dir, ".tok"))
-    write_hf_support_files(out_dir, hf_config_from_model_args(args), tok)
-    return sum(int(torch.Size(s).numel()) for s in shapes.values())
+    if mistral:
+        from transformers import MistralConfig
+
+        MistralConfig(vocab_size=32000, hidden_size=a["hidden_size"], intermediate_size=a["ffn_hidden_size"],
+                      num_hidden_layers=a["num_layers"], num_attention_heads=a["num_attention_heads"],
+                      num_key_value_heads=a["num_query_groups"], head_dim=a["kv_channels"],
+                      max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=4096,
+                      tie_word_embeddings=False, dtype="bfloat16").to_json_file(os.path.join(out_dir, "config.json"))
+    else:
+        from megatron_solo.data.tokenizer import create_solo_tokenizer, mistral_tokenizer_path
+
+        tok = create_solo_tokenizer(mistral_tokenizer_path(), os.path.join(out_dir, ".tok"))
+        write_hf_support_files(out_dir, hf_config_from_model_args(args), tok)
+    return shapes
 
 
 def run(cmd):
@@ -70,34 +125,70 @@ def run(cmd):
     return peak, time.time() - t0
 
 
+def round_trip_mismatches(export_dir, shapes) -> list[str]:
+    """Source tensors (regenerated) that differ from the export's, one tensor at a time."""
+    import torch
+
+    from megatron_solo.convert.safetensors_io import HFCheckpoint
+
+    pool, ck, bad = _pool(), HFCheckpoint(export_dir), []
+    for n, s in shapes.items():
+        got = ck.get(n)[: s[0]]  # embedding/output: the export has SOLO's 33031 rows, the source's come first
+        if got.dtype != torch.bfloat16 or not torch.equal(got, source_tensor(pool, n, s)):
+            bad.append(n)
+    return bad
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
     ap.add_argument("--work", default="/tmp/solo_convert_bench")
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--ffn", type=int, default=5632)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--groups", type=int, default=8)
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="fewer layers than the shape's (every tensor keeps its shape): for a disk that cannot "
+                         "hold two copies of the whole model")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args()
+    shape = dict(SHAPES[a.shape], **({"num_layers": a.layers} if a.layers else {}))
     shutil.rmtree(a.work, ignore_errors=True)
+    os.makedirs(a.work)
     hf, ckpt, out = (os.path.join(a.work, d) for d in ("hf", "ckpt", "export"))
-    n = make_checkpoint(hf, a.hidden, a.layers, a.ffn, a.heads, a.groups, a.hidden // a.heads)
-    model_bytes = 4 * n
-    py = sys.executable
-    tool = os.path.join(ROOT, "tools", "convert_checkpoint.py")
-    base, _ = run([py, "-c", "import torch, transformers, megatron_solo.model, megatron_solo.convert.megatron_io"])
-    imp, t_imp = run([py, tool, "hf-to-megatron", "--hf-dir", hf, "--save", ckpt])
-    exp, t_exp = run([py, tool, "megatron-to-hf", "--load", ckpt, "--save", out])
-    res = {"parameters": n, "model_bytes_fp32": model_bytes, "baseline_rss": base,
-           "hf_to_megatron": {"peak_rss": imp, "ratio": imp / model_bytes,
-                              "ratio_above_baseline": (imp - base) / model_bytes, "seconds": t_imp},
-           "megatron_to_hf": {"peak_rss": exp, "ratio": exp / model_bytes,
-                              "ratio_above_baseline": (exp - base) / model_bytes, "seconds": t_exp}}
+
+    h, L, f = shape["hidden_size"], shape["num_layers"], shape["ffn_hidden_size"]
+    qkv = (shape["num_attention_heads"] + 2 * shape["num_query_groups"]) * shape["kv_channels"]
+    padded = 33152  # SOLO's 33031 padded to a multiple of 128 (TP=1)
+    n_params = (2 * padded * h + 3072 * h + h
+                + L * (2 * h + qkv * h + shape["num_attention_heads"] * shape["kv_channels"] * h + 3 * f * h))
+    model_bytes = 2 * n_params
+    free = shutil.disk_usage(a.work).free
+    if free < 2.05 * model_bytes:
+        raise SystemExit(f"error: {a.work} has {free / 1e9:.1f} GB free; two bf16 copies of this model need "
+                         f"{2.05 * model_bytes / 1e9:.1f} GB (pass --work on a larger disk)")
+    try:
+        t0 = time.time()
+        shapes = make_checkpoint(hf, shape)
+        t_gen = time.time() - t0
+        py = sys.executable
+        tool = os.path.join(ROOT, "tools", "convert_checkpoint.py")
+        base, _ = run([py, "-c", "import torch, transformers, megatron_solo.model, megatron_solo.convert.megatron_io"])
+        tok = ["--tokenizer-model", "mistral-common"] if shape["kind"] == "mistral" else []
+        imp, t_imp = run([py, tool, "hf-to-megatron", "--hf-dir", hf, "--save", ckpt, *tok])
+        shutil.rmtree(hf)  # regenerated for the round-trip check
+        exp, t_exp = run([py, tool, "megatron-to-hf", "--load", ckpt, "--save", out])
+        shutil.rmtree(ckpt)
+        t0 = time.time()
+        bad = round_trip_mismatches(out, shapes)
+        t_cmp = time.time() - t0
+    finally:
+        if not a.keep:
+            shutil.rmtree(a.work, ignore_errors=True)
+    res = {"shape": a.shape, "num_layers": L, "parameters": n_params, "model_bytes_bf16": model_bytes, "baseline_rss": base,
+           "generate_seconds": round(t_gen, 1),
+           "hf_to_megatron": {"peak_rss": imp, "ratio": round(imp / model_bytes, 3), "seconds": round(t_imp, 1)},
+           "megatron_to_hf": {"peak_rss": exp, "ratio": round(exp / model_bytes, 3), "seconds": round(t_exp, 1)},
+           "round_trip_tensors": len(shapes), "round_trip_mismatches": bad, "compare_seconds": round(t_cmp, 1)}
     print(json.dumps(res, indent=2))
-    if not a.keep:
-        shutil.rmtree(a.work, ignore_errors=True)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -111,6 +111,13 @@ def build_rank_chunks(cfg, rank: int):
                 for v in range(vpp or 1)]
 
 
+def dot_product_attention(cfg) -> bool:
+    """Whether the planned job keeps the s x s attention matrix: only with ``--transformer-impl local`` and
+    megatron's dot-product attention. The default on GPUs is Transformer Engine's fused (flash) attention,
+    whatever this planning machine has."""
+    return cfg.transformer_impl == "local" and cfg.attention_backend == "dot_product"
+
+
 def _activation_bytes(cfg, stage: int, layers: int, first: bool, last: bool) -> dict:
     m = cfg.model_args
     s, b, h, f = cfg.seq_length // cfg.context_parallel_size, cfg.micro_batch_size, m.hidden_size, m.ffn_hidden_size
@@ -121,7 +128,7 @@ def _activation_bytes(cfg, stage: int, layers: int, first: bool, last: bool) -> 
     replicated = 8 * sbh / (tp if sp else 1)
     sharded = (4 * sbh + 4 * s * b * g * d + 6 * s * b * f) / tp
     scores = 0.0
-    if not cfg.use_te and cfg.attention_backend == "dot_product" and cfg.recompute_granularity != "selective":
+    if dot_product_attention(cfg) and cfg.recompute_granularity != "selective":
         scores = 4 * b * n * s * s / tp  # softmax output kept for backward (local spec, no flash attention)
     per_layer = replicated + sharded + scores
     if cfg.recompute_granularity == "full":
@@ -206,6 +213,7 @@ def plan(cfg) -> dict:
         "parameters_total": total, "parameters_without_padding": total_real, "padding_parameters": padding_rows,
         "stages": stages, "flops_per_step": step_flops, "gpu": gpu, "peak_tflops": peak / 1e12,
         "mfu": cfg.dry_run_mfu, "step_seconds": step_s,
+        "attention": "dot-product (s x s kept)" if dot_product_attention(cfg) else "fused/flash (Transformer Engine)",
         "tokens_per_second": cfg.global_batch_size * cfg.seq_length / step_s,
     }
 
@@ -221,7 +229,7 @@ def report(p: dict, model_args) -> str:
         + (f", recompute {p['recompute']}" if p["recompute"] else "") + f", {p['params_dtype']} weights"
         + (f", FP8 {p['fp8']}" if p["fp8"] else ""),
         f"  batch: micro {p['micro_batch_size']} x seq {p['seq_length']}, global {p['global_batch_size']} "
-        f"({p['num_microbatches']} micro-batches per DP rank)",
+        f"({p['num_microbatches']} micro-batches per DP rank); attention {p['attention']}",
         f"  parameters: {p['parameters_total']:,} ({p['parameters_without_padding']:,} without the "
         f"{p['padding_parameters']:,} of vocabulary padding to {p['padded_vocab_size']} rows)",
     ]
