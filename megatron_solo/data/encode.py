@@ -93,7 +93,7 @@ def image_block_length(n_rows: int, n_cols: int) -> int:
 @dataclass
 class Message:
     role: str
-    parts: list  # ("text", str) | ("image", src) | ("video", [src, ...]); src: str url/path or bytes
+    parts: list  # ("text", str) | ("image", src) | ("video", [src, ...]) | ("loc", N); src: str url/path or bytes
 
 
 def _parse_content(content, where: str) -> list:
@@ -221,6 +221,9 @@ def normalize_messages(record, where: str = "", allow_image_mismatch: bool = Fal
     for m in record:
         if not isinstance(m, dict):
             raise SkipRecord("missing_field", f"{where}: a message is not an object")
+        if "from" in m and "role" not in m:  # a LLaVA turn among chat messages: it has no image to place
+            msgs.extend(_llava_messages([m], None, where, allow_image_mismatch))
+            continue
         role = m.get("role")
         if role is None or "content" not in m:
             raise SkipRecord("missing_field", f"{where}: a message without 'role' or 'content'")
