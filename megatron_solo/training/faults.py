@@ -103,6 +103,12 @@ def watch_parent() -> bool:
         try:
             if _held_lock is not None:
                 _held_lock.release(join=False)
+            # megatron-core's checkpoint writer keeps helper processes (multiprocessing children): they
+            # would outlive us and hold the launcher's output pipe open.
+            import multiprocessing
+
+            for child in multiprocessing.active_children():
+                child.kill()
         finally:
             os._exit(1)
 
@@ -112,8 +118,10 @@ def watch_parent() -> bool:
 
             libc = ctypes.CDLL(None, use_errno=True)
             PR_SET_PDEATHSIG = 1
-            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR2), 0, 0, 0) == 0:
-                signal.signal(signal.SIGUSR2, lambda signum, frame: leave("parent-death signal"))
+            # The handler first: SIGUSR2's default action would end the process without releasing the lock.
+            previous = signal.signal(signal.SIGUSR2, lambda signum, frame: leave("parent-death signal"))
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR2), 0, 0, 0) != 0:
+                signal.signal(signal.SIGUSR2, previous)
         except (OSError, AttributeError, ValueError):  # no prctl, or not the main thread: the thread suffices
             pass
 
@@ -202,7 +210,7 @@ class SaveDirLock:
         if rec.get("host") == socket.gethostname() and isinstance(rec.get("pid"), int) and rec["pid"] > 0 \
                 and not _pid_alive(rec["pid"]):
             return f"its process {rec['pid']} on this host is gone"
-        if age > self.stale_s:
+        if age >= self.stale_s:
             return f"its heartbeat is {age:.0f} s old (stale after {self.stale_s:.0f} s)"
         return None
 
@@ -240,21 +248,45 @@ class SaveDirLock:
         finally:
             os.remove(guard)
 
+    def holder_alive(self, rec: dict) -> bool:
+        """Whether ``rec``'s holder is alive: on this host its pid says so at once; a holder on another
+        host must refresh its heartbeat while we watch (at most until the heartbeat would be stale), so a
+        job requeued on another node after its predecessor died waits instead of failing."""
+        if self.is_stale(rec) is not None:
+            return False
+        if rec.get("host") == socket.gethostname():
+            return True
+        deadline = float(rec.get("heartbeat", 0)) + self.stale_s
+        if global_rank() == 0:
+            print(f"megatron_solo: --save {self.save_dir} is locked by {self.describe(rec)}; watching its "
+                  f"heartbeat for up to {max(deadline - time.time(), 0):.0f} s", file=sys.stderr, flush=True)
+        while time.time() < deadline:
+            time.sleep(min(1.0, self.heartbeat_s / 4))
+            now = self.read()
+            if now is None or now.get("owner") != rec.get("owner") or now.get("heartbeat") != rec.get("heartbeat"):
+                return True  # refreshed (or replaced by a live run): someone is there
+        return False
+
+    def check_free(self) -> dict | None:
+        """Raise :class:`InputError` naming a live holder; returns a stale record (or None: no lock)."""
+        rec = self.read()
+        if rec is not None and self.holder_alive(rec):
+            raise InputError(
+                f"--save {self.save_dir} is in use by another run ({self.describe(rec)}, heartbeat "
+                f"{max(time.time() - float(rec.get('heartbeat', 0)), 0):.0f} s ago); stop that run or choose "
+                f"another --save (a holder that died is taken over once its heartbeat is {self.stale_s:.0f} s old)")
+        return rec
+
     def acquire(self) -> None:
         """Take the lock or raise :class:`InputError` naming the live holder."""
         os.makedirs(self.save_dir, exist_ok=True)
         for _ in range(5):
             if self._create():
                 break
-            rec = self.read()
+            rec = self.check_free()
             if rec is None:
                 continue
-            why = self.is_stale(rec)
-            if why is None:
-                raise InputError(
-                    f"--save {self.save_dir} is in use by another run ({self.describe(rec)}, heartbeat "
-                    f"{time.time() - float(rec.get('heartbeat', 0)):.0f} s ago); stop that run or choose "
-                    f"another --save (a holder that died is taken over after {self.stale_s:.0f} s)")
+            why = self.is_stale(rec) or f"its heartbeat stopped {time.time() - float(rec.get('heartbeat', 0)):.0f} s ago"
             self.warning = (f"warning: taking over the lock of {self.save_dir} from a run that is gone "
                             f"({self.describe(rec)}: {why})")
             self._take_over(rec)
@@ -298,7 +330,8 @@ class SaveDirLock:
 
 
 # ------------------------------------------------------------------------------ inputs, before anything
-TOKEN_SAMPLE_BYTES = 4 << 20  # per window; three windows (start, middle, end) of each P-tokens.bin
+TOKEN_SAMPLE_BYTES = 1 << 20  # per window; three windows (start, middle, end) of each P-tokens.bin, read by
+                              # every rank (one read per node from the page cache)
 
 
 def _index_end(ds, itemsize: int) -> int:
@@ -361,10 +394,10 @@ def check_data_prefix(prefix: str, vocab_size: int) -> None:
         if have != want:
             raise InputError(f"{base}.bin has {have} bytes, its index describes {want} (truncated or from "
                              f"another run); re-run tools/preprocess_data.py for {prefix}")
-        counts[n] = (len(index.sequence_lengths), np.array(index.document_indices))
-        del index
-    (n_tok, docs), others = counts["tokens"], [counts["roles"], counts["patches"]]
-    if any(n_o != n_tok or not np.array_equal(d, docs) for n_o, d in others):
+        # Views into the memory-mapped index: the reader stays referenced here (its __del__ unmaps them).
+        counts[n] = (len(index.sequence_lengths), index.document_indices, index)
+    (n_tok, docs, _), others = counts["tokens"], [counts["roles"], counts["patches"]]
+    if any(n_o != n_tok or not np.array_equal(d, docs) for n_o, d, _ in others):
         raise InputError(f"data prefix {prefix}: its tokens, roles and patches datasets disagree on segments "
                          f"or packs (written by different runs); re-run tools/preprocess_data.py")
     lo, hi = sampled_token_id_range(component_prefix(prefix, "tokens") + ".bin")
@@ -414,10 +447,12 @@ def check_save_dir(save: str) -> None:
         raise InputError(f"--save {save} is not writable ({e.strerror or e}); choose a writable directory") from None
 
 
-def check_inputs(cfg) -> None:
+def check_inputs(cfg, *, save_lock: bool = True) -> None:
     """Every input of a run, checked in one process before megatron-core is initialised; raises
     :class:`InputError` (one line) for the first problem. ``cfg`` is a
-    :class:`~megatron_solo.training.config.TrainConfig` (the resume plan has read ``--load``'s info)."""
+    :class:`~megatron_solo.training.config.TrainConfig` (the resume plan has read ``--load``'s info).
+    ``save_lock``: also refuse a ``--save`` whose lock is live (a launcher's pre-flight; inside a run,
+    rank 0 takes the lock instead, and the other ranks must not see their own run's lock as foreign)."""
     from megatron_solo.data import parse_data_path
 
     vocab = cfg.model_args.vocab_size
@@ -433,6 +468,8 @@ def check_inputs(cfg) -> None:
                                "--save" if cfg.resume.load_dir == cfg.save and cfg.load != cfg.save else "--load")
     if cfg.save:
         check_save_dir(cfg.save)
+        if save_lock:
+            SaveDirLock(cfg.save).check_free()
 
 
 # ------------------------------------------------------------------------------ during the run
@@ -468,7 +505,8 @@ class _WatchedDataset:
 
 def watch_data_files(cfg, train_ds, valid_sets):
     """Wrap the train dataset and validation sets so that a data file changed after start-up stops the
-    run with its name (cost: two ``stat`` calls per dataset file per sample)."""
+    run with its name (cost: one ``stat`` call per data file per sample read; attributes are cached by
+    the client on local disks, Lustre and NFS, so this is microseconds)."""
     from megatron_solo.data import parse_data_path
     from megatron_solo.data.indexed import SUFFIXES, component_prefix
 
@@ -539,7 +577,7 @@ def guarded_run(cfg):
     global _held_lock
     lock = None
     try:
-        check_inputs(cfg)
+        check_inputs(cfg, save_lock=False)
         if cfg.save and global_rank() == 0:
             lock = SaveDirLock(cfg.save)
             lock.acquire()
