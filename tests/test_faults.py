@@ -147,6 +147,9 @@ def test_save_dir_lock_live_stale_and_released(tmp_path):
     assert rec["pid"] == os.getpid() and rec["host"] == socket.gethostname() and rec["owner"] == a.owner
     time.sleep(0.6)
     assert a.read()["heartbeat"] > rec["heartbeat"]  # refreshed while alive
+    os.remove(os.path.join(save, faults.LOCK_NAME))  # removed by hand: the holder puts it back
+    time.sleep(0.6)
+    assert a.read()["owner"] == a.owner
 
     b = SaveDirLock(save)
     with pytest.raises(InputError) as exc:

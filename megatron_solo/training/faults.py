@@ -302,6 +302,8 @@ class SaveDirLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             rec = self.read()
+            if rec is None and self._create():  # removed by hand: nobody else holds it, take it back
+                rec = self.read()
             if rec is None or rec.get("owner") != self.owner:
                 # Taken over (we were paused past STALE_S, or someone removed it): this run may not write.
                 print_error(f"the lock of --save {self.save_dir} was taken by another run "
