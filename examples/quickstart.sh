@@ -16,14 +16,14 @@ OUT=${OUT:-demo_out}
 # The recipe. Tuned so the held-out accuracy clears 90% in a few minutes on 2 CPU cores.
 SEQ=${DEMO_SEQ_LENGTH:-128}
 STAGE1_ITERS=${STAGE1_ITERS:-60}
-SFT_ITERS=${SFT_ITERS:-80}
+SFT_ITERS=${SFT_ITERS:-120}
 STAGE1_LR=${STAGE1_LR:-8e-3}
-SFT_LR=${SFT_LR:-5e-3}
+SFT_LR=${SFT_LR:-3e-3}
 DEMO_GBS=${DEMO_GBS:-16}
 DEMO_MBS=${DEMO_MBS:-8}
 SFT_GBS=${SFT_GBS:-8}
 # SFT's data: the chat corpus, blended with some stage-1 data ("W1 chat W2 pretrain"; 0 = chat only)
-SFT_PRETRAIN_WEIGHT=${SFT_PRETRAIN_WEIGHT:-0.3}
+SFT_PRETRAIN_WEIGHT=${SFT_PRETRAIN_WEIGHT:-0.5}
 DEMO_TP=${DEMO_TP:-2}
 DEMO_PP=${DEMO_PP:-1}
 EVAL_LIMIT=${EVAL_LIMIT:-}          # evaluate only the first N held-out digits (default: all)

@@ -20,7 +20,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        return text if "default" in text else super()._get_help_string(action)
+        return text if "default" in text or action.required else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
