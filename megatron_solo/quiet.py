@@ -39,6 +39,9 @@ KNOWN_LOG_RECORDS = (
     ("megatron.core.dist_checkpointing.strategies.torch", "async save is deprecated"),
     ("torch.utils.cpp_extension", "No CUDA runtime is found"),
     ("megatron.core.distributed.distributed_data_parallel", "full_param_layout not provided"),
+    ("megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision", "without Transformer Engine"),
+    ("megatron.core.distributed.fsdp.src.megatron_fsdp.param_and_grad_buffer", "using Megatron-FSDP with Megatron"),
+    ("megatron.core.distributed.fsdp.src.megatron_fsdp.megatron_fsdp", "using Megatron-FSDP with Megatron"),
 )
 
 

@@ -17,6 +17,9 @@ def main(argv=None) -> int:
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()  # megatron-core's import-time notes that ask nothing of the user
     stats = merge_prefixes(a.input, a.output_prefix, overwrite=a.overwrite)
     print(json.dumps(stats, sort_keys=True))
     return 0

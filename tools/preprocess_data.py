@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--python-writer", action="store_true", help="use megatron-core's Python builder (slower)")
     a = p.parse_args(argv)
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()  # megatron-core's import-time notes that ask nothing of the user
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.seq_length is not None and a.seq_length < 1:
         p.error("--seq-length must be positive")

@@ -191,16 +191,17 @@ class DataSplitError(ValueError):
     """A split the run reads holds no packs of a prefix (too little data for --split)."""
 
 
-def split_pack_counts(num_packs: int, split: str) -> list[int]:
+def split_pack_counts(num_packs: int, split: str) -> list[Optional[int]]:
     """Packs of a prefix in each of (train, valid, test): megatron-core's rule
-    (BlendedMegatronDatasetBuilder: split bounds ``round(bound * num_packs)``), applied per prefix."""
+    (BlendedMegatronDatasetBuilder: split bounds ``round(bound * num_packs)``), applied per prefix;
+    None for a split of weight 0 (megatron-core builds no dataset for it: nothing is read)."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
         convert_split_vector_to_split_matrix,
         parse_and_normalize_split,
     )
 
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    return [0 if m is None else int(round(m[1] * num_packs)) - int(round(m[0] * num_packs)) for m in matrix]
+    return [None if m is None else int(round(m[1] * num_packs)) - int(round(m[0] * num_packs)) for m in matrix]
 
 
 def empty_split_message(prefix, split_name: str, split: Optional[str], num_packs: int, requested: int) -> str:
@@ -218,7 +219,7 @@ def check_split_sizes(data_path, split: str, train_samples: int = 1, valid_sampl
         num_packs = len(SoloIndexedDataset(prefix))
         counts = split_pack_counts(num_packs, split)
         for name, want, have in (("train", train_samples, counts[0]), ("valid", valid_samples, counts[1])):
-            if want and not have:
+            if want and have == 0:
                 raise DataSplitError(empty_split_message(prefix, name, split, num_packs, want))
 
 
