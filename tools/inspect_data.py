@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the text view")
     ap.add_argument("--dump", metavar="DIR", default=None, help="write tokens.npy, loss_mask.npy, patches.npy")
     a = ap.parse_args(argv)
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()  # megatron-core's import-time notes that ask nothing of the user
     if not a.json and not a.dump and not a.tokenizer_model:
         ap.error("the text view needs --tokenizer-model (or use --json / --dump)")
     from megatron_solo.data.indexed import prefix_complete
