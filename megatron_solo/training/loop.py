@@ -23,6 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_solo import checkpoint, cpu_backend, mcore_fixes, parallel, quiet
 from megatron_solo.data import build_train_valid_test_datasets, parse_data_path
+from megatron_solo.data.dataset import DataSplitError
 from megatron_solo.data.tokenizer import SOLO_IDS
 from megatron_solo.model import (
     build_solo_model,
@@ -385,9 +386,12 @@ def build_datasets(cfg: TrainConfig):
                                                        is_built_on_rank=on_rank, **common)
             valid_sets.append((os.path.basename(prefix), ds))
         return train, valid_sets
-    train, valid, _ = build_train_valid_test_datasets(
-        " ".join(cfg.data_path), split=cfg.split, train_samples=train_samples,
-        valid_samples=eval_samples if cfg.eval_iters else 0, test_samples=0, is_built_on_rank=on_rank, **common)
+    try:
+        train, valid, _ = build_train_valid_test_datasets(
+            " ".join(cfg.data_path), split=cfg.split, train_samples=train_samples,
+            valid_samples=eval_samples if cfg.eval_iters else 0, test_samples=0, is_built_on_rank=on_rank, **common)
+    except DataSplitError as e:  # too little data for --split: one line by rank 0, not a traceback per rank
+        raise faults.InputError(str(e)) from None
     return train, ([("valid", valid)] if valid is not None and cfg.eval_iters else [])
 
 
