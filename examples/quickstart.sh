@@ -9,6 +9,12 @@
 # -> held-out accuracy through HF generate -> PNGs. Each step's full output goes to $OUT/logs/<step>.log;
 # a failing step stops the demo with its name and that log.
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then  # the header above, then the variables and defaults
+  sed -n '2,/^set -euo pipefail/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
+  echo; echo "Variables (environment) and their defaults:"
+  grep -E '^[A-Z0-9_]+=\$\{' "$0" | sed 's/^/  /'
+  exit 0
+fi
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 PY=${PY:-.venv/bin/python}

@@ -7,6 +7,11 @@
 #SBATCH --exclusive
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^set -euo pipefail/p' "$0" | grep '^# ' | sed 's/^# //'
+  echo "The phase's own variables: bash examples/<phase>.sh --help"
+  exit 0
+fi
 PHASE=${1:?usage: sbatch [--nodes N] examples/slurm_submit.sh examples/<phase>.sh}
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 export MASTER_PORT=${MASTER_PORT:-29500}

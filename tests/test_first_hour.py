@@ -49,6 +49,12 @@ def test_launcher_help_lists_phase_variables_and_an_example(script):
     assert "Checkpoints:" in out and "--load --finetune" in out
 
 
+@pytest.mark.parametrize("script", ["quickstart.sh", "slurm_submit.sh"])
+def test_other_scripts_answer_help_without_running(script):
+    r = subprocess.run(["bash", f"examples/{script}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stderr == "" and f"examples/{script}" in r.stdout
+
+
 @pytest.fixture(scope="module")
 def small_prefix(digits_data, tmp_path_factory):
     """A user's own few-dozen-document dataset: 40 digits, 3 packs of 128 tokens."""
