@@ -161,3 +161,19 @@ def test_conversion_says_when_it_picks_an_older_iteration(tmp_path, capsys):
     assert read_checkpoint(str(tmp_path / "ck"))["iteration"] == 2
     err = capsys.readouterr().err
     assert "converting iteration 2" in err and "iter_0000005 is incomplete" in err
+
+
+def test_warning_filters_are_installed_by_entry_points_not_by_imports():
+    probe = ("import logging, warnings\n"
+             "before = list(warnings.filters)\n"
+             "import megatron_solo.quiet as quiet, megatron_solo.training.preflight, megatron_solo.train\n"
+             "assert warnings.filters == before, 'importing changed the warning filters'\n"
+             "assert not logging.getLogger('megatron.core.models.gpt.gpt_model').filters\n"
+             "quiet.filter_known_warnings()\n"
+             "assert len(warnings.filters) > len(before)\n"
+             "assert logging.getLogger('megatron.core.models.gpt.gpt_model').filters\n"
+             "warnings.warn('a warning of the user', UserWarning)\n")  # others still show
+    r = subprocess.run([PY, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "a warning of the user" in r.stderr
