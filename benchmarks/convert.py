@@ -68,7 +68,69 @@ def source_tensor(pool, name, shape):
     return (1.0 + 5 * t) if len(shape) == 1 else t.clone()  # norms around 1
 
 
-def make_checkpoint(out_dir, shape):
+def _sparse_writer_class():
+    """StreamingSafetensorsWriter that writes every tensor as a hole (zeros that take no disk)."""
+    from megatron_solo.convert.safetensors_io import StreamingSafetensorsWriter
+
+    class SparseWriter(StreamingSafetensorsWriter):
+        def _open(self, shard):
+            self._truncate()
+            super()._open(shard)
+
+        def _truncate(self):
+            if self._file is not None:
+                self._file.truncate(self._file.tell())
+
+        def write(self, name, tensor):
+            it = self.items[self._next]
+            assert it.name == name and tuple(tensor.shape) == it.shape
+            if it.shard != self._file_shard:
+                self._open(it.shard)
+            self._file.seek(it.nbytes, os.SEEK_CUR)
+            self._next += 1
+
+        def close(self):
+            self._truncate()
+            super().close()
+
+    return SparseWriter
+
+
+class HoleDigger:
+    """``--sparse``: turn the zero blocks of every file under ``root`` into holes (``fallocate -d``) every
+    half second while a conversion writes them, so a 7B model's zeros take no disk."""
+
+    MARGIN = 320 << 20  # torch's DCP writer (a zip record per chunk, <= 272 MB here) may seek back into it
+
+    def __init__(self, root):
+        import threading
+
+        self.root, self.stop = root, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.wait(0.25):
+            for d, _, files in os.walk(self.root):
+                for f in files:
+                    if f.endswith((".distcp", ".safetensors")):
+                        # Only well behind the end: a writer may still seek back into its current record.
+                        path = os.path.join(d, f)
+                        try:
+                            margin = self.MARGIN if f.endswith(".distcp") else 1 << 24  # safetensors: appended only
+                            length = (os.path.getsize(path) - margin) // 4096 * 4096
+                        except OSError:
+                            continue
+                        if length > 0:
+                            subprocess.run(["fallocate", "-d", "-o", "0", "-l", str(length), path],
+                                           capture_output=True)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+
+
+def make_checkpoint(out_dir, shape, sparse=False):
     import torch
 
     from megatron_solo.convert.hf_config import conversion_shapes, hf_config_from_model_args
@@ -83,10 +145,11 @@ def make_checkpoint(out_dir, shape):
     shapes = expected_hf_shapes(conversion_shapes(args, padded_vocab_size=a["vocab_size"]),
                                 include_solo_only=not mistral)
     os.makedirs(out_dir, exist_ok=True)
-    pool = _pool()
-    w = StreamingSafetensorsWriter(out_dir, [(n, s, torch.bfloat16) for n, s in shapes.items()], 5 * 10**9)
+    pool = None if sparse else _pool()
+    writer = _sparse_writer_class() if sparse else StreamingSafetensorsWriter
+    w = writer(out_dir, [(n, s, torch.bfloat16) for n, s in shapes.items()], 5 * 10**9)
     for n, s in shapes.items():
-        w.write(n, source_tensor(pool, n, s))
+        w.write(n, torch.empty(s, dtype=torch.bfloat16, device="meta") if sparse else source_tensor(pool, n, s))
     w.close()
     if mistral:
         from transformers import MistralConfig
@@ -125,16 +188,17 @@ def run(cmd):
     return peak, time.time() - t0
 
 
-def round_trip_mismatches(export_dir, shapes) -> list[str]:
-    """Source tensors (regenerated) that differ from the export's, one tensor at a time."""
+def round_trip_mismatches(export_dir, shapes, sparse=False) -> list[str]:
+    """Source tensors (regenerated; zeros with ``sparse``) that differ from the export's, one at a time."""
     import torch
 
     from megatron_solo.convert.safetensors_io import HFCheckpoint
 
-    pool, ck, bad = _pool(), HFCheckpoint(export_dir), []
+    pool, ck, bad = None if sparse else _pool(), HFCheckpoint(export_dir), []
     for n, s in shapes.items():
         got = ck.get(n)[: s[0]]  # embedding/output: the export has SOLO's 33031 rows, the source's come first
-        if got.dtype != torch.bfloat16 or not torch.equal(got, source_tensor(pool, n, s)):
+        want = torch.zeros(s, dtype=torch.bfloat16) if sparse else source_tensor(pool, n, s)
+        if got.dtype != torch.bfloat16 or not torch.equal(got, want):
             bad.append(n)
     return bad
 
@@ -146,6 +210,10 @@ def main():
     ap.add_argument("--layers", type=int, default=None,
                     help="fewer layers than the shape's (every tensor keeps its shape): for a disk that cannot "
                          "hold two copies of the whole model")
+    ap.add_argument("--sparse", action="store_true",
+                    help="zero weights stored as file holes, and holes dug in what the conversion writes: the true "
+                         "7B shape's memory on a disk without room for two copies (reads of holes cost no I/O, so "
+                         "the times are not disk-bound ones)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     a = ap.parse_args()
     shape = dict(SHAPES[a.shape], **({"num_layers": a.layers} if a.layers else {}))
@@ -160,12 +228,14 @@ def main():
                 + L * (2 * h + qkv * h + shape["num_attention_heads"] * shape["kv_channels"] * h + 3 * f * h))
     model_bytes = 2 * n_params
     free = shutil.disk_usage(a.work).free
-    if free < 2.05 * model_bytes:
+    if free < 2.05 * model_bytes and not a.sparse:
         raise SystemExit(f"error: {a.work} has {free / 1e9:.1f} GB free; two bf16 copies of this model need "
                          f"{2.05 * model_bytes / 1e9:.1f} GB (pass --work on a larger disk)")
+    digger = None
     try:
         t0 = time.time()
-        shapes = make_checkpoint(hf, shape)
+        digger = HoleDigger(a.work) if a.sparse else None
+        shapes = make_checkpoint(hf, shape, a.sparse)
         t_gen = time.time() - t0
         py = sys.executable
         tool = os.path.join(ROOT, "tools", "convert_checkpoint.py")
@@ -176,12 +246,14 @@ def main():
         exp, t_exp = run([py, tool, "megatron-to-hf", "--load", ckpt, "--save", out])
         shutil.rmtree(ckpt)
         t0 = time.time()
-        bad = round_trip_mismatches(out, shapes)
+        bad = round_trip_mismatches(out, shapes, a.sparse)
         t_cmp = time.time() - t0
     finally:
+        if digger is not None:
+            digger.close()
         if not a.keep:
             shutil.rmtree(a.work, ignore_errors=True)
-    res = {"shape": a.shape, "num_layers": L, "parameters": n_params, "model_bytes_bf16": model_bytes, "baseline_rss": base,
+    res = {"shape": a.shape, "num_layers": L, "sparse_zero_weights": a.sparse, "parameters": n_params, "model_bytes_bf16": model_bytes, "baseline_rss": base,
            "generate_seconds": round(t_gen, 1),
            "hf_to_megatron": {"peak_rss": imp, "ratio": round(imp / model_bytes, 3), "seconds": round(t_imp, 1)},
            "megatron_to_hf": {"peak_rss": exp, "ratio": round(exp / model_bytes, 3), "seconds": round(t_exp, 1)},
