@@ -10,4 +10,5 @@
 # the backward through the activations, not the weight gradients of the LLM. LR/MIN_LR apply to it.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
+SAVE_VAR=STAGE0_CKPT INIT_VAR=INIT_CKPT  # named in error lines
 run_phase "stage 0 alignment (LLM frozen)" "${STAGE0_CKPT:-checkpoints/stage0}" "${INIT_CKPT:-}" --freeze-lm "$@"

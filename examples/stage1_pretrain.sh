@@ -14,5 +14,5 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 SAVE_VAR=STAGE1_CKPT INIT_VAR=INIT_CKPT  # named in error lines
 init_ckpt=${INIT_CKPT:-}
-[[ "${FROM_STAGE0:-0}" == 1 ]] && init_ckpt=${STAGE0_CKPT:-checkpoints/stage0}
+if [[ "${FROM_STAGE0:-0}" == 1 ]]; then init_ckpt=${STAGE0_CKPT:-checkpoints/stage0}; INIT_VAR=STAGE0_CKPT; fi
 run_phase "stage 1 pre-training" "${STAGE1_CKPT:-checkpoints/stage1}" "$init_ckpt" "$@"
