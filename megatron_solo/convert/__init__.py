@@ -4,7 +4,9 @@
 * :mod:`megatron_solo.convert.hf_config`: HF ``config.json`` <-> model args; checking a HF checkpoint.
 * :mod:`megatron_solo.convert.safetensors_io`: safetensors shards read and written one tensor at a time.
 * :mod:`megatron_solo.convert.hf_export_files`: an export's config, tokenizer and remote-code files.
-* :mod:`megatron_solo.convert.megatron_io`: ``hf_to_megatron``, ``megatron_to_hf``, ``verify_against_hf``.
+* :mod:`megatron_solo.convert.megatron_io`: ``hf_to_megatron``, ``megatron_to_hf``, ``--verify``.
+* :mod:`megatron_solo.convert.dcp_stream`: megatron-core's checkpoint format written one chunk at a time and
+  read one parameter at a time (the conversion never holds a model).
 * ``hf_files/``: ``configuration_solo.py``, ``modeling_solo.py``, ``processing_solo.py``, copied into
   every export (``trust_remote_code``).
 
