@@ -41,6 +41,9 @@ def main(argv=None) -> int:
                    help="fail (exit 1, no prefix written) when more than this fraction of records is skipped")
     p.add_argument("--overwrite", action="store_true", help="rebuild a prefix that is already complete")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--image-storage", choices=("encoded", "patches"), default="patches",
+                   help="encoded: keep each image's encoded bytes, patches made while training (DataLoader "
+                        "workers, --num-workers); patches: uint8 patches, 3072 bytes each (docs/DATA_FORMAT.md)")
     p.add_argument("--python-writer", action="store_true", help="use megatron-core's Python builder (slower)")
     a = p.parse_args(argv)
     from megatron_solo import quiet
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
         exif_transpose=not a.no_exif_transpose, max_image_pixels=a.max_image_pixels,
         max_error_rate=a.max_error_rate, overwrite=a.overwrite, progress=not a.no_progress,
         use_cpp=not a.python_writer, chat_template=a.chat_template,
-        allow_image_mismatch=a.allow_image_placeholder_mismatch)
+        allow_image_mismatch=a.allow_image_placeholder_mismatch, image_storage=a.image_storage)
     try:
         stats = preprocess(cfg)
     except TooManyErrors as e:
@@ -68,7 +71,8 @@ def main(argv=None) -> int:
         print(f"{a.output_prefix} is complete; nothing to do (--overwrite to rebuild)")
         return 0
     summary = {k: stats[k] for k in ("records", "documents", "packs", "tokens", "image_tokens", "images",
-                                     "patches", "skipped_total", "time_s")}
+                                     "patches", "skipped_total", "time_s", "image_storage",
+                                     "bytes_per_image", "bytes_per_token")}
     print(json.dumps({"output_prefix": a.output_prefix, **summary, "skipped": stats["skipped"]}))
     return 0
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from megatron_solo.data.errors import SkipRecord
 from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS, image_to_patches, load_image
+from megatron_solo.data.image_storage import ImageRefs, store_image
 from megatron_solo.spec import (
     ASSISTANT,
     BOS_ID,
@@ -286,6 +287,7 @@ class DocumentEncoder:
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     chat_template: str = "chatml"
     allow_image_mismatch: bool = False
+    image_storage: str = "patches"  # "encoded": patches are ImageRefs (megatron_solo.data.image_storage)
     _space_id: int = field(init=False, default=-1)
 
     def __post_init__(self):
@@ -311,6 +313,8 @@ class DocumentEncoder:
     # images --------------------------------------------------------------------------------
     def load_patches(self, src):
         data = read_image_source(src, self.image_root)
+        if self.image_storage == "encoded":
+            return store_image(data, exif_transpose=self.exif_transpose, max_image_pixels=self.max_image_pixels)
         img = load_image(data, exif_transpose=self.exif_transpose, max_image_pixels=self.max_image_pixels)
         return image_to_patches(img)
 
@@ -447,12 +451,12 @@ class DocumentEncoder:
             raise SkipRecord("empty_document", where)
         return self._document(toks, roles, patches, counts)
 
-    @staticmethod
-    def _document(toks, roles, patches, counts) -> EncodedDocument:
+    def _document(self, toks, roles, patches, counts) -> EncodedDocument:
         return EncodedDocument(
             tokens=np.concatenate(toks),
             roles=np.concatenate(roles),
-            patches=np.concatenate(patches) if patches else np.zeros((0, PATCH_DIM), np.uint8),
+            patches=(ImageRefs.concat(patches) if self.image_storage == "encoded" else
+                     np.concatenate(patches) if patches else np.zeros((0, PATCH_DIM), np.uint8)),
             n_images=counts["images"],
             n_image_tokens=counts["image_tokens"],
         )

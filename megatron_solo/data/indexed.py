@@ -20,10 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
+from megatron_solo.data.image_storage import decode_segment
 from megatron_solo.spec import PATCH_DIM, SOLO_IDS
 
 SUFFIXES = ("tokens", "roles", "patches")
-DTYPES = {"tokens": np.int32, "roles": np.uint8, "patches": np.uint8}
+DTYPES = {"tokens": np.int32, "roles": np.uint8, "patches": np.uint8, "images": np.uint8, "imageidx": np.int64}
+# --image-storage encoded keeps encoded images instead of patches (megatron_solo.data.image_storage)
+STORAGE_SUFFIXES = {"patches": SUFFIXES, "encoded": ("tokens", "roles", "images", "imageidx")}
 
 try:
     from megatron_solo._C import IndexWriter as _CppIndexWriter
@@ -35,18 +38,23 @@ def component_prefix(prefix: str, name: str) -> str:
     return f"{prefix}-{name}"
 
 
+def prefix_storage(prefix: str) -> str:
+    """"encoded" when the prefix has ``P-images.idx``, else "patches"."""
+    return "encoded" if os.path.isfile(component_prefix(prefix, "images") + ".idx") else "patches"
+
+
 def prefix_complete(prefix: str) -> bool:
-    """A prefix is complete when the ``.idx`` and ``.bin`` of all three datasets exist."""
+    """A prefix is complete when the ``.idx`` and ``.bin`` of all its datasets exist."""
     return all(
         os.path.isfile(component_prefix(prefix, n) + ".idx") and os.path.isfile(component_prefix(prefix, n) + ".bin")
-        for n in SUFFIXES
+        for n in STORAGE_SUFFIXES[prefix_storage(prefix)]
     )
 
 
 def remove_prefix(prefix: str) -> None:
     """Delete a prefix's files (``.idx`` first, so it stops looking complete before anything else)."""
     for ext in (".idx", ".bin"):
-        for n in SUFFIXES:
+        for n in DTYPES:
             for p in (component_prefix(prefix, n) + ext, component_prefix(prefix, n) + ext + ".tmp"):
                 if os.path.exists(p):
                     os.remove(p)
@@ -55,11 +63,11 @@ def remove_prefix(prefix: str) -> None:
             os.remove(p)
 
 
-def publish_prefix(prefix: str, stats: dict | None = None) -> None:
+def publish_prefix(prefix: str, stats: dict | None = None, suffixes: tuple = SUFFIXES) -> None:
     """Move a prefix written under ``*.tmp`` names into place, in the one order that keeps it atomic:
     the ``.bin`` files, then ``P.stats.json`` (written here), then the ``.idx`` files, ``tokens`` last,
     so that a reader never sees an ``.idx`` (a complete-looking prefix) before its data and stats."""
-    for n in SUFFIXES:
+    for n in suffixes:
         base = component_prefix(prefix, n)
         os.replace(base + ".bin.tmp", base + ".bin")
     if stats is not None:
@@ -68,7 +76,7 @@ def publish_prefix(prefix: str, stats: dict | None = None) -> None:
             json.dump(stats, f, indent=2, sort_keys=True)
             f.write("\n")
         os.replace(tmp, prefix + ".stats.json")
-    for n in ("patches", "roles", "tokens"):
+    for n in reversed(suffixes):
         base = component_prefix(prefix, n)
         os.replace(base + ".idx.tmp", base + ".idx")
 
@@ -103,28 +111,37 @@ def make_index_writer(bin_path: str, dtype, use_cpp: bool = True):
 class SoloPrefixWriter:
     """Writes segments and pack boundaries to the three datasets of a prefix, atomically."""
 
-    def __init__(self, prefix: str, use_cpp: bool = True):
+    def __init__(self, prefix: str, use_cpp: bool = True, image_storage: str = "patches"):
         self.prefix = prefix
         d = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(d, exist_ok=True)
+        self.suffixes = STORAGE_SUFFIXES[image_storage]
         self._writers = {
-            n: make_index_writer(component_prefix(prefix, n) + ".bin.tmp", DTYPES[n], use_cpp) for n in SUFFIXES
+            n: make_index_writer(component_prefix(prefix, n) + ".bin.tmp", DTYPES[n], use_cpp) for n in self.suffixes
         }
         self.n_segments = 0
         self.n_packs = 0
         self.n_tokens = 0
         self.n_patches = 0
+        self.image_bytes = 0  # bytes written to P-patches or P-images + P-imageidx
         self._open_pack = False
         self._done = False
 
     def add_segment(self, tokens: np.ndarray, roles: np.ndarray, patches: np.ndarray) -> None:
         assert len(tokens) == len(roles) and len(tokens) > 0
-        assert patches.ndim == 2 and patches.shape[1] == PATCH_DIM
+        assert patches.shape[1] == PATCH_DIM
         n_vpatch = int(np.count_nonzero(tokens == SOLO_IDS.vision_patch))
         assert n_vpatch == patches.shape[0], (n_vpatch, patches.shape)
         self._writers["tokens"].add_item(np.ascontiguousarray(tokens, dtype=np.int32))
         self._writers["roles"].add_item(np.ascontiguousarray(roles, dtype=np.uint8))
-        self._writers["patches"].add_item(np.ascontiguousarray(patches, dtype=np.uint8).reshape(-1))
+        if "images" in self._writers:  # encoded storage: patches is an ImageRefs
+            data, idx = patches.to_arrays()
+            self._writers["images"].add_item(data)
+            self._writers["imageidx"].add_item(idx)
+            self.image_bytes += data.nbytes + idx.nbytes
+        else:
+            self._writers["patches"].add_item(np.ascontiguousarray(patches, dtype=np.uint8).reshape(-1))
+            self.image_bytes += patches.shape[0] * PATCH_DIM
         self.n_segments += 1
         self.n_tokens += len(tokens)
         self.n_patches += patches.shape[0]
@@ -143,7 +160,7 @@ class SoloPrefixWriter:
         self.end_pack()
         for n, w in self._writers.items():
             w.finalize(component_prefix(self.prefix, n) + ".idx.tmp")
-        publish_prefix(self.prefix, stats)
+        publish_prefix(self.prefix, stats, self.suffixes)
         self._done = True
 
     def abort(self) -> None:
@@ -153,7 +170,7 @@ class SoloPrefixWriter:
                 w.finalize(component_prefix(self.prefix, n) + ".idx.tmp")
             except Exception:
                 pass
-        for n in SUFFIXES:
+        for n in self.suffixes:
             for ext in (".bin.tmp", ".idx.tmp"):
                 p = component_prefix(self.prefix, n) + ext
                 if os.path.exists(p):
@@ -226,17 +243,22 @@ class SoloIndexedDataset:
     def __post_init__(self):
         self.tokens = IndexedDataset(component_prefix(self.prefix, "tokens"), mmap=self.mmap)
         self.roles = IndexedDataset(component_prefix(self.prefix, "roles"), mmap=self.mmap)
-        pp = component_prefix(self.prefix, "patches")
-        # numpy cannot mmap an empty file: a text-only prefix has an empty P-patches.bin
-        empty = os.path.getsize(pp + ".bin") == 0
-        self.patches = IndexedDataset(pp, mmap=self.mmap and not empty)
+        self.storage = prefix_storage(self.prefix)
+        others = []
+        for name in STORAGE_SUFFIXES[self.storage][2:]:
+            pp = component_prefix(self.prefix, name)
+            # numpy cannot mmap an empty file: a text-only prefix has an empty P-patches.bin
+            empty = os.path.getsize(pp + ".bin") == 0
+            others.append(IndexedDataset(pp, mmap=self.mmap and not empty))
+        if self.storage == "encoded":
+            self.images, self.imageidx = others
+        else:
+            (self.patches,) = others
         n = len(self.tokens)
-        if not (len(self.roles) == n == len(self.patches)):
-            raise ValueError(f"{self.prefix}: the three datasets disagree on the number of segments")
-        if not np.array_equal(self.tokens.document_indices, self.roles.document_indices) or not np.array_equal(
-            self.tokens.document_indices, self.patches.document_indices
-        ):
-            raise ValueError(f"{self.prefix}: the three datasets disagree on pack boundaries")
+        if not all(len(d) == n for d in [self.roles, *others]):
+            raise ValueError(f"{self.prefix}: the datasets disagree on the number of segments")
+        if not all(np.array_equal(self.tokens.document_indices, d.document_indices) for d in [self.roles, *others]):
+            raise ValueError(f"{self.prefix}: the datasets disagree on pack boundaries")
         self.pack_bounds = np.asarray(self.tokens.document_indices, dtype=np.int64)
         self.segment_lengths = np.asarray(self.tokens.sequence_lengths, dtype=np.int64)
 
@@ -267,7 +289,9 @@ class SoloIndexedDataset:
             t = np.array(self.tokens.get(s, 0, length))
             r = np.array(self.roles.get(s, 0, length))
             n_p = int(np.count_nonzero(t == SOLO_IDS.vision_patch))
-            if n_p:
+            if n_p and self.storage == "encoded":  # decoded here: in the DataLoader's worker processes
+                p = decode_segment(self.images[s], self.imageidx[s], n_p)
+            elif n_p:
                 p = np.array(self.patches.get(s, 0, n_p * PATCH_DIM)).reshape(n_p, PATCH_DIM)
             else:
                 p = np.zeros((0, PATCH_DIM), np.uint8)

@@ -50,6 +50,7 @@ class PreprocessConfig:
     use_cpp: bool = True
     chat_template: str = "chatml"
     allow_image_mismatch: bool = False
+    image_storage: str = "patches"  # or "encoded" (megatron_solo.data.image_storage)
 
 
 class TooManyErrors(RuntimeError):
@@ -154,7 +155,7 @@ _ENCODER: Optional[DocumentEncoder] = None
 
 
 def _init_worker(tokenizer_model, fmt, image_root, exif_transpose, max_image_pixels, chat_template="chatml",
-                 allow_image_mismatch=False):
+                 allow_image_mismatch=False, image_storage="patches"):
     global _ENCODER
     from megatron_solo.data.tokenizer import SoloTokenizer
 
@@ -164,7 +165,7 @@ def _init_worker(tokenizer_model, fmt, image_root, exif_transpose, max_image_pix
     tok.check_solo_ids()
     _ENCODER = DocumentEncoder(tok, fmt, image_root=image_root, exif_transpose=exif_transpose,
                                max_image_pixels=max_image_pixels, chat_template=chat_template,
-                               allow_image_mismatch=allow_image_mismatch)
+                               allow_image_mismatch=allow_image_mismatch, image_storage=image_storage)
 
 
 def encode_record(item):
@@ -205,7 +206,7 @@ def _chunks(it, n):
 def _ordered_results(records, cfg: PreprocessConfig):
     """Yield (item, result) in input order, encoding in ``cfg.workers`` processes."""
     init_args = (cfg.tokenizer_model, cfg.fmt, cfg.image_root, cfg.exif_transpose, cfg.max_image_pixels,
-                 cfg.chat_template, cfg.allow_image_mismatch)
+                 cfg.chat_template, cfg.allow_image_mismatch, cfg.image_storage)
     if cfg.workers <= 1:
         old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
         _init_worker(*init_args)
@@ -267,7 +268,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     remove_prefix(prefix)  # a stale incomplete prefix, or the old one with --overwrite
     t0 = time.time()
     stats = Stats()
-    writer = SoloPrefixWriter(prefix, use_cpp=cfg.use_cpp)
+    writer = SoloPrefixWriter(prefix, use_cpp=cfg.use_cpp, image_storage=cfg.image_storage)
     packer = Packer(writer, cfg.seq_length)
     old_term = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _is_main_thread() else None
     bar = None
@@ -305,7 +306,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         out.update(format=cfg.fmt, chat_template=cfg.chat_template if cfg.fmt == "chat" else None,
                    allow_image_placeholder_mismatch=cfg.allow_image_mismatch, seq_length=cfg.seq_length,
                    inputs=list(cfg.inputs), workers=cfg.workers,
-                   exif_transpose=cfg.exif_transpose, skip_reasons=SKIP_REASONS)
+                   exif_transpose=cfg.exif_transpose, skip_reasons=SKIP_REASONS,
+                   **storage_stats(writer, stats))
         writer.finalize(out)
         return out
     except BaseException:
@@ -316,6 +318,15 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             bar.close()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+
+
+def storage_stats(writer, stats: Stats) -> dict:
+    """Bytes on disk (.bin data) per image and per token for the prefix's image storage."""
+    data_bytes = writer.n_tokens * 5 + writer.image_bytes  # int32 tokens + uint8 roles + images
+    return {"image_storage": "encoded" if "images" in writer.suffixes else "patches",
+            "image_bytes": writer.image_bytes, "data_bytes": data_bytes,
+            "bytes_per_image": round(writer.image_bytes / stats.images, 1) if stats.images else 0.0,
+            "bytes_per_token": round(data_bytes / writer.n_tokens, 3) if writer.n_tokens else 0.0}
 
 
 def _is_main_thread():
@@ -330,9 +341,10 @@ def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) ->
 
     from megatron_solo.data.indexed import (
         DTYPES,
-        SUFFIXES,
+        STORAGE_SUFFIXES,
         component_prefix,
         prefix_complete,
+        prefix_storage,
         publish_prefix,
         remove_prefix,
     )
@@ -342,6 +354,10 @@ def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) ->
     for p in inputs:
         if not prefix_complete(p):
             raise FileNotFoundError(f"{p} is not a complete prefix")
+    storages = sorted({prefix_storage(p) for p in inputs})
+    if len(storages) > 1:
+        raise ValueError(f"cannot merge prefixes of different image storages {storages}; preprocess them alike")
+    SUFFIXES = STORAGE_SUFFIXES[storages[0]]
     remove_prefix(output_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     try:
@@ -363,7 +379,7 @@ def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) ->
                 totals[k] = totals.get(k, 0) + s.get(k, 0)
             for k, v in s.get("skipped", {}).items():
                 totals["skipped"][k] = totals["skipped"].get(k, 0) + v
-        publish_prefix(output_prefix, totals)
+        publish_prefix(output_prefix, totals, SUFFIXES)
         return totals
     except BaseException:
         remove_prefix(output_prefix)
