@@ -99,8 +99,8 @@ def load_image(data: bytes, *, exif_transpose: bool = True,
             if max_image_pixels is not None and w * h > max_image_pixels:
                 raise SkipRecord("decompression_bomb", f"{w}x{h} = {w * h} pixels > {max_image_pixels}")
             img.load()
-            if exif_transpose:
-                img = ImageOps.exif_transpose(img)
+            if exif_transpose:  # in place: without an orientation tag the copy would be wasted time
+                ImageOps.exif_transpose(img, in_place=True)
             return _to_rgb(img)
     except SkipRecord:
         raise

@@ -18,7 +18,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from megatron_solo.data.image_storage import decode_segment
 from megatron_solo.spec import PATCH_DIM, SOLO_IDS
@@ -86,6 +85,7 @@ class PythonIndexWriter:
 
     def __init__(self, bin_path: str, dtype):
         import torch  # noqa: F401  (the builder takes tensors)
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         self._b = IndexedDatasetBuilder(bin_path, dtype=dtype)
 
@@ -241,6 +241,9 @@ class SoloIndexedDataset:
     mmap: bool = True
 
     def __post_init__(self):
+        # imported here: writing a prefix (preprocessing, its workers) never loads megatron-core and torch
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
         self.tokens = IndexedDataset(component_prefix(self.prefix, "tokens"), mmap=self.mmap)
         self.roles = IndexedDataset(component_prefix(self.prefix, "roles"), mmap=self.mmap)
         self.storage = prefix_storage(self.prefix)
