@@ -20,7 +20,10 @@ def main(argv=None) -> int:
     from megatron_solo import quiet
 
     quiet.filter_known_warnings()  # megatron-core's import-time notes that ask nothing of the user
-    stats = merge_prefixes(a.input, a.output_prefix, overwrite=a.overwrite)
+    from megatron_solo.data.shards import expand_source
+
+    inputs = [q for p in a.input for q in (expand_source(p) or [p])]  # X.shards or a glob: its shards
+    stats = merge_prefixes(inputs, a.output_prefix, overwrite=a.overwrite)
     print(json.dumps(stats, sort_keys=True))
     return 0
 

@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--image-storage", choices=("encoded", "patches"), default="patches",
                    help="encoded: keep each image's encoded bytes, patches made while training (DataLoader "
                         "workers, --num-workers); patches: uint8 patches, 3072 bytes each (docs/DATA_FORMAT.md)")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="write PREFIX_00000, PREFIX_00001, ... of this many input records each, then PREFIX.shards; "
+                        "a rerun skips complete shards (resume after a crash); --data-path takes PREFIX.shards")
     p.add_argument("--python-writer", action="store_true", help="use megatron-core's Python builder (slower)")
     a = p.parse_args(argv)
     from megatron_solo import quiet
@@ -52,27 +55,34 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.seq_length is not None and a.seq_length < 1:
         p.error("--seq-length must be positive")
+    if a.shard_size is not None and a.shard_size < 1:
+        p.error("--shard-size must be positive")
     cfg = PreprocessConfig(
         inputs=a.input, output_prefix=a.output_prefix, tokenizer_model=a.tokenizer_model, fmt=a.format,
         seq_length=a.seq_length, workers=max(1, a.workers), image_root=a.image_root,
         exif_transpose=not a.no_exif_transpose, max_image_pixels=a.max_image_pixels,
         max_error_rate=a.max_error_rate, overwrite=a.overwrite, progress=not a.no_progress,
         use_cpp=not a.python_writer, chat_template=a.chat_template,
-        allow_image_mismatch=a.allow_image_placeholder_mismatch, image_storage=a.image_storage)
+        allow_image_mismatch=a.allow_image_placeholder_mismatch, image_storage=a.image_storage,
+        shard_size=a.shard_size)
     try:
         stats = preprocess(cfg)
     except TooManyErrors as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: no prefix written", file=sys.stderr)
+        print("interrupted: no prefix written" + (" (complete shards are kept; rerun to resume)" if a.shard_size
+                                                  else ""), file=sys.stderr)
         return 130
     if stats.get("skipped_existing"):
         print(f"{a.output_prefix} is complete; nothing to do (--overwrite to rebuild)")
         return 0
-    summary = {k: stats[k] for k in ("records", "documents", "packs", "tokens", "image_tokens", "images",
+    summary = {k: stats.get(k) for k in ("records", "documents", "packs", "tokens", "image_tokens", "images",
                                      "patches", "skipped_total", "time_s", "image_storage",
                                      "bytes_per_image", "bytes_per_token")}
+    if a.shard_size:
+        summary.update(shards=len(stats["shards"]), shards_skipped=stats["shards_skipped"],
+                       data_path=a.output_prefix + ".shards")
     print(json.dumps({"output_prefix": a.output_prefix, **summary, "skipped": stats["skipped"]}))
     return 0
 

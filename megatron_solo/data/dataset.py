@@ -231,7 +231,9 @@ def parse_data_path(data_path) -> Optional[tuple[list[str], Optional[list[float]
     words = shlex.split(data_path) if isinstance(data_path, str) else [w for x in data_path for w in shlex.split(str(x))]
     if not words:
         return None
-    return get_blend_from_list(words)
+    from megatron_solo.data.shards import expand_blend  # a shard set (X.shards or a glob) is one source
+
+    return expand_blend(get_blend_from_list(words))
 
 
 def build_train_valid_test_datasets(

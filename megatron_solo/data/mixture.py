@@ -17,7 +17,12 @@ def prefix_summary(prefix: str, seq_length: int) -> dict:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_solo.data.indexed import component_prefix
+    from megatron_solo.data.shards import expand_source
 
+    shards = expand_source(prefix)  # a shard set (X.shards or a glob) counts as one source
+    if shards is not None:
+        parts = [prefix_summary(s, seq_length) for s in shards]
+        return {k: sum(p[k] for p in parts) for k in ("packs", "tokens")}
     ds = IndexedDataset(component_prefix(prefix, "tokens"))
     bounds = np.asarray(ds.document_indices)
     pack_tokens = np.add.reduceat(np.asarray(ds.sequence_lengths, np.int64), bounds[:-1]) if len(bounds) > 1 else np.zeros(0)

@@ -51,6 +51,7 @@ class PreprocessConfig:
     chat_template: str = "chatml"
     allow_image_mismatch: bool = False
     image_storage: str = "patches"  # or "encoded" (megatron_solo.data.image_storage)
+    shard_size: Optional[int] = None  # input records per shard PREFIX_00000, ... (megatron_solo.data.shards)
 
 
 class TooManyErrors(RuntimeError):
@@ -250,14 +251,23 @@ def _raise_on_sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def preprocess(cfg: PreprocessConfig) -> dict:
+def preprocess(cfg: PreprocessConfig, records=None) -> dict:
     """Run the pipeline; return the stats dict (also written to ``P.stats.json``).
 
     Returns ``{"skipped_existing": True}`` when the prefix is complete and ``overwrite`` is off.
     Raises :class:`TooManyErrors` (no prefix is left) when the skip rate exceeds ``max_error_rate``.
+    With ``cfg.shard_size``, writes resumable shards (:mod:`megatron_solo.data.shards`).
+    ``records``: the input records to encode (default: all of ``cfg.inputs``).
     """
     from megatron_solo.data.indexed import Packer, SoloPrefixWriter, prefix_complete, remove_prefix
 
+    if cfg.shard_size:
+        from megatron_solo.data.shards import preprocess_sharded
+
+        for p in cfg.inputs:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(p)
+        return preprocess_sharded(cfg, preprocess)
     prefix = cfg.output_prefix
     if prefix_complete(prefix) and not cfg.overwrite:
         logger.info("%s is complete; skipping (use --overwrite to rebuild)", prefix)
@@ -277,7 +287,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             from tqdm import tqdm
 
             bar = tqdm(unit="doc", desc=os.path.basename(prefix), mininterval=1.0, file=sys.stderr)
-        for (where, _, _), res in _ordered_results(iter_records(cfg.inputs), cfg):
+        for (where, _, _), res in _ordered_results(iter_records(cfg.inputs) if records is None else records, cfg):
             stats.records += 1
             if res[0] == "skip":
                 _, reason, detail = res

@@ -1,0 +1,134 @@
+"""Sharded, resumable preprocessing output and shard sets as one ``--data-path`` source.
+
+``--shard-size N`` cuts the *input records* (lines, JSON items, tar samples, Parquet rows; skipped
+ones included) into consecutive runs of N; run k becomes the complete prefix ``PREFIX_0000k`` (same
+files and atomic finalize as an unsharded prefix; packing restarts in every shard). A rerun of the
+same command skips every complete shard (its records are read past, not encoded) and redoes an
+incomplete one from its start, so a killed run resumes with the same bytes as an uninterrupted one.
+When every shard is done, the list file ``PREFIX.shards`` (one shard prefix a line, written
+atomically) marks the set complete.
+
+A shard set is one source wherever prefixes are given (``--data-path``, ``tools/data_mixture.py``,
+``tools/merge_datasets.py``): ``PREFIX.shards`` or a glob such as ``'out/cc3m_*'``. A weight given
+to a set is shared among its shards in proportion to their packs, so the set is sampled as the one
+prefix its concatenation would be.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import os
+
+SHARD_LIST_SUFFIX = ".shards"
+
+
+def shard_prefix(prefix: str, k: int) -> str:
+    return f"{prefix}_{k:05d}"
+
+
+def shard_list_path(prefix: str) -> str:
+    return prefix + SHARD_LIST_SUFFIX
+
+
+def expand_source(word: str) -> list[str] | None:
+    """The shard prefixes of a shard-set source (``X.shards`` list file or a glob), else None."""
+    if word.endswith(SHARD_LIST_SUFFIX):
+        if not os.path.isfile(word):
+            raise FileNotFoundError(f"shard list {word} does not exist (is the sharded preprocessing finished?)")
+        base = os.path.dirname(os.path.abspath(word))
+        with open(word) as f:
+            names = [ln.strip() for ln in f if ln.strip()]
+        return [n if os.path.isabs(n) else os.path.join(base, n) for n in names]
+    if glob.has_magic(word):
+        from megatron_solo.data.indexed import prefix_complete
+
+        found = sorted(p[: -len("-tokens.idx")] for p in glob.glob(word + "-tokens.idx"))
+        found = [p for p in found if prefix_complete(p)]
+        if not found:
+            raise FileNotFoundError(f"no complete prefix matches {word!r}")
+        return found
+    return None
+
+
+def prefix_packs(prefix: str) -> int:
+    """Number of packs of a prefix: from ``P.stats.json``, else from ``P-tokens.idx``."""
+    try:
+        with open(prefix + ".stats.json") as f:
+            return int(json.load(f)["packs"])
+    except (FileNotFoundError, KeyError, ValueError):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        return len(IndexedDataset(prefix + "-tokens").document_indices) - 1
+
+
+def expand_blend(blend):
+    """megatron's blend ``(prefixes, weights or None)`` with every shard-set source replaced by its
+    shards (weights shared in proportion to packs)."""
+    if blend is None:
+        return None
+    prefixes, weights = blend
+    out_p, out_w = [], []
+    for i, p in enumerate(prefixes):
+        shards = expand_source(p)
+        if shards is None:
+            out_p.append(p)
+            out_w.append(None if weights is None else weights[i])
+            continue
+        out_p.extend(shards)
+        if weights is not None:
+            packs = [prefix_packs(s) for s in shards]
+            total = sum(packs) or 1
+            out_w.extend(weights[i] * n / total for n in packs)
+    return out_p, (None if weights is None else out_w)
+
+
+def preprocess_sharded(cfg, run_shard) -> dict:
+    """Drive ``run_shard(cfg_k, records_k)`` over shards of ``cfg.shard_size`` input records.
+
+    ``run_shard`` is the unsharded pipeline (:func:`megatron_solo.data.preprocess.preprocess`).
+    Returns the summed stats, with ``shards`` (the prefixes) and ``shards_skipped`` (complete ones).
+    """
+    from dataclasses import replace
+
+    from megatron_solo.data.indexed import prefix_complete
+    from megatron_solo.data.preprocess import iter_records
+
+    n = int(cfg.shard_size)
+    listing = shard_list_path(cfg.output_prefix)
+    if os.path.isfile(listing) and not cfg.overwrite:
+        return {"skipped_existing": True}
+    records = iter_records(cfg.inputs)
+    shards, skipped = [], 0
+    totals: dict = {"skipped": {}}
+    for k in itertools.count():
+        first = next(records, None)
+        if first is None:
+            break
+        chunk = itertools.chain([first], itertools.islice(records, n - 1))
+        prefix = shard_prefix(cfg.output_prefix, k)
+        shards.append(prefix)
+        if prefix_complete(prefix) and not cfg.overwrite:
+            for _ in chunk:  # read past: already written by an earlier run
+                pass
+            skipped += 1
+            with open(prefix + ".stats.json") as f:
+                s = json.load(f)
+        else:
+            s = run_shard(replace(cfg, output_prefix=prefix, shard_size=None), chunk)
+        for key, v in s.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and key != "seq_length":
+                totals[key] = totals.get(key, 0) + v
+        for reason, c in s.get("skipped", {}).items():
+            totals["skipped"][reason] = totals["skipped"].get(reason, 0) + c
+    if not shards:
+        raise ValueError("no input records")
+    tmp = listing + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(os.path.basename(p) + "\n" for p in shards)
+    os.replace(tmp, listing)
+    totals.update(shards=shards, shards_skipped=skipped, shard_size=n, image_storage=cfg.image_storage)
+    totals["bytes_per_image"] = round(totals.get("image_bytes", 0) / totals["images"], 1) if totals.get("images") else 0.0
+    totals["bytes_per_token"] = round(totals.get("data_bytes", 0) / totals["tokens"], 3) if totals.get("tokens") else 0.0
+    return totals
