@@ -15,11 +15,13 @@ import sys
 
 def main(argv=None) -> int:
     from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS
+    from megatron_solo.data.parquet_input import ParquetColumns, ParquetInputError
     from megatron_solo.data.preprocess import PreprocessConfig, TooManyErrors, preprocess
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
-                   help="chat/LLaVA .jsonl/.json or WebDataset .tar files (optionally .gz/.lz4/.zst)")
+                   help="chat/LLaVA .jsonl/.json or WebDataset .tar files (optionally .gz/.lz4/.zst), "
+                        "or Hugging Face .parquet files")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer-model", required=True, help="SOLO tokenizer.model (tools/create_solo_tokenizer.py)")
     p.add_argument("--format", choices=("pretrain", "chat"), default="pretrain",
@@ -44,6 +46,12 @@ def main(argv=None) -> int:
     p.add_argument("--image-storage", choices=("encoded", "patches"), default="patches",
                    help="encoded: keep each image's encoded bytes, patches made while training (DataLoader "
                         "workers, --num-workers); patches: uint8 patches, 3072 bytes each (docs/DATA_FORMAT.md)")
+    p.add_argument("--parquet-layout", choices=("auto", "llava", "chat", "caption"), default="auto",
+                   help=".parquet inputs: llava (conversations + image), chat (messages + images), caption "
+                        "(image + text); auto detects from the columns")
+    p.add_argument("--image-column", default=None, help=".parquet: the image column (default image/images)")
+    p.add_argument("--text-column", default=None, help=".parquet caption layout: the text column")
+    p.add_argument("--messages-column", default=None, help=".parquet: the conversations/messages column")
     p.add_argument("--shard-size", type=int, default=None,
                    help="write PREFIX_00000, PREFIX_00001, ... of this many input records each, then PREFIX.shards; "
                         "a rerun skips complete shards (resume after a crash); --data-path takes PREFIX.shards")
@@ -64,12 +72,16 @@ def main(argv=None) -> int:
         max_error_rate=a.max_error_rate, overwrite=a.overwrite, progress=not a.no_progress,
         use_cpp=not a.python_writer, chat_template=a.chat_template,
         allow_image_mismatch=a.allow_image_placeholder_mismatch, image_storage=a.image_storage,
-        shard_size=a.shard_size)
+        shard_size=a.shard_size,
+        parquet=ParquetColumns(a.parquet_layout, a.image_column, a.text_column, a.messages_column))
     try:
         stats = preprocess(cfg)
     except TooManyErrors as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ParquetInputError as e:  # a user mistake about the inputs: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: no prefix written" + (" (complete shards are kept; rerun to resume)" if a.shard_size
                                                   else ""), file=sys.stderr)

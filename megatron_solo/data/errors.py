@@ -18,6 +18,7 @@ SKIP_REASONS = {
     "bad_sample": "a tar sample without an image or without text",
     "image_placeholder_mismatch": "a LLaVA record whose '<image>' placeholders do not match its images",
     "image_in_assistant_turn": "an image in an assistant (gpt) turn (LLaVA placeholder, or any image with solo-inst)",
+    "bad_row": "a Parquet row that does not fit its layout's columns, or in a row group pyarrow cannot read",
 }
 
 

@@ -51,6 +51,7 @@ class PreprocessConfig:
     chat_template: str = "chatml"
     allow_image_mismatch: bool = False
     image_storage: str = "patches"  # or "encoded" (megatron_solo.data.image_storage)
+    parquet: Optional[object] = None  # ParquetColumns: layout and column names for .parquet inputs
     shard_size: Optional[int] = None  # input records per shard PREFIX_00000, ... (megatron_solo.data.shards)
 
 
@@ -81,12 +82,16 @@ def _base_ext(path: str) -> str:
     return p.rsplit(".", 1)[-1].lower() if "." in os.path.basename(p) else ""
 
 
-def iter_records(paths) -> Iterator[tuple]:
-    """Yield ``(where, kind, payload)``: kind "line" (a JSON text), "obj" (parsed JSON) or "tar"
-    (a dict ext -> bytes of one WebDataset sample)."""
+def iter_records(paths, parquet=None) -> Iterator[tuple]:
+    """Yield ``(where, kind, payload)``: kind "line" (a JSON text), "obj" (parsed JSON), "tar"
+    (a dict ext -> bytes of one WebDataset sample), "parquet" (a row) or "bad" (reason, detail)."""
     for path in paths:
         ext = _base_ext(path)
-        if ext == "tar":
+        if ext == "parquet":
+            from megatron_solo.data.parquet_input import ParquetColumns, iter_parquet
+
+            yield from iter_parquet(path, parquet or ParquetColumns())
+        elif ext == "tar":
             yield from _iter_tar(path)
         elif ext == "json":
             with open_binary(path) as f:
@@ -181,6 +186,12 @@ def encode_record(item):
             msgs = normalize_messages(obj, where, _ENCODER.allow_image_mismatch)
         elif kind == "obj":
             msgs = normalize_messages(payload, where, _ENCODER.allow_image_mismatch)
+        elif kind == "parquet":
+            from megatron_solo.data.parquet_input import row_to_record
+
+            msgs = normalize_messages(row_to_record(payload, where), where, _ENCODER.allow_image_mismatch)
+        elif kind == "bad":
+            raise SkipRecord(*payload)
         else:
             msgs = _tar_messages(payload, where)
         doc = _ENCODER.encode(msgs, where)
@@ -287,7 +298,7 @@ def preprocess(cfg: PreprocessConfig, records=None) -> dict:
             from tqdm import tqdm
 
             bar = tqdm(unit="doc", desc=os.path.basename(prefix), mininterval=1.0, file=sys.stderr)
-        for (where, _, _), res in _ordered_results(iter_records(cfg.inputs) if records is None else records, cfg):
+        for (where, _, _), res in _ordered_results(iter_records(cfg.inputs, cfg.parquet) if records is None else records, cfg):
             stats.records += 1
             if res[0] == "skip":
                 _, reason, detail = res
