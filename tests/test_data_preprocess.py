@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(inputs, prefix, **kw):
     kw.setdefault("progress", False)
+    kw.setdefault("image_storage", "patches")  # these tests read P-patches; test_data_storage.py covers encoded
     return preprocess(PreprocessConfig(inputs=[str(p) for p in inputs], output_prefix=str(prefix),
                                        tokenizer_model=solo_tokenizer_path(), **kw))
 

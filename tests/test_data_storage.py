@@ -121,3 +121,32 @@ def test_encoded_storage_is_identical_across_worker_counts_and_merges(odd_corpus
     assert m.storage == "encoded" and len(m) == 2 * len(SoloIndexedDataset(a))
     with pytest.raises(ValueError, match="different image storages"):
         merge_prefixes([a, out["patches", 1][1]], str(tmp_path / "mixed"))
+
+
+def test_dataloader_workers_give_the_in_process_batches(odd_corpus):
+    """--num-workers: the same micro-batches, in the same order, as reading in the training process,
+    and encoded storage gives the batches of patches storage."""
+    import torch
+
+    from megatron_solo.data.dataset import build_train_valid_test_datasets, collate
+    from megatron_solo.data.loader import WorkerBatchStream, micro_batch_indices
+
+    _, out = odd_corpus
+    kw = dict(split="1,0,0", seq_length=64, train_samples=12, valid_samples=0, test_samples=0)
+    enc = build_train_valid_test_datasets(out["encoded", 1][1], **kw)[0]
+    pat = build_train_valid_test_datasets(out["patches", 1][1], **kw)[0]
+    # global batch 4 = 2 micro-batches of 2; starts as a resume after 4 consumed samples
+    stream = WorkerBatchStream(enc, global_batch_size=4, micro_batch_size=2, num_microbatches=2, dp=1, dp_rank=0,
+                               consumed=4, num_workers=2)
+    try:
+        for step in range(3):
+            got = stream.global_step()
+            for m, batch in enumerate(got):
+                idx = micro_batch_indices(4 + 4 * step, m, 2, 1, 0, len(enc))
+                want = collate([pat[i] for i in idx])
+                assert set(batch) == set(want)
+                for k in want:
+                    assert torch.equal(batch[k], want[k]), (step, m, k)
+        assert stream.consumed == 16
+    finally:
+        stream.close()

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Turn image-text corpora into SOLO indexed datasets (P-tokens, P-roles, P-patches).
+"""Turn image-text corpora into SOLO indexed datasets: P-tokens, P-roles and the images, as
+P-images + P-imageidx (``--image-storage encoded``, the default) or P-patches (``patches``).
 
     .venv/bin/python tools/preprocess_data.py --input data/*.jsonl.zst --output-prefix out/cc3m \
         --tokenizer-model tok/tokenizer.model --format pretrain --seq-length 32768 --workers 8
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
                    help="fail (exit 1, no prefix written) when more than this fraction of records is skipped")
     p.add_argument("--overwrite", action="store_true", help="rebuild a prefix that is already complete")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--image-storage", choices=("encoded", "patches"), default="patches",
+    p.add_argument("--image-storage", choices=("encoded", "patches"), default="encoded",
                    help="encoded: keep each image's encoded bytes, patches made while training (DataLoader "
                         "workers, --num-workers); patches: uint8 patches, 3072 bytes each (docs/DATA_FORMAT.md)")
     p.add_argument("--parquet-layout", choices=("auto", "llava", "chat", "caption"), default="auto",

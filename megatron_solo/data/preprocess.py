@@ -50,7 +50,7 @@ class PreprocessConfig:
     use_cpp: bool = True
     chat_template: str = "chatml"
     allow_image_mismatch: bool = False
-    image_storage: str = "patches"  # or "encoded" (megatron_solo.data.image_storage)
+    image_storage: str = "encoded"  # or "patches" (megatron_solo.data.image_storage; docs/DATA_FORMAT.md: why)
     parquet: Optional[object] = None  # ParquetColumns: layout and column names for .parquet inputs
     shard_size: Optional[int] = None  # input records per shard PREFIX_00000, ... (megatron_solo.data.shards)
 
