@@ -14,6 +14,11 @@ loader       ``--samples`` samples read in training order through ``MicroBatchSt
 consumption  the tiny preset's real ``train_step`` (benchmarks/train_step.py's setup) on micro-batches
              of the same dataset, timed after warm-up.
 The ratio loader samples/s : training samples/s is printed last (goal >= 10x).
+
+    .venv/bin/python benchmarks/loader.py --photos [benchmarks/photo_loader.py's flags]
+
+measures instead encoded vs patches image storage on real photos: loader patches/s per core against
+what one H100 consumes training SOLO-7B at 45% MFU, and bytes on disk per image (benchmarks/photo_loader.py).
 """
 
 from __future__ import annotations
@@ -71,7 +76,14 @@ def main(argv=None):
     ap.add_argument("--seq-length", type=int, default=256)
     ap.add_argument("--micro-batch-size", type=int, default=4)
     ap.add_argument("--train-steps", type=int, default=4, help="timed training steps (after 2 warm-up steps)")
-    a = ap.parse_args(argv)
+    ap.add_argument("--photos", action="store_true", help="run benchmarks/photo_loader.py (storage vs one GPU)")
+    a, rest = ap.parse_known_args(argv)
+    if a.photos:
+        from photo_loader import main as photo_main
+
+        return photo_main(rest)
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
 
     t0 = time.perf_counter()
     tok, prefixes = build_data(a.work, a.seq_length)

@@ -3,11 +3,12 @@
 
     .venv/bin/python benchmarks/preprocess.py --docs 200
 
-(a) this tool (tools/preprocess_data.py's pipeline) at 1 and 2 workers;
+(a) this tool (tools/preprocess_data.py's pipeline) at 1 and 2 workers, for both image storages
+    (``encoded``, the default, and ``patches``), and a worker's start time (spawn + imports + init);
 (b) baseline: a straightforward Python version of SOLO's pipeline (float16 normalised patches,
     megatron-core's Python IndexedDatasetBuilder);
 (c) decode + resize alone: the floor;
-RSS of the tool (1 worker, subprocess) for N and 10N documents;
+RSS of the tool (1 worker, subprocess, default storage) for N and 10N documents;
 index writer per-item overhead (C++ IndexWriter vs megatron-core's IndexedDatasetBuilder).
 Inputs: JPEGs from sklearn's real photos, 512x384 and 1024x768, as base64 data URLs in chat JSONL.
 """
@@ -106,10 +107,28 @@ def timed(fn, *a):
     return time.perf_counter() - t
 
 
+def worker_start_s(tokenizer_model, repeats=3):
+    """Seconds from creating a 1-process spawn pool to its first answer (interpreter, imports, tokenizer)."""
+    import multiprocessing as mp
+
+    from megatron_solo.data.preprocess import _init_worker
+
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with mp.get_context("spawn").Pool(1, initializer=_init_worker,
+                                          initargs=(tokenizer_model, "chat", None, True, None, "encoded")) as pool:
+            pool.apply(os.getpid)
+        times.append(time.perf_counter() - t)
+    return min(times), max(times)
+
+
 def rss_of_tool(corpus, prefix, tokenizer_model):
-    code = ("import resource; from megatron_solo.data.preprocess import *; "
+    # VmHWM (peak RSS of this process image): ru_maxrss would keep the forking parent's peak across exec
+    code = ("from megatron_solo.data.preprocess import *; "
             "preprocess(PreprocessConfig(inputs=[%r], output_prefix=%r, tokenizer_model=%r, progress=False, overwrite=True)); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % (corpus, prefix, tokenizer_model)
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+            ) % (corpus, prefix, tokenizer_model)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return int(out.strip().splitlines()[-1]) / 1024  # MiB
 
@@ -155,14 +174,36 @@ def main():
     print(f"machine: {os.cpu_count()} CPUs (shared); {n} docs, one 512x384 or 1024x768 JPEG each")
     t_floor = timed(floor_decode_resize, corpus)
     t_base = timed(baseline_solo, corpus, os.path.join(tmp, "base"), tokm)
-    run = lambda k: preprocess(PreprocessConfig(inputs=[corpus], output_prefix=os.path.join(tmp, f"w{k}"),  # noqa
-                                                tokenizer_model=tokm, workers=k, progress=False, overwrite=True))
-    t1 = timed(run, 1)
-    t2 = timed(run, 2)
+    print(f"load average: {open('/proc/loadavg').read().split()[:3]}")
+    stats = {}
+
+    cpu = {}
+
+    def run(k, storage):
+        s0, c0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        stats[storage] = preprocess(PreprocessConfig(
+            inputs=[corpus], output_prefix=os.path.join(tmp, f"w{k}" if storage == "patches" else f"e{k}"),
+            tokenizer_model=tokm, workers=k, progress=False, overwrite=True, image_storage=storage))
+        s1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu[k, storage] = (s1.ru_utime + s1.ru_stime - s0.ru_utime - s0.ru_stime,
+                           c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)
+
     print(f"(c) decode+resize floor : {n / t_floor:8.1f} docs/s")
     print(f"(b) SOLO-style baseline  : {n / t_base:8.1f} docs/s")
-    print(f"(a) tool, 1 worker       : {n / t1:8.1f} docs/s  = {t_base / t1:.2f}x baseline, {t_floor / t1:.2f}x floor")
-    print(f"(a) tool, 2 workers      : {n / t2:8.1f} docs/s  = {t1 / t2:.2f}x the 1-worker speed")
+    for storage in ("encoded", "patches"):
+        t1 = timed(run, 1, storage)
+        t2 = timed(run, 2, storage)
+        print(f"(a) tool, {storage:8s} 1 worker : {n / t1:8.1f} docs/s  = {t_base / t1:.2f}x baseline, "
+              f"{t_floor / t1:.2f}x floor")
+        print(f"(a) tool, {storage:8s} 2 workers: {n / t2:8.1f} docs/s  = {t1 / t2:.2f}x the 1-worker speed")
+        parent, workers = cpu[2, storage]
+        print(f"    2 workers' CPU: parent {parent:.1f} s, workers {workers:.1f} s (wall {t2:.1f} s); on 2 free cores "
+              f"the CPU-bound speed-up would be {(cpu[1, storage][0]) / max(parent, (parent + workers) / 2):.2f}x")
+        print(f"    bytes on disk per image {stats[storage]['bytes_per_image']:.0f}, per token "
+              f"{stats[storage]['bytes_per_token']}")
+    lo, hi = worker_start_s(tokm)
+    print(f"worker start (spawn, imports, tokenizer; 3 tries): {lo:.2f} - {hi:.2f} s")
+    print(f"load average: {open('/proc/loadavg').read().split()[:3]}")
     base_bytes = os.path.getsize(os.path.join(tmp, "base-patches.bin"))
     ours_bytes = os.path.getsize(os.path.join(tmp, "w1-patches.bin"))
     print(f"patch bytes: tool {ours_bytes} vs baseline float16-as-float32 {base_bytes} "
