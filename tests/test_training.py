@@ -180,6 +180,7 @@ BAD_FLAGS = [
     (["--bf16", "--fp8-format", "hybrid"], "Transformer Engine"),
     (["--model", "llama-70b"], "unknown preset"),
     (["--min-lr", "1.0"], "--min-lr (1.0) is larger than --lr"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0"),
 ]
 
 

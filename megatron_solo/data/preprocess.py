@@ -82,9 +82,11 @@ def _base_ext(path: str) -> str:
     return p.rsplit(".", 1)[-1].lower() if "." in os.path.basename(p) else ""
 
 
-def iter_records(paths, parquet=None) -> Iterator[tuple]:
+def iter_records(paths, parquet=None, by_reference=False) -> Iterator[tuple]:
     """Yield ``(where, kind, payload)``: kind "line" (a JSON text), "obj" (parsed JSON), "tar"
-    (a dict ext -> bytes of one WebDataset sample), "parquet" (a row) or "bad" (reason, detail)."""
+    (a dict ext -> bytes of one WebDataset sample), "parquet" (a row), "bad" (reason, detail) or,
+    with ``by_reference``, "lineref" ((path, offset, length) of a line of an uncompressed file: the
+    worker reads it, so the parent never copies a line with base64 images through a pipe)."""
     for path in paths:
         ext = _base_ext(path)
         if ext == "parquet":
@@ -105,10 +107,19 @@ def iter_records(paths, parquet=None) -> Iterator[tuple]:
             for i, obj in enumerate(items):
                 yield f"{path}:[{i}]", "obj", obj
         else:  # jsonl and anything else: one JSON document per line
-            yield from _iter_lines(path)
+            yield from _iter_lines(path, by_reference)
 
 
-def _iter_lines(path):
+def _iter_lines(path, by_reference=False):
+    if not path.endswith((".gz", ".lz4", ".zst")):  # uncompressed: lines split on b"\n" in any mode
+        with open(path, "rb") as f:
+            offset = 0
+            for lineno, raw in enumerate(f, 1):
+                if raw.strip():
+                    yield f"{path}:{lineno}", "lineref" if by_reference else "line", \
+                        (path, offset, len(raw)) if by_reference else raw
+                offset += len(raw)
+        return
     with open_binary(path) as f:
         for lineno, raw in enumerate(io.TextIOWrapper(f, encoding="utf-8", errors="replace"), 1):
             if raw.strip():
@@ -178,7 +189,14 @@ def encode_record(item):
     """One record -> ("ok", tokens, roles, patches, n_images, n_image_tokens) or ("skip", reason, detail)."""
     where, kind, payload = item
     try:
+        if kind == "lineref":
+            kind, (path, offset, n) = "line", payload
+            with open(path, "rb") as f:
+                f.seek(offset)
+                payload = f.read(n)
         if kind == "line":
+            if isinstance(payload, bytes):
+                payload = payload.decode("utf-8", errors="replace")
             try:
                 obj = json.loads(payload)
             except json.JSONDecodeError as e:
@@ -298,7 +316,7 @@ def preprocess(cfg: PreprocessConfig, records=None) -> dict:
             from tqdm import tqdm
 
             bar = tqdm(unit="doc", desc=os.path.basename(prefix), mininterval=1.0, file=sys.stderr)
-        for (where, _, _), res in _ordered_results(iter_records(cfg.inputs, cfg.parquet) if records is None else records, cfg):
+        for (where, _, _), res in _ordered_results(iter_records(cfg.inputs, cfg.parquet, cfg.workers > 1) if records is None else records, cfg):
             stats.records += 1
             if res[0] == "skip":
                 _, reason, detail = res

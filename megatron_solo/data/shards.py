@@ -99,7 +99,7 @@ def preprocess_sharded(cfg, run_shard) -> dict:
     listing = shard_list_path(cfg.output_prefix)
     if os.path.isfile(listing) and not cfg.overwrite:
         return {"skipped_existing": True}
-    records = iter_records(cfg.inputs, cfg.parquet)
+    records = iter_records(cfg.inputs, cfg.parquet, cfg.workers > 1)
     shards, skipped = [], 0
     totals: dict = {"skipped": {}}
     for k in itertools.count():

@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train,valid,test weights of each --data-path prefix's packs (100,0,0: no validation)")
     g.add_argument("--data-cache-path", default=None,
                    help="where megatron-core caches dataset indices (unused: indices are recomputed in memory)")
+    g.add_argument("--num-workers", type=int, default=2,
+                   help="DataLoader worker processes per rank that read, decode and patchify the training "
+                        "samples ahead of the step (0: in the training process); same batches either way")
     g.add_argument("--tokenizer-model", default=None, help="SOLO tokenizer.model (checked against SOLO's ids)")
     g.add_argument("--loss-role", default="assistant", choices=["assistant", "user", "system", "all"],
                    help="role whose tokens carry the loss (all: every non-image token)")
@@ -231,6 +234,8 @@ def validate_args(args) -> argparse.Namespace:
                     ("seq-length", args.seq_length)):
         if v < 1:
             _fail(f"--{name} must be >= 1, got {v}")
+    if getattr(args, "num_workers", 0) < 0:
+        _fail(f"--num-workers must be >= 0, got {args.num_workers}")
     if world % (tp * pp * cp):
         _fail(f"world size {world} is not divisible by TP({tp}) x PP({pp}) x CP({cp})")
     args.world_size = world

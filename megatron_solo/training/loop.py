@@ -56,7 +56,7 @@ def pretrain(cfg: TrainConfig) -> dict:
     wire_schedule(cfg, config, model_chunks, optimizer)
     iteration, consumed = load_start_state(cfg, model_chunks, optimizer, scheduler, log)
     train_ds, valid_sets = faults.watch_data_files(cfg, *build_datasets(cfg))
-    stream = MicroBatchStream(train_ds, cfg, consumed)
+    stream = MicroBatchStream(train_ds, cfg, consumed, num_workers=cfg.num_workers)
     summary = train(cfg, config, model_chunks, optimizer, scheduler, stream, valid_sets, iteration, log, t_start)
     log.close()
     torch.distributed.barrier()
