@@ -19,6 +19,16 @@ def micro_batch_indices(start: int, m: int, micro_batch_size: int, dp: int, dp_r
     return [(base + j) % n for j in range(micro_batch_size)]
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the training process, which saves a checkpoint and
+    then shuts them down; a worker killed by the signal sent to the whole process group would make
+    the DataLoader fail that save. A worker whose parent died exits by itself (DataLoader's watchdog)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _StepIndexLists:
     """An endless batch sampler: the micro-batch index lists of every global step from ``consumed``."""
 
@@ -49,7 +59,8 @@ class WorkerBatchStream:
         sampler = _StepIndexLists(len(dataset), consumed, global_batch_size, micro_batch_size, num_microbatches,
                                   dp, dp_rank)
         self._loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                                  persistent_workers=True, prefetch_factor=prefetch_factor)
+                                  persistent_workers=True, prefetch_factor=prefetch_factor,
+                                  worker_init_fn=_ignore_stop_signals)
         self._it = iter(self._loader)
 
     def global_step(self):
