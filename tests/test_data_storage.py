@@ -150,3 +150,31 @@ def test_dataloader_workers_give_the_in_process_batches(odd_corpus):
         assert stream.consumed == 16
     finally:
         stream.close()
+
+
+def test_a_worker_error_is_raised_as_itself(odd_corpus):
+    """An exception in a DataLoader worker reaches the training process with its own type and message."""
+    from megatron_solo.data.dataset import build_train_valid_test_datasets
+    from megatron_solo.data.loader import WorkerBatchStream
+
+    class Broken:
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            raise FileNotFoundError(f"sample {i}: gone")
+
+    _, out = odd_corpus
+    ds = build_train_valid_test_datasets(out["encoded", 1][1], split="1,0,0", seq_length=64, train_samples=4,
+                                         valid_samples=0, test_samples=0)[0]
+    stream = WorkerBatchStream(Broken(ds), global_batch_size=2, micro_batch_size=1, num_microbatches=2, dp=1,
+                               dp_rank=0, consumed=0, num_workers=1)
+    try:
+        with pytest.raises(FileNotFoundError) as info:
+            stream.global_step()
+        assert str(info.value) == "sample 0: gone"  # the worker's traceback is a note, not the message
+    finally:
+        stream.close()

@@ -27,7 +27,9 @@ PY = sys.executable
 
 def _copy_prefix(src_prefix, dst_dir, name="p"):
     os.makedirs(dst_dir, exist_ok=True)
-    for n in ("tokens", "roles", "patches"):
+    from megatron_solo.data.indexed import STORAGE_SUFFIXES, prefix_storage
+
+    for n in STORAGE_SUFFIXES[prefix_storage(src_prefix)]:
         for ext in (".idx", ".bin"):
             shutil.copy(f"{src_prefix}-{n}{ext}", os.path.join(dst_dir, f"{name}-{n}{ext}"))
     return os.path.join(dst_dir, name)
@@ -60,10 +62,10 @@ def test_check_inputs_one_line_per_mistake(digits_data, tmp_path, monkeypatch):
     assert "missing p-tokens.idx" in _input_error(_cfg(monkeypatch, digits_data, missing))
 
     short = _copy_prefix(digits_data["pretrain"], str(tmp_path / "short"))
-    size = os.path.getsize(short + "-patches.bin")
-    os.truncate(short + "-patches.bin", size - 3072)
+    size = os.path.getsize(short + "-images.bin")  # the digits prefixes use the default, encoded storage
+    os.truncate(short + "-images.bin", size - 3072)
     msg = _input_error(_cfg(monkeypatch, digits_data, short))
-    assert f"p-patches.bin has {size - 3072} bytes, its index describes {size}" in msg
+    assert f"p-images.bin has {size - 3072} bytes, its index describes {size}" in msg
 
     bad_idx = _copy_prefix(digits_data["pretrain"], str(tmp_path / "badidx"))
     with open(bad_idx + "-roles.idx", "r+b") as f:

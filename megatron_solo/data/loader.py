@@ -29,6 +29,43 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class _Raised:
+    """An exception raised while a worker read a sample, carried back as data and raised again in the
+    training process as itself (DataLoader would re-raise a new one whose message is a worker traceback:
+    a one-line user error, e.g. a data file truncated during the run, must stay one line)."""
+
+    def __init__(self, exc: BaseException):
+        import pickle
+        import traceback
+
+        exc.add_note("raised in a DataLoader worker:\n" + "".join(traceback.format_exception(exc)))
+        try:
+            pickle.dumps(exc)
+        except Exception:
+            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+        self.exc = exc
+
+
+class _CatchErrors:
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            return self.dataset[i]
+        except Exception as e:
+            return _Raised(e)
+
+
+def _collate(samples):
+    from megatron_solo.data.dataset import collate
+
+    return next((s for s in samples if isinstance(s, _Raised)), None) or collate(samples)
+
+
 class _StepIndexLists:
     """An endless batch sampler: the micro-batch index lists of every global step from ``consumed``."""
 
@@ -51,21 +88,24 @@ class WorkerBatchStream:
                  num_workers, prefetch_factor=2):
         from torch.utils.data import DataLoader
 
-        from megatron_solo.data.dataset import collate
-
         if num_workers < 1:
             raise ValueError("WorkerBatchStream needs num_workers >= 1 (0 reads in the training process)")
         self.consumed, self.global_batch_size, self.num_microbatches = consumed, global_batch_size, num_microbatches
         sampler = _StepIndexLists(len(dataset), consumed, global_batch_size, micro_batch_size, num_microbatches,
                                   dp, dp_rank)
-        self._loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+        self._loader = DataLoader(_CatchErrors(dataset), batch_sampler=sampler, collate_fn=_collate,
+                                  num_workers=num_workers,
                                   persistent_workers=True, prefetch_factor=prefetch_factor,
                                   worker_init_fn=_ignore_stop_signals)
         self._it = iter(self._loader)
 
     def global_step(self):
         self.consumed += self.global_batch_size
-        return [next(self._it) for _ in range(self.num_microbatches)]
+        batches = [next(self._it) for _ in range(self.num_microbatches)]
+        for b in batches:
+            if isinstance(b, _Raised):
+                raise b.exc
+        return batches
 
     def close(self) -> None:
         """Stop the workers now (they would stop when the stream is garbage-collected)."""

@@ -371,8 +371,9 @@ def check_data_prefix(prefix: str, vocab_size: int) -> None:
     each other and with their ``.bin`` lengths, and a sample of token ids lies in the vocabulary."""
     import numpy as np
 
-    from megatron_solo.data.indexed import DTYPES, SUFFIXES, component_prefix
+    from megatron_solo.data.indexed import DTYPES, STORAGE_SUFFIXES, component_prefix, prefix_storage
 
+    SUFFIXES = STORAGE_SUFFIXES[prefix_storage(prefix)]  # tokens, roles + patches or images, imageidx
     missing = [component_prefix(prefix, n) + ext for n in SUFFIXES for ext in (".idx", ".bin")
                if not os.path.isfile(component_prefix(prefix, n) + ext)]
     if missing:
@@ -398,9 +399,9 @@ def check_data_prefix(prefix: str, vocab_size: int) -> None:
                              f"another run); re-run tools/preprocess_data.py for {prefix}")
         # Views into the memory-mapped index: the reader stays referenced here (its __del__ unmaps them).
         counts[n] = (len(index.sequence_lengths), index.document_indices, index)
-    (n_tok, docs, _), others = counts["tokens"], [counts["roles"], counts["patches"]]
+    (n_tok, docs, _), others = counts["tokens"], [counts[n] for n in SUFFIXES if n != "tokens"]
     if any(n_o != n_tok or not np.array_equal(d, docs) for n_o, d, _ in others):
-        raise InputError(f"data prefix {prefix}: its tokens, roles and patches datasets disagree on segments "
+        raise InputError(f"data prefix {prefix}: its {', '.join(SUFFIXES)} datasets disagree on segments "
                          f"or packs (written by different runs); re-run tools/preprocess_data.py")
     lo, hi = sampled_token_id_range(component_prefix(prefix, "tokens") + ".bin")
     if lo < 0 or hi >= vocab_size:
@@ -510,13 +511,13 @@ def watch_data_files(cfg, train_ds, valid_sets):
     run with its name (cost: one ``stat`` call per data file per sample read; attributes are cached by
     the client on local disks, Lustre and NFS, so this is microseconds)."""
     from megatron_solo.data import parse_data_path
-    from megatron_solo.data.indexed import SUFFIXES, component_prefix
+    from megatron_solo.data.indexed import STORAGE_SUFFIXES, component_prefix, prefix_storage
 
     prefixes = list(parse_data_path(cfg.data_path)[0]) + (list(parse_data_path(cfg.valid_data_path)[0])
                                                           if cfg.valid_data_path else [])
     files = {}
     for prefix in dict.fromkeys(prefixes):
-        for n in SUFFIXES:
+        for n in STORAGE_SUFFIXES[prefix_storage(prefix)]:
             for ext in (".idx", ".bin"):
                 path = component_prefix(prefix, n) + ext
                 st = os.stat(path)
