@@ -31,9 +31,6 @@ import tempfile
 import time
 from types import SimpleNamespace
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 H100_BF16_DENSE_FLOPS = 989.4e12
 SIZES = ((320, 213), (640, 427), (1024, 683), (2048, 1365))
 
