@@ -98,6 +98,11 @@ class WorkerBatchStream:
                                   persistent_workers=True, prefetch_factor=prefetch_factor,
                                   worker_init_fn=_ignore_stop_signals)
         self._it = iter(self._loader)
+        # Stop the workers before multiprocessing's own exit handler would SIGTERM them (they ignore it,
+        # see _ignore_stop_signals, and the exit would wait for them forever).
+        import atexit
+
+        atexit.register(self.close)
 
     def global_step(self):
         self.consumed += self.global_batch_size
@@ -109,6 +114,9 @@ class WorkerBatchStream:
 
     def close(self) -> None:
         """Stop the workers now (they would stop when the stream is garbage-collected)."""
+        import atexit
+
+        atexit.unregister(self.close)
         it, self._it = self._it, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
