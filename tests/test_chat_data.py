@@ -134,7 +134,7 @@ def test_tokenizer_piece_type_changes_nothing(solo_tokenizer, normal_tokenizer, 
     for name, tok in (("ours", solo_tokenizer), ("solo", normal_tokenizer)):
         prefix = str(tmp_path / name)
         stats = preprocess(PreprocessConfig(inputs=[str(src)], output_prefix=prefix, tokenizer_model=tok,
-                                            fmt="chat", seq_length=256, progress=False))
+                                            fmt="chat", seq_length=256, progress=False, image_storage="patches"))
         assert stats["documents"] == 2
         out[name] = [open(f"{prefix}-{k}.{e}", "rb").read() for k in ("tokens", "roles", "patches")
                      for e in ("bin", "idx")]
