@@ -42,6 +42,8 @@ import dataclasses
 import json
 import types
 
+from megatron_solo.spec import PATCH_DIM, SOLO_SPECIAL_PIECES
+
 GIB = 2**30
 
 #: Dense peak TFLOP/s per GPU (vendor data sheets, SXM parts): (bf16, fp8).
@@ -56,7 +58,8 @@ GPU_PEAK_TFLOPS = {
 MISTRAL_7B_PARAMETERS = 7_241_732_096
 
 
-def solo_7b_expected_parameters(hidden: int = 4096, new_rows: int = 1031, patch_dim: int = 3072) -> int:
+def solo_7b_expected_parameters(hidden: int = 4096, new_rows: int = len(SOLO_SPECIAL_PIECES),
+                                patch_dim: int = PATCH_DIM) -> int:
     """Mistral-7B + SOLO's 1031 new vocabulary rows in the embedding and the output layer + the patch
     embedding (padding rows excluded)."""
     return MISTRAL_7B_PARAMETERS + new_rows * hidden * 2 + patch_dim * hidden
