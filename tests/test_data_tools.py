@@ -52,3 +52,25 @@ def test_visualize_shows_the_resized_image(tmp_path, capsys):
     grid = vis.render(segs[0][0], segs[0][2], gap=0)[0]
     assert np.array_equal(grid, np.asarray(resize_for_patches(img)))
     assert Image.open(tmp_path / "v.png").size[0] >= grid.shape[1]
+
+
+def test_visualize_patches_reads_both_image_closers():
+    """chatml/pretrain blocks close with </vision>; solo-inst blocks close with <vision> (SOLO's SFT code)."""
+    from megatron_solo.data.encode import image_block_tokens
+    from megatron_solo.spec import SOLO_IDS
+
+    vis = _tool("visualize_patches")
+    block = [int(t) for t in image_block_tokens(2, 3)]
+    solo_block = block[:-1] + [SOLO_IDS.vision_start]
+    patches = np.random.default_rng(0).integers(0, 256, (12, 3072), dtype=np.uint8)
+    for tokens in ([1, 5] + block + [7] + block, solo_block + [1, 9] + solo_block):
+        images = vis.render(tokens, patches, gap=0)
+        assert [im.shape for im in images] == [(64, 96, 3), (64, 96, 3)]
+        assert not np.array_equal(images[0], images[1])  # the second block took the next 6 patches
+
+    class Pieces:
+        def id_to_piece(self, i):
+            return "x"
+
+    kinds = [k for k, _ in vis._document_elements(solo_block + [1, 9] + solo_block, Pieces())]
+    assert kinds == ["image", "text", "image"]

@@ -17,18 +17,20 @@ def render(tokens, patches, gap: int = 2):
     from megatron_solo.data.image import patch_grid
     from megatron_solo.spec import SOLO_IDS
 
-    images, k, rows, row_len = [], 0, [], 0
+    images, k, rows, row_len, inside = [], 0, [], 0, False
     for t in map(int, tokens):
-        if t == SOLO_IDS.vision_start:
-            rows, row_len, start = [], 0, k
+        closes = t == SOLO_IDS.vision_end or (t == SOLO_IDS.vision_start and inside)  # solo-inst closes with <vision>
+        if t == SOLO_IDS.vision_start and not closes:
+            rows, row_len, start, inside = [], 0, k, True
         elif t == SOLO_IDS.vision_patch:
             row_len += 1
             k += 1
-        elif t in (SOLO_IDS.vision_row_sep, SOLO_IDS.vision_frame_sep, SOLO_IDS.vision_end):
+        elif closes or t in (SOLO_IDS.vision_row_sep, SOLO_IDS.vision_frame_sep):
             if row_len:
                 rows.append(row_len)
             row_len = 0
-            if t == SOLO_IDS.vision_end and rows:
+            inside = inside and not closes
+            if closes and rows:
                 if len(set(rows)) != 1:
                     raise ValueError(f"an image block has rows of {sorted(set(rows))} patches; expected equal rows")
                 images.append(patch_grid(patches[start:k], len(rows), rows[0], gap=gap, fill=255))
@@ -39,19 +41,21 @@ def _document_elements(tokens, tok):
     """A document's tokens -> [("text", str) | ("image", (rows, cols))] in order."""
     from megatron_solo.spec import SOLO_IDS
 
-    out, text, rows, row_len = [], [], [], 0
+    out, text, rows, row_len, inside = [], [], [], 0, False
     for x in map(int, tokens):
-        if x == SOLO_IDS.vision_start:
+        closes = x == SOLO_IDS.vision_end or (x == SOLO_IDS.vision_start and inside)  # solo-inst closes with <vision>
+        if x == SOLO_IDS.vision_start and not closes:
             if text:
                 out.append(("text", "".join(text)))
-            text, rows, row_len = [], [], 0
+            text, rows, row_len, inside = [], [], 0, True
         elif x == SOLO_IDS.vision_patch:
             row_len += 1
-        elif x in (SOLO_IDS.vision_row_sep, SOLO_IDS.vision_frame_sep, SOLO_IDS.vision_end):
+        elif closes or x in (SOLO_IDS.vision_row_sep, SOLO_IDS.vision_frame_sep):
             if row_len:
                 rows.append(row_len)
             row_len = 0
-            if x == SOLO_IDS.vision_end:
+            if closes:
+                inside = False
                 out.append(("image", (len(rows), rows[0] if rows else 0)))
         elif SOLO_IDS.vision_start < x <= SOLO_IDS.vision_frame_sep:
             pass
