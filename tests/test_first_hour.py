@@ -15,7 +15,7 @@ from megatron_solo.netutil import free_port
 from tests.conftest import ROOT, run_tool
 
 PY = sys.executable
-LAUNCHERS = ["stage1_pretrain.sh", "stage2_pretrain.sh", "stage3_anneal.sh", "sft.sh"]
+LAUNCHERS = ["stage0_align.sh", "stage1_pretrain.sh", "stage2_pretrain.sh", "stage3_anneal.sh", "sft.sh"]
 
 
 def _launch(script, **env_vars):
