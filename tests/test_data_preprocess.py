@@ -233,15 +233,16 @@ def test_cli_error_exit_and_kill_leaves_no_complete_prefix(corpus, tmp_path):
     # kill mid-run: a corpus big enough to be caught while writing
     big = tmp_path / "big.jsonl"
     with open(big, "w") as f:
-        for _ in range(40):
+        for _ in range(200):  # ~4,800 documents: seconds of work even for the fast encoded storage
             f.write((d / "c.jsonl").read_text())
     proc = subprocess.Popen(_cli("--input", big, "--output-prefix", tmp_path / "k", "--workers", "1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "k-tokens.bin.tmp").exists():
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert (tmp_path / "k-tokens.bin.tmp").exists()
-    time.sleep(0.3)
+    time.sleep(0.1)
+    assert proc.poll() is None, "the tool finished before it could be killed: make the corpus bigger"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not prefix_complete(str(tmp_path / "k"))
