@@ -15,9 +15,13 @@ Inputs: JPEGs from sklearn's real photos, 512x384 and 1024x768, as base64 data U
 
 import argparse
 import base64
+import functools
+import glob
 import io
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -116,8 +120,8 @@ def worker_start_s(tokenizer_model, repeats=3):
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        with mp.get_context("spawn").Pool(1, initializer=_init_worker,
-                                          initargs=(tokenizer_model, "chat", None, True, None, "encoded")) as pool:
+        init = functools.partial(_init_worker, tokenizer_model, "chat", None, True, None, image_storage="encoded")
+        with mp.get_context("spawn").Pool(1, initializer=init) as pool:
             pool.apply(os.getpid)
         times.append(time.perf_counter() - t)
     return min(times), max(times)
@@ -166,7 +170,7 @@ def main():
     from megatron_solo.data.preprocess import PreprocessConfig, preprocess
     from megatron_solo.data.tokenizer import create_solo_tokenizer, mistral_tokenizer_path
 
-    tmp = tempfile.mkdtemp(prefix="bench_pre_")
+    tmp = tempfile.mkdtemp(prefix=f"bench_pre_{os.getpid()}_")
     tokm = create_solo_tokenizer(mistral_tokenizer_path(), tmp)
     corpus = os.path.join(tmp, "c.jsonl")
     make_corpus(corpus, a.docs)
@@ -220,4 +224,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # the outputs (several GB of patches at --rss-docs 1000) never outlive the run
+        for d in glob.glob(os.path.join(tempfile.gettempdir(), f"bench_pre_{os.getpid()}_*")):
+            shutil.rmtree(d, ignore_errors=True)
