@@ -15,13 +15,13 @@ Inputs: JPEGs from sklearn's real photos, 512x384 and 1024x768, as base64 data U
 
 import argparse
 import base64
-import functools
 import glob
 import io
 import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,24 +112,33 @@ def timed(fn, *a):
 
 
 def worker_start_s(tokenizer_model, repeats=3):
-    """Seconds from creating a 1-process spawn pool to its first answer (interpreter, imports, tokenizer)."""
-    import multiprocessing as mp
+    """Seconds from starting a 1-process encoder pool to its first answer (interpreter, imports, tokenizer)."""
+    from megatron_solo.data.preprocess import PreprocessConfig, encoder_pool
 
-    from megatron_solo.data.preprocess import _init_worker
-
+    cfg = PreprocessConfig(inputs=[], output_prefix="", tokenizer_model=tokenizer_model, fmt="chat", workers=2)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        init = functools.partial(_init_worker, tokenizer_model, "chat", None, True, None, image_storage="encoded")
-        with mp.get_context("spawn").Pool(1, initializer=init) as pool:
-            pool.apply(os.getpid)
+        with encoder_pool(cfg) as pool:
+            list(pool.imap([[]]))  # an empty chunk: the answer comes once the worker is initialised
         times.append(time.perf_counter() - t)
     return min(times), max(times)
 
 
+def write_floor(n_bytes, path, block=1 << 20):
+    """Writing n_bytes to a new file (what patches storage must at least do per run)."""
+    buf = os.urandom(block)
+    with open(path, "wb") as f:
+        for _ in range(n_bytes // block):
+            f.write(buf)
+        f.write(buf[: n_bytes % block])
+    os.remove(path)
+
+
 def rss_of_tool(corpus, prefix, tokenizer_model):
     # VmHWM (peak RSS of this process image): ru_maxrss would keep the forking parent's peak across exec
-    code = ("from megatron_solo.data.preprocess import *; "
+    code = ("from megatron_solo.data.allocator import keep_freed_memory; keep_freed_memory(); "
+            "from megatron_solo.data.preprocess import *; "
             "preprocess(PreprocessConfig(inputs=[%r], output_prefix=%r, tokenizer_model=%r, progress=False, overwrite=True)); "
             "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
             ) % (corpus, prefix, tokenizer_model)
@@ -165,17 +174,22 @@ def writer_overhead(tmp, n=200_000):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each tool configuration (medians)")
     ap.add_argument("--rss-docs", type=int, default=1000, help="RSS at this many docs and 10x")
     a = ap.parse_args()
+    from megatron_solo.data.allocator import keep_freed_memory
     from megatron_solo.data.preprocess import PreprocessConfig, preprocess
     from megatron_solo.data.tokenizer import create_solo_tokenizer, mistral_tokenizer_path
 
+    # as tools/preprocess_data.py does; the floor and the baseline run in this process with the same settings
+    tuned = keep_freed_memory()
     tmp = tempfile.mkdtemp(prefix=f"bench_pre_{os.getpid()}_")
     tokm = create_solo_tokenizer(mistral_tokenizer_path(), tmp)
     corpus = os.path.join(tmp, "c.jsonl")
     make_corpus(corpus, a.docs)
     n = a.docs
-    print(f"machine: {os.cpu_count()} CPUs (shared); {n} docs, one 512x384 or 1024x768 JPEG each")
+    print(f"machine: {os.cpu_count()} CPUs (shared); {n} docs, one 512x384 or 1024x768 JPEG each; "
+          f"malloc thresholds {'raised (as the tool does)' if tuned else 'glibc defaults'}")
     t_floor = timed(floor_decode_resize, corpus)
     t_base = timed(baseline_solo, corpus, os.path.join(tmp, "base"), tokm)
     print(f"load average: {open('/proc/loadavg').read().split()[:3]}")
@@ -195,16 +209,26 @@ def main():
     print(f"(c) decode+resize floor : {n / t_floor:8.1f} docs/s")
     print(f"(b) SOLO-style baseline  : {n / t_base:8.1f} docs/s")
     for storage in ("encoded", "patches"):
-        t1 = timed(run, 1, storage)
-        t2 = timed(run, 2, storage)
+        t1s, t2s = [], []
+        for _ in range(a.repeats):  # interleaved, so that a busy moment hits both
+            t1s.append(timed(run, 1, storage))
+            t2s.append(timed(run, 2, storage))
+        t1, t2 = statistics.median(t1s), statistics.median(t2s)
+        speedup = statistics.median(x / y for x, y in zip(t1s, t2s))
         print(f"(a) tool, {storage:8s} 1 worker : {n / t1:8.1f} docs/s  = {t_base / t1:.2f}x baseline, "
-              f"{t_floor / t1:.2f}x floor")
-        print(f"(a) tool, {storage:8s} 2 workers: {n / t2:8.1f} docs/s  = {t1 / t2:.2f}x the 1-worker speed")
+              f"{t_floor / t1:.2f}x floor (median of {a.repeats})")
+        print(f"(a) tool, {storage:8s} 2 workers: {n / t2:8.1f} docs/s  = {speedup:.2f}x the 1-worker speed "
+              f"(median of the {a.repeats} run pairs: {', '.join(f'{x / y:.2f}' for x, y in zip(t1s, t2s))})")
         parent, workers = cpu[2, storage]
-        print(f"    2 workers' CPU: parent {parent:.1f} s, workers {workers:.1f} s (wall {t2:.1f} s); on 2 free cores "
+        print(f"    2 workers' CPU (last run): parent {parent:.1f} s, workers {workers:.1f} s; on 2 free cores "
               f"the CPU-bound speed-up would be {(cpu[1, storage][0]) / max(parent, (parent + workers) / 2):.2f}x")
         print(f"    bytes on disk per image {stats[storage]['bytes_per_image']:.0f}, per token "
               f"{stats[storage]['bytes_per_token']}")
+        if storage == "patches":
+            t_write = timed(write_floor, stats[storage]["image_bytes"], os.path.join(tmp, "write_floor.bin"))
+            print(f"    writing its {stats[storage]['image_bytes'] / 2**20:.0f} MiB of patches alone takes {t_write:.2f} s "
+                  f"= {t_write / t_floor:.2f}x the decode+resize floor's time; tool 1 worker = "
+                  f"{(t_floor + t_write) / t1:.2f}x (decode+resize+write floor)")
     lo, hi = worker_start_s(tokm)
     print(f"worker start (spawn, imports, tokenizer; 3 tries): {lo:.2f} - {hi:.2f} s")
     print(f"load average: {open('/proc/loadavg').read().split()[:3]}")

@@ -15,9 +15,11 @@ import sys
 
 
 def main(argv=None) -> int:
+    from megatron_solo.data.allocator import keep_freed_memory
     from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS
     from megatron_solo.data.parquet_input import ParquetColumns, ParquetInputError
-    from megatron_solo.data.preprocess import PreprocessConfig, TooManyErrors, preprocess
+    from megatron_solo.data.preprocess import InputNotFound, PreprocessConfig, TooManyErrors, preprocess
+    from megatron_solo.data.worker_pool import WorkerDied
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
@@ -62,6 +64,7 @@ def main(argv=None) -> int:
 
     quiet.filter_known_warnings()  # megatron-core's import-time notes that ask nothing of the user
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()  # this process decodes and writes images in a loop (megatron_solo/data/allocator.py)
     if a.seq_length is not None and a.seq_length < 1:
         p.error("--seq-length must be positive")
     if a.shard_size is not None and a.shard_size < 1:
@@ -83,6 +86,13 @@ def main(argv=None) -> int:
     except ParquetInputError as e:  # a user mistake about the inputs: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except InputNotFound as e:
+        print(f"error: --input {e} does not exist", file=sys.stderr)
+        return 2
+    except WorkerDied as e:
+        print(f"error: {e}; no prefix written" + (" (complete shards are kept; rerun to resume)" if a.shard_size
+                                                  else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: no prefix written" + (" (complete shards are kept; rerun to resume)" if a.shard_size
                                                   else ""), file=sys.stderr)

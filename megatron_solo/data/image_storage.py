@@ -23,6 +23,7 @@ multi-frame files, ...) is stored as a lossless PNG of the RGB image after EXIF 
 from __future__ import annotations
 
 import io
+import pickle
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,11 @@ class ImageRef:
     flags: int
     start: int
     end: int
+
+    def __reduce_ex__(self, protocol):
+        # protocol 5: the bytes may travel out of band (preprocessing workers -> writer, no copy)
+        data = pickle.PickleBuffer(self.data) if protocol >= 5 else self.data
+        return ImageRef, (data, self.flags, self.start, self.end)
 
 
 class ImageRefs:
