@@ -247,3 +247,31 @@ def test_cli_error_exit_and_kill_leaves_no_complete_prefix(corpus, tmp_path):
     proc.wait()
     assert not prefix_complete(str(tmp_path / "k"))
     assert not any(f.name.endswith(".idx") for f in tmp_path.iterdir())
+
+
+def test_cli_worker_killed_by_the_os_is_one_error_line(corpus, tmp_path):
+    import psutil
+
+    d, _ = corpus
+    big = tmp_path / "big.jsonl"
+    with open(big, "w") as f:
+        for _ in range(200):  # ~4,800 documents: the workers are still busy when one is killed
+            f.write((d / "c.jsonl").read_text())
+    proc = subprocess.Popen(_cli("--input", big, "--output-prefix", tmp_path / "w", "--workers", "2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "w-tokens.bin.tmp").exists():
+        time.sleep(0.02)
+    workers = [c for c in psutil.Process(proc.pid).children()
+               if "resource_tracker" not in " ".join(c.cmdline())]  # multiprocessing's own helper
+    assert len(workers) == 2 and proc.poll() is None, "the tool finished before a worker could be killed"
+    workers[1].kill()  # as the out-of-memory killer would
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "died with signal SIGKILL" in lines[0] and "no prefix written" in lines[0], err
+    assert "Traceback" not in err
+    assert not prefix_complete(str(tmp_path / "w"))
+    assert not any(f.name.startswith("w-") for f in tmp_path.iterdir()), sorted(f.name for f in tmp_path.iterdir())
+    for w in workers:
+        assert not w.is_running() or w.status() == psutil.STATUS_ZOMBIE

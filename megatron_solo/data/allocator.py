@@ -6,8 +6,9 @@ trimming once the dynamic mmap threshold has grown) and the next document faults
 again: 624,000 page faults for 1,000 photos with ``--image-storage patches``, 1.6 s of 4.9 s of CPU
 on this project's 2-core VM (docs/BENCHMARKS.md 3b). Keeping freed memory for reuse removes them.
 
-The settings are process-wide, so only entry points call :func:`keep_freed_memory` (the preprocessing
-tool, its workers, benchmarks that measure the tool); importing this module changes nothing.
+The settings are process-wide, so only the processes that do this work call :func:`keep_freed_memory`
+(the preprocessing tool and its workers, training's DataLoader workers, the benchmarks that measure
+them); importing this module changes nothing.
 """
 
 from __future__ import annotations

@@ -19,14 +19,18 @@ def micro_batch_indices(start: int, m: int, micro_batch_size: int, dp: int, dp_r
     return [(base + j) % n for j in range(micro_batch_size)]
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _init_loader_worker(worker_id: int) -> None:
     """DataLoader workers leave SIGTERM/SIGINT to the training process, which saves a checkpoint and
     then shuts them down; a worker killed by the signal sent to the whole process group would make
-    the DataLoader fail that save. A worker whose parent died exits by itself (DataLoader's watchdog)."""
+    the DataLoader fail that save. A worker whose parent died exits by itself (DataLoader's watchdog).
+    A worker decodes images in a loop: it keeps freed memory for reuse (data/allocator.py)."""
     import signal
+
+    from megatron_solo.data.allocator import keep_freed_memory
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()
 
 
 class _Raised:
@@ -96,10 +100,10 @@ class WorkerBatchStream:
         self._loader = DataLoader(_CatchErrors(dataset), batch_sampler=sampler, collate_fn=_collate,
                                   num_workers=num_workers,
                                   persistent_workers=True, prefetch_factor=prefetch_factor,
-                                  worker_init_fn=_ignore_stop_signals)
+                                  worker_init_fn=_init_loader_worker)
         self._it = iter(self._loader)
         # Stop the workers before multiprocessing's own exit handler would SIGTERM them (they ignore it,
-        # see _ignore_stop_signals, and the exit would wait for them forever).
+        # see _init_loader_worker, and the exit would wait for them forever).
         import atexit
 
         atexit.register(self.close)
