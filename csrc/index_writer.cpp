@@ -34,6 +34,8 @@ int dtype_code(const std::string& s, size_t* itemsize) {
 
 class IndexWriter {
  public:
+  static constexpr size_t kDirectWriteBytes = size_t(256) << 10;
+
   IndexWriter(const std::string& bin_path, const std::string& dtype, size_t buffer_bytes)
       : bin_path_(bin_path), dtype_(dtype), cap_(buffer_bytes ? buffer_bytes : 1) {
     code_ = dtype_code(dtype, &itemsize_);
@@ -99,10 +101,12 @@ class IndexWriter {
   static void put_u64(FILE* g, uint64_t v) { std::fwrite(&v, 8, 1, g); }  // little-endian hosts only
 
   void append(const char* data, size_t bytes) {
-    if (buf_.size() + bytes > cap_) {
+    // Large items (an image's patches, ~1.5 MB) go straight to the file: copying them through the
+    // buffer first would double the memory traffic of patches storage.
+    if (bytes >= kDirectWriteBytes || buf_.size() + bytes > cap_) {
       py::gil_scoped_release release;
       flush_locked();
-      if (bytes >= cap_) {
+      if (bytes >= kDirectWriteBytes || bytes >= cap_) {
         write_raw(data, bytes);
         return;
       }

@@ -23,6 +23,8 @@ def test_cpp_writer_is_byte_identical_to_megatron_builder(tmp_path, dtype):
     rng = np.random.default_rng(0)
     items = [rng.integers(0, 200, size=int(n)).astype(dtype) for n in rng.integers(0, 50, size=300)]
     items.append(np.zeros(0, dtype))
+    for at in (3, 100, 101, 250):  # items >= 256 KiB bypass the buffer: between small ones, and in a row
+        items.insert(at, rng.integers(0, 200, size=(300 << 10) // np.dtype(dtype).itemsize).astype(dtype))
     py_b = IndexedDatasetBuilder(str(tmp_path / "py.bin"), dtype=dtype)
     cpp_b = IndexWriter(str(tmp_path / "cpp.bin"), np.dtype(dtype).str, buffer_bytes=1000)  # force flushes
     for i, x in enumerate(items):
