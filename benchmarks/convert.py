@@ -204,6 +204,9 @@ def round_trip_mismatches(export_dir, shapes, sparse=False) -> list[str]:
 
 
 def main():
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()  # megatron-core's and torch's import-time notes, as the tools do
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
     ap.add_argument("--work", default="/tmp/solo_convert_bench")

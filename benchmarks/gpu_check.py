@@ -229,6 +229,9 @@ def throughput(a, device):
 
 
 def main(argv=None):
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()  # megatron-core's and torch's import-time notes, as the tools do
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "bench_out", "gpu_check"))
     ap.add_argument("--cpu-dry-run", action="store_true", help="every step on the CPU at toy sizes")

@@ -70,6 +70,9 @@ def rss_mib():
 
 
 def main(argv=None):
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()  # megatron-core's and torch's import-time notes, as the tools do
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=os.path.join(ROOT, "bench_out", "loader"))
     ap.add_argument("--samples", type=int, default=10000)

@@ -96,6 +96,9 @@ def read_rate(dataset, samples: int, num_workers: int = 0) -> tuple[float, float
 
 
 def main(argv=None) -> int:
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()  # megatron-core's and torch's import-time notes, as the tools do
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=240)
     ap.add_argument("--samples", type=int, default=60, help="samples (packs) read per measurement")

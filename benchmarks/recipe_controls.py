@@ -81,6 +81,9 @@ def train(a, work, name, tok, prefix, iters, *extra):
 
 
 def main():
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()  # megatron-core's and torch's import-time notes, as the tools do
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="bench_out/recipe_controls", help="data, checkpoints and logs (default: %(default)s)")
     ap.add_argument("--png", default="docs/img/recipe_controls.png", help="the plot (default: %(default)s)")

@@ -198,6 +198,9 @@ def profile_step(step, batches, label, rows=25):
 
 
 def main(argv=None):
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()  # megatron-core's and torch's import-time notes, as the tools do
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-length", type=int, default=256)
     ap.add_argument("--micro-batch-size", type=int, default=4)

@@ -275,3 +275,23 @@ def test_cli_worker_killed_by_the_os_is_one_error_line(corpus, tmp_path):
     assert not any(f.name.startswith("w-") for f in tmp_path.iterdir()), sorted(f.name for f in tmp_path.iterdir())
     for w in workers:
         assert not w.is_running() or w.status() == psutil.STATUS_ZOMBIE
+
+
+def test_line_scan_rss_does_not_grow_with_the_input(tmp_path):
+    from megatron_solo.data.preprocess import iter_records
+
+    def rss_mib():
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) / 1024
+
+    big = tmp_path / "big.jsonl"
+    line = b"x" * ((1 << 20) - 1) + b"\n"
+    with open(big, "wb") as f:
+        for _ in range(192):  # 192 MiB, three times the 64 MiB after which scanned pages are released
+            f.write(line)
+    start, peak, n = rss_mib(), 0.0, 0
+    for where, kind, ref in iter_records([str(big)], by_reference=True):
+        n += 1
+        peak = max(peak, rss_mib())
+    assert n == 192 and kind == "lineref" and ref == (str(big), 191 << 20, 1 << 20)
+    assert peak - start < 100, f"RSS grew {peak - start:.0f} MiB while scanning a 192 MiB file"
