@@ -172,6 +172,9 @@ def writer_overhead(tmp, n=200_000):
 
 
 def main():
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()  # megatron-core's and torch's import-time notes, as the tools do
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each tool configuration (medians)")

@@ -295,3 +295,18 @@ def test_line_scan_rss_does_not_grow_with_the_input(tmp_path):
         peak = max(peak, rss_mib())
     assert n == 192 and kind == "lineref" and ref == (str(big), 191 << 20, 1 << 20)
     assert peak - start < 100, f"RSS grew {peak - start:.0f} MiB while scanning a 192 MiB file"
+
+
+def test_cli_bad_tokenizer_is_one_error_line_before_any_work(corpus, tmp_path):
+    from megatron_solo.data.tokenizer import mistral_tokenizer_path
+
+    d, _ = corpus
+    for tok, says in ((tmp_path / "missing.model", "tokenizer model not found"),
+                      (d / "c.jsonl", "could not parse ModelProto"),
+                      (mistral_tokenizer_path(), "a SOLO tokenizer has 33031")):
+        cmd = _cli("--input", d / "c.jsonl", "--output-prefix", tmp_path / "t", "--workers", "2")
+        cmd[cmd.index("--tokenizer-model") + 1] = str(tok)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith("error: --tokenizer-model: ") and says in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not any(f.name.startswith("t") for f in tmp_path.iterdir() if f.name != "missing.model")

@@ -40,6 +40,10 @@ def die_on_three(x):
     return x
 
 
+def no_tokenizer():
+    raise ValueError("tokenizer model not found")
+
+
 def echo_reversed(data: bytes) -> bytes:
     return data[::-1]
 
@@ -57,6 +61,13 @@ def test_worker_exception_is_raised_with_its_traceback():
             list(pool.imap(range(10)))
     assert isinstance(info.value.__cause__, RemoteTraceback)
     assert "fail_on_five" in str(info.value.__cause__)
+
+
+def test_failed_initializer_is_raised_in_the_parent():
+    with pytest.raises(ValueError, match="tokenizer model not found") as info:
+        with OrderedWorkerPool(2, slow_square, no_tokenizer) as pool:
+            list(pool.imap(range(4)))
+    assert "no_tokenizer" in str(info.value.__cause__)
 
 
 def test_killed_worker_is_an_error_not_a_hang():

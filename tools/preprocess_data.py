@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     from megatron_solo.data.allocator import keep_freed_memory
     from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS
     from megatron_solo.data.parquet_input import ParquetColumns, ParquetInputError
-    from megatron_solo.data.preprocess import InputNotFound, PreprocessConfig, TooManyErrors, preprocess
+    from megatron_solo.data.preprocess import BadTokenizer, InputNotFound, PreprocessConfig, TooManyErrors, preprocess
     from megatron_solo.data.worker_pool import WorkerDied
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +88,9 @@ def main(argv=None) -> int:
         return 2
     except InputNotFound as e:
         print(f"error: --input {e} does not exist", file=sys.stderr)
+        return 2
+    except BadTokenizer as e:
+        print(f"error: --tokenizer-model: {e}", file=sys.stderr)
         return 2
     except WorkerDied as e:
         print(f"error: {e}; no prefix written" + (" (complete shards are kept; rerun to resume)" if a.shard_size

@@ -65,6 +65,19 @@ class TooManyErrors(RuntimeError):
     pass
 
 
+class BadTokenizer(ValueError):
+    """``--tokenizer-model`` is missing, not a SentencePiece model, or not SOLO's (checked before any work)."""
+
+
+def check_tokenizer(path: str) -> None:
+    from megatron_solo.data.tokenizer import SoloTokenizer
+
+    try:
+        SoloTokenizer(path).check_solo_ids()
+    except (OSError, RuntimeError, ValueError) as e:  # SentencePiece says RuntimeError/OSError on a bad file
+        raise BadTokenizer(str(e).strip().splitlines()[-1]) from None
+
+
 class InputNotFound(FileNotFoundError):
     """An ``--input`` file that does not exist (checked before anything is started or written)."""
 
@@ -352,6 +365,7 @@ def preprocess(cfg: PreprocessConfig, records=None) -> dict:
     for p in cfg.inputs:
         if not os.path.isfile(p):
             raise InputNotFound(p)
+    check_tokenizer(cfg.tokenizer_model)  # here, once: not as a traceback from every worker
     if cfg.shard_size:
         from megatron_solo.data.shards import preprocess_sharded
 

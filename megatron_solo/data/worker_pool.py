@@ -72,9 +72,17 @@ def recv_message(conn):
 
 
 def _serve(conn, fn, initializer, initargs) -> None:
-    """A worker: initialise, then answer tasks until the pipe says stop (None) or closes."""
+    """A worker: initialise, then answer tasks until the pipe says stop (None) or closes. A failed
+    initialisation is the worker's first answer (raised in the parent), not a traceback here."""
     if initializer is not None:
-        initializer(*initargs)
+        try:
+            initializer(*initargs)
+        except BaseException as e:  # noqa: BLE001
+            try:
+                send_message(conn, ("error", e, traceback.format_exc()))
+            except Exception:
+                send_message(conn, ("error", RuntimeError(f"{type(e).__name__}: {e}"), traceback.format_exc()))
+            return
     while True:
         try:
             task = recv_message(conn)
