@@ -217,14 +217,15 @@ def _tar_messages(sample: dict, where: str) -> list:
 
 # ------------------------------------------------------------------------------------- workers
 _ENCODER: Optional[DocumentEncoder] = None
-_INPUT_FDS: dict = {}  # path -> fd, a worker's open input files (lines are read by offset)
+_INPUT_FD: list = [None, -1]  # [path, fd]: a worker's open input file (records come file after file)
 
 
 def _read_at(path: str, offset: int, n: int) -> bytes:
-    fd = _INPUT_FDS.get(path)
-    if fd is None:
-        fd = _INPUT_FDS[path] = os.open(path, os.O_RDONLY)
-    return os.pread(fd, n, offset)
+    if _INPUT_FD[0] != path:
+        if _INPUT_FD[1] >= 0:
+            os.close(_INPUT_FD[1])
+        _INPUT_FD[:] = [path, os.open(path, os.O_RDONLY)]
+    return os.pread(_INPUT_FD[1], n, offset)
 
 
 def _init_worker(tokenizer_model, fmt, image_root, exif_transpose, max_image_pixels, chat_template="chatml",
