@@ -258,6 +258,105 @@ def test_data_file_truncated_during_the_run_is_named(digits_data, tmp_path):
     assert "Signal 7" not in out  # no SIGBUS from the memory map
 
 
+def test_a_sample_read_checks_only_the_files_of_its_own_prefix(digits_data, tmp_path, monkeypatch):
+    """Two prefixes blended by the project's builder: each read stats the data files of the prefix the
+    sample comes from, once each, and none of the other's (a shard set of hundreds of prefixes costs what one
+    does). The watched blend pickles (spawned DataLoader workers) and a changed file is named through a
+    DataLoader worker."""
+    import pickle
+
+    from megatron_solo.data.dataset import build_train_valid_test_datasets
+    from megatron_solo.data.loader import WorkerBatchStream
+    from megatron_solo.training.faults import DataFileError, _prefix_files
+
+    monkeypatch.setenv("RANK", "0")  # megatron-core's builder asks (no process group here)
+    a = _copy_prefix(digits_data["pretrain"], str(tmp_path / "a"))
+    b = _copy_prefix(digits_data["pretrain"], str(tmp_path / "b"))
+    train, _, _ = build_train_valid_test_datasets(f"1 {a} 1 {b}", split="1,0,0", seq_length=128, train_samples=16,
+                                                  valid_samples=0, test_samples=0)
+    valid, _, _ = build_train_valid_test_datasets(a, split="1,0,0", seq_length=128, train_samples=4,
+                                                  valid_samples=0, test_samples=0)
+    watched, [(_, watched_valid)] = faults.watch_data_files(train, [("valid", valid)])
+    files = {p: set(_prefix_files(p)) for p in (a, b)}
+    assert len(files[a]) == 8 and not files[a] & files[b]
+
+    stats, real_stat = [], os.stat
+
+    def counting_stat(path, *args, **kwargs):  # the real call, with the data files' paths recorded
+        if os.fspath(path) in files[a] | files[b]:
+            stats.append(os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+
+    def read(ds, i):
+        stats.clear()
+        sample = ds[i]
+        return sample, list(stats)
+
+    seen = set()
+    for ds in (watched, pickle.loads(pickle.dumps(watched))):
+        for i in range(len(ds)):
+            sample, stated = read(ds, i)
+            source = (a, b)[int(sample["dataset_id"])]
+            assert sorted(stated) == sorted(files[source]), (i, source, stated)  # each once, the other's never
+            seen.add(source)
+    assert seen == {a, b}
+    _, stated = read(watched_valid, 0)
+    assert sorted(stated) == sorted(files[a])
+    monkeypatch.setattr(os, "stat", real_stat)
+
+    # b's tokens shrink: a's samples still read, b's are refused with the file's name, also in a worker.
+    size = os.path.getsize(b + "-tokens.bin")
+    os.truncate(b + "-tokens.bin", size // 2)
+    ids = [int(x) for x in np.asarray(train.dataset_index)]
+    watched[ids.index(0)]
+    with pytest.raises(DataFileError, match=f"data file {b}-tokens.bin was truncated during the run"):
+        watched[ids.index(1)]
+    stream = WorkerBatchStream(watched, global_batch_size=16, micro_batch_size=16, num_microbatches=1, dp=1,
+                               dp_rank=0, consumed=0, num_workers=1)
+    try:
+        with pytest.raises(DataFileError, match=f"data file {b}-tokens.bin was truncated during the run"):
+            stream.global_step()
+    finally:
+        stream.close()
+
+
+_ONE_LINE_SCRIPT = """
+import os, sys, time
+import torch.distributed as dist
+from megatron_solo.training import faults
+dist.init_process_group("gloo")
+rank, scenario = dist.get_rank(), sys.argv[1]
+if scenario == "both" or rank == 1:  # "both": every rank fails, rank 1 first; "one": rank 0 does not fail
+    time.sleep(1.0 if rank == 0 else 0)
+    faults.print_error_once(f"the fault as rank {rank} saw it")
+    sys.exit(1)
+time.sleep(faults.ONE_LINE_WAIT_S + 3)  # rank 0 busy elsewhere (in a collective), never raising
+"""
+
+
+def test_a_fault_raised_by_several_ranks_is_one_line():
+    """Ranks meet in the process group's store: rank 0's line when it fails too (it holds the details),
+    else the failing rank's; never two lines, and a quiet rank waits for the line before it exits."""
+    from megatron_solo.netutil import free_port
+
+    procs = {}
+    for scenario in ("both", "one"):
+        port = str(free_port())
+        for rank in (0, 1):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                       PYTHONWARNINGS="ignore")
+            procs[scenario, rank] = subprocess.Popen([PY, "-c", _ONE_LINE_SCRIPT, scenario], cwd=ROOT, env=env,
+                                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = {}
+    for key, p in procs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        out[key] = [l for l in (stdout + stderr).splitlines() if l.startswith("error:")]
+    assert out["both", 0] == ["error: the fault as rank 0 saw it"] and out["both", 1] == [], out
+    assert out["one", 0] == [] and out["one", 1] == ["error: the fault as rank 1 saw it"], out
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A real filesystem of a chosen size (tmpfs): writes beyond it fail with ENOSPC at the kernel."""
@@ -288,8 +387,9 @@ def test_disk_full_during_a_save_keeps_the_last_complete_checkpoint(digits_data,
                              "--save-interval", "1", log_name="log2.jsonl"))
     out, _ = p.communicate(timeout=300)
     assert p.returncode != 0
-    errors = [l for l in out.splitlines() if l.startswith("error: saving iteration 2")]
-    assert errors and "No space left on device" in errors[0] and "the last complete checkpoint is iteration 1" in errors[0], \
+    errors = [l for l in out.splitlines() if l.startswith("error:")]  # every rank's save failed: one line
+    assert len(errors) == 1 and errors[0].startswith("error: saving iteration 2"), out[-4000:]
+    assert "No space left on device" in errors[0] and "the last complete checkpoint is iteration 1" in errors[0], \
         out[-4000:]
     assert (ck / checkpoint.TRACKER).read_text() == "1"
     assert checkpoint.latest_iteration(str(ck)) == 1

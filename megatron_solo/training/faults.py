@@ -9,9 +9,10 @@
 - :func:`check_inputs`: every input checked before anything is built (no megatron-core initialisation,
   one process; launchers' pre-flight calls it too). Each failure is one :class:`InputError` line.
 - :func:`watch_data_files`: a dataset file changed after start-up (truncated, rewritten) stops the run
-  with its name, instead of a SIGBUS or garbage ids.
+  with its name, instead of a SIGBUS or garbage ids; a sample read checks only its own prefix's files.
 - :func:`saving`: a checkpoint save that fails midway (disk full, I/O error) stops the run with one line;
   ``latest_checkpointed_iteration.txt`` still names the last complete checkpoint (it is replaced last).
+- :func:`print_error_once`: a fault that several ranks raise (every rank of a failed save) is one line.
 - :class:`ExitSignal`: SIGTERM/SIGINT under ``--exit-signal-handler``: save at the end of the iteration, exit.
 
 Importing this module changes nothing; every effect starts with an explicit call of an entry point.
@@ -20,6 +21,7 @@ Importing this module changes nothing; every effect starts with an explicit call
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import json
 import os
@@ -68,6 +70,51 @@ def print_error(msg: str, *, all_ranks: bool = False) -> None:
             print(f"error: {msg}", file=sys.stderr, flush=True)
         except (BrokenPipeError, OSError):  # the terminal or the agent's pipe may be gone
             pass
+
+
+ONE_LINE_WAIT_S = 5.0  # how long a rank other than 0 waits for rank 0 to report a fault, then reports it
+
+
+def print_error_once(msg: str) -> None:
+    """The run's one ``error:`` line for a fault raised by one rank or by several: every rank raises a
+    failed save (megatron-core broadcasts the failure, but only rank 0, its coordinator, holds the per-rank
+    details), whichever ranks read a changed data file raise that. Rank 0 prints its line; another rank
+    prints its own only when rank 0 has not raised one within ``ONE_LINE_WAIT_S`` (rank 0 may be waiting
+    in a collective). The ranks meet in the process group's key-value store (torchrun's agent store), not
+    in a collective, which a failed rank may be unable to join; the quiet ranks exit only once the line is
+    printed, since torchrun stops every worker as soon as one exits. Without a process group (a world of
+    one) or a reachable store, this rank prints."""
+    dist = sys.modules.get("torch.distributed")  # never imported here: a fault before torch needs none
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        print_error(msg, all_ranks=True)
+        return
+    claim, printed = "megatron_solo/error/claim", "megatron_solo/error/printed"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if dist.get_rank() != 0:
+            # poll: the store's wait() logs a C++ warning when it times out
+            deadline = time.monotonic() + ONE_LINE_WAIT_S
+            while not store.check([claim]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        mine = store.add(claim, 1) == 1
+    except Exception:  # no store to meet in: this rank says it
+        mine = True
+        store = None
+    if mine:
+        print_error(msg, all_ranks=True)
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.set(printed, "1")
+        return
+    deadline = time.monotonic() + ONE_LINE_WAIT_S
+    try:
+        while not store.check([printed]):
+            if time.monotonic() > deadline:  # the rank that claimed the line died before printing it
+                print_error(msg, all_ranks=True)
+                return
+            time.sleep(0.05)
+    except Exception:  # the store went with its host (rank 0, without torchrun's agent), after it printed
+        pass
 
 
 # ------------------------------------------------------------------------------ workers and agent
@@ -477,8 +524,9 @@ def check_inputs(cfg, *, save_lock: bool = True) -> None:
 
 # ------------------------------------------------------------------------------ during the run
 class _WatchedDataset:
-    """A dataset whose files are checked (size, mtime) before every sample is read: a file truncated under
-    an open memory map would otherwise end the process with SIGBUS, a rewritten one with wrong data."""
+    """One prefix's dataset whose files are checked (size, mtime) before each of its samples is read: a file
+    truncated under an open memory map would otherwise end the process with SIGBUS, a rewritten one with
+    wrong data. ``files``: the prefix's ``.idx``/``.bin`` paths -> their (size, mtime) at start-up."""
 
     def __init__(self, dataset, files: dict):
         self.dataset, self.files = dataset, files
@@ -506,23 +554,44 @@ class _WatchedDataset:
             raise
 
 
-def watch_data_files(cfg, train_ds, valid_sets):
-    """Wrap the train dataset and validation sets so that a data file changed after start-up stops the
-    run with its name (cost: one ``stat`` call per data file per sample read; attributes are cached by
-    the client on local disks, Lustre and NFS, so this is microseconds)."""
-    from megatron_solo.data import parse_data_path
+def _prefix_files(prefix: str) -> dict:
+    """The ``.idx``/``.bin`` files of ``prefix`` -> (size, mtime) now."""
     from megatron_solo.data.indexed import STORAGE_SUFFIXES, component_prefix, prefix_storage
 
-    prefixes = list(parse_data_path(cfg.data_path)[0]) + (list(parse_data_path(cfg.valid_data_path)[0])
-                                                          if cfg.valid_data_path else [])
     files = {}
-    for prefix in dict.fromkeys(prefixes):
-        for n in STORAGE_SUFFIXES[prefix_storage(prefix)]:
-            for ext in (".idx", ".bin"):
-                path = component_prefix(prefix, n) + ext
-                st = os.stat(path)
-                files[path] = (st.st_size, st.st_mtime_ns)
-    return _WatchedDataset(train_ds, files), [(name, _WatchedDataset(ds, files)) for name, ds in valid_sets]
+    for n in STORAGE_SUFFIXES[prefix_storage(prefix)]:
+        for ext in (".idx", ".bin"):
+            path = component_prefix(prefix, n) + ext
+            st = os.stat(path)
+            files[path] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
+def _watch(ds, baselines: dict):
+    """``ds`` with each per-prefix dataset in it watched over that prefix's files only. A blend
+    (megatron-core's BlendedDataset) is copied with its ``datasets`` replaced by watched ones: its own
+    ``__getitem__`` picks the one dataset a sample comes from, so a read checks that prefix alone.
+    ``baselines``: prefix -> its files' start-up values, shared by the train and validation sets."""
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+
+    if isinstance(ds, BlendedDataset):
+        blend = copy.copy(ds)  # the caller's object is left as it was
+        blend.datasets = [_watch(d, baselines) for d in ds.datasets]
+        return blend
+    prefix = ds.dataset_path  # a MegatronDataset (SoloDataset) reads the one prefix it was built from
+    if prefix not in baselines:
+        baselines[prefix] = _prefix_files(prefix)
+    return _WatchedDataset(ds, baselines[prefix])
+
+
+def watch_data_files(train_ds, valid_sets):
+    """Wrap the train dataset and validation sets so that a data file changed after start-up stops the run
+    with its name. Cost: before each sample is read, one ``stat`` per ``.idx``/``.bin`` of the one prefix
+    that sample comes from (8 for an encoded prefix, 6 for a patches one), whatever the number of prefixes
+    in the blend; a read that raises re-checks them. The wrappers pickle with the datasets (DataLoader
+    workers check in the worker that reads)."""
+    baselines = {}
+    return _watch(train_ds, baselines), [(name, _watch(ds, baselines)) for name, ds in valid_sets]
 
 
 @contextlib.contextmanager
@@ -592,7 +661,7 @@ def guarded_run(cfg):
         print_error(str(e))  # every rank found it; rank 0 says it
         sys.exit(e.exit_code)
     except FaultError as e:
-        print_error(str(e), all_ranks=True)  # seen by this rank only
+        print_error_once(str(e))  # raised by one rank or by several (a failed save raises on every rank)
         sys.exit(e.exit_code)
     finally:
         if lock is not None:

@@ -55,7 +55,7 @@ def pretrain(cfg: TrainConfig) -> dict:
     optimizer, scheduler = build_optimizer_and_scheduler(cfg, model_chunks)
     wire_schedule(cfg, config, model_chunks, optimizer)
     iteration, consumed = load_start_state(cfg, model_chunks, optimizer, scheduler, log)
-    train_ds, valid_sets = faults.watch_data_files(cfg, *build_datasets(cfg))
+    train_ds, valid_sets = faults.watch_data_files(*build_datasets(cfg))
     stream = MicroBatchStream(train_ds, cfg, consumed, num_workers=cfg.num_workers)
     summary = train(cfg, config, model_chunks, optimizer, scheduler, stream, valid_sets, iteration, log, t_start)
     log.close()
