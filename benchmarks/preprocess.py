@@ -178,6 +178,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--docs", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each tool configuration (medians)")
+    ap.add_argument("--scaling-docs", type=int, default=0,
+                    help="also compare 1 and 2 workers (encoded) on this many documents, start-up amortised")
     ap.add_argument("--rss-docs", type=int, default=1000, help="RSS at this many docs and 10x")
     a = ap.parse_args()
     from megatron_solo.data.allocator import keep_freed_memory
@@ -232,6 +234,18 @@ def main():
             print(f"    writing its {stats[storage]['image_bytes'] / 2**20:.0f} MiB of patches alone takes {t_write:.2f} s "
                   f"= {t_write / t_floor:.2f}x the decode+resize floor's time; tool 1 worker = "
                   f"{(t_floor + t_write) / t1:.2f}x (decode+resize+write floor)")
+    if a.scaling_docs:  # the same comparison where the workers' start-up (~0.2 s each) is amortised
+        big = os.path.join(tmp, "scaling.jsonl")
+        make_corpus(big, a.scaling_docs)
+        pairs = []
+        for _ in range(a.repeats):
+            t1, t2 = (timed(preprocess, PreprocessConfig(
+                inputs=[big], output_prefix=os.path.join(tmp, f"s{k}"), tokenizer_model=tokm, workers=k,
+                progress=False, overwrite=True)) for k in (1, 2))
+            pairs.append(t1 / t2)
+        print(f"(a) tool, encoded, {a.scaling_docs} docs: 2 workers = {statistics.median(pairs):.2f}x the 1-worker "
+              f"speed (median of the {a.repeats} run pairs: {', '.join(f'{x:.2f}' for x in pairs)})")
+        os.remove(big)
     lo, hi = worker_start_s(tokm)
     print(f"worker start (spawn, imports, tokenizer; 3 tries): {lo:.2f} - {hi:.2f} s")
     print(f"load average: {open('/proc/loadavg').read().split()[:3]}")
