@@ -49,6 +49,28 @@ def make_corpus(path, n):
                 {"type": "text", "text": f"A photo number {i} of a place."}]}]) + "\n")
 
 
+def make_parquet_corpus(path, n, row_group_size=256):
+    """The same photos as a caption-layout Parquet file (``image`` bytes + ``text``), n rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    jpegs = []
+    for size in [(512, 384), (1024, 768)]:
+        for a in load_sample_images().images:
+            buf = io.BytesIO()
+            Image.fromarray(a).resize(size, Image.BILINEAR).save(buf, format="JPEG", quality=90)
+            jpegs.append(buf.getvalue())
+    # no dictionary: the 4 photos repeat, and a dictionary would store each once (a 15 MB file for 10k rows)
+    with pq.ParquetWriter(path, pa.schema([("image", pa.binary()), ("text", pa.string())]), use_dictionary=False,
+                          compression="none") as w:
+        for lo in range(0, n, row_group_size):
+            rows = range(lo, min(n, lo + row_group_size))
+            w.write_table(pa.table({"image": [jpegs[i % len(jpegs)] for i in rows],
+                                    "text": [f"A photo number {i} of a place." for i in rows]}))
+
+
 def baseline_solo(corpus, prefix, tokenizer_model):
     """SOLO-style: PIL decode, resize, float16 normalised patches, megatron's Python builder."""
     import torch
@@ -180,6 +202,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="runs of each tool configuration (medians)")
     ap.add_argument("--scaling-docs", type=int, default=0,
                     help="also compare 1 and 2 workers (encoded) on this many documents, start-up amortised")
+    ap.add_argument("--parquet-rss-docs", type=int, default=0, help="peak RSS reading Parquet at this many rows and 10x")
     ap.add_argument("--rss-docs", type=int, default=1000, help="RSS at this many docs and 10x")
     a = ap.parse_args()
     from megatron_solo.data.allocator import keep_freed_memory
@@ -261,6 +284,13 @@ def main():
             c = os.path.join(tmp, f"rss{m}.jsonl")
             make_corpus(c, m)
             print(f"peak RSS, tool 1 worker, {m} docs: {rss_of_tool(c, os.path.join(tmp, f'rss{m}'), tokm):.0f} MiB")
+            os.remove(c)
+    if a.parquet_rss_docs:  # Parquet is read one row group (256 rows here) at a time
+        for m in (a.parquet_rss_docs, 10 * a.parquet_rss_docs):
+            c = os.path.join(tmp, f"rss{m}.parquet")
+            make_parquet_corpus(c, m)
+            print(f"peak RSS, tool 1 worker, Parquet, {m} rows ({os.path.getsize(c) / 2**20:.0f} MiB file): "
+                  f"{rss_of_tool(c, os.path.join(tmp, f'prss{m}'), tokm):.0f} MiB")
             os.remove(c)
 
 
