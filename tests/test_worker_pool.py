@@ -40,6 +40,16 @@ def die_on_three(x):
     return x
 
 
+class Unpicklable(Exception):
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.callback = lambda: None  # a lambda does not pickle
+
+
+def raise_unpicklable(x):
+    raise Unpicklable(f"task {x} failed")
+
+
 def no_tokenizer():
     raise ValueError("tokenizer model not found")
 
@@ -61,6 +71,12 @@ def test_worker_exception_is_raised_with_its_traceback():
             list(pool.imap(range(10)))
     assert isinstance(info.value.__cause__, RemoteTraceback)
     assert "fail_on_five" in str(info.value.__cause__)
+
+
+def test_an_exception_that_does_not_pickle_keeps_its_type_and_message():
+    with pytest.raises(RuntimeError, match=r"^Unpicklable: task 0 failed$"):
+        with OrderedWorkerPool(1, raise_unpicklable) as pool:
+            list(pool.imap(range(2)))
 
 
 def test_failed_initializer_is_raised_in_the_parent():

@@ -30,3 +30,15 @@ class SkipRecord(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+def picklable(exc: BaseException) -> BaseException:
+    """``exc`` itself if it can cross a process boundary (pickle), else a RuntimeError that keeps its type
+    name and message: used where a worker process hands an exception back to its parent."""
+    import pickle
+
+    try:
+        pickle.dumps(exc)
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")

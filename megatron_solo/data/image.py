@@ -87,6 +87,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def load_image(data: bytes, *, exif_transpose: bool = True,
                max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode image bytes to an RGB PIL image, or raise :class:`SkipRecord` with the reason."""
+    return decode_image(data, exif_transpose=exif_transpose, max_image_pixels=max_image_pixels)[0]
+
+
+def decode_image(data: bytes, *, exif_transpose: bool = True,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[Image.Image, str | None, int]:
+    """:func:`load_image` plus what the file was: (RGB image, PIL format name, number of frames)."""
     if not data:
         raise SkipRecord("empty_image", "0 bytes")
     try:
@@ -99,9 +105,10 @@ def load_image(data: bytes, *, exif_transpose: bool = True,
             if max_image_pixels is not None and w * h > max_image_pixels:
                 raise SkipRecord("decompression_bomb", f"{w}x{h} = {w * h} pixels > {max_image_pixels}")
             img.load()
+            fmt, frames = img.format, getattr(img, "n_frames", 1)
             if exif_transpose:  # in place: without an orientation tag the copy would be wasted time
                 ImageOps.exif_transpose(img, in_place=True)
-            return _to_rgb(img)
+            return _to_rgb(img), fmt, frames
     except SkipRecord:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_solo.data.image import PATCH_DIM, image_to_patches, load_image, target_size, PATCH_SIZE
+from megatron_solo.data.image import PATCH_DIM, PATCH_SIZE, decode_image, image_to_patches, load_image, target_size
 
 IMAGE_STORAGES = ("patches", "encoded")
 FLAG_EXIF = 1
@@ -91,14 +91,10 @@ class ImageRefs:
 
 def store_image(data: bytes, *, exif_transpose: bool, max_image_pixels) -> tuple[ImageRefs, int, int]:
     """Validate (full decode) one image; return its whole-grid reference and (n_rows, n_cols)."""
-    img = load_image(data, exif_transpose=exif_transpose, max_image_pixels=max_image_pixels)
+    img, fmt, frames = decode_image(data, exif_transpose=exif_transpose, max_image_pixels=max_image_pixels)
     w, h = target_size(*img.size)
     n_rows, n_cols = h // PATCH_SIZE, w // PATCH_SIZE
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as probe:
-        keep = probe.format in KEPT_FORMATS and getattr(probe, "n_frames", 1) == 1
-    if keep:
+    if fmt in KEPT_FORMATS and frames == 1:
         stored, flags = bytes(data), (FLAG_EXIF if exif_transpose else 0)
     else:
         buf = io.BytesIO()

@@ -39,15 +39,12 @@ class _Raised:
     a one-line user error, e.g. a data file truncated during the run, must stay one line)."""
 
     def __init__(self, exc: BaseException):
-        import pickle
         import traceback
 
+        from megatron_solo.data.errors import picklable
+
         exc.add_note("raised in a DataLoader worker:\n" + "".join(traceback.format_exception(exc)))
-        try:
-            pickle.dumps(exc)
-        except Exception:
-            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-        self.exc = exc
+        self.exc = picklable(exc)
 
 
 class _CatchErrors:

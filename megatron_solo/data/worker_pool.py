@@ -33,6 +33,8 @@ import threading
 import traceback
 from typing import Callable, Iterable, Iterator
 
+from megatron_solo.data.errors import picklable
+
 
 class WorkerDied(RuntimeError):
     """A worker process ended without answering (killed by a signal or by the OS)."""
@@ -78,10 +80,7 @@ def _serve(conn, fn, initializer, initargs) -> None:
         try:
             initializer(*initargs)
         except BaseException as e:  # noqa: BLE001
-            try:
-                send_message(conn, ("error", e, traceback.format_exc()))
-            except Exception:
-                send_message(conn, ("error", RuntimeError(f"{type(e).__name__}: {e}"), traceback.format_exc()))
+            send_message(conn, ("error", picklable(e), traceback.format_exc()))
             return
     while True:
         try:
@@ -93,15 +92,11 @@ def _serve(conn, fn, initializer, initargs) -> None:
         try:
             answer = ("ok", fn(task))
         except BaseException as e:  # noqa: BLE001 - the parent re-raises it with this traceback
-            answer = ("error", e, traceback.format_exc())
+            answer = ("error", picklable(e), traceback.format_exc())
         try:
             send_message(conn, answer)
         except (BrokenPipeError, ConnectionResetError):
             return
-        except Exception:  # an answer or exception that does not pickle
-            if answer[0] == "ok":
-                raise
-            send_message(conn, ("error", RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}"), answer[2]))
 
 
 def _describe_exit(code) -> str:
@@ -163,10 +158,6 @@ class OrderedWorkerPool:
             child_end.close()  # only the child holds its end: its death reads as EOF here
             self._conns.append(parent_end)
             self._procs.append(proc)
-
-    @property
-    def processes(self) -> int:
-        return len(self._procs)
 
     def _send_tasks(self) -> None:
         while True:
