@@ -30,18 +30,22 @@ import time
 import numpy as np
 
 
-
-def make_corpus(path, n):
+def photo_jpegs():
+    """sklearn's two real photos at 512x384 and 1024x768, JPEG quality 90: the corpora's 4 images."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    photos = [Image.fromarray(a) for a in load_sample_images().images]
-    urls = []
-    for i, size in enumerate([(512, 384), (1024, 768)]):
-        for p in photos:
+    jpegs = []
+    for size in [(512, 384), (1024, 768)]:
+        for a in load_sample_images().images:
             buf = io.BytesIO()
-            p.resize(size, Image.BILINEAR).save(buf, format="JPEG", quality=90)
-            urls.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
+            Image.fromarray(a).resize(size, Image.BILINEAR).save(buf, format="JPEG", quality=90)
+            jpegs.append(buf.getvalue())
+    return jpegs
+
+
+def make_corpus(path, n):
+    urls = ["data:image/jpeg;base64," + base64.b64encode(j).decode() for j in photo_jpegs()]
     with open(path, "w") as f:
         for i in range(n):
             f.write(json.dumps([{"role": "assistant", "content": [
@@ -53,15 +57,8 @@ def make_parquet_corpus(path, n, row_group_size=256):
     """The same photos as a caption-layout Parquet file (``image`` bytes + ``text``), n rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
 
-    jpegs = []
-    for size in [(512, 384), (1024, 768)]:
-        for a in load_sample_images().images:
-            buf = io.BytesIO()
-            Image.fromarray(a).resize(size, Image.BILINEAR).save(buf, format="JPEG", quality=90)
-            jpegs.append(buf.getvalue())
+    jpegs = photo_jpegs()
     # no dictionary: the 4 photos repeat, and a dictionary would store each once (a 15 MB file for 10k rows)
     with pq.ParquetWriter(path, pa.schema([("image", pa.binary()), ("text", pa.string())]), use_dictionary=False,
                           compression="none") as w:
