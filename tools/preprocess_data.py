@@ -17,7 +17,8 @@ import sys
 def main(argv=None) -> int:
     from megatron_solo.data.allocator import keep_freed_memory
     from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS
-    from megatron_solo.data.parquet_input import ParquetColumns, ParquetInputError
+    from megatron_solo.data.image_storage import IMAGE_STORAGES
+    from megatron_solo.data.parquet_input import LAYOUTS, ParquetColumns, ParquetInputError
     from megatron_solo.data.preprocess import BadTokenizer, InputNotFound, PreprocessConfig, TooManyErrors, preprocess
     from megatron_solo.data.worker_pool import WorkerDied
 
@@ -46,10 +47,10 @@ def main(argv=None) -> int:
                    help="fail (exit 1, no prefix written) when more than this fraction of records is skipped")
     p.add_argument("--overwrite", action="store_true", help="rebuild a prefix that is already complete")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--image-storage", choices=("encoded", "patches"), default="encoded",
+    p.add_argument("--image-storage", choices=IMAGE_STORAGES, default="encoded",
                    help="encoded: keep each image's encoded bytes, patches made while training (DataLoader "
                         "workers, --num-workers); patches: uint8 patches, 3072 bytes each (docs/DATA_FORMAT.md)")
-    p.add_argument("--parquet-layout", choices=("auto", "llava", "chat", "caption"), default="auto",
+    p.add_argument("--parquet-layout", choices=LAYOUTS, default="auto",
                    help=".parquet inputs: llava (conversations + image), chat (messages + images), caption "
                         "(image + text); auto detects from the columns")
     p.add_argument("--image-column", default=None, help=".parquet: the image column (default image/images)")

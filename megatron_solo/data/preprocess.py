@@ -396,8 +396,9 @@ def _preprocess_prefix(cfg: PreprocessConfig, records=None, pool=None) -> dict:
             from tqdm import tqdm
 
             bar = tqdm(unit="doc", desc=os.path.basename(prefix), mininterval=1.0, file=sys.stderr)
-        for (where, _, _), res in _ordered_results(iter_records(cfg.inputs, cfg.parquet, pool is not None) if records is None else records,
-                                                     cfg, pool):
+        if records is None:
+            records = iter_records(cfg.inputs, cfg.parquet, by_reference=pool is not None)
+        for (where, _, _), res in _ordered_results(records, cfg, pool):
             stats.records += 1
             if res[0] == "skip":
                 _, reason, detail = res
@@ -447,8 +448,13 @@ def storage_stats(writer, stats: Stats) -> dict:
     data_bytes = writer.n_tokens * 5 + writer.image_bytes  # int32 tokens + uint8 roles + images
     return {"image_storage": "encoded" if "images" in writer.suffixes else "patches",
             "image_bytes": writer.image_bytes, "data_bytes": data_bytes,
-            "bytes_per_image": round(writer.image_bytes / stats.images, 1) if stats.images else 0.0,
-            "bytes_per_token": round(data_bytes / writer.n_tokens, 3) if writer.n_tokens else 0.0}
+            **bytes_per(writer.image_bytes, data_bytes, stats.images, writer.n_tokens)}
+
+
+def bytes_per(image_bytes: int, data_bytes: int, images: int, tokens: int) -> dict:
+    """``bytes_per_image`` and ``bytes_per_token`` of ``P.stats.json`` (a prefix's, or a shard set's sums)."""
+    return {"bytes_per_image": round(image_bytes / images, 1) if images else 0.0,
+            "bytes_per_token": round(data_bytes / tokens, 3) if tokens else 0.0}
 
 
 def _is_main_thread():

@@ -93,7 +93,7 @@ def preprocess_sharded(cfg, run_shard) -> dict:
     from dataclasses import replace
 
     from megatron_solo.data.indexed import prefix_complete
-    from megatron_solo.data.preprocess import iter_records
+    from megatron_solo.data.preprocess import bytes_per, iter_records
 
     n = int(cfg.shard_size)
     listing = shard_list_path(cfg.output_prefix)
@@ -129,6 +129,6 @@ def preprocess_sharded(cfg, run_shard) -> dict:
         f.writelines(os.path.basename(p) + "\n" for p in shards)
     os.replace(tmp, listing)
     totals.update(shards=shards, shards_skipped=skipped, shard_size=n, image_storage=cfg.image_storage)
-    totals["bytes_per_image"] = round(totals.get("image_bytes", 0) / totals["images"], 1) if totals.get("images") else 0.0
-    totals["bytes_per_token"] = round(totals.get("data_bytes", 0) / totals["tokens"], 3) if totals.get("tokens") else 0.0
+    totals.update(bytes_per(totals.get("image_bytes", 0), totals.get("data_bytes", 0), totals.get("images", 0),
+                            totals.get("tokens", 0)))
     return totals
