@@ -1,4 +1,5 @@
-"""Random Mistral / SOLO Hugging Face checkpoints for tests and benchmarks (nothing is downloaded)."""
+"""Random Hugging Face checkpoints for tests and benchmarks (nothing is downloaded): Mistral, SOLO, and a
+tiny base of each family (Llama-3.x, Qwen2, Qwen3) built with the family's own transformers class."""
 
 from __future__ import annotations
 
@@ -46,6 +47,39 @@ def make_random_mistral(out_dir: str, seed: int = 0, dtype=torch.float32, **over
     import shutil
 
     shutil.copyfile(mistral_tokenizer_path(), os.path.join(out_dir, "tokenizer.model"))
+    return out_dir
+
+
+# Tiny bases of each family, shaped like the real ones in what their row switches on: Llama-3.2 (tied,
+# llama3 RoPE scaling factor 32, theta 500000), Qwen2.5 (QKV bias, matrices padded past the tokenizer,
+# untied), Qwen3 (q/k norm, head_dim 16 != hidden/heads, tied, padded past the tokenizer).
+# BASE_TOKENS: the tiny tokenizer's full length (the rows that are tokens); the rest of vocab_size pads.
+BASE_TOKENS = 300
+# Llama's and Qwen2's configs require hidden = heads x head_dim: 4 heads in 2 groups there.
+FAMILY_CONFIGS = {
+    "llama": dict(num_attention_heads=4, vocab_size=BASE_TOKENS, tie_word_embeddings=True, max_position_embeddings=16384,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}),
+    "qwen2": dict(num_attention_heads=4, vocab_size=BASE_TOKENS + 84, tie_word_embeddings=False, max_position_embeddings=512,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "qwen3": dict(vocab_size=BASE_TOKENS + 84, tie_word_embeddings=True, max_position_embeddings=512,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+}
+
+
+def make_random_base(out_dir: str, family: str, seed: int = 0, dtype=torch.float32, **overrides) -> str:
+    """A random base of ``family`` (its transformers ``*ForCausalLM``) saved as safetensors, no tokenizer."""
+    import transformers
+
+    from megatron_solo.convert.families import FAMILIES
+
+    cls = getattr(transformers, FAMILIES[family].hf_class)
+    kw = dict(TINY_SHAPE, rms_norm_eps=1e-6, initializer_range=0.05)
+    kw.update(FAMILY_CONFIGS[family], **overrides)
+    model = cls(cls.config_class(**kw))
+    _randomize(model, seed)
+    model.to(dtype).save_pretrained(out_dir)
     return out_dir
 
 

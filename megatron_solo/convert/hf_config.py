@@ -12,6 +12,7 @@ import os
 from megatron_solo.convert.errors import ConversionError
 from megatron_solo.convert.mapping import ConversionShapes, expected_hf_shapes
 from megatron_solo.convert.safetensors_io import HFCheckpoint
+from megatron_solo.convert.families import FAMILIES, Family, family_of_hf_config
 from megatron_solo.spec import BASE_VOCAB_SIZE, BOS_ID, EOS_ID, PATCH_SIZE, SOLO_IDS, SOLO_VOCAB_SIZE
 
 
@@ -29,34 +30,66 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 def hf_kind(cfg: dict) -> str:
-    """'solo' or 'mistral' (a Llama-style checkpoint with Mistral's shapes also counts as mistral)."""
+    """'solo' (an export of this stack, any family) or the base's family name (``convert/families.py``)."""
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") == "solo" or "SoloForCausalLM" in archs:
         return "solo"
-    if cfg.get("model_type") in ("mistral", "llama") or any(a in ("MistralForCausalLM", "LlamaForCausalLM")
-                                                           for a in archs):
-        return "mistral"
-    raise ConversionError(f"unsupported checkpoint: model_type={cfg.get('model_type')!r}, architectures={archs}; "
-                          "expected a Mistral (MistralForCausalLM) or SOLO (SoloForCausalLM) checkpoint")
+    family = family_of_hf_config(cfg)
+    if family is None:
+        raise ConversionError(f"unsupported checkpoint: model_type={cfg.get('model_type')!r}, architectures={archs}; "
+                              f"expected a base of one of the families {sorted(FAMILIES)} "
+                              f"({', '.join(f.hf_class for f in FAMILIES.values())}) or a SOLO export "
+                              "(SoloForCausalLM)")
+    return family.name
 
 
-def _rope_theta(cfg: dict) -> float:
-    rp = cfg.get("rope_parameters") or {}
-    if rp.get("rope_type", "default") not in ("default", None):
-        raise ConversionError(f"rope_type {rp.get('rope_type')!r} is not supported (SOLO uses plain RoPE)")
-    if cfg.get("rope_scaling"):
-        raise ConversionError(f"rope_scaling {cfg['rope_scaling']!r} is not supported (SOLO uses plain RoPE)")
-    return float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+def family_of(cfg: dict) -> Family:
+    """The family of a base's or a SOLO export's config (an export names its base's in ``solo_family``;
+    exports made before there were families are Mistral's)."""
+    kind = hf_kind(cfg)
+    return FAMILIES[cfg.get("solo_family", "mistral")] if kind == "solo" else FAMILIES[kind]
 
 
-def model_args_from_hf_config(cfg: dict) -> dict:
-    """SoloModelArgs fields (as a dict) for a Mistral/SOLO HF config. The vocabulary is SOLO's."""
+def _rope(cfg: dict, family: Family) -> dict:
+    """RoPE fields of SoloModelArgs from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
+    ``rope_scaling`` (the hub's config.json files)."""
+    rp = dict(cfg.get("rope_scaling") or {})
+    rp.update(cfg.get("rope_parameters") or {})
+    rope_type = rp.get("rope_type", rp.get("type")) or "default"
+    if rope_type not in family.rope_types:
+        raise ConversionError(f"rope_type {rope_type!r} is not supported for a {family.name} base "
+                              f"(supported: {', '.join(family.rope_types)})")
+    theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    out = dict(rotary_base=int(theta) if theta == int(theta) else theta, rope_scaling=None)
+    if rope_type == "llama3":
+        # megatron-core's llama3 scaling takes the factor; the other three are fixed at Llama-3.1's values.
+        fixed = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        for key, want in fixed.items():
+            if float(rp.get(key, want)) != want:
+                raise ConversionError(f"rope {key}={rp[key]}: megatron-core's llama3 RoPE scaling has {key}={want:g}")
+        out.update(rope_scaling="llama3", rope_scaling_factor=float(rp.get("factor", 8.0)))
+    return out
+
+
+def model_args_from_hf_config(cfg: dict, vocab_size: int | None = None) -> dict:
+    """SoloModelArgs fields (as a dict) for a base's or a SOLO export's HF config, by its family's row.
+
+    ``vocab_size``: SOLO's vocabulary over the base (default: a SOLO export's own, Mistral's 33031 for
+    a Mistral base, else the config's; a conversion sets it from the tokenizer).
+    """
+    family = family_of(cfg)
     if cfg.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"hidden_act {cfg['hidden_act']!r}: SOLO's MLP is SwiGLU (silu)")
-    if cfg.get("tie_word_embeddings", False):
-        raise ConversionError("tie_word_embeddings=true: SOLO's input embedding and output layer are separate")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ConversionError("biases are not supported: SOLO (Mistral) has no biases")
+        raise ConversionError(f"attention_bias/mlp_bias: a {family.name} base with biases on every linear layer is "
+                              "not supported")
+    switch = family.sliding_window_switch
+    if switch is not None and cfg.get(switch):
+        raise ConversionError(f"{switch}=true: a {family.name} base with a sliding window on some layers is not "
+                              "supported")
+    if vocab_size is None:
+        vocab_size = int(cfg["vocab_size"]) if cfg.get("model_type") == "solo" or family.name != "mistral" \
+            else SOLO_VOCAB_SIZE
     try:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
@@ -67,17 +100,19 @@ def model_args_from_hf_config(cfg: dict) -> dict:
             num_attention_heads=heads,
             num_query_groups=int(cfg.get("num_key_value_heads") or heads),
             kv_channels=int(cfg.get("head_dim") or hidden // heads),
-            vocab_size=SOLO_VOCAB_SIZE,
+            vocab_size=int(vocab_size),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-            rotary_base=_rope_theta(cfg),
             norm_epsilon=float(cfg.get("rms_norm_eps", 1e-5)),
-            sliding_window=cfg.get("sliding_window"),
+            sliding_window=cfg.get("sliding_window") if switch is None else None,
             init_method_std=float(cfg.get("initializer_range", 0.02)),
+            family=family.name,
+            qkv_bias=family.qkv_bias,
+            qk_layernorm=family.qk_layernorm,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            **_rope(cfg, family),
         )
     except KeyError as e:
         raise ConversionError(f"config.json lacks {e.args[0]!r}") from None
-    if args["rotary_base"] == int(args["rotary_base"]):
-        args["rotary_base"] = int(args["rotary_base"])
     if args["num_attention_heads"] % args["num_query_groups"]:
         raise ConversionError(f"num_attention_heads={heads} is not a multiple of "
                               f"num_key_value_heads={args['num_query_groups']}")
@@ -123,7 +158,8 @@ def hf_config_from_model_args(model_args: dict, *, torch_dtype: str = "bfloat16"
     }
 
 
-def conversion_shapes(model_args: dict, padded_vocab_size: int, vocab_size: int | None = None) -> ConversionShapes:
+def conversion_shapes(model_args: dict, padded_vocab_size: int, vocab_size: int | None = None,
+                      hf_vocab_rows: int | None = None) -> ConversionShapes:
     a = model_args
     return ConversionShapes(
         num_layers=int(a["num_layers"]),
@@ -134,16 +170,22 @@ def conversion_shapes(model_args: dict, padded_vocab_size: int, vocab_size: int 
         head_dim=int(a["kv_channels"]),
         vocab_size=int(vocab_size if vocab_size is not None else a["vocab_size"]),
         padded_vocab_size=int(padded_vocab_size),
+        hf_vocab_rows=hf_vocab_rows,
+        qkv_bias=bool(a.get("qkv_bias", False)),
+        qk_layernorm=bool(a.get("qk_layernorm", False)),
+        tie_word_embeddings=bool(a.get("tie_word_embeddings", False)),
     )
 
 
 def check_hf_checkpoint(hf_dir: str) -> tuple[str, dict, dict, HFCheckpoint]:
-    """Validate a Mistral/SOLO HF dir before anything is built; returns (kind, hf config, model args, reader)."""
+    """Validate a base's or a SOLO export's HF dir before anything is built; returns (kind, hf config,
+    model args, reader). ``kind``: 'solo' or the base's family. A base's model args carry its own
+    ``vocab_size`` (the conversion replaces it by SOLO's vocabulary over the base tokenizer)."""
     cfg = read_hf_config(hf_dir)
     kind = hf_kind(cfg)
-    args = model_args_from_hf_config(cfg)
     hf_vocab = int(cfg.get("vocab_size", 0))
-    if kind == "solo" and hf_vocab != SOLO_VOCAB_SIZE:
+    args = model_args_from_hf_config(cfg, vocab_size=hf_vocab)
+    if kind == "solo" and args["family"] == "mistral" and hf_vocab != SOLO_VOCAB_SIZE:
         raise ConversionError(f"{hf_dir}: a SOLO checkpoint has vocab_size {SOLO_VOCAB_SIZE}, config.json says "
                               f"{hf_vocab}")
     if kind == "mistral" and hf_vocab != BASE_VOCAB_SIZE:

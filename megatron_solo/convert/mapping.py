@@ -1,4 +1,5 @@
-"""The one declarative table that maps megatron_solo parameters to Hugging Face SOLO/Mistral tensors.
+"""The one declarative table that maps megatron_solo parameters to Hugging Face tensors (SOLO exports and
+the bases of every family in ``model/families.py``).
 
 Every direction goes through :data:`MAPPINGS`: import (HF -> Megatron), export (Megatron -> HF) and
 verification (re-read and compare). Each row pairs one Megatron parameter (full, unsharded, TP=1
@@ -10,14 +11,21 @@ transform              what it does
 =====================  =====================================================================
 ``identity``           same tensor on both sides
 ``vocab_pad``          Megatron's embedding/output rows are padded to ``padded_vocab_size``;
-                       HF keeps the real vocabulary. Import appends rows (see
+                       HF keeps the real vocabulary. Import keeps the source's first
+                       ``vocab_size`` rows (a Qwen base pads its matrices past its tokenizer:
+                       those rows are not tokens) and appends rows (see
                        :func:`init_extra_vocab_rows`), export drops them.
 ``qkv_gqa``            Megatron fuses Q, K, V into ``linear_qkv`` grouped per KV group:
                        for each of the ``G`` groups, its ``H/G`` query heads, then its key head,
                        then its value head. HF keeps ``q_proj``, ``k_proj``, ``v_proj`` apart.
+                       Weights and (Qwen2's) biases alike.
 ``gated_mlp``          Megatron's ``linear_fc1`` is ``[gate; up]`` stacked on dim 0 (SiLU on the
                        first half); HF keeps ``gate_proj`` and ``up_proj`` apart.
 =====================  =====================================================================
+
+Rows that exist only for some architectures name the switch they need (``when``: ``qkv_bias``,
+``qk_layernorm``, ``untied``), a field of :class:`ConversionShapes` set from the model's arguments;
+the family itself never appears here.
 
 Nothing here imports megatron: the table and transforms are plain torch, so HF-side tools (and
 tests) use them without paying megatron's import.
@@ -46,6 +54,10 @@ class ConversionShapes:
     head_dim: int
     vocab_size: int  # real vocabulary kept on the HF side (33031 for SOLO)
     padded_vocab_size: int  # rows of Megatron's embedding and output layer
+    hf_vocab_rows: int | None = None  # rows of the HF matrices when they pad past vocab_size (Qwen bases)
+    qkv_bias: bool = False
+    qk_layernorm: bool = False
+    tie_word_embeddings: bool = False
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:
@@ -53,6 +65,16 @@ class ConversionShapes:
                              f"{self.num_query_groups} query groups")
         if self.padded_vocab_size < self.vocab_size:
             raise ValueError(f"padded vocab {self.padded_vocab_size} < vocab {self.vocab_size}")
+        if self.hf_vocab_rows is not None and self.hf_vocab_rows < self.vocab_size:
+            raise ValueError(f"HF vocabulary rows {self.hf_vocab_rows} < vocab {self.vocab_size}")
+
+    @property
+    def hf_rows(self) -> int:
+        return self.vocab_size if self.hf_vocab_rows is None else self.hf_vocab_rows
+
+    @property
+    def untied(self) -> bool:
+        return not self.tie_word_embeddings
 
     @property
     def heads_per_group(self) -> int:
@@ -103,6 +125,7 @@ def init_extra_vocab_rows(source: torch.Tensor, num_rows: int) -> torch.Tensor:
 
 def _vocab_to_megatron(ts, s):
     (t,) = ts
+    t = t[: s.vocab_size]  # rows past the tokenizer's length (a Qwen base's padding) are not tokens
     if t.shape[0] > s.padded_vocab_size:
         raise ValueError(f"source has {t.shape[0]} vocabulary rows, more than the padded {s.padded_vocab_size}")
     extra = s.padded_vocab_size - t.shape[0]
@@ -112,16 +135,17 @@ def _vocab_to_megatron(ts, s):
 
 
 def _qkv_to_hf(t, s):
-    g, hpg, d, h = s.num_query_groups, s.heads_per_group, s.head_dim, t.shape[-1]
-    grouped = t.view(g, (hpg + 2) * d, h)
+    g, hpg, d, rest = s.num_query_groups, s.heads_per_group, s.head_dim, t.shape[1:]  # rest: (h,) or () (bias)
+    grouped = t.reshape(g, (hpg + 2) * d, -1)
     q, k, v = torch.split(grouped, [hpg * d, d, d], dim=1)
-    return q.reshape(g * hpg * d, h), k.reshape(g * d, h), v.reshape(g * d, h)
+    return q.reshape(g * hpg * d, *rest), k.reshape(g * d, *rest), v.reshape(g * d, *rest)
 
 
 def _qkv_to_megatron(ts, s):
     q, k, v = ts
-    g, hpg, d, h = s.num_query_groups, s.heads_per_group, s.head_dim, q.shape[-1]
-    return torch.cat([q.reshape(g, hpg * d, h), k.reshape(g, d, h), v.reshape(g, d, h)], dim=1).reshape(-1, h)
+    g, hpg, d, rest = s.num_query_groups, s.heads_per_group, s.head_dim, q.shape[1:]
+    grouped = torch.cat([q.reshape(g, hpg * d, -1), k.reshape(g, d, -1), v.reshape(g, d, -1)], dim=1)
+    return grouped.reshape(-1, *rest)
 
 
 def _gated_to_hf(t, s):
@@ -149,8 +173,13 @@ class Mapping:
     # Shapes, as functions of ConversionShapes: the Megatron tensor and each HF tensor.
     megatron_shape: Callable[[ConversionShapes], tuple[int, ...]]
     hf_shapes: Callable[[ConversionShapes], tuple[tuple[int, ...], ...]]
-    # Present only in SOLO checkpoints (absent from Mistral): created at import from a Mistral.
+    # Present only in SOLO checkpoints (absent from a base): created at import from a base.
     solo_only: bool = False
+    # The ConversionShapes switch this row needs ("qkv_bias", "qk_layernorm", "untied"); None: always.
+    when: str | None = None
+
+    def applies(self, shapes: "ConversionShapes | None") -> bool:
+        return self.when is None or bool(getattr(shapes if shapes is not None else _MISTRAL_SWITCHES, self.when))
 
     @property
     def per_layer(self) -> bool:
@@ -189,13 +218,18 @@ def _qkv_rows(s):
     return (s.num_attention_heads + 2 * s.num_query_groups) * s.head_dim
 
 
+def _bias_shapes(s):
+    return ((s.num_attention_heads * s.head_dim,), (s.num_query_groups * s.head_dim,),
+            (s.num_query_groups * s.head_dim,))
+
+
 L = "decoder.layers.{i}."
 H = "model.layers.{i}."
 
 #: THE table. Order = the order tensors are written to HF shards (Hugging Face's usual order).
 MAPPINGS: tuple[Mapping, ...] = (
     Mapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB_PAD,
-            lambda s: (s.padded_vocab_size, s.hidden_size), lambda s: ((s.vocab_size, s.hidden_size),)),
+            lambda s: (s.padded_vocab_size, s.hidden_size), lambda s: ((s.hf_rows, s.hidden_size),)),
     Mapping("vision_patch_embed.weight", ("model.embed_vision_patch.weight",), IDENTITY,
             lambda s: (s.hidden_size, PATCH_DIM), lambda s: ((s.hidden_size, PATCH_DIM),), solo_only=True),
     Mapping(L + "input_layernorm.weight", (H + "input_layernorm.weight",), IDENTITY,
@@ -206,6 +240,13 @@ MAPPINGS: tuple[Mapping, ...] = (
             lambda s: ((s.num_attention_heads * s.head_dim, s.hidden_size),
                        (s.num_query_groups * s.head_dim, s.hidden_size),
                        (s.num_query_groups * s.head_dim, s.hidden_size))),
+    Mapping(L + "self_attention.linear_qkv.bias",
+            (H + "self_attn.q_proj.bias", H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias"), QKV_GQA,
+            lambda s: (_qkv_rows(s),), _bias_shapes, when="qkv_bias"),
+    Mapping(L + "self_attention.q_layernorm.weight", (H + "self_attn.q_norm.weight",), IDENTITY,
+            lambda s: (s.head_dim,), lambda s: ((s.head_dim,),), when="qk_layernorm"),
+    Mapping(L + "self_attention.k_layernorm.weight", (H + "self_attn.k_norm.weight",), IDENTITY,
+            lambda s: (s.head_dim,), lambda s: ((s.head_dim,),), when="qk_layernorm"),
     Mapping(L + "self_attention.linear_proj.weight", (H + "self_attn.o_proj.weight",), IDENTITY,
             lambda s: (s.hidden_size, s.num_attention_heads * s.head_dim),
             lambda s: ((s.hidden_size, s.num_attention_heads * s.head_dim),)),
@@ -218,9 +259,15 @@ MAPPINGS: tuple[Mapping, ...] = (
             lambda s: (s.hidden_size, s.ffn_hidden_size), lambda s: ((s.hidden_size, s.ffn_hidden_size),)),
     Mapping("decoder.final_layernorm.weight", ("model.norm.weight",), IDENTITY,
             lambda s: (s.hidden_size,), lambda s: ((s.hidden_size,),)),
+    # Tied bases (Llama-3.2-1B/3B, small Qwens) store no lm_head, and megatron-core's model has no
+    # output_layer.weight at PP=1 (the last stage's copy is kept equal to the embedding by megatron-core).
     Mapping("output_layer.weight", ("lm_head.weight",), VOCAB_PAD,
-            lambda s: (s.padded_vocab_size, s.hidden_size), lambda s: ((s.vocab_size, s.hidden_size),)),
+            lambda s: (s.padded_vocab_size, s.hidden_size), lambda s: ((s.hf_rows, s.hidden_size),),
+            when="untied"),
 )
+
+# The switches of Mistral's architecture (what a bare number of layers stands for).
+_MISTRAL_SWITCHES = ConversionShapes(1, 1, 1, 1, 1, 1, 1, 1)
 
 # The TransformerEngine layer spec fuses the norms into the following linear layer. Its names are
 # aliases of the local spec's, which is what the table uses.
@@ -238,12 +285,18 @@ def canonical_megatron_name(name: str) -> str:
     return name
 
 
-def bound_mappings(num_layers: int, *, include_solo_only: bool = True) -> list[BoundMapping]:
-    """The table expanded for a model of ``num_layers`` layers, in HF shard order
-    (embeddings, then layer 0's tensors, layer 1's, ..., then the final norm and the output layer)."""
-    layer_rules = [m for m in MAPPINGS if m.per_layer]
+def bound_mappings(shapes: "ConversionShapes | int", *, include_solo_only: bool = True) -> list[BoundMapping]:
+    """The table expanded for a model (its :class:`ConversionShapes`, or just a number of layers for
+    Mistral's architecture), in HF shard order (embeddings, then layer 0's tensors, layer 1's, ...,
+    then the final norm and the output layer); rows whose switch is off are left out."""
+    if isinstance(shapes, int):
+        num_layers, shapes = shapes, None
+    else:
+        num_layers = shapes.num_layers
+    rules = [m for m in MAPPINGS if m.applies(shapes)]
+    layer_rules = [m for m in rules if m.per_layer]
     out: list[BoundMapping] = []
-    for m in MAPPINGS:
+    for m in rules:
         if m.solo_only and not include_solo_only:
             continue
         if not m.per_layer:
@@ -255,13 +308,13 @@ def bound_mappings(num_layers: int, *, include_solo_only: bool = True) -> list[B
 
 def expected_hf_shapes(shapes: ConversionShapes, *, include_solo_only: bool = True) -> dict[str, tuple[int, ...]]:
     out: dict[str, tuple[int, ...]] = {}
-    for b in bound_mappings(shapes.num_layers, include_solo_only=include_solo_only):
+    for b in bound_mappings(shapes, include_solo_only=include_solo_only):
         out.update(b.hf_shapes(shapes))
     return out
 
 
 def expected_megatron_shapes(shapes: ConversionShapes) -> dict[str, tuple[int, ...]]:
-    return {b.megatron: b.megatron_shape(shapes) for b in bound_mappings(shapes.num_layers)}
+    return {b.megatron: b.megatron_shape(shapes) for b in bound_mappings(shapes)}
 
 
 def patch_embed_init_std(embed_tokens: torch.Tensor) -> float:

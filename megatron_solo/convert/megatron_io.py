@@ -29,6 +29,7 @@ from megatron_solo.convert.mapping import (
     canonical_megatron_name,
     patch_embed_init_std,
 )
+from megatron_solo.convert.families import FAMILIES
 from megatron_solo.spec import BASE_VOCAB_SIZE, PATCH_DIM, SOLO_IDS, SOLO_VOCAB_SIZE
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -120,8 +121,13 @@ def hf_to_megatron(
     seed: int = 1234,
     verify: bool = False,
     verify_logits: bool | None = None,
+    vocab=None,
 ) -> dict:
-    """Write a megatron_solo checkpoint (``save_dir/iter_XXXXXXX``) from a HF Mistral or SOLO checkpoint.
+    """Write a megatron_solo checkpoint (``save_dir/iter_XXXXXXX``) from a HF base (any family of
+    ``convert/families.py``) or SOLO checkpoint.
+
+    ``vocab``: SOLO's vocabulary over the base tokenizer (``base_size``: the tokenizer's full length,
+    the source rows that are tokens; ``size``: SOLO's vocabulary); default: derived from the tokenizer.
 
     From a Mistral, SOLO is initialised as documented in docs/CONVERSION.md: the tokenizer is extended
     with SOLO's 1031 pieces; every embedding/output row past Mistral's 32000 (new pieces and padding)
@@ -141,26 +147,39 @@ def hf_to_megatron(
     kind, cfg, args, ckpt = check_hf_checkpoint(hf_dir)
     src_dtype = ckpt.torch_dtype_of("model.embed_tokens.weight")
     params_dtype = src_dtype if params_dtype is None else parse_dtype(params_dtype)
-    model_args = SoloModelArgs(**args)
-    padded = padded_vocab_size or model_args.padded_vocab_size(target_tensor_parallel_size)
-    if padded < SOLO_VOCAB_SIZE or padded % target_tensor_parallel_size:
-        raise ConversionError(f"padded vocab size {padded} must be >= {SOLO_VOCAB_SIZE} and divisible by "
-                              f"TP={target_tensor_parallel_size}")
     os.makedirs(save_dir, exist_ok=True)
     # The checkpoint keeps its own copy of SOLO's tokenizer (extended here when the source is Mistral).
     tok_dir = os.path.join(save_dir, "tokenizer")
     tok_path = os.path.abspath(os.path.join(tok_dir, "tokenizer.model"))
-    if _rank0():
-        src = resolve_tokenizer(kind, hf_dir, tokenizer_model, tok_dir)
-        if os.path.abspath(src) != tok_path:
-            os.makedirs(tok_dir, exist_ok=True)
-            shutil.copyfile(src, tok_path)
+    if vocab is None:
+        if args["family"] != "mistral":
+            raise ConversionError(f"converting a {args['family']} checkpoint needs SOLO's vocabulary over its "
+                                  "tokenizer.json (pass vocab=)")
+        if _rank0():
+            src = resolve_tokenizer(kind, hf_dir, tokenizer_model, tok_dir)
+            if os.path.abspath(src) != tok_path:
+                os.makedirs(tok_dir, exist_ok=True)
+                shutil.copyfile(src, tok_path)
+        source_rows = BASE_VOCAB_SIZE if kind == "mistral" else SOLO_VOCAB_SIZE
+        solo_size = SOLO_VOCAB_SIZE
+    else:
+        source_rows = vocab.size if kind == "solo" else vocab.base_size
+        solo_size = vocab.size
+        tok_path = None
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+    if source_rows > int(cfg["vocab_size"]):
+        raise ConversionError(f"{hf_dir}: the tokenizer has {source_rows} tokens, the model's embedding only "
+                              f"{cfg['vocab_size']} rows")
+    model_args = SoloModelArgs(**dict(args, vocab_size=solo_size))
+    padded = padded_vocab_size or model_args.padded_vocab_size(target_tensor_parallel_size)
+    if padded < solo_size or padded % target_tensor_parallel_size:
+        raise ConversionError(f"padded vocab size {padded} must be >= {solo_size} and divisible by "
+                              f"TP={target_tensor_parallel_size}")
 
     model = build_meta_model(model_args, padded, params_dtype)
-    _check_coverage(model_parameters(model), bound_mappings(model_args.num_layers))
-    rows = HFRowConverter(ckpt, kind, cfg, model_args, padded, params_dtype, seed)
+    rows = HFRowConverter(ckpt, kind, cfg, model_args, padded, params_dtype, seed, source_rows)
+    _check_coverage(model_parameters(model), rows.mappings)
     progress = _progress(total=len(rows.mappings), desc=f"{kind} -> megatron", unit="tensor")
     cache = RowCache(lambda name: rows.convert(name, progress))
     save_checkpoint(save_dir, iteration, [model], model_args=model_args, padded_vocab_size=padded,
@@ -175,25 +194,26 @@ def hf_to_megatron(
                "parameters": sum(p.numel() for p in model.parameters())}
     if verify:
         summary["verify"] = verify_checkpoint_against_hf(read_checkpoint_info(save_dir, iteration), hf_dir,
-                                                         kind=kind, logits=verify_logits)
+                                                         kind=kind, logits=verify_logits, source_rows=source_rows)
     return summary
 
 
 class HFRowConverter:
     """The Megatron tensor of one table row, made from the HF tensors it maps (read when asked for)."""
 
-    def __init__(self, ckpt: HFCheckpoint, kind: str, cfg: dict, model_args, padded: int, dtype, seed: int):
+    def __init__(self, ckpt: HFCheckpoint, kind: str, cfg: dict, model_args, padded: int, dtype, seed: int,
+                 source_rows: int):
         self.ckpt, self.kind, self.dtype, self.seed = ckpt, kind, dtype, seed
-        self.shapes = conversion_shapes(model_args.to_dict(), padded_vocab_size=padded,
-                                        vocab_size=int(cfg["vocab_size"]))
-        self.mappings = bound_mappings(model_args.num_layers)
+        self.shapes = conversion_shapes(model_args.to_dict(), padded_vocab_size=padded, vocab_size=source_rows,
+                                        hf_vocab_rows=int(cfg["vocab_size"]))
+        self.mappings = bound_mappings(self.shapes)
         self.by_name = {bm.megatron: bm for bm in self.mappings}
         self.done = 0
 
     def convert(self, name: str, progress=None) -> torch.Tensor:
         bm = self.by_name[name]
-        if bm.rule.solo_only and self.kind == "mistral":
-            # sigma from Mistral's embedding table (read again: one tensor, no state kept between rows)
+        if bm.rule.solo_only and self.kind != "solo":
+            # sigma from the base's embedding table (read again: one tensor, no state kept between rows)
             std = patch_embed_init_std(self.ckpt.get("model.embed_tokens.weight"))
             g = torch.Generator().manual_seed(self.seed)
             full = (torch.randn(bm.megatron_shape(self.shapes), generator=g, dtype=torch.float32) * std)
@@ -304,7 +324,7 @@ def megatron_to_hf(
     dtype = reader.dtype if dtype is None else parse_dtype(dtype)
 
     shapes = conversion_shapes(model_args.to_dict(), padded_vocab_size=padded)
-    mappings = bound_mappings(model_args.num_layers)
+    mappings = bound_mappings(shapes)
     _check_coverage({n: None for n in reader.names()}, mappings)
     summary = {"save_dir": save_dir, "iteration": iteration, "dtype": str(dtype).replace("torch.", "")}
     rank0 = _rank0()
@@ -351,7 +371,7 @@ def megatron_to_hf(
 # ------------------------------------------------------------------------------------------------
 
 
-def verification_inputs(vocab_size: int, with_image: bool, seed: int = 0):
+def verification_inputs(vocab_size: int, with_image: bool, seed: int = 0, ids=SOLO_IDS):
     """A small fixed batch: text ids, and with an image block of 2x3 patches (random pixels)."""
     from megatron_solo.convert.hf_files.processing_solo import normalize_patches
 
@@ -360,7 +380,7 @@ def verification_inputs(vocab_size: int, with_image: bool, seed: int = 0):
     if not with_image:
         return torch.cat([torch.ones(2, 1, dtype=torch.long), text], dim=1), None
     rows, cols = 2, 3
-    t = SOLO_IDS
+    t = ids
     block = [t.vision_start] + [t.vision_patch] * cols + [t.vision_row_sep] + [t.vision_patch] * cols + [t.vision_end]
     ids = torch.cat([torch.ones(2, 1, dtype=torch.long), torch.tensor([block, block]), text], dim=1)
     pixels = torch.randint(0, 256, (2 * rows * cols, PATCH_DIM), generator=g, dtype=torch.uint8)
@@ -382,11 +402,13 @@ def megatron_logits(model, input_ids: torch.Tensor, vision_patches: torch.Tensor
 
 
 def load_hf_model(hf_dir: str, kind: str, dtype=torch.float32):
-    """The reference model: transformers' Mistral, or the exported SOLO code (trust_remote_code)."""
-    from transformers import AutoModelForCausalLM, MistralForCausalLM
+    """The reference model: the base family's own transformers class (``kind``: its name), or the
+    exported SOLO code (trust_remote_code)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-    if kind == "mistral":
-        model = MistralForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    if kind != "solo":
+        model = getattr(transformers, FAMILIES[kind].hf_class).from_pretrained(hf_dir, dtype=dtype)
     else:
         if not os.path.isfile(os.path.join(hf_dir, "modeling_solo.py")):
             from megatron_solo.convert.hf_files.modeling_solo import SoloForCausalLM
@@ -405,31 +427,34 @@ def logits_check_fits(num_parameters: int) -> bool:
     return 12 * num_parameters <= psutil.virtual_memory().available
 
 
-def verify_tensors(get_megatron, hf_dir: str, *, kind: str, model_args: dict, padded_vocab_size: int) -> int:
+def verify_tensors(get_megatron, hf_dir: str, *, kind: str, model_args: dict, padded_vocab_size: int,
+                   source_rows: int | None = None) -> int:
     """Every row of the mapping table, one at a time: ``get_megatron(name)`` (the full TP=1 Megatron
     tensor) through the inverse transform, rounded to the HF tensor's dtype, equals the HF tensor bit for
-    bit. From a Mistral: the rows it has, and the rows past its vocabulary are the documented
-    initialisation. Holds one row of each side at a time. Returns the number of HF tensors checked;
-    raises :class:`VerificationError` naming the first mismatch."""
+    bit. From a base: the rows it has, and the rows past its tokenizer (``source_rows``, default: all
+    of its embedding's rows) are the documented initialisation. Holds one row of each side at a time.
+    Returns the number of HF tensors checked; raises :class:`VerificationError` naming the first mismatch."""
     from megatron_solo.convert.mapping import init_extra_vocab_rows
 
     ckpt = HFCheckpoint(hf_dir)
-    src_vocab = ckpt.header["model.embed_tokens.weight"][1][0]
-    shapes = conversion_shapes(dict(model_args, vocab_size=src_vocab), padded_vocab_size=padded_vocab_size)
+    hf_rows = ckpt.header["model.embed_tokens.weight"][1][0]
+    src_vocab = hf_rows if source_rows is None else source_rows
+    shapes = conversion_shapes(dict(model_args, vocab_size=src_vocab), padded_vocab_size=padded_vocab_size,
+                               hf_vocab_rows=hf_rows)
     n_checked = 0
     with torch.no_grad():
-        for bm in _progress(bound_mappings(shapes.num_layers, include_solo_only=(kind == "solo")), desc="verify",
+        for bm in _progress(bound_mappings(shapes, include_solo_only=(kind == "solo")), desc="verify",
                             unit="tensor"):
             p = get_megatron(bm.megatron)
             for name, t in bm.to_hf(p, shapes).items():
-                ref = ckpt.get(name)
+                ref = ckpt.get(name)[: t.shape[0]] if bm.rule.transform.name == "vocab_pad" else ckpt.get(name)
                 if not torch.equal(t.to(ref.dtype), ref):
                     diff = (t.float() - ref.float()).abs().max().item()
                     raise VerificationError(f"verify: {bm.megatron} -> {name} differs from {hf_dir} "
                                             f"(max abs diff {diff:.3g})")
                 n_checked += 1
                 del ref
-            if bm.rule.transform.name == "vocab_pad" and src_vocab < p.shape[0] and kind == "mistral":
+            if bm.rule.transform.name == "vocab_pad" and src_vocab < p.shape[0] and kind != "solo":
                 want = init_extra_vocab_rows(p[:src_vocab], p.shape[0] - src_vocab)
                 if not torch.allclose(p[src_vocab:].float(), want.float()):
                     raise VerificationError(f"verify: {bm.megatron} rows past {src_vocab} are not the "
@@ -439,14 +464,14 @@ def verify_tensors(get_megatron, hf_dir: str, *, kind: str, model_args: dict, pa
 
 
 def verify_checkpoint_against_hf(info: dict, hf_dir: str, *, kind: str, logits: bool | None = None,
-                                 round_to=None) -> dict:
+                                 round_to=None, source_rows: int | None = None) -> dict:
     """``--verify`` of a written conversion: the checkpoint ``info`` describes against the HF directory,
     tensor by tensor (one of each side in memory, :func:`verify_tensors`); then the logits of both
     models on a small batch when ``logits`` is True, or when it is None and both fit in memory
     (:func:`logits_check_fits`: skipped with a message otherwise)."""
     reader = checkpoint_reader(info)
     n = verify_tensors(reader.get, hf_dir, kind=kind, model_args=info["model_args"],
-                       padded_vocab_size=int(info["padded_vocab_size"]))
+                       padded_vocab_size=int(info["padded_vocab_size"]), source_rows=source_rows)
     out = {"tensors_checked": n}
     n_params = sum(p.numel() for p in reader.model.parameters())
     if logits is None:
@@ -462,21 +487,23 @@ def verify_checkpoint_against_hf(info: dict, hf_dir: str, *, kind: str, logits: 
             with torch.no_grad():
                 for p in model.parameters():
                     p.copy_(p.to(round_to).to(p.dtype))
-        out.update(verify_logits(model, hf_dir, kind=kind))
+        out.update(verify_logits(model, hf_dir, kind=kind, source_rows=source_rows))
         del model
     return out
 
 
-def verify_logits(model, hf_dir: str, *, kind: str, atol: float = 1e-4, rtol: float = 1e-4) -> dict:
+def verify_logits(model, hf_dir: str, *, kind: str, atol: float = 1e-4, rtol: float = 1e-4,
+                  source_rows: int | None = None) -> dict:
     """Logits of a TP=1 Megatron model and of the HF model on a small batch (text; plus an image for
-    SOLO) agree within fp32 tolerance, over the HF vocabulary (a half-precision Megatron model: bf16-level
-    tolerance)."""
-    src_vocab = HFCheckpoint(hf_dir).header["model.embed_tokens.weight"][1][0]
+    SOLO) agree within fp32 tolerance, over the HF vocabulary's first ``source_rows`` (default: all; a
+    Qwen base's rows past its tokenizer are not tokens), a half-precision Megatron model: bf16-level
+    tolerance."""
+    src_vocab = source_rows or HFCheckpoint(hf_dir).header["model.embed_tokens.weight"][1][0]
     ids, patches = verification_inputs(src_vocab, with_image=(kind == "solo"))
     with cpu_backend.suspended(), torch.no_grad():  # the reference runs on plain torch, not on the CPU backend
         hf_model = load_hf_model(hf_dir, kind)
         kw = {} if patches is None else {"vision_patches": patches}
-        ref = hf_model(input_ids=ids, **kw).logits.float()
+        ref = hf_model(input_ids=ids, **kw).logits.float()[..., :src_vocab]
         del hf_model
     got = megatron_logits(model, ids, patches)[..., :src_vocab]
     diff = (got - ref).abs().max().item()
@@ -499,7 +526,8 @@ def verify_against_hf(model, hf_dir: str, *, kind: str, padded_vocab_size: int, 
     cfg = model.config
     model_args = dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
                       num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
-                      kv_channels=cfg.kv_channels)
+                      kv_channels=cfg.kv_channels, qkv_bias=cfg.add_qkv_bias, qk_layernorm=cfg.qk_layernorm,
+                      tie_word_embeddings=model.share_embeddings_and_output_weights)
     n = verify_tensors(params.__getitem__, hf_dir, kind=kind, model_args=model_args,
                        padded_vocab_size=padded_vocab_size)
     if round_to is not None:

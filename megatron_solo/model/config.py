@@ -15,14 +15,17 @@ from typing import Optional
 import torch
 
 from megatron_solo import cpu_backend
+from megatron_solo.convert.families import FAMILIES
 from megatron_solo.spec import MAKE_VOCAB_SIZE_DIVISIBLE_BY, PATCH_DIM, SOLO_VOCAB_SIZE, pad_vocab_size
 
 
 @dataclass
 class SoloModelArgs:
-    """Architecture of a SOLO model: a Mistral backbone plus a 3072 -> hidden patch projection.
+    """Architecture of a SOLO model: a base decoder (``family``, see ``convert/families.py``) plus a
+    3072 -> hidden patch projection.
 
-    JSON-serialisable with ``dataclasses.asdict``; ``SoloModelArgs(**d)`` restores it.
+    JSON-serialisable with ``dataclasses.asdict``; ``SoloModelArgs(**d)`` restores it (a checkpoint
+    written before the family fields existed restores as Mistral, which it is).
     """
 
     num_layers: int
@@ -39,8 +42,19 @@ class SoloModelArgs:
     patch_dim: int = PATCH_DIM
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY
+    # The base's family and the architecture switches read from its config.json (convert/hf_config.py).
+    family: str = "mistral"
+    qkv_bias: bool = False  # megatron-core add_qkv_bias (Qwen2)
+    qk_layernorm: bool = False  # per-head q/k RMSNorm (Qwen3)
+    tie_word_embeddings: bool = False  # output layer = input embedding (Llama-3.2-1B/3B, small Qwens)
+    rope_scaling: Optional[str] = None  # None or "llama3" (Llama-3.1+; megatron-core's rope_scaling)
+    rope_scaling_factor: float = 8.0
 
     def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; choose one of {sorted(FAMILIES)}")
+        if self.rope_scaling not in (None, "llama3"):
+            raise ValueError(f"rope_scaling must be None or 'llama3', got {self.rope_scaling!r}")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -103,6 +117,37 @@ PRESETS: dict[str, dict] = {
         norm_epsilon=1e-5,
         sliding_window=256,
         init_method_std=0.02,
+    ),
+    # The public config.json values of these bases, written from knowledge of those files (nothing is
+    # downloaded); vocab_size is SOLO's vocabulary over the base tokenizer's full length (SOLO_SPEC
+    # "Other bases": Qwen reuses its own <|im_start|>/<|im_end|>, so 1029 pieces are added; Llama 1031).
+    # Qwen3-8B(-Base): tokenizer 151669 tokens (embedding padded to 151936 in the base).
+    "qwen3-8b": dict(
+        family="qwen3", qk_layernorm=True, vocab_size=151669 + 1029,
+        num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32, num_query_groups=8,
+        kv_channels=128, max_position_embeddings=32768, rotary_base=1000000, norm_epsilon=1e-6,
+        sliding_window=None, init_method_std=0.02,
+    ),
+    # Qwen3-1.7B(-Base): head_dim 128 while hidden/heads is 2048/16; tied embeddings.
+    "qwen3-1.7b": dict(
+        family="qwen3", qk_layernorm=True, tie_word_embeddings=True, vocab_size=151669 + 1029,
+        num_layers=28, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=16, num_query_groups=8,
+        kv_channels=128, max_position_embeddings=32768, rotary_base=1000000, norm_epsilon=1e-6,
+        sliding_window=None, init_method_std=0.02,
+    ),
+    # Qwen2.5-7B: QKV bias; tokenizer 151665 tokens (embedding padded to 152064 in the base).
+    "qwen2.5-7b": dict(
+        family="qwen2", qkv_bias=True, vocab_size=151665 + 1029,
+        num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28, num_query_groups=4,
+        kv_channels=128, max_position_embeddings=131072, rotary_base=1000000, norm_epsilon=1e-6,
+        sliding_window=None, init_method_std=0.02,
+    ),
+    # Llama-3.1-8B: 128256 tokens (256 of them reserved specials), llama3 RoPE scaling factor 8.
+    "llama3.1-8b": dict(
+        family="llama", rope_scaling="llama3", rope_scaling_factor=8.0, vocab_size=128256 + 1031,
+        num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8,
+        kv_channels=128, max_position_embeddings=131072, rotary_base=500000, norm_epsilon=1e-5,
+        sliding_window=None, init_method_std=0.02,
     ),
 }
 
@@ -177,7 +222,7 @@ def build_transformer_config(
     use_te: Optional[bool] = None,
     **extra,
 ):
-    """megatron-core ``TransformerConfig`` for a SOLO (Mistral) backbone.
+    """megatron-core ``TransformerConfig`` for a SOLO backbone of ``model_args.family``.
 
     ``use_te`` (default: TE importable and a GPU present) only decides whether FP8 is possible; the
     layer spec itself comes from :func:`megatron_solo.model.get_layer_spec`. On the CPU backend the
@@ -210,7 +255,8 @@ def build_transformer_config(
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=model_args.qkv_bias,
+        qk_layernorm=model_args.qk_layernorm,
         rotary_interleaved=False,
         hidden_dropout=hidden_dropout,
         attention_dropout=attention_dropout,

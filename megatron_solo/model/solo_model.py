@@ -30,11 +30,12 @@ from megatron_solo.model.vision import VisionPatchEmbedding
 
 
 class SoloModel(GPTModel):
-    """A SOLO model: ``GPTModel`` (RoPE, untied output layer) + ``vision_patch_embed`` on the first stage."""
+    """A SOLO model: ``GPTModel`` (RoPE) + ``vision_patch_embed`` on the first stage."""
 
     def __init__(self, config, transformer_layer_spec, vocab_size: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True, rotary_base: int = 10000,
-                 vp_stage: Optional[int] = None, real_vocab_size: Optional[int] = None, **kwargs):
+                 vp_stage: Optional[int] = None, real_vocab_size: Optional[int] = None,
+                 share_embeddings_and_output_weights: bool = False, **kwargs):
         self.real_vocab_size = real_vocab_size  # the tokenizer's vocabulary; rows beyond it are padding
         super().__init__(
             config=config,
@@ -43,7 +44,7 @@ class SoloModel(GPTModel):
             max_sequence_length=max_sequence_length,
             pre_process=pre_process,
             post_process=post_process,
-            share_embeddings_and_output_weights=False,
+            share_embeddings_and_output_weights=share_embeddings_and_output_weights,
             position_embedding_type="rope",
             rotary_base=rotary_base,
             # The patches must be added to the *full* sequence; SoloModel scatters afterwards.
@@ -145,4 +146,7 @@ def build_solo_model(
         rotary_base=model_args.rotary_base,
         vp_stage=vp_stage,
         real_vocab_size=model_args.vocab_size,
+        share_embeddings_and_output_weights=model_args.tie_word_embeddings,
+        rope_scaling=model_args.rope_scaling == "llama3",
+        rope_scaling_factor=model_args.rope_scaling_factor,
     )

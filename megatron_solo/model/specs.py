@@ -4,7 +4,7 @@ As in megatron-core's ``models/gpt``, choosing TE or local layers is a different
 ``if`` in ``forward()``. The local spec is megatron-core's ``get_gpt_layer_local_submodules`` with two
 substitutions:
 
-* the norms are :class:`SoloRMSNorm` (``torch.nn.RMSNorm`` that supports sequence parallelism by
+* the norms (and Qwen3's per-head q/k norms when ``config.qk_layernorm``) are :class:`SoloRMSNorm` (``torch.nn.RMSNorm`` that supports sequence parallelism by
   marking its weight ``sequence_parallel``, so ``finalize_model_grads`` all-reduces its gradient over
   TP, as it does for TE's and Apex's norms; megatron-core's ``WrappedTorchNorm`` refuses SP);
 * the core attention is :class:`SoloDotProductAttention` (megatron-core's ``DotProductAttention``
@@ -89,13 +89,19 @@ def get_layer_spec(config, use_te: Optional[bool] = None, core_attention: str = 
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
+    qk_layernorm = bool(getattr(config, "qk_layernorm", False))
     if resolve_use_te(config, use_te):
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     if core_attention not in CORE_ATTENTION_CHOICES:
         raise ValueError(f"core_attention must be one of {CORE_ATTENTION_CHOICES}, got {core_attention!r}")
-    sub = get_gpt_layer_local_submodules(normalization="RMSNorm")
+    sub = get_gpt_layer_local_submodules(normalization="RMSNorm", qk_layernorm=qk_layernorm)
     sub.input_layernorm = SoloRMSNorm
     sub.pre_mlp_layernorm = SoloRMSNorm
+    if qk_layernorm:
+        # Over head_dim, per head (megatron-core builds it with hidden_size=head_dim); its gradient is
+        # summed over TP by finalize_model_grads (it matches "q_layernorm"/"k_layernorm" by name).
+        sub.self_attention.submodules.q_layernorm = SoloRMSNorm
+        sub.self_attention.submodules.k_layernorm = SoloRMSNorm
     if core_attention == "dot_product":
         sub.self_attention.submodules.core_attention = SoloDotProductAttention
     else:
