@@ -19,6 +19,7 @@ when TP and PP are unchanged; other layouts start their RNG from the seed (no dr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_solo import cpu_backend
+from megatron_solo.errors import InputError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 INFO = "solo_checkpoint.json"
@@ -88,6 +90,22 @@ def read_checkpoint_info(root: str, iteration: int | None = None) -> dict:
         info = json.load(f)
     info["path"] = path
     return info
+
+
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "kv_channels", "vocab_size", "patch_dim")
+
+
+def check_model_shape(info: dict, model_args, flag: str = "--load") -> None:
+    """The checkpoint's model shape (``solo_checkpoint.json``'s ``model_args``) is the one the flags build;
+    else one :class:`~megatron_solo.errors.InputError` line naming the fields that differ (checked at
+    start-up, before megatron-core would refuse the tensors one by one)."""
+    saved = info.get("model_args") or {}
+    want = dataclasses.asdict(model_args)
+    diff = [f"{k} {saved.get(k)} (flags: {want[k]})" for k in SHAPE_FIELDS if k in saved and saved[k] != want[k]]
+    if diff:
+        raise InputError(f"{flag} {info['path']} holds a model with {', '.join(diff)}; pass the checkpoint's "
+                         f"--model/--num-layers/--hidden-size ... or another {flag}")
 
 
 def _layout() -> dict:

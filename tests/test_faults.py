@@ -1,4 +1,4 @@
-"""A run that cannot hurt itself (megatron_solo/training/faults.py): start-up input checks, one writer per
+"""A run that cannot hurt itself (megatron_solo/training/faults/): start-up input checks, one writer per
 --save directory, workers that die with their torchrun agent, a data file changed under a running job, a
 disk that fills up during a save. Cheap checks run in-process; each fault that needs real processes runs
 torchrun over gloo on the digits corpus and asserts what remains on disk."""
@@ -267,7 +267,7 @@ def test_a_sample_read_checks_only_the_files_of_its_own_prefix(digits_data, tmp_
 
     from megatron_solo.data.dataset import build_train_valid_test_datasets
     from megatron_solo.data.loader import WorkerBatchStream
-    from megatron_solo.training.faults import DataFileError, _prefix_files
+    from megatron_solo.training.faults.data_watch import DataFileError, _prefix_files
 
     monkeypatch.setenv("RANK", "0")  # megatron-core's builder asks (no process group here)
     a = _copy_prefix(digits_data["pretrain"], str(tmp_path / "a"))
@@ -325,14 +325,14 @@ def test_a_sample_read_checks_only_the_files_of_its_own_prefix(digits_data, tmp_
 _ONE_LINE_SCRIPT = """
 import os, sys, time
 import torch.distributed as dist
-from megatron_solo.training import faults
+from megatron_solo import errors
 dist.init_process_group("gloo")
 rank, scenario = dist.get_rank(), sys.argv[1]
 if scenario == "both" or rank == 1:  # "both": every rank fails, rank 1 first; "one": rank 0 does not fail
     time.sleep(1.0 if rank == 0 else 0)
-    faults.print_error_once(f"the fault as rank {rank} saw it")
+    errors.print_error_once(f"the fault as rank {rank} saw it")
     sys.exit(1)
-time.sleep(faults.ONE_LINE_WAIT_S + 3)  # rank 0 busy elsewhere (in a collective), never raising
+time.sleep(errors.ONE_LINE_WAIT_S + 3)  # rank 0 busy elsewhere (in a collective), never raising
 """
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_solo.data.image_storage import decode_segment
+from megatron_solo.errors import InputError
 from megatron_solo.spec import PATCH_DIM, SOLO_IDS
 
 SUFFIXES = ("tokens", "roles", "patches")
@@ -300,3 +301,78 @@ class SoloIndexedDataset:
                 p = np.zeros((0, PATCH_DIM), np.uint8)
             out.append((t, r, p))
         return out
+
+
+# ------------------------------------------------------------------------------ checking a prefix
+TOKEN_SAMPLE_BYTES = 1 << 20  # per window; three windows (start, middle, end) of each P-tokens.bin, read by
+                              # every rank (one read per node from the page cache)
+
+
+def _index_end(ds, itemsize: int) -> int:
+    """The .bin length an index describes: its last sequence's pointer plus its length."""
+    if len(ds.sequence_lengths) == 0:
+        return 0
+    return int(ds.sequence_pointers[-1]) + int(ds.sequence_lengths[-1]) * itemsize
+
+
+def sampled_token_id_range(bin_path: str, window_bytes: int = TOKEN_SAMPLE_BYTES) -> tuple[int, int]:
+    """(smallest, largest) int32 id in three windows (start, middle, end) of a tokens ``.bin``; all of
+    it when it is smaller than the three windows.
+
+    A full scan costs one pass over the data (hours at pre-training scale); ids of a foreign tokenizer
+    (the usual mistake) are spread over the whole range, so three windows catch them. An id beyond the
+    vocabulary in an unsampled place is still refused when read (by the model's embedding).
+    """
+    n = os.path.getsize(bin_path) // 4
+    w = max(window_bytes // 4, 1)
+    windows = [(0, n)] if n <= 3 * w else [(0, w), ((n - w) // 2, w), (n - w, w)]
+    lo, hi = 0, -1
+    with open(bin_path, "rb") as f:
+        for start, count in windows:
+            f.seek(4 * start)
+            a = np.fromfile(f, dtype=np.int32, count=count)
+            if a.size:
+                lo, hi = min(lo, int(a.min())), max(hi, int(a.max()))
+    return lo, hi
+
+
+def check_prefix(prefix: str, vocab_size: int) -> None:
+    """The datasets of a prefix exist, their indices read with megatron-core's reader and agree with
+    each other and with their ``.bin`` lengths, and a sample of token ids lies in the vocabulary; raises
+    :class:`~megatron_solo.errors.InputError` (one line) for the first problem. Training's start-up checks
+    and the launchers' pre-flight call it before anything is built."""
+    names = STORAGE_SUFFIXES[prefix_storage(prefix)]  # tokens, roles + patches or images, imageidx
+    missing = [component_prefix(prefix, n) + ext for n in names for ext in (".idx", ".bin")
+               if not os.path.isfile(component_prefix(prefix, n) + ext)]
+    if missing:
+        raise InputError(f"data prefix {prefix}: missing {', '.join(os.path.basename(m) for m in missing)} "
+                         f"(write it with tools/preprocess_data.py --output-prefix {prefix})")
+    from megatron.core.datasets.indexed_dataset import _IndexReader  # megatron-core loads only when read
+
+    counts = {}
+    for n in names:
+        base = component_prefix(prefix, n)
+        try:
+            index = _IndexReader(base + ".idx", multimodal=False)
+        except Exception as e:  # megatron-core asserts on a bad header: say which file
+            raise InputError(f"{base}.idx is not a readable megatron-core index ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'bad header'}); re-run tools/preprocess_data.py") from None
+        if index.dtype != DTYPES[n]:
+            raise InputError(f"{base}.idx holds {np.dtype(index.dtype).name}, SOLO's {n} are "
+                             f"{np.dtype(DTYPES[n]).name}; re-run tools/preprocess_data.py")
+        want = _index_end(index, np.dtype(index.dtype).itemsize)
+        have = os.path.getsize(base + ".bin")
+        if have != want:
+            raise InputError(f"{base}.bin has {have} bytes, its index describes {want} (truncated or from "
+                             f"another run); re-run tools/preprocess_data.py for {prefix}")
+        # Views into the memory-mapped index: the reader stays referenced here (its __del__ unmaps them).
+        counts[n] = (len(index.sequence_lengths), index.document_indices, index)
+    (n_tok, docs, _), others = counts["tokens"], [counts[n] for n in names if n != "tokens"]
+    if any(n_o != n_tok or not np.array_equal(d, docs) for n_o, d, _ in others):
+        raise InputError(f"data prefix {prefix}: its {', '.join(names)} datasets disagree on segments "
+                         f"or packs (written by different runs); re-run tools/preprocess_data.py")
+    lo, hi = sampled_token_id_range(component_prefix(prefix, "tokens") + ".bin")
+    if lo < 0 or hi >= vocab_size:
+        raise InputError(f"{component_prefix(prefix, 'tokens')}.bin holds token id {hi if hi >= vocab_size else lo}, "
+                         f"outside the {vocab_size}-piece SOLO vocabulary: it was preprocessed with another "
+                         f"tokenizer; re-run tools/preprocess_data.py with SOLO's tokenizer.model")

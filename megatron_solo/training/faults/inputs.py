@@ -1,0 +1,67 @@
+"""Every input of a run checked in one process, before anything is built.
+
+A wrong tokenizer, a missing or damaged data prefix, a checkpoint of another model shape or an unwritable
+``--save`` found after megatron-core's initialisation would be a traceback on every rank, minutes in; here
+each is one :class:`~megatron_solo.errors.InputError` line at start-up (the launchers' pre-flight calls
+:func:`check_inputs` too, before torchrun). The format checks live with their formats: a data prefix in
+:func:`megatron_solo.data.indexed.check_prefix`, a checkpoint's model shape in
+:func:`megatron_solo.checkpoint.check_model_shape`.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from megatron_solo import checkpoint
+from megatron_solo.data.dataset import parse_data_path
+from megatron_solo.data.indexed import check_prefix
+from megatron_solo.data.tokenizer import SoloTokenizer
+from megatron_solo.errors import InputError
+from megatron_solo.training.faults.lock import SaveDirLock
+
+
+def check_tokenizer(path: str) -> int:
+    """SOLO's pieces at SOLO's ids; returns its vocabulary size."""
+    try:
+        tok = SoloTokenizer(path)
+        tok.check_solo_ids()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise InputError(f"--tokenizer-model {path}: {str(e).splitlines()[0]}") from None
+    return tok.vocab_size
+
+
+def check_save_dir(save: str) -> None:
+    """``--save`` can be created and written (a file created and removed there)."""
+    try:
+        os.makedirs(save, exist_ok=True)
+        probe = os.path.join(save, f".write_test.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise InputError(f"--save {save} is not writable ({e.strerror or e}); choose a writable directory") from None
+
+
+def check_inputs(cfg, *, save_lock: bool = True) -> None:
+    """Every input of a run, checked in one process before megatron-core is initialised; raises
+    :class:`InputError` (one line) for the first problem. ``cfg`` is a
+    :class:`~megatron_solo.training.config.TrainConfig` (the resume plan has read ``--load``'s info).
+    ``save_lock``: also refuse a ``--save`` whose lock is live (a launcher's pre-flight; inside a run,
+    rank 0 takes the lock instead, and the other ranks must not see their own run's lock as foreign)."""
+    vocab = cfg.model.args.vocab_size
+    if cfg.data.tokenizer_model:
+        vocab = min(vocab, check_tokenizer(cfg.data.tokenizer_model))
+    prefixes = list(parse_data_path(list(cfg.data.data_path))[0])
+    if cfg.data.valid_data_path:
+        prefixes += parse_data_path(list(cfg.data.valid_data_path))[0]
+    for prefix in dict.fromkeys(prefixes):
+        check_prefix(prefix, vocab)
+    if cfg.resume.info is not None:
+        ck = cfg.checkpoint
+        checkpoint.check_model_shape(cfg.resume.info, cfg.model.args,
+                                     "--save" if cfg.resume.load_dir == ck.save and ck.load != ck.save else "--load")
+    if cfg.checkpoint.save:
+        check_save_dir(cfg.checkpoint.save)
+        if save_lock:
+            SaveDirLock(cfg.checkpoint.save).check_free()
