@@ -18,6 +18,8 @@ See docs/CONVERSION.md.
 import argparse
 import sys
 
+from megatron_solo.errors import entry_point
+
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,13 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+@entry_point  # a ConversionError is one error: line, exit 1
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from megatron_solo import quiet
 
     quiet.filter_known_warnings()  # megatron-core's and transformers' notes that ask nothing of the user
     from megatron_solo import cpu_backend
-    from megatron_solo.convert.errors import ConversionError
     from megatron_solo.convert.hf_config import check_hf_checkpoint
 
     try:
@@ -92,9 +94,6 @@ def main(argv=None) -> int:
                 overwrite=args.overwrite, verify=args.verify or args.verify_logits,
                 verify_logits=True if args.verify_logits else None,
             )
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     finally:
         from megatron_solo import parallel
 

@@ -12,7 +12,10 @@ the export's generation_config.json lists both), or after --max-new-tokens, whic
 import argparse
 import sys
 
+from megatron_solo.errors import UserError, entry_point
 
+
+@entry_point  # a missing export file is one error: line, exit 1
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf-dir", required=True, help="exported SOLO directory (tools/convert_checkpoint.py megatron-to-hf)")
@@ -38,7 +41,7 @@ def main(argv=None) -> int:
     try:
         P = load_export_processor(args.hf_dir)
     except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}")
+        raise UserError(str(e)) from None
     processor = P.SoloProcessor.from_pretrained(args.hf_dir)
     parts = ([P.load_image(args.image)] if args.image else []) + [args.prompt]
     if args.no_chat:

@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+from megatron_solo.errors import InputError, entry_point
+
 
 def sample(prefix: str, index: int, loss_role: str, seq_length: int | None):
     """(tokens, per-token loss mask, roles, patches, doc_lengths) of pack ``index`` as training builds it."""
@@ -75,6 +77,7 @@ def render_text(tok, tokens, mask, doc_lengths) -> str:
     return "".join(out)
 
 
+@entry_point  # an InputError is one error: line, exit 2
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefix", required=True, help="a prefix of tools/preprocess_data.py (P-tokens/-roles/-patches)")
@@ -95,14 +98,12 @@ def main(argv=None) -> int:
     from megatron_solo.data.indexed import prefix_complete
 
     if not prefix_complete(a.prefix):
-        print(f"error: {a.prefix} is not a complete prefix (no {a.prefix}-tokens.idx ...); "
-              "make one with tools/preprocess_data.py", file=sys.stderr)
-        return 2
+        raise InputError(f"{a.prefix} is not a complete prefix (no {a.prefix}-tokens.idx ...); "
+                         "make one with tools/preprocess_data.py")
     try:
         tokens, mask, roles, patches, doc_lengths = sample(a.prefix, a.index, a.loss_role, a.seq_length)
     except (IndexError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise InputError(str(e)) from None
     if a.dump:
         import numpy as np
 
