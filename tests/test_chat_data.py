@@ -5,6 +5,7 @@ LLaVA placeholder checks."""
 import base64
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 
 from megatron_solo.convert.hf_files.processing_solo import SoloProcessor
 from megatron_solo.data.dataset import build_sample
+from megatron_solo.data.chat_templates import CHATML, TEMPLATES
 from megatron_solo.data.encode import DocumentEncoder, Message, normalize_messages
 from megatron_solo.data.errors import SkipRecord
 from megatron_solo.data.tokenizer import SoloTokenizer, extend_sentencepiece_model, mistral_tokenizer_path
@@ -102,6 +104,19 @@ def test_location_tokens_only_by_an_explicit_part(solo_tokenizer):
     assert [i for i in t if 32004 < i < 33029] == [SOLO_IDS.loc_first + 16]
     with pytest.raises(SkipRecord):
         normalize_messages([{"role": "user", "content": [{"type": "loc", "loc": 0}]}])
+
+
+def test_a_new_template_is_a_row(solo_tokenizer, monkeypatch):
+    """A base's template is a row of the registry, not a branch of the encoder: Qwen's ChatML (no BOS)
+    is ChatML's row with bos=False, and encodes as ChatML less its first token."""
+    tok = SoloTokenizer(solo_tokenizer)
+    monkeypatch.setitem(TEMPLATES, "chatml-nobos", replace(CHATML, name="chatml-nobos", bos=False))
+    msgs = normalize_messages([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                               {"role": "assistant", "content": "Hello."}])
+    chatml = DocumentEncoder(tok, "chat").encode(msgs)
+    no_bos = DocumentEncoder(tok, "chat", chat_template="chatml-nobos").encode(msgs)
+    assert chatml.tokens[0] == SOLO_IDS.bos and chatml.tokens.tolist().count(IM_START) == 3
+    assert no_bos.tokens.tolist() == chatml.tokens[1:].tolist() and no_bos.roles.tolist() == chatml.roles[1:].tolist()
 
 
 def _encode_all(tokenizer_path, images, template):

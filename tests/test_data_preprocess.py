@@ -19,7 +19,8 @@ from PIL import Image
 
 from megatron_solo.data.image import image_to_patches, load_image
 from megatron_solo.data.indexed import SoloIndexedDataset, prefix_complete
-from megatron_solo.data.preprocess import PreprocessConfig, TooManyErrors, merge_prefixes, preprocess
+from megatron_solo.data.merge import merge_prefixes
+from megatron_solo.data.preprocess import PreprocessConfig, TooManyErrors, preprocess
 from tests.data_fixtures.helpers import (
     data_url,
     jpeg_bytes,
@@ -96,6 +97,23 @@ def test_workers_give_byte_identical_output_and_packing(corpus, tmp_path):
     merge_prefixes([str(tmp_path / "s0"), str(tmp_path / "s1")], str(tmp_path / "m"))
     assert files(tmp_path / "m") == files(tmp_path / "unpacked")
     assert json.load(open(tmp_path / "m.stats.json"))["documents"] == 48
+
+
+def test_sharded_and_merged_stats_are_the_unsharded_stats(corpus, tmp_path):
+    """One rule sums prefixes' stats (PrefixStats.total): a sharded run's totals and the merge of its
+    shards count what the unsharded run of the same records counts (unpacked: a document is a pack)."""
+    d, _ = corpus
+    (tmp_path / "bad.jsonl").write_text("{not json\n" + json.dumps({"no": "messages"}) + "\n")
+    inputs, kw = [d / "c.jsonl", tmp_path / "bad.jsonl"], dict(fmt="chat", image_storage="encoded", max_error_rate=0.5)
+    whole = run(inputs, tmp_path / "whole", **kw)
+    sharded = run(inputs, tmp_path / "sh", shard_size=10, **kw)
+    merged = merge_prefixes(sharded["shards"], str(tmp_path / "m"))
+    on_disk = json.load(open(tmp_path / "m.stats.json"))
+    assert len(sharded["shards"]) == 3 and whole["skipped"] == {"invalid_json": 1, "missing_field": 1}
+    for key in ("records", "documents", "packs", "segments", "tokens", "image_tokens", "images", "patches", "skipped",
+                "skipped_total", "image_storage", "image_bytes", "data_bytes", "bytes_per_image", "bytes_per_token"):
+        assert sharded[key] == merged[key] == on_disk[key] == whole[key], key
+    assert "workers" not in sharded  # a setting, not a count: never summed over shards
 
 
 def test_llava_json_and_webdataset_tar(tmp_path):
@@ -278,7 +296,7 @@ def test_cli_worker_killed_by_the_os_is_one_error_line(corpus, tmp_path):
 
 
 def test_line_scan_rss_does_not_grow_with_the_input(tmp_path):
-    from megatron_solo.data.preprocess import iter_records
+    from megatron_solo.data.readers import iter_records
 
     def rss_mib():
         with open("/proc/self/status") as f:

@@ -10,7 +10,8 @@ from PIL import Image
 
 from megatron_solo.data.image_storage import FLAG_EXIF, IDX_FIELDS
 from megatron_solo.data.indexed import SoloIndexedDataset, prefix_complete, prefix_storage
-from megatron_solo.data.preprocess import PreprocessConfig, merge_prefixes, preprocess
+from megatron_solo.data.merge import merge_prefixes
+from megatron_solo.data.preprocess import PreprocessConfig, preprocess
 from tests.data_fixtures.helpers import data_url, jpeg_bytes, png_bytes, sample_photos, solo_tokenizer_path
 
 

@@ -8,20 +8,18 @@ import argparse
 import json
 import sys
 
+from megatron_solo import quiet
+from megatron_solo.data.merge import merge_prefixes
+from megatron_solo.data.shards import expand_source
+
 
 def main(argv=None) -> int:
-    from megatron_solo.data.preprocess import merge_prefixes
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="prefixes to concatenate, in order")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    from megatron_solo import quiet
-
     quiet.filter_known_warnings()  # megatron-core's import-time notes that ask nothing of the user
-    from megatron_solo.data.shards import expand_source
-
     inputs = [q for p in a.input for q in (expand_source(p) or [p])]  # X.shards or a glob: its shards
     stats = merge_prefixes(inputs, a.output_prefix, overwrite=a.overwrite)
     print(json.dumps(stats, sort_keys=True))

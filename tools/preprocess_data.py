@@ -13,24 +13,27 @@ import json
 import logging
 import sys
 
+from megatron_solo import quiet
+from megatron_solo.data.allocator import keep_freed_memory
+from megatron_solo.data.chat_templates import CHAT_TEMPLATES
+from megatron_solo.data.encode import FORMATS
+from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS
+from megatron_solo.data.image_storage import IMAGE_STORAGES
+from megatron_solo.data.parquet_input import LAYOUTS, ParquetColumns, ParquetInputError
+from megatron_solo.data.preprocess import BadTokenizer, InputNotFound, PreprocessConfig, TooManyErrors, preprocess
+from megatron_solo.data.worker_pool import WorkerDied
+
 
 def main(argv=None) -> int:
-    from megatron_solo.data.allocator import keep_freed_memory
-    from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS
-    from megatron_solo.data.image_storage import IMAGE_STORAGES
-    from megatron_solo.data.parquet_input import LAYOUTS, ParquetColumns, ParquetInputError
-    from megatron_solo.data.preprocess import BadTokenizer, InputNotFound, PreprocessConfig, TooManyErrors, preprocess
-    from megatron_solo.data.worker_pool import WorkerDied
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
                    help="chat/LLaVA .jsonl/.json or WebDataset .tar files (optionally .gz/.lz4/.zst), "
                         "or Hugging Face .parquet files")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer-model", required=True, help="SOLO tokenizer.model (tools/create_solo_tokenizer.py)")
-    p.add_argument("--format", choices=("pretrain", "chat"), default="pretrain",
+    p.add_argument("--format", choices=FORMATS, default="pretrain",
                    help="pretrain: BOS + parts, no template (SOLO's pre-training); chat: turns in --chat-template")
-    p.add_argument("--chat-template", choices=("chatml", "solo-inst"), default="chatml",
+    p.add_argument("--chat-template", choices=CHAT_TEMPLATES, default="chatml",
                    help="with --format chat: chatml (<|im_start|>role ... <|im_end|>; the default) or solo-inst "
                         "(SOLO-7B's released [INST] ... [/INST] instruction format); docs/DATA_FORMAT.md")
     p.add_argument("--allow-image-placeholder-mismatch", action="store_true",
@@ -61,8 +64,6 @@ def main(argv=None) -> int:
                         "a rerun skips complete shards (resume after a crash); --data-path takes PREFIX.shards")
     p.add_argument("--python-writer", action="store_true", help="use megatron-core's Python builder (slower)")
     a = p.parse_args(argv)
-    from megatron_solo import quiet
-
     quiet.filter_known_warnings()  # megatron-core's import-time notes that ask nothing of the user
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     keep_freed_memory()  # this process decodes and writes images in a loop (megatron_solo/data/allocator.py)

@@ -15,7 +15,8 @@ _EXPORTS = {
     "errors": ("SKIP_REASONS", "SkipRecord"),
     "image": ("image_to_patches", "load_image", "target_size"),
     "indexed": ("Packer", "SoloIndexedDataset", "SoloPrefixWriter", "prefix_complete"),
-    "preprocess": ("PreprocessConfig", "preprocess", "merge_prefixes"),
+    "merge": ("merge_prefixes",),
+    "preprocess": ("PreprocessConfig", "preprocess"),
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -24,9 +24,10 @@ prefix "▁" (dropped when it starts with a newline); one that follows a control
 ``<|im_end|>``, ``<loc_N>``) gets none. So a chat document without forged markers encodes exactly as
 its whole ChatML string did through SentencePiece.
 
-Chat templates (``--chat-template``, docs/DATA_FORMAT.md): ``chatml`` (the default) and ``solo-inst``
-(what SOLO's released instruction tuning fed SOLO-7B: image blocks first, each closed with
-``<vision>``, then BOS, ``[INST] {user text.strip()} [/INST]`` per user turn, assistant text + EOS).
+Chat templates (``--chat-template``, docs/DATA_FORMAT.md) are rows of
+:mod:`megatron_solo.data.chat_templates`: ``chatml`` (the default) and ``solo-inst`` (what SOLO's
+released instruction tuning fed SOLO-7B: image blocks first, each closed with ``<vision>``, then BOS,
+``[INST] {user text.strip()} [/INST]`` per user turn, assistant text + EOS).
 """
 
 from __future__ import annotations
@@ -38,24 +39,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron_solo.data.chat_templates import CHAT_TEMPLATES, PRETRAIN, TEMPLATES, ChatTemplate, Control
 from megatron_solo.data.errors import SkipRecord
 from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS, image_to_patches, load_image
 from megatron_solo.data.image_storage import ImageRefs, store_image
 from megatron_solo.spec import (
     ASSISTANT,
-    BOS_ID,
-    EOS_ID,
     IMAGE,
     NUM_LOC_TOKENS,
     PATCH_DIM,
     ROLE_CODES,
     SOLO_IDS,
     USER,
+    SoloTokenIds,
 )
 
 FORMATS = ("pretrain", "chat")
-CHAT_TEMPLATES = ("chatml", "solo-inst")
-B_INST, E_INST = "[INST]", "[/INST]"  # Mistral's instruction markers: plain text pieces
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "system": "system"}
 
@@ -271,13 +270,35 @@ class EncodedDocument:
     n_image_tokens: int = 0  # tokens of vision blocks (markers included)
 
 
+class _DocumentParts:
+    """A document being built: token runs with their roles, the patches in ``<vpatch>`` order."""
+
+    def __init__(self):
+        self.tokens: list = []
+        self.roles: list = []
+        self.patches: list = []
+        self.n_images = 0
+        self.n_image_tokens = 0
+
+    def add(self, ids, role: int) -> None:
+        if len(ids):
+            self.tokens.append(np.asarray(ids, dtype=np.int32))
+            self.roles.append(np.full(len(ids), role, dtype=np.uint8))
+
+    def add_vision(self, block: np.ndarray, n_images: int) -> None:
+        self.add(block, IMAGE)
+        self.n_images += n_images
+        self.n_image_tokens += len(block)
+
+
 @dataclass
 class DocumentEncoder:
     """Encodes normalized messages with a :class:`~megatron_solo.data.tokenizer.SoloTokenizer`.
 
-    ``fmt``: "pretrain" (BOS + parts, all text role assistant) or "chat" (``chat_template`` "chatml"
-    or "solo-inst"). ``allow_image_mismatch`` is read by :func:`normalize_messages` callers
-    (``preprocess.encode_record``).
+    ``fmt``: "pretrain" (BOS + parts, all text role assistant) or "chat" (laid out by the
+    ``chat_template`` row of :data:`~megatron_solo.data.chat_templates.TEMPLATES`). ``allow_image_mismatch``
+    is read by :func:`normalize_messages` callers (``preprocess.encode_record``). ``ids``: every token id
+    the encoder places (BOS, EOS, vision blocks, chat and location markers) comes from it.
     """
 
     tokenizer: object
@@ -288,13 +309,16 @@ class DocumentEncoder:
     chat_template: str = "chatml"
     allow_image_mismatch: bool = False
     image_storage: str = "patches"  # "encoded": patches are ImageRefs (megatron_solo.data.image_storage)
+    ids: SoloTokenIds = SOLO_IDS
+    template: ChatTemplate = field(init=False)
     _space_id: int = field(init=False, default=-1)
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.fmt!r}")
-        if self.chat_template not in CHAT_TEMPLATES:
+        if self.chat_template not in TEMPLATES:
             raise ValueError(f"chat template must be one of {CHAT_TEMPLATES}, got {self.chat_template!r}")
+        self.template = TEMPLATES[self.chat_template] if self.fmt == "chat" else PRETRAIN
         self._space_id = self.tokenizer.piece_to_id("▁")
 
     # text ----------------------------------------------------------------------------------
@@ -323,86 +347,65 @@ class DocumentEncoder:
         if kind == "image":
             p, r, c = self.load_patches(value)
             patches.append(p)
-            return image_block_tokens(r, c), 1
+            return image_block_tokens(r, c, self.ids), 1
         grids = []
         for frame in value:
             p, r, c = self.load_patches(frame)
             patches.append(p)
             grids.append((r, c))
-        return video_block_tokens(grids), len(grids)
+        return video_block_tokens(grids, self.ids), len(grids)
 
     # documents -----------------------------------------------------------------------------
     def encode(self, messages: list[Message], where: str = "") -> EncodedDocument:
         if not messages:
             raise SkipRecord("empty_document", where)
-        if self.fmt == "chat" and self.chat_template == "solo-inst":
-            return self._encode_solo_inst(messages, where)
-        chat = self.fmt == "chat"
-        toks: list = []
-        roles: list = []
-        patches: list = []
-        counts = {"images": 0, "image_tokens": 0}
+        if self.template.layout == "inst":
+            return self._encode_inst(messages, where)
+        return self._encode_turns(messages, where)
+
+    def _markers(self, pieces: tuple, role: str) -> list:
+        """A template's turn markers as parts: ("control", id) or ("marker", text)."""
+        return [("control", getattr(self.ids, p.name)) if isinstance(p, Control) else ("marker", p.format(role=role))
+                for p in pieces]
+
+    def _encode_turns(self, messages: list[Message], where: str) -> EncodedDocument:
+        """Every message in place between the template's turn markers. Text is gathered into runs
+        between control ids and image blocks, each run encoded at once (template text included)."""
+        t = self.template
+        doc = _DocumentParts()
         has_content = False
-
-        def add(ids, role):
-            if len(ids):
-                toks.append(np.asarray(ids, dtype=np.int32))
-                roles.append(np.full(len(ids), role, dtype=np.uint8))
-
-        first_role = ASSISTANT if not chat else ROLE_CODES[messages[0].role]
-        add([BOS_ID], first_role)
+        if t.bos:
+            doc.add([self.ids.bos], ROLE_CODES[t.text_role or messages[0].role])
         for m in messages:
-            role = ROLE_CODES[m.role] if chat else ASSISTANT
+            role = ROLE_CODES[t.text_role or m.role]
             pending, after_ctl = "", False
-
-            def flush():
-                nonlocal pending
-                add(self.encode_text(pending, after_ctl), role)
-                pending = ""
-
-            if chat:
-                add([SOLO_IDS.im_start], role)
-                pending, after_ctl = f"{m.role}\n", True
-            for kind, value in m.parts:
-                if kind == "text":
+            for kind, value in [*self._markers(t.turn_open, m.role), *m.parts, *self._markers(t.turn_close, m.role)]:
+                if kind in ("text", "marker"):
                     pending += value
-                    has_content = has_content or bool(value.strip())
+                    has_content = has_content or (kind == "text" and bool(value.strip()))
                     continue
-                flush()
-                if kind == "loc":
-                    add([SOLO_IDS.loc_first + value - 1], role)
+                doc.add(self.encode_text(pending, after_ctl), role)
+                pending = ""
+                if kind in ("loc", "control"):
+                    doc.add([self.ids.loc_first + value - 1 if kind == "loc" else value], role)
                     after_ctl = True
                     continue
-                block, n = self._vision_block(kind, value, patches)
-                add(block, IMAGE)
-                counts["images"] += n
-                counts["image_tokens"] += len(block)
+                doc.add_vision(*self._vision_block(kind, value, doc.patches))
                 after_ctl = False
                 has_content = True
-            flush()
-            if chat:
-                add([SOLO_IDS.im_end], role)
-                add(self.encode_text("\n", after_control=True), role)
+            doc.add(self.encode_text(pending, after_ctl), role)
         if not has_content:
             raise SkipRecord("empty_document", where)
-        return self._document(toks, roles, patches, counts)
+        return self._document(doc)
 
-    def _encode_solo_inst(self, messages: list[Message], where: str) -> EncodedDocument:
+    def _encode_inst(self, messages: list[Message], where: str) -> EncodedDocument:
         """SOLO's released instruction format (SOLO_SPEC "solo-inst"): every image block first, closed
-        with ``<vision>``; BOS; ``[INST] {text.strip()} [/INST]`` per user turn (an image's adjacent
-        newline removed: the one after it, else the one before it), assistant text + EOS. Each piece is
-        encoded on its own (dummy prefix, no BOS/EOS). A system message's text opens the first user
-        turn, followed by a blank line (Mistral's habit; SOLO's data had none)."""
-        toks: list = []
-        roles: list = []
-        patches: list = []
-        counts = {"images": 0, "image_tokens": 0}
-
-        def add(ids, role):
-            if len(ids):
-                toks.append(np.asarray(ids, dtype=np.int32))
-                roles.append(np.full(len(ids), role, dtype=np.uint8))
-
+        with the template's ``image_close``; BOS; ``user_turn`` around each user text (stripped; an
+        image's adjacent newline removed: the one after it, else the one before it), assistant text +
+        ``answer_end``. Each piece is encoded on its own (dummy prefix, no BOS/EOS). A system message's
+        text opens the first user turn, followed by a blank line (Mistral's habit; SOLO's data had none)."""
+        t = self.template
+        doc = _DocumentParts()
         turns, system = [], []
         for m in messages:
             texts, parts = [], list(m.parts)
@@ -415,13 +418,12 @@ class DocumentEncoder:
                     raise SkipRecord("unknown_part_type", f"{where}: loc parts need --chat-template chatml")
                 if m.role != "user":
                     raise SkipRecord("image_in_assistant_turn",
-                                     f"{where}: solo-inst places images only in user turns, found one in {m.role}")
-                block, n = self._vision_block(kind, value, patches)
-                block = block.copy()
-                block[-1] = SOLO_IDS.vision_start  # as SOLO's SFT code closed its images
-                add(block, IMAGE)
-                counts["images"] += n
-                counts["image_tokens"] += len(block)
+                                     f"{where}: {t.name} places images only in user turns, found one in {m.role}")
+                block, n = self._vision_block(kind, value, doc.patches)
+                if t.image_close:
+                    block = block.copy()
+                    block[-1] = getattr(self.ids, t.image_close)
+                doc.add_vision(block, n)
                 nxt = parts[i + 1] if i + 1 < len(parts) else None
                 if nxt and nxt[0] == "text" and nxt[1].startswith("\n"):
                     parts[i + 1] = ("text", nxt[1][1:])
@@ -433,30 +435,32 @@ class DocumentEncoder:
             else:
                 turns.append((m.role, text))
         if not turns:
-            raise SkipRecord("empty_document", f"{where}: solo-inst needs a user or assistant turn")
+            raise SkipRecord("empty_document", f"{where}: {t.name} needs a user or assistant turn")
         if system:
             first_user = next((k for k, (r, _) in enumerate(turns) if r == "user"), None)
             if first_user is None:
                 raise SkipRecord("empty_document", f"{where}: a system message without a user turn")
             turns[first_user] = ("user", "\n\n".join(system) + "\n\n" + turns[first_user][1])
-        add([BOS_ID], USER)
-        has_content = counts["images"] > 0
+        if t.bos:
+            doc.add([self.ids.bos], USER)
+        has_content = doc.n_images > 0
         for role, text in turns:
             has_content = has_content or bool(text.strip())
             if role == "user":
-                add(self.tokenizer.encode(f"{B_INST} {text.strip()} {E_INST}"), USER)
+                doc.add(self.tokenizer.encode(t.user_turn.format(text=text.strip())), USER)
             else:
-                add(self.tokenizer.encode(text) + [EOS_ID], ASSISTANT)
+                end = [getattr(self.ids, t.answer_end)] if t.answer_end else []
+                doc.add(self.tokenizer.encode(text) + end, ASSISTANT)
         if not has_content:
             raise SkipRecord("empty_document", where)
-        return self._document(toks, roles, patches, counts)
+        return self._document(doc)
 
-    def _document(self, toks, roles, patches, counts) -> EncodedDocument:
+    def _document(self, doc: _DocumentParts) -> EncodedDocument:
         return EncodedDocument(
-            tokens=np.concatenate(toks),
-            roles=np.concatenate(roles),
-            patches=(ImageRefs.concat(patches) if self.image_storage == "encoded" else
-                     np.concatenate(patches) if patches else np.zeros((0, PATCH_DIM), np.uint8)),
-            n_images=counts["images"],
-            n_image_tokens=counts["image_tokens"],
+            tokens=np.concatenate(doc.tokens),
+            roles=np.concatenate(doc.roles),
+            patches=(ImageRefs.concat(doc.patches) if self.image_storage == "encoded" else
+                     np.concatenate(doc.patches) if doc.patches else np.zeros((0, PATCH_DIM), np.uint8)),
+            n_images=doc.n_images,
+            n_image_tokens=doc.n_image_tokens,
         )

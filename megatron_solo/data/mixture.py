@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from megatron_solo.data.indexed import component_prefix
+from megatron_solo.data.shards import expand_source
+
 
 def prefix_summary(prefix: str, seq_length: int) -> dict:
     """packs and tokens of a prefix (as training sees them: each pack cut to seq_length)."""
-    import numpy as np
+    # megatron-core imports torch: the tool installs its warning filter before this is called
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    from megatron_solo.data.indexed import component_prefix
-    from megatron_solo.data.shards import expand_source
 
     shards = expand_source(prefix)  # a shard set (X.shards or a glob) counts as one source
     if shards is not None:

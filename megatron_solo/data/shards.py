@@ -6,7 +6,7 @@ files and atomic finalize as an unsharded prefix; packing restarts in every shar
 same command skips every complete shard (its records are read past, not encoded) and redoes an
 incomplete one from its start, so a killed run resumes with the same bytes as an uninterrupted one.
 When every shard is done, the list file ``PREFIX.shards`` (one shard prefix a line, written
-atomically) marks the set complete.
+atomically) marks the set complete. The run itself: :func:`megatron_solo.data.preprocess.preprocess_sharded`.
 
 A shard set is one source wherever prefixes are given (``--data-path``, ``tools/data_mixture.py``,
 ``tools/merge_datasets.py``): ``PREFIX.shards`` or a glob such as ``'out/cc3m_*'``. A weight given
@@ -17,9 +17,10 @@ prefix its concatenation would be.
 from __future__ import annotations
 
 import glob
-import itertools
 import json
 import os
+
+from megatron_solo.data.indexed import prefix_complete
 
 SHARD_LIST_SUFFIX = ".shards"
 
@@ -42,8 +43,6 @@ def expand_source(word: str) -> list[str] | None:
             names = [ln.strip() for ln in f if ln.strip()]
         return [n if os.path.isabs(n) else os.path.join(base, n) for n in names]
     if glob.has_magic(word):
-        from megatron_solo.data.indexed import prefix_complete
-
         found = sorted(p[: -len("-tokens.idx")] for p in glob.glob(word + "-tokens.idx"))
         found = [p for p in found if prefix_complete(p)]
         if not found:
@@ -82,53 +81,3 @@ def expand_blend(blend):
             total = sum(packs) or 1
             out_w.extend(weights[i] * n / total for n in packs)
     return out_p, (None if weights is None else out_w)
-
-
-def preprocess_sharded(cfg, run_shard) -> dict:
-    """Drive ``run_shard(cfg_k, records_k)`` over shards of ``cfg.shard_size`` input records.
-
-    ``run_shard`` is the unsharded pipeline (:func:`megatron_solo.data.preprocess.preprocess`).
-    Returns the summed stats, with ``shards`` (the prefixes) and ``shards_skipped`` (complete ones).
-    """
-    from dataclasses import replace
-
-    from megatron_solo.data.indexed import prefix_complete
-    from megatron_solo.data.preprocess import bytes_per, iter_records
-
-    n = int(cfg.shard_size)
-    listing = shard_list_path(cfg.output_prefix)
-    if os.path.isfile(listing) and not cfg.overwrite:
-        return {"skipped_existing": True}
-    records = iter_records(cfg.inputs, cfg.parquet, cfg.workers > 1)
-    shards, skipped = [], 0
-    totals: dict = {"skipped": {}}
-    for k in itertools.count():
-        first = next(records, None)
-        if first is None:
-            break
-        chunk = itertools.chain([first], itertools.islice(records, n - 1))
-        prefix = shard_prefix(cfg.output_prefix, k)
-        shards.append(prefix)
-        if prefix_complete(prefix) and not cfg.overwrite:
-            for _ in chunk:  # read past: already written by an earlier run
-                pass
-            skipped += 1
-            with open(prefix + ".stats.json") as f:
-                s = json.load(f)
-        else:
-            s = run_shard(replace(cfg, output_prefix=prefix, shard_size=None), chunk)
-        for key, v in s.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and key != "seq_length":
-                totals[key] = totals.get(key, 0) + v
-        for reason, c in s.get("skipped", {}).items():
-            totals["skipped"][reason] = totals["skipped"].get(reason, 0) + c
-    if not shards:
-        raise ValueError("no input records")
-    tmp = listing + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(os.path.basename(p) + "\n" for p in shards)
-    os.replace(tmp, listing)
-    totals.update(shards=shards, shards_skipped=skipped, shard_size=n, image_storage=cfg.image_storage)
-    totals.update(bytes_per(totals.get("image_bytes", 0), totals.get("data_bytes", 0), totals.get("images", 0),
-                            totals.get("tokens", 0)))
-    return totals

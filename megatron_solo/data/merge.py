@@ -1,0 +1,58 @@
+"""Merging complete prefixes into one (``tools/merge_datasets.py``): packs concatenated in order,
+published atomically, stats summed (:meth:`PrefixStats.total`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from megatron_solo.data.indexed import (
+    DTYPES,
+    STORAGE_SUFFIXES,
+    component_prefix,
+    prefix_complete,
+    prefix_storage,
+    publish_prefix,
+    remove_prefix,
+)
+from megatron_solo.data.stats import PrefixStats
+
+
+def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) -> dict:
+    """Concatenate complete prefixes (packs in order) into one, atomically; stats are summed."""
+    # megatron-core imports torch: only a merge needs its builder, not the rest of the data package
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    if prefix_complete(output_prefix) and not overwrite:
+        return {"skipped_existing": True}
+    for p in inputs:
+        if not prefix_complete(p):
+            raise FileNotFoundError(f"{p} is not a complete prefix")
+    storages = sorted({prefix_storage(p) for p in inputs})
+    if len(storages) > 1:
+        raise ValueError(f"cannot merge prefixes of different image storages {storages}; preprocess them alike")
+    suffixes = STORAGE_SUFFIXES[storages[0]]
+    remove_prefix(output_prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    try:
+        for n in suffixes:
+            base = component_prefix(output_prefix, n)
+            b = IndexedDatasetBuilder(base + ".bin.tmp", dtype=DTYPES[n])
+            for p in inputs:
+                b.add_index(component_prefix(p, n))
+            b.finalize(base + ".idx.tmp")
+        parts = []
+        for p in inputs:
+            try:
+                with open(p + ".stats.json") as f:
+                    parts.append(PrefixStats.from_dict(json.load(f)))
+            except FileNotFoundError:  # a prefix written by other tools: its data merge, its counts are unknown
+                continue
+        totals = PrefixStats.total(parts)
+        totals.image_storage = storages[0]
+        out = {**totals.as_dict(), "merged_from": list(inputs)}
+        publish_prefix(output_prefix, out, suffixes)
+        return out
+    except BaseException:
+        remove_prefix(output_prefix)
+        raise

@@ -1,0 +1,78 @@
+"""A prefix's statistics (the counts of ``P.stats.json``) and their sum over several prefixes.
+
+One rule for a sum, used by a sharded run's totals and by a merge: the counts add up, the skip
+counts add up by reason, the ratios (``bytes_per_image``, ``bytes_per_token``) are derived again from
+the sums, and the run's settings (format, ``--seq-length``, ``--workers``, ...) are not summed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Iterable, Optional
+
+
+@dataclass
+class PrefixStats:
+    records: int = 0  # input records read (skipped ones included)
+    documents: int = 0
+    packs: int = 0
+    segments: int = 0
+    tokens: int = 0
+    image_tokens: int = 0  # tokens of vision blocks (markers included)
+    images: int = 0  # images + video frames
+    patches: int = 0
+    skipped: dict = field(default_factory=dict)  # reason -> records skipped for it
+    skipped_total: int = 0
+    time_s: float = 0.0
+    image_storage: Optional[str] = None  # "encoded" or "patches" (megatron_solo.data.image_storage)
+    image_bytes: int = 0  # bytes written to P-patches or P-images + P-imageidx
+    data_bytes: int = 0  # bytes of all .bin data: int32 tokens + uint8 roles + images
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        self.skipped_total += 1
+
+    def count_written(self, writer) -> None:
+        """The counts a :class:`~megatron_solo.data.indexed.SoloPrefixWriter` kept while writing."""
+        self.packs, self.segments = writer.n_packs, writer.n_segments
+        self.tokens, self.patches = writer.n_tokens, writer.n_patches
+        self.image_storage = "encoded" if "images" in writer.suffixes else "patches"
+        self.image_bytes = writer.image_bytes
+        self.data_bytes = writer.n_tokens * 5 + writer.image_bytes  # int32 tokens + uint8 roles + images
+
+    @property
+    def bytes_per_image(self) -> float:
+        return round(self.image_bytes / self.images, 1) if self.images else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return round(self.data_bytes / self.tokens, 3) if self.tokens else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "bytes_per_image": self.bytes_per_image, "bytes_per_token": self.bytes_per_token}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PrefixStats":
+        """The counts of a ``P.stats.json`` (a key it lacks, as in older files, counts 0)."""
+        names = {f.name for f in fields(cls)}
+        s = cls(**{k: v for k, v in d.items() if k in names})
+        s.skipped = dict(s.skipped)
+        return s
+
+    @classmethod
+    def total(cls, parts: Iterable["PrefixStats"]) -> "PrefixStats":
+        """The sum of several prefixes' stats (the image storage: theirs, when they all share one)."""
+        out = cls()
+        storages = set()
+        for p in parts:
+            for f in fields(cls):
+                if f.name in ("skipped", "image_storage"):
+                    continue
+                setattr(out, f.name, getattr(out, f.name) + getattr(p, f.name))
+            for reason, n in p.skipped.items():
+                out.skipped[reason] = out.skipped.get(reason, 0) + n
+            storages.add(p.image_storage)
+        out.time_s = round(out.time_s, 3)
+        storages.discard(None)
+        out.image_storage = storages.pop() if len(storages) == 1 else None
+        return out
