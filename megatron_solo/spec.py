@@ -1,5 +1,6 @@
 """SOLO's fixed facts, in one place (``../shared/SOLO_SPEC.md``): token ids and pieces, vocabulary sizes
-and Megatron's padding rule, patch geometry, the image size limit, ImageNet statistics, role codes, and
+and Megatron's padding rule, SOLO's vocabulary over any base (:class:`SoloVocab`; Mistral's is
+:data:`MISTRAL_VOCAB`), patch geometry, the image size limit, ImageNet statistics, role codes, and
 the one pixel normalisation.
 
 Every module of the package takes these from here. The files exported into a Hugging Face checkpoint
@@ -9,7 +10,8 @@ Every module of the package takes these from here. The files exported into a Hug
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 
 # --- vocabulary -----------------------------------------------------------------------------------
 BASE_VOCAB_SIZE = 32000  # Mistral-7B-v0.1's SentencePiece model; SOLO's pieces follow it
@@ -55,7 +57,110 @@ class SoloTokenIds:
     first_special: int = BASE_VOCAB_SIZE  # loss never falls on ids >= this
 
 
-SOLO_IDS = SoloTokenIds()
+SOLO_IDS = SoloTokenIds()  # the Mistral case, kept until every user takes a SoloVocab
+
+
+# SOLO_SPEC "Other bases": the chat markers a base may already hold as special tokens (reused, not added)
+REUSABLE_PIECES = (IM_START, IM_END)
+# SoloVocab's fields that are single ids of SOLO's pieces, with their piece
+_PIECE_FIELDS = (("vision_start", VISION_START), ("vision_patch", VISION_PATCH), ("vision_row_sep", VISION_ROW_SEP),
+                 ("vision_frame_sep", VISION_FRAME_SEP), ("vision_end", VISION_END), ("loc_first", "<loc_1>"),
+                 ("im_start", IM_START), ("im_end", IM_END))
+
+
+@dataclass(frozen=True)
+class SoloVocab:
+    """SOLO's ids over one base tokenizer (SOLO_SPEC "Other bases"), derived once from the tokenizer
+    (:func:`megatron_solo.data.tokenizer.derive_vocab`) and stored as :meth:`to_dict` in every dataset,
+    checkpoint and export, so that ids made with one base never meet a model of another unnoticed.
+
+    ``base_size`` is the base tokenizer's full length (regular vocabulary plus every added or special
+    token); SOLO's pieces follow it in SOLO's order, except chat markers the base already has as special
+    tokens (Qwen's ``<|im_start|>``/``<|im_end|>``), which keep their ids. ``bos`` is None for a base that
+    opens no document with one (Qwen): its documents close with ``eos``. ``pad`` fills batches (never
+    trained). ``base_special_ids``: the base's own special tokens (BOS/EOS, end-of-text, chat markers,
+    reserved ones); with SOLO's pieces they are the control ids, which text never produces.
+    """
+
+    base_size: int
+    size: int
+    vision_start: int
+    vision_patch: int
+    vision_row_sep: int
+    vision_frame_sep: int
+    vision_end: int
+    loc_first: int  # <loc_k> is loc_first + k - 1
+    im_start: int
+    im_end: int
+    bos: int | None
+    eos: int
+    pad: int
+    base_special_ids: tuple[int, ...]
+
+    @classmethod
+    def over_base(cls, base_size: int, *, bos: int | None, eos: int, pad: int,
+                  base_special_ids, reused: dict | None = None) -> "SoloVocab":
+        """SOLO's pieces laid after a base of ``base_size`` ids; ``reused``: {piece: id} of the
+        :data:`REUSABLE_PIECES` the base holds as special tokens."""
+        reused = dict(reused or {})
+        if set(reused) - set(REUSABLE_PIECES):
+            raise ValueError(f"only {REUSABLE_PIECES} can be reused from the base, not {sorted(set(reused) - set(REUSABLE_PIECES))}")
+        ids, nxt = {}, base_size
+        for piece in SOLO_SPECIAL_PIECES:
+            if piece in reused:
+                ids[piece] = int(reused[piece])
+            else:
+                ids[piece], nxt = nxt, nxt + 1
+        return cls(base_size=int(base_size), size=nxt, bos=None if bos is None else int(bos), eos=int(eos),
+                   pad=int(pad), base_special_ids=tuple(sorted({int(i) for i in base_special_ids})),
+                   **{f: ids[piece] for f, piece in _PIECE_FIELDS})
+
+    def piece_ids(self) -> dict[str, int]:
+        """{piece: id} for every one of SOLO's pieces, in SOLO's order."""
+        ids = {piece: getattr(self, f) for f, piece in _PIECE_FIELDS}
+        for k in range(2, NUM_LOC_TOKENS + 1):
+            ids[f"<loc_{k}>"] = self.loc_first + k - 1
+        return {piece: ids[piece] for piece in SOLO_SPECIAL_PIECES}
+
+    @cached_property
+    def control_ids(self) -> frozenset[int]:
+        """SOLO's pieces plus the base's own special tokens: ids that only the encoder places."""
+        return frozenset(self.piece_ids().values()) | frozenset(self.base_special_ids)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["base_special_ids"] = list(self.base_special_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SoloVocab":
+        names = [f.name for f in fields(cls)]
+        if not isinstance(d, dict) or sorted(d) != sorted(names):
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"a stored SOLO vocabulary has the fields {names}, got {got}")
+        return cls(**{**d, "base_special_ids": tuple(d["base_special_ids"])})
+
+    def describe(self) -> str:
+        """One phrase naming the ids, for error lines."""
+        return f"{self.size} ids ({VISION_START}={self.vision_start} after a {self.base_size}-id base)"
+
+
+def vocab_mismatch(have: SoloVocab, want: SoloVocab, have_what: str, want_what: str) -> str | None:
+    """The one check where ids meet (dataset and model, checkpoint and tokenizer): None when ``have`` and
+    ``want`` are the same vocabulary, else one line saying both."""
+    if have == want:
+        return None
+    if (have.base_size, have.size, have.vision_start) != (want.base_size, want.size, want.vision_start):
+        return f"{have_what} has SOLO's vocabulary of {have.describe()}, {want_what} has {want.describe()}"
+    diff = [f.name for f in fields(SoloVocab) if getattr(have, f.name) != getattr(want, f.name)]
+    return (f"{have_what} and {want_what} disagree on SOLO's vocabulary ({', '.join(diff)}: "
+            f"{[getattr(have, n) for n in diff]} vs {[getattr(want, n) for n in diff]})")[:500]
+
+
+# Mistral-7B-v0.1's 32000 SentencePiece pieces: <s>=1 and </s>=2 are its special (CONTROL) tokens; <unk>=0
+# pads batches (it is what SentencePiece gives unknown text, so it is not a control id). Equal to SOLO_IDS
+# (tests/test_spec.py); data stored without a vocabulary is this one.
+MISTRAL_VOCAB = SoloVocab.over_base(BASE_VOCAB_SIZE, bos=BOS_ID, eos=EOS_ID, pad=UNK_ID, base_special_ids=(BOS_ID, EOS_ID))
 
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 

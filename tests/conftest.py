@@ -47,6 +47,14 @@ def solo_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hf_tokenizers(tmp_path_factory):
+    """Real Qwen3 and Llama-3.2 tokenizer.json bases and SOLO's tokenizers over them (tests/helpers_tokenizers.py)."""
+    from tests.helpers_tokenizers import solo_hf_tokenizers
+
+    return solo_hf_tokenizers(str(tmp_path_factory.mktemp("hf_tok")))
+
+
+@pytest.fixture(scope="session")
 def digits_data(tmp_path_factory, solo_tokenizer):
     """The demo's real corpora (scikit-learn digits), preprocessed with the real tool, packed to 128."""
     root = tmp_path_factory.mktemp("digits")

@@ -1,6 +1,7 @@
 """The exported Hugging Face files keep their own copies of SOLO's facts (an export is self-contained):
 each copy equals megatron_solo.spec, and every normalisation gives spec.normalize_patches' values."""
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,6 +21,38 @@ def test_ids_follow_the_pieces():
         32000, 32001, 32002, 32003, 32004)
     assert (ids.loc_first, ids.im_start, ids.im_end) == (32005, 33029, 33030)
     assert spec.PATCH_DIM == 3072 and spec.pad_vocab_size(spec.SOLO_VOCAB_SIZE, 2) == 33280
+
+
+def test_mistral_vocab_is_solo_ids():
+    """SOLO_SPEC "Other bases": the Mistral case of SoloVocab is exactly today's fixed ids."""
+    v, ids = spec.MISTRAL_VOCAB, spec.SOLO_IDS
+    assert (v.base_size, v.size) == (spec.BASE_VOCAB_SIZE, spec.SOLO_VOCAB_SIZE) == (32000, 33031)
+    for f in ("vision_start", "vision_patch", "vision_row_sep", "vision_frame_sep", "vision_end", "loc_first",
+              "im_start", "im_end", "bos", "eos"):
+        assert getattr(v, f) == getattr(ids, f), f
+    assert v.pad == 0 and v.base_special_ids == (1, 2)
+    assert v.piece_ids() == {p: 32000 + k for k, p in enumerate(spec.SOLO_SPECIAL_PIECES)}
+    assert v.control_ids == frozenset(range(32000, 33031)) | {1, 2}
+
+
+def test_vocab_over_a_base_reuses_its_chat_markers_and_round_trips():
+    v = spec.SoloVocab.over_base(151669, bos=None, eos=151643, pad=151643, base_special_ids=[151645, 151643, 151644],
+                                 reused={spec.IM_START: 151644, spec.IM_END: 151645})
+    assert (v.vision_start, v.loc_first, v.size) == (151669, 151674, 151669 + 1029)  # 1031 pieces, 2 reused
+    assert (v.im_start, v.im_end, v.bos, v.base_special_ids) == (151644, 151645, None, (151643, 151644, 151645))
+    assert spec.SoloVocab.from_dict(json.loads(json.dumps(v.to_dict()))) == v
+    with pytest.raises(ValueError, match="fields"):
+        spec.SoloVocab.from_dict({**v.to_dict(), "extra": 1})
+    with pytest.raises(ValueError, match="only"):
+        spec.SoloVocab.over_base(10, bos=1, eos=2, pad=0, base_special_ids=(), reused={spec.VISION_START: 3})
+    # the one check where two vocabularies meet: silent when equal, one line naming both otherwise
+    m = spec.MISTRAL_VOCAB
+    assert spec.vocab_mismatch(m, spec.SoloVocab.from_dict(m.to_dict()), "data", "model") is None
+    msg = spec.vocab_mismatch(v, m, "data prefix p", "the model")
+    assert msg == ("data prefix p has SOLO's vocabulary of 152698 ids (<vision>=151669 after a 151669-id base), "
+                   "the model has 33031 ids (<vision>=32000 after a 32000-id base)")
+    other_eos = spec.SoloVocab.from_dict({**m.to_dict(), "eos": 5})
+    assert "\n" not in spec.vocab_mismatch(other_eos, m, "a", "b") and "eos" in spec.vocab_mismatch(other_eos, m, "a", "b")
 
 
 def test_hf_configuration_copy_equals_spec():

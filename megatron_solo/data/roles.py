@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from megatron_solo.spec import ROLE_CODES, SOLO_IDS, TEXT_ROLES
+from megatron_solo.spec import MISTRAL_VOCAB, ROLE_CODES, TEXT_ROLES, SoloVocab
 
 
 def trained_roles(loss_role: str) -> tuple[int, ...]:
@@ -21,17 +21,23 @@ def trained_roles(loss_role: str) -> tuple[int, ...]:
     return (ROLE_CODES[loss_role],)
 
 
+def trainable_ids(labels: np.ndarray, vocab: SoloVocab = MISTRAL_VOCAB) -> np.ndarray:
+    """Which label ids may carry loss (SOLO_SPEC "Other bases"): never a control id (SOLO's pieces, padded
+    rows, the base's special tokens), except the trained stop tokens: ``<|im_end|>``, which closes a ChatML
+    turn, and EOS, where the format places it (solo-inst's answer end, a Qwen document's
+    ``<|endoftext|>``), so that a tuned model learns to stop."""
+    control = (labels >= vocab.base_size) | np.isin(labels, vocab.base_special_ids)
+    return ~control | (labels == vocab.im_end) | (labels == vocab.eos)
+
+
 def label_loss_mask(labels: np.ndarray, label_roles: np.ndarray, label_valid: np.ndarray,
-                    loss_role: str = "assistant") -> np.ndarray:
+                    loss_role: str = "assistant", vocab: SoloVocab = MISTRAL_VOCAB) -> np.ndarray:
     """Loss mask over *label* positions (the token being predicted).
 
-    A label counts when it is valid (inside the same document as its input token, not padding),
-    its role is a trained role (never IMAGE), and its id is a plain text piece (< ``SOLO_IDS.first_special``,
-    32000; EOS is one, so solo-inst's answer-closing ``</s>`` is trained), with SOLO_SPEC's one exception:
-    ``<|im_end|>`` in a trained-role turn (the stop token that closes an assistant turn in ChatML)
-    carries loss, so a tuned model learns to stop. Every other id >= 32000 (vision markers,
-    ``<|im_start|>``, location tokens) never does. Arrays are any matching shape; returns float32.
+    A label counts when it is valid (inside the same document as its input token, not padding), its
+    role is a trained role (never IMAGE), and its id may carry loss (:func:`trainable_ids`: text, or a
+    trained stop token). ``vocab``: the ids of the data's tokenizer (Mistral's for data stored without
+    one). Arrays are any matching shape; returns float32.
     """
     roles = np.isin(label_roles, trained_roles(loss_role))
-    ids = (labels < SOLO_IDS.first_special) | (labels == SOLO_IDS.im_end)
-    return (label_valid & roles & ids).astype(np.float32)
+    return (label_valid & roles & trainable_ids(labels, vocab)).astype(np.float32)
