@@ -1,157 +1,187 @@
-# Shared by the phase launchers: distributed settings (torchrun or SLURM), PRESET=tiny defaults,
-# `--help`, the pre-flight check and the one command that starts training. Every value can be
-# overridden from the environment. Sourced, not run.
+# Shared by the phase launchers (sourced, not run). A phase script writes its recipe as Megatron-LM's
+# examples do, arrays of the trainer's flags with SOLO-7B's values (MODEL_ARGS, TRAINING_ARGS, DATA_ARGS,
+# ...), then calls `run_phase`. This file holds what all phases share: the table of launcher variables,
+# torchrun's arguments, `--help`, the pre-flight check and the one command that starts training.
 
 REPO_ROOT=${REPO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 PYTHON=${PYTHON:-$REPO_ROOT/.venv/bin/python}
-PRESET=${PRESET:-solo-7b}
 
-# --- where the processes come from: SLURM when present, else plain torchrun variables -------------
-if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-  NNODES=${NNODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}}
-  NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
+# --- The launcher variables: one row each, the one place where a variable is tied to its flag ------------
+# A variable set in the environment replaces its flag's value in the phase's recipe (or in DISTRIBUTED_ARGS);
+# under PRESET=tiny the TINY column does where it has a value ('-': the recipe's; 'none': no flags), so the
+# same launcher makes a 2-process CPU run. KIND: `value`, one word; `words`, split on spaces (a blend);
+# `flags`, flags as given in place of the listed ones (set but empty: none of them); `torchrun`, a value of
+# torchrun's. A flag the recipe leaves out is added when its variable is set. The same rows make `--help`
+# and tell the pre-flight which variable an `error:` line names.
+LAUNCHER_VARS=(
+  # VARIABLE        KIND     FLAG(S)                         TINY  WHAT
+  "PRESET            value    --model                         -     solo-7b | tiny (tiny also sets the TINY column of common.sh)"
+  "GPUS_PER_NODE     torchrun --nproc-per-node                2"
+  "NNODES            torchrun --nnodes                        -     (SLURM: the job's nodes)"
+  "NODE_RANK         torchrun --node-rank                     -     (SLURM: SLURM_NODEID)"
+  "MASTER_ADDR       torchrun --master-addr                   -     (SLURM: the job's first host)"
+  "MASTER_PORT       torchrun --master-port                   -"
+  "TP                value    --tensor-model-parallel-size    -"
+  "PP                value    --pipeline-model-parallel-size  -"
+  "DIST_OPT_ARGS     flags    --use-distributed-optimizer     -"
+  "SEQ_LENGTH        value    --seq-length                    128"
+  "MICRO_BATCH_SIZE  value    --micro-batch-size              4"
+  "GLOBAL_BATCH_SIZE value    --global-batch-size             8"
+  "TRAIN_ITERS       value    --train-iters                   6     required at full scale"
+  "LR                value    --lr                            1e-3"
+  "MIN_LR            value    --min-lr                        1e-4"
+  "LR_WARMUP_ITERS   value    --lr-warmup-iters               1"
+  "WEIGHT_DECAY      value    --weight-decay                  -"
+  "CLIP_GRAD         value    --clip-grad                     -"
+  "PRECISION_ARGS    flags    --bf16,--fp16,--fp8-format      none  e.g. \"--bf16 --fp8-format hybrid\" (TE)"
+  "RECOMPUTE_ARGS    flags    --recompute-granularity,--recompute-method,--recompute-num-layers none"
+  "DATA_PATH         words    --data-path                     -     required: PREFIX or \"W1 PREFIX1 W2 PREFIX2 ...\""
+  "VALID_DATA_PATH   words    --valid-data-path               -     held-out prefixes (then SPLIT is unused)"
+  "SPLIT             value    --split                         -     train,valid,test of the packs (100,0,0: all train)"
+  "TOKENIZER_MODEL   value    --tokenizer-model               -     required (tools/create_solo_tokenizer.py)"
+  "LOSS_ROLE         value    --loss-role                     -"
+  "SEED              value    --seed                          -"
+  "SAVE_INTERVAL     value    --save-interval                 1000"
+  "EVAL_INTERVAL     value    --eval-interval                 1000"
+  "EVAL_ITERS        value    --eval-iters                    1"
+  "LOG_INTERVAL      value    --log-interval                  -"
+  "TENSORBOARD_DIR   value    --tensorboard-dir               -"
+)
+EXTRA_ARGS=${EXTRA_ARGS:-}  # appended last, after the script's own arguments: any flag of the trainer
+
+# torchrun's arguments: one node of 8 GPUs unless the table's variables (or SLURM) say otherwise.
+DISTRIBUTED_ARGS=(
+    --nproc-per-node 8
+    --nnodes 1
+    --node-rank 0
+    --master-addr 127.0.0.1
+    --master-port 29500
+)
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then  # one task per node (slurm_submit.sh): SLURM says where this one is
+  NNODES=${NNODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-}}}
+  NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-}}
   if [[ -z "${MASTER_ADDR:-}" && -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null; then
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   fi
 fi
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-
-if [[ "$PRESET" == "tiny" ]]; then
-  # A CPU-sized run of the same launcher: 2 processes over gloo, a few iterations.
-  GPUS_PER_NODE=${GPUS_PER_NODE:-2}
-  TP=${TP:-2}; PP=${PP:-1}
-  SEQ_LENGTH=${SEQ_LENGTH:-128}
-  MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-4}
-  GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-8}
-  TRAIN_ITERS=${TRAIN_ITERS:-6}
-  LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-1}
-  LR=${LR:-1e-3}; MIN_LR=${MIN_LR:-1e-4}
-  PRECISION_ARGS=${PRECISION_ARGS:-}
-  RECOMPUTE_ARGS=${RECOMPUTE_ARGS:-}
-  SAVE_INTERVAL=${SAVE_INTERVAL:-1000}
-  EVAL_INTERVAL=${EVAL_INTERVAL:-1000}
-  EVAL_ITERS=${EVAL_ITERS:-1}
-  LOG_INTERVAL=${LOG_INTERVAL:-1}
-else
-  # SOLO-7B's recipe on 8 GPUs (SOLO_SPEC): TP=2, DP=4, seq 32768 packed, global batch 128.
-  GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-  TP=${TP:-2}; PP=${PP:-1}
-  SEQ_LENGTH=${SEQ_LENGTH:-32768}
-  MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}
-  GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-128}
-  LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-200}
-  LR=${LR:-5e-5}; MIN_LR=${MIN_LR:-5e-6}
-  PRECISION_ARGS=${PRECISION_ARGS:---bf16}
-  RECOMPUTE_ARGS=${RECOMPUTE_ARGS:---recompute-granularity full --recompute-method uniform --recompute-num-layers 1}
-  SAVE_INTERVAL=${SAVE_INTERVAL:-500}
-  EVAL_INTERVAL=${EVAL_INTERVAL:-500}
-  EVAL_ITERS=${EVAL_ITERS:-10}
-  LOG_INTERVAL=${LOG_INTERVAL:-1}
+# The recipes name these as Megatron-LM's examples name theirs ("$DATA_PATH"): inputs without a default.
+DRY_RUN=${DRY_RUN:-0}  # 1: plan the job in one process (--dry-run), no data needed
+if [[ "$DRY_RUN" == 1 ]]; then  # placeholders where the plan needs no input (tiny has its TRAIN_ITERS)
+  DATA_PATH=${DATA_PATH:-none}
+  [[ "${PRESET:-}" == tiny ]] || TRAIN_ITERS=${TRAIN_ITERS:-1}
 fi
-WEIGHT_DECAY=${WEIGHT_DECAY:-0.1}
-CLIP_GRAD=${CLIP_GRAD:-1.0}
-LOSS_ROLE=${LOSS_ROLE:-assistant}
-SEED=${SEED:-1234}
-DIST_OPT_ARGS=${DIST_OPT_ARGS:---use-distributed-optimizer}
-EXTRA_ARGS=${EXTRA_ARGS:-}
+DATA_PATH=${DATA_PATH:-} TOKENIZER_MODEL=${TOKENIZER_MODEL:-} TRAIN_ITERS=${TRAIN_ITERS:-}
 
-# --- `bash examples/<phase>.sh --help`: the launcher's own header, then every variable it reads --------
+# apply_launcher_vars torchrun|trainer TOKENS...: TOKENS with the table's rows of that kind applied (the
+# `torchrun` rows to torchrun's arguments, the others to the trainer's), into APPLIED. Each row's value in
+# effect goes into NOW[VARIABLE]; a flag left without a value puts its variable into UNSET (a required input).
+declare -A NOW=()
+UNSET=()
+apply_launcher_vars() {
+  local scope=$1; shift
+  local tokens=("$@") row var kind flags tiny what i override have
+  for row in "${LAUNCHER_VARS[@]}"; do
+    read -r var kind flags tiny what <<<"$row"
+    [[ ($scope == torchrun && $kind == torchrun) || ($scope != torchrun && $kind != torchrun) ]] || continue
+    have=0  # the override: the environment's value, else the TINY column's under PRESET=tiny
+    if [[ $kind == flags ]]; then [[ -n "${!var+x}" ]] && { override=${!var}; have=1; }
+    elif [[ -n "${!var:-}" ]]; then override=${!var}; have=1
+    fi
+    if ((!have)) && [[ "${PRESET:-}" == tiny && $tiny != - ]]; then override=${tiny/#none/}; have=1; fi
+    # Take the row's flags out of the tokens with the words that follow each (up to the next flag; one
+    # for a `value`); the value in effect goes back where the first of them stood.
+    local kept=() value=() at=-1
+    for ((i = 0; i < ${#tokens[@]}; i++)); do
+      if [[ ",$flags," != *",${tokens[i]},"* ]]; then kept+=("${tokens[i]}"); continue; fi
+      ((at < 0)) && at=${#kept[@]}
+      [[ $kind == flags ]] && value+=("${tokens[i]}")
+      while ((i + 1 < ${#tokens[@]})) && [[ ${tokens[i + 1]} != --* ]]; do
+        value+=("${tokens[++i]}")
+        [[ $kind == value || $kind == torchrun ]] && break
+      done
+    done
+    if ((have)); then
+      if [[ $kind == words || $kind == flags ]]; then read -ra value <<<"$override"; else value=("$override"); fi
+    elif [[ $kind == words ]]; then
+      read -ra value <<<"${value[*]}"  # the recipe's "$DATA_PATH": a blend is several words
+    fi
+    NOW[$var]="${value[*]}"
+    ((at < 0)) && { ((${#value[@]})) || continue; at=${#kept[@]}; }  # a flag the recipe leaves out: added
+    if [[ $kind != flags ]]; then
+      [[ -z "${value[*]}" ]] && { UNSET+=("$var"); value=(""); }
+      value=("${flags%%,*}" "${value[@]}")
+    fi
+    tokens=("${kept[@]:0:at}" "${value[@]}" "${kept[@]:at}")
+  done
+  APPLIED=("${tokens[@]}")
+}
+
+# --- `bash examples/<phase>.sh --help`: the script's own header, then every variable with its value now ----
 launcher_help() {
   sed -n '2,/^set -euo pipefail/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
   echo
-  echo "Variables (environment), their value now (PRESET=$PRESET), and what they set. PRESET=tiny makes a"
-  echo "2-process CPU run (TP=2, seq 128, a few iterations); the others are SOLO-7B's recipe on 8 GPUs."
-  local row='  %-46s %s\n'
-  printf "$row" "PRESET=$PRESET" "--model (solo-7b | tiny)"
-  printf "$row" "DATA_PATH=${DATA_PATH:-<required>}" "--data-path: PREFIX or \"W1 PREFIX1 W2 PREFIX2 ...\""
-  printf "$row" "TOKENIZER_MODEL=${TOKENIZER_MODEL:-<required>}" "--tokenizer-model (tools/create_solo_tokenizer.py)"
-  printf "$row" "TRAIN_ITERS=${TRAIN_ITERS:-<required>}" "--train-iters"
-  printf "$row" "SPLIT=${SPLIT:-99,1,0}" "--split train,valid,test of DATA_PATH's packs (100,0,0: all train)"
-  printf "$row" "VALID_DATA_PATH=${VALID_DATA_PATH:-}" "--valid-data-path: held-out prefixes (SPLIT unused)"
-  printf "$row" "GPUS_PER_NODE=$GPUS_PER_NODE NNODES=$NNODES NODE_RANK=$NODE_RANK" "torchrun --nproc-per-node, --nnodes, --node-rank"
-  printf "$row" "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT" "torchrun --master-addr, --master-port"
-  printf "$row" "TP=$TP PP=$PP" "--tensor-model-parallel-size, --pipeline-model-parallel-size"
-  printf "$row" "SEQ_LENGTH=$SEQ_LENGTH" "--seq-length"
-  printf "$row" "MICRO_BATCH_SIZE=$MICRO_BATCH_SIZE GLOBAL_BATCH_SIZE=$GLOBAL_BATCH_SIZE" "--micro-batch-size, --global-batch-size"
-  printf "$row" "LR=$LR MIN_LR=$MIN_LR LR_WARMUP_ITERS=$LR_WARMUP_ITERS" "--lr, --min-lr, --lr-warmup-iters (cosine)"
-  printf "$row" "WEIGHT_DECAY=$WEIGHT_DECAY CLIP_GRAD=$CLIP_GRAD" "--weight-decay, --clip-grad (Adam betas 0.9/0.95)"
-  printf "$row" "PRECISION_ARGS=\"$PRECISION_ARGS\"" "flags as given (--bf16, --fp8-format hybrid ...)"
-  printf "$row" "RECOMPUTE_ARGS=\"$RECOMPUTE_ARGS\"" "flags as given (--recompute-*)"
-  printf "$row" "DIST_OPT_ARGS=\"$DIST_OPT_ARGS\"" "flags as given"
-  printf "$row" "SAVE_INTERVAL=$SAVE_INTERVAL EVAL_INTERVAL=$EVAL_INTERVAL" "--save-interval, --eval-interval"
-  printf "$row" "EVAL_ITERS=$EVAL_ITERS LOG_INTERVAL=$LOG_INTERVAL" "--eval-iters, --log-interval"
-  printf "$row" "LOSS_ROLE=$LOSS_ROLE SEED=$SEED" "--loss-role, --seed"
-  printf "$row" "TENSORBOARD_DIR=${TENSORBOARD_DIR:-}" "--tensorboard-dir"
-  printf "$row" "EXTRA_ARGS=\"$EXTRA_ARGS\"" "appended last: any flag of the trainer"
-  printf "$row" "PYTHON=$PYTHON" "the interpreter"
+  echo "Variables (environment), their value now (PRESET=${NOW[PRESET]}), and the flag each sets. PRESET=tiny"
+  echo "makes a 2-process CPU run (seq 128, a few iterations); the others are this phase's recipe above."
+  local row var kind flags tiny what value
+  for row in "${LAUNCHER_VARS[@]}"; do
+    read -r var kind flags tiny what <<<"$row"
+    value=${NOW[$var]-}
+    if [[ -z $value && " ${UNSET[*]} " == *" $var "* ]]; then value="<required>"
+    elif [[ $kind == words || $kind == flags ]]; then value="\"$value\""
+    fi
+    [[ $kind == flags ]] && flags="in place of ${flags//,/, }"
+    [[ $kind == torchrun ]] && flags="torchrun $flags"
+    printf '  %-46s %s\n' "$var=$value" "$flags${what:+: $what}"
+  done
+  printf '  %-46s %s\n' "EXTRA_ARGS=\"$EXTRA_ARGS\"" "appended last: any flag of the trainer" \
+    "DRY_RUN=$DRY_RUN" "1: plan the job in one process (--dry-run), no data needed" "PYTHON=$PYTHON" "the interpreter"
   echo "Arguments after the script name go to the trainer too ($PYTHON -m megatron_solo.train --help)."
   echo "The settings are checked in one process (megatron_solo.training.preflight) before torchrun starts:"
   echo "a mistake is one 'error:' line and exit code 2."
 }
-case "${1:-}" in -h|--help) launcher_help; exit 0 ;; esac
 
-# run_phase NAME SAVE_DIR INIT_CKPT [extra train flags...]
-# Resumes SAVE_DIR when it holds a checkpoint; otherwise starts from INIT_CKPT with --finetune
-# (weights only: how each stage starts from the previous one), or from scratch when INIT_CKPT is empty.
+# run_phase NAME SAVE_DIR INIT_CKPT [the script's arguments...]: the phase's recipe arrays (MODEL_ARGS,
+# MODEL_PARALLEL_ARGS, TRAINING_ARGS, DATA_ARGS, EVAL_AND_LOGGING_ARGS) with the launcher variables applied.
+# Resumes SAVE_DIR when it holds a checkpoint; otherwise starts from INIT_CKPT with --finetune (weights
+# only: how each stage starts from the previous one), or from scratch when INIT_CKPT is empty.
+# SAVE_VAR/INIT_VAR (set by the phase script) name the checkpoint variables in error lines.
 run_phase() {
   local name=$1 save_dir=$2 init_ckpt=$3; shift 3
-  local missing
-  local dry=${DRY_RUN:-0}  # DRY_RUN=1: plan the job in one process (--dry-run), no data needed
-  [[ "$dry" == 1 ]] && { DATA_PATH=${DATA_PATH:-none}; TRAIN_ITERS=${TRAIN_ITERS:-1}; TOKENIZER_MODEL=${TOKENIZER_MODEL:-}; }
-  for missing in DATA_PATH TOKENIZER_MODEL TRAIN_ITERS; do
-    if [[ -z "${!missing:-}" && "$dry" != 1 ]]; then
-      echo "error: set $missing (bash $0 --help lists every variable)" >&2
-      exit 2
-    fi
-  done
-  # Which launcher variables hold the checkpoints (SAVE_VAR/INIT_VAR, set by the launcher), for error lines.
+  apply_launcher_vars torchrun "${DISTRIBUTED_ARGS[@]}"
+  local torchrun_args=("${APPLIED[@]}")
+  apply_launcher_vars trainer "${MODEL_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${TRAINING_ARGS[@]}" \
+    "${DATA_ARGS[@]}" "${EVAL_AND_LOGGING_ARGS[@]}"
+  local recipe=("${APPLIED[@]}")
+  case "${1:-}" in -h|--help) launcher_help; exit 0 ;; esac
+  if [[ ${#UNSET[@]} -gt 0 && "$DRY_RUN" != 1 ]]; then
+    echo "error: set ${UNSET[0]} (bash $0 --help lists every variable)" >&2
+    exit 2
+  fi
   local load_var=${INIT_VAR:-INIT_CKPT}
   local load_args=()
   if [[ -f "$save_dir/latest_checkpointed_iteration.txt" ]]; then
     load_args=(--load "$save_dir")
     load_var=${SAVE_VAR:-}
-  elif [[ -n "$init_ckpt" ]] && [[ "$dry" != 1 || -d "$init_ckpt" ]]; then
+  elif [[ -n "$init_ckpt" ]] && [[ "$DRY_RUN" != 1 || -d "$init_ckpt" ]]; then
     load_args=(--load "$init_ckpt" --finetune)
   fi
-  local valid_args=()
-  [[ -n "${VALID_DATA_PATH:-}" ]] && valid_args=(--valid-data-path $VALID_DATA_PATH)
-  local tb_args=()
-  [[ -n "${TENSORBOARD_DIR:-}" ]] && tb_args=(--tensorboard-dir "$TENSORBOARD_DIR")
-  # shellcheck disable=SC2086
-  local train_args=(
-    --model "$PRESET" \
-    --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" $DIST_OPT_ARGS \
-    --seq-length "$SEQ_LENGTH" --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE" \
-    --train-iters "$TRAIN_ITERS" \
-    --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine --lr-warmup-iters "$LR_WARMUP_ITERS" \
-    --weight-decay "$WEIGHT_DECAY" --clip-grad "$CLIP_GRAD" --adam-beta1 0.9 --adam-beta2 0.95 \
-    $PRECISION_ARGS $RECOMPUTE_ARGS \
-    --data-path $DATA_PATH "${valid_args[@]}" --split "${SPLIT:-99,1,0}" \
-    --tokenizer-model "$TOKENIZER_MODEL" --loss-role "$LOSS_ROLE" --seed "$SEED" \
-    --save "$save_dir" --save-interval "$SAVE_INTERVAL" "${load_args[@]}" \
-    --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS" --log-interval "$LOG_INTERVAL" \
-    "${tb_args[@]}" --exit-signal-handler \
-    "$@" $EXTRA_ARGS
-  )
-  if [[ "$dry" == 1 ]]; then  # torchrun's world size, one process: megatron_solo/training/dry_run.py
-    WORLD_SIZE=$((GPUS_PER_NODE * NNODES)) exec "$PYTHON" -m megatron_solo.train "${train_args[@]}" --dry-run
+  # shellcheck disable=SC2206  # EXTRA_ARGS is flags as given
+  local train_args=("${recipe[@]}" --save "$save_dir" "${load_args[@]}" "$@" $EXTRA_ARGS)
+  local gpus=${NOW[GPUS_PER_NODE]} nnodes=${NOW[NNODES]}
+  if [[ "$DRY_RUN" == 1 ]]; then  # torchrun's world size, one process: megatron_solo/training/dry_run.py
+    WORLD_SIZE=$((gpus * nnodes)) exec "$PYTHON" -m megatron_solo.train "${train_args[@]}" --dry-run
   fi
-  # Pre-flight: the trainer's own checks in one process, before torchrun (a mistake: one line, exit 2).
-  local vars="model=PRESET tensor-model-parallel-size=TP pipeline-model-parallel-size=PP seq-length=SEQ_LENGTH
-    micro-batch-size=MICRO_BATCH_SIZE global-batch-size=GLOBAL_BATCH_SIZE train-iters=TRAIN_ITERS lr=LR min-lr=MIN_LR
-    lr-warmup-iters=LR_WARMUP_ITERS weight-decay=WEIGHT_DECAY clip-grad=CLIP_GRAD data-path=DATA_PATH
-    valid-data-path=VALID_DATA_PATH split=SPLIT tokenizer-model=TOKENIZER_MODEL loss-role=LOSS_ROLE seed=SEED
-    save-interval=SAVE_INTERVAL eval-interval=EVAL_INTERVAL eval-iters=EVAL_ITERS log-interval=LOG_INTERVAL
-    bf16=PRECISION_ARGS fp16=PRECISION_ARGS fp8-format=PRECISION_ARGS recompute-granularity=RECOMPUTE_ARGS
-    recompute-method=RECOMPUTE_ARGS ${SAVE_VAR:+save=$SAVE_VAR} ${load_var:+load=$load_var finetune=$load_var}"
-  "$PYTHON" -m megatron_solo.training.preflight --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" \
-    --launcher-vars "$vars" -- "${train_args[@]}" || exit $?
-  echo "== $name: $NNODES node(s) x $GPUS_PER_NODE process(es), TP=$TP PP=$PP, preset $PRESET, save $save_dir" >&2
-  exec "$PYTHON" -m torch.distributed.run \
-    --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
-    --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-    -m megatron_solo.train "${train_args[@]}"
+  # Pre-flight: the trainer's own checks in one process, before torchrun (a mistake: one line, exit 2),
+  # told by the table which variable sets which flag.
+  local row var kind flags tiny what flag names=()
+  for row in "${LAUNCHER_VARS[@]}"; do
+    read -r var kind flags tiny what <<<"$row"
+    for flag in ${flags//,/ }; do names+=("${flag#--}=$var"); done
+  done
+  names+=(${SAVE_VAR:+save=$SAVE_VAR} ${load_var:+load=$load_var finetune=$load_var})
+  "$PYTHON" -m megatron_solo.training.preflight --nproc-per-node "$gpus" --nnodes "$nnodes" \
+    --launcher-vars "${names[*]}" -- "${train_args[@]}" || exit $?
+  echo "== $name: $nnodes node(s) x $gpus process(es), TP=${NOW[TP]} PP=${NOW[PP]}, preset ${NOW[PRESET]}," \
+    "save $save_dir" >&2
+  exec "$PYTHON" -m torch.distributed.run "${torchrun_args[@]}" -m megatron_solo.train "${train_args[@]}"
 }

@@ -3,7 +3,9 @@
 ``examples/common.sh`` runs ``python -m megatron_solo.training.preflight --nproc-per-node N --nnodes M
 --launcher-vars "FLAG=VAR ..." -- <the trainer's flags>`` and starts torchrun only when it exits 0, so a
 mistake is one ``error:`` line, printed once, naming the launcher variable to change, and no process
-group, torchrun agent or traceback is ever started. The checks are the trainer's own:
+group, torchrun agent or traceback is ever started. ``--launcher-vars`` comes from the launchers' table of
+variables (``LAUNCHER_VARS`` in common.sh, the one place a variable is tied to its flag; torchrun's
+``nproc-per-node``/``nnodes`` included). The checks are the trainer's own:
 
 1. the flags (:func:`megatron_solo.training.arguments.validate_args` and the resume decision), with the
    world size torchrun would make;
@@ -68,7 +70,7 @@ def _with_launcher_names(msg: str, names: dict[str, str]) -> str:
             found.append(var)
     if "world size" in msg:  # torchrun's process count against TP x PP x CP
         found += [v for v in (names.get("tensor-model-parallel-size"), names.get("pipeline-model-parallel-size"),
-                              "GPUS_PER_NODE", "NNODES") if v and v not in found]
+                              names.get("nproc-per-node"), names.get("nnodes")) if v and v not in found]
     return f"{msg} (launcher: set {', '.join(found)})" if found and names else msg
 
 
