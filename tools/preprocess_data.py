@@ -19,11 +19,13 @@ from megatron_solo.data.chat_templates import CHAT_TEMPLATES
 from megatron_solo.data.encode import FORMATS
 from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS
 from megatron_solo.data.image_storage import IMAGE_STORAGES
-from megatron_solo.data.parquet_input import LAYOUTS, ParquetColumns, ParquetInputError
-from megatron_solo.data.preprocess import BadTokenizer, InputNotFound, PreprocessConfig, TooManyErrors, preprocess
+from megatron_solo.data.parquet_input import LAYOUTS, ParquetColumns
+from megatron_solo.data.preprocess import PreprocessConfig, preprocess
 from megatron_solo.data.worker_pool import WorkerDied
+from megatron_solo.errors import entry_point, print_error
 
 
+@entry_point  # too many skips (exit 1), a missing --input, a bad --tokenizer-model or Parquet layout (exit 2)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
@@ -82,21 +84,9 @@ def main(argv=None) -> int:
         parquet=ParquetColumns(a.parquet_layout, a.image_column, a.text_column, a.messages_column))
     try:
         stats = preprocess(cfg)
-    except TooManyErrors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ParquetInputError as e:  # a user mistake about the inputs: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except InputNotFound as e:
-        print(f"error: --input {e} does not exist", file=sys.stderr)
-        return 2
-    except BadTokenizer as e:
-        print(f"error: --tokenizer-model: {e}", file=sys.stderr)
-        return 2
-    except WorkerDied as e:
-        print(f"error: {e}; no prefix written" + (" (complete shards are kept; rerun to resume)" if a.shard_size
-                                                  else ""), file=sys.stderr)
+    except WorkerDied as e:  # the pool's error, said as this tool's outcome
+        print_error(f"{e}; no prefix written" + (" (complete shards are kept; rerun to resume)" if a.shard_size
+                                                 else ""))
         return 1
     except KeyboardInterrupt:
         print("interrupted: no prefix written" + (" (complete shards are kept; rerun to resume)" if a.shard_size

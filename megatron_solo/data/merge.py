@@ -16,6 +16,11 @@ from megatron_solo.data.indexed import (
     remove_prefix,
 )
 from megatron_solo.data.stats import PrefixStats
+from megatron_solo.errors import InputError
+
+
+class MergeInputError(InputError, ValueError):
+    """An input the merge cannot take: not a complete prefix, or another image storage (exit 2)."""
 
 
 def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) -> dict:
@@ -27,10 +32,10 @@ def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) ->
         return {"skipped_existing": True}
     for p in inputs:
         if not prefix_complete(p):
-            raise FileNotFoundError(f"{p} is not a complete prefix")
+            raise MergeInputError(f"{p} is not a complete prefix")
     storages = sorted({prefix_storage(p) for p in inputs})
     if len(storages) > 1:
-        raise ValueError(f"cannot merge prefixes of different image storages {storages}; preprocess them alike")
+        raise MergeInputError(f"cannot merge prefixes of different image storages {storages}; preprocess them alike")
     suffixes = STORAGE_SUFFIXES[storages[0]]
     remove_prefix(output_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from megatron_solo.data.errors import SkipRecord
+from megatron_solo.errors import InputError
 
 LAYOUTS = ("auto", "llava", "chat", "caption")
 TEXT_COLUMNS = ("text", "caption", "txt")
 BATCH_ROWS = 64
 
 
-class ParquetInputError(ValueError):
+class ParquetInputError(InputError, ValueError):
     """A .parquet input the flags do not describe (a user mistake: one ``error:`` line, exit 2)."""
 
 

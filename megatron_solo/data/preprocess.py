@@ -32,8 +32,9 @@ from megatron_solo.data.indexed import Packer, SoloPrefixWriter, prefix_complete
 from megatron_solo.data.readers import iter_records, record_messages
 from megatron_solo.data.shards import shard_list_path, shard_prefix
 from megatron_solo.data.stats import PrefixStats
-from megatron_solo.data.tokenizer import SoloTokenizer
+from megatron_solo.data import tokenizer as solo_tokenizer
 from megatron_solo.data.worker_pool import OrderedWorkerPool
+from megatron_solo.errors import InputError, UserError
 
 logger = logging.getLogger("megatron_solo.preprocess")
 
@@ -63,24 +64,26 @@ class PreprocessConfig:
     image_storage: str = "encoded"  # or "patches" (megatron_solo.data.image_storage; docs/DATA_FORMAT.md: why)
     parquet: Optional[object] = None  # ParquetColumns: layout and column names for .parquet inputs
     shard_size: Optional[int] = None  # input records per shard PREFIX_00000, ... (megatron_solo.data.shards)
+    vocab: Optional[dict] = None  # the tokenizer's SoloVocab.to_dict(), set by preprocess(); every prefix's stats keep it
 
 
-class TooManyErrors(RuntimeError):
-    pass
+class TooManyErrors(UserError):
+    """More records skipped than ``--max-error-rate`` allows (exit 1; no prefix is left)."""
 
 
-class BadTokenizer(ValueError):
-    """``--tokenizer-model`` is missing, not a SentencePiece model, or not SOLO's (checked before any work)."""
+class BadTokenizer(InputError, ValueError):
+    """``--tokenizer-model`` is missing, not a tokenizer, or not SOLO's (checked before any work)."""
 
 
-def check_tokenizer(path: str) -> None:
+def check_tokenizer(path: str):
+    """The one tokenizer check (:func:`megatron_solo.data.tokenizer.check_tokenizer`); returns the tokenizer."""
     try:
-        SoloTokenizer(path).check_solo_ids()
-    except (OSError, RuntimeError, ValueError) as e:  # SentencePiece says RuntimeError/OSError on a bad file
-        raise BadTokenizer(str(e).strip().splitlines()[-1]) from None
+        return solo_tokenizer.check_tokenizer(path)
+    except solo_tokenizer.TokenizerError as e:
+        raise BadTokenizer(f"--tokenizer-model: {e}") from None
 
 
-class InputNotFound(FileNotFoundError):
+class InputNotFound(InputError):
     """An ``--input`` file that does not exist (checked before anything is started or written)."""
 
 
@@ -102,7 +105,7 @@ def _init_worker(tokenizer_model, fmt, image_root, exif_transpose, max_image_pix
     global _ENCODER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt means
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    tok = SoloTokenizer(tokenizer_model)
+    tok = solo_tokenizer.load_tokenizer(tokenizer_model)
     tok.check_solo_ids()
     _ENCODER = DocumentEncoder(tok, fmt, image_root=image_root, exif_transpose=exif_transpose,
                                max_image_pixels=max_image_pixels, chat_template=chat_template,
@@ -190,8 +193,9 @@ def preprocess(cfg: PreprocessConfig, records=None) -> dict:
     """
     for p in cfg.inputs:
         if not os.path.isfile(p):
-            raise InputNotFound(p)
-    check_tokenizer(cfg.tokenizer_model)  # here, once: not as a traceback from every worker
+            raise InputNotFound(f"--input {p} does not exist")
+    vocab = check_tokenizer(cfg.tokenizer_model).vocab  # here, once: not as a traceback from every worker
+    cfg = replace(cfg, vocab=vocab.to_dict())
     if cfg.shard_size:
         with encoder_pool(cfg) as pool:
             return preprocess_sharded(cfg, pool)
@@ -207,7 +211,7 @@ def _preprocess_prefix(cfg: PreprocessConfig, records=None, pool=None) -> dict:
     prefix = cfg.output_prefix
     remove_prefix(prefix)  # a stale incomplete prefix, or the old one with --overwrite
     t0 = time.time()
-    stats = PrefixStats()
+    stats = PrefixStats(vocab=cfg.vocab)
     writer = SoloPrefixWriter(prefix, use_cpp=cfg.use_cpp, image_storage=cfg.image_storage)
     packer = Packer(writer, cfg.seq_length)
     old_term = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _is_main_thread() else None
