@@ -6,7 +6,7 @@ A user mistake (a bad input, a held ``--save``, a full disk) is a :class:`UserEr
 traceback. :class:`InputError` is the start-up kind (exit 2, like a bad flag).
 
 Under torchrun the line is said once for the whole job (rank 0 says what every rank found; a fault raised
-by several ranks is said by one of them, :func:`print_error_once`), and the rank that says it also writes
+by several ranks is said by one of them, :func:`print_error_once`), and every rank that found it writes
 it to torchrun's error file (``TORCHELASTIC_ERROR_FILE``, the format of torch's ``@record``): torchrun's
 own failure report then names that line as the root cause instead of "To enable traceback see ...".
 torchrun itself always prints that report after a worker exits non-zero (torch/distributed/launcher/api.py
@@ -56,14 +56,16 @@ def _record_for_torchrun(line: str) -> None:
 
 
 def print_error(msg: str, *, all_ranks: bool = False) -> None:
-    """One ``error:`` line on stderr, by rank 0 only unless ``all_ranks`` (a fault seen by one rank)."""
+    """One ``error:`` line on stderr, by rank 0 only unless ``all_ranks`` (a fault seen by one rank).
+    Every rank that calls it records the line for torchrun: the agent names whichever worker exited first
+    as the root cause, and a quiet rank may be the first to exit."""
+    line = f"error: {msg}"
+    _record_for_torchrun(line)
     if all_ranks or global_rank() == 0:
-        line = f"error: {msg}"
         try:
             print(line, file=sys.stderr, flush=True)
         except (BrokenPipeError, OSError):  # the terminal or the agent's pipe may be gone
             pass
-        _record_for_torchrun(line)
 
 
 ONE_LINE_WAIT_S = 5.0  # how long a rank other than 0 waits for rank 0 to report a fault, then reports it
@@ -78,6 +80,7 @@ def print_error_once(msg: str) -> None:
     in a collective, which a failed rank may be unable to join; the quiet ranks exit only once the line is
     printed, since torchrun stops every worker as soon as one exits. Without a process group (a world of
     one) or a reachable store, this rank prints."""
+    _record_for_torchrun(f"error: {msg}")  # this rank's own account, whichever rank prints
     dist = sys.modules.get("torch.distributed")  # never imported here: a fault before torch needs none
     if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         print_error(msg, all_ranks=True)

@@ -5,6 +5,7 @@ torchrun over gloo on the digits corpus and asserts what remains on disk."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -134,6 +135,30 @@ def test_entry_point_prints_one_line_on_rank_0_only(tmp_path):
         assert "Traceback" not in r.stderr
 
 
+_TORCHRUN_LOG = re.compile(r"^[EWI]\d{4} [\d:.]+ +\d+ .*torch/distributed/")  # a line logged by torchrun's agent
+
+
+def test_torchrun_by_hand_a_user_mistake_is_one_line_and_torchruns_root_cause(tmp_path):
+    """``torchrun --nproc-per-node 2 -m megatron_solo.train`` with a data prefix that does not exist: the job's
+    one ``error:`` line (rank 0's; rank 1 found the same and stays quiet), no worker traceback, and the last
+    line from the workers. torchrun then always reports a failed worker with its own traceback and table
+    (torch/distributed/launcher/api.py raises ChildFailedError for any non-zero exit): the worker records its
+    line in torchrun's error file, so that table's root cause is the same line, with the worker's exit code 2,
+    not "To enable traceback see ..."."""
+    missing = str(tmp_path / "missing")
+    p = _torchrun(2, ["--model", "tiny", "--seq-length", "128", "--train-iters", "2", "--data-path", missing])
+    out, _ = p.communicate(timeout=200)
+    assert p.returncode != 0
+    lines = out.splitlines()
+    mine = [i for i, l in enumerate(lines) if l.startswith("error:")]
+    assert len(mine) == 1 and lines[mine[0]].startswith(f"error: data prefix {missing}: missing"), out[-4000:]
+    report = next(i for i, l in enumerate(lines) if l.startswith("Traceback"))
+    assert all(_TORCHRUN_LOG.match(l) for l in lines[mine[0] + 1:report]), out[-4000:]  # then torchrun only
+    assert out.count("Traceback") == 1 and "ChildFailedError" in out[out.index("Traceback"):], out[-4000:]
+    root = out[out.index("Root Cause (first observed failure):"):]
+    assert "exitcode  : 2" in root and f"traceback : {lines[mine[0]]}" in root, out[-4000:]
+
+
 # ------------------------------------------------------------------------------- the --save lock
 def _dead_pid() -> int:
     p = subprocess.Popen(["true"])
@@ -223,6 +248,7 @@ def test_second_run_is_refused_and_workers_die_with_their_agent(digits_data, tmp
     assert b.returncode != 0
     errors = [l for l in b.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and f"is in use by another run (pid {holder['pid']} on " in errors[0], b.stderr[-3000:]
+    assert f"traceback : {errors[0]}" in b.stderr, b.stderr[-3000:]  # torchrun's report names the same line
     assert json.loads((ck / faults.LOCK_NAME).read_text())["owner"] == holder["owner"]
     assert a.poll() is None and not (tmp_path / "b" / "log.jsonl").exists()
 
