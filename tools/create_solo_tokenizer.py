@@ -15,9 +15,11 @@ import argparse
 import sys
 
 from megatron_solo.data.tokenizer import check_tokenizer, create_solo_tokenizer, mistral_tokenizer_path
+from megatron_solo.errors import UserError, entry_point
 from megatron_solo.spec import SOLO_SPECIAL_PIECES, pad_vocab_size
 
 
+@entry_point  # a base that cannot be read or extended is one error: line, exit 1
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True,
@@ -29,8 +31,7 @@ def main(argv=None) -> int:
         base = mistral_tokenizer_path() if args.base == "mistral-common" else args.base
         path = create_solo_tokenizer(base, args.output)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UserError(str(e)) from None
     tok = check_tokenizer(path)
     v = tok.vocab
     added = v.size - v.base_size
