@@ -92,6 +92,19 @@ def test_mistakes_through_the_launchers_are_one_line_before_torchrun(digits_data
     assert line.startswith("error: set DATA_PATH")
 
 
+def test_a_launcher_plans_its_full_scale_recipe_through_the_variable_table():
+    """DRY_RUN=1 (one process, no data): stage 0's recipe arrays reach the trainer as SOLO-7B's recipe
+    (seq 32768, global batch 128, bf16, distributed optimizer, TP 2, the LLM frozen), and the table's rows
+    apply: GPUS_PER_NODE sets torchrun's world size, RECOMPUTE_ARGS set empty takes the recipe's
+    --recompute-* flags out."""
+    r = _launch("stage0_align.sh", DRY_RUN="1", GPUS_PER_NODE="4", RECOMPUTE_ARGS="")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    plan = r.stdout
+    assert "dry run: world 4 = TP 2 x PP 1 x DP 2, distributed optimizer, bfloat16 weights\n" in plan, plan[:2000]
+    assert "batch: micro 1 x seq 32768, global 128 (64 micro-batches per DP rank)" in plan
+    assert "(12,582,912 trained)" in plan  # --freeze-lm: the patch embedding 3072 x 4096 only
+
+
 def test_a_bad_flag_under_torchrun_is_printed_by_rank_0_only(digits_data):
     cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "megatron_solo.train", "--model", "tiny", "--seq-length", "128", "--train-iters", "2",
