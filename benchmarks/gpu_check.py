@@ -10,7 +10,7 @@
 3. training throughput of a ~1B-parameter SOLO model (Mistral shapes scaled down: 18 layers, hidden 2048,
    16 heads, 4 query groups, head dim 128, FFN 5632, window 4096), bf16, seq 4096, packed multimodal
    micro-batches (several documents per row, each an image block of <vpatch> rows plus text, with the
-   patches), through the real training step (megatron_solo.training.loop: DDP, megatron-core optimizer,
+   patches), through the real training step (megatron_solo.training.trainer: DDP, megatron-core optimizer,
    forward-backward schedule); tokens/s, model TFLOP/s (megatron_solo.training.flops) and MFU;
 4. peak GPU memory; one table printed last; everything also written to OUT/gpu_check.json and the log.
 """
@@ -181,7 +181,7 @@ def logits_check(out_dir, device):
 def throughput(a, device):
     from train_step import megatron_setup, megatron_step_fn
 
-    from megatron_solo.training.flops import num_floating_point_operations
+    from megatron_solo.training.flops import flops_per_step
 
     argv = ["--model", "tiny", "--num-layers", str(a.layers), "--hidden-size", str(a.hidden),
             "--ffn-hidden-size", str(a.ffn), "--num-attention-heads", str(a.heads), "--num-query-groups",
@@ -193,12 +193,13 @@ def throughput(a, device):
             "--data-path", "unused", "--attention-backend", a.attention_backend]
     if a.bf16:
         argv.append("--bf16")
-    args, config, chunks, optimizer, scheduler = megatron_setup(argv)
+    cfg, trainer = megatron_setup(argv)
+    chunks = trainer.model_chunks
     n_params = sum(p.numel() for c in chunks for p in c.module.parameters())
     log(f"throughput model: {n_params / 1e9:.3f}B parameters, {a.layers} layers, hidden {a.hidden}, "
         f"FFN {a.ffn}, heads {a.heads}/{a.groups}, seq {a.seq_length}, micro-batch {a.micro_batch_size} x "
         f"{a.num_microbatches}, {'bf16' if a.bf16 else 'fp32'}, attention {a.attention_backend}")
-    step = megatron_step_fn(args, config, chunks, optimizer, scheduler)
+    step = megatron_step_fn(trainer)
     n_batches = a.warmup + a.steps
     data = [multimodal_batches(a.num_microbatches, a.micro_batch_size, a.seq_length, seed=i, device=device)
             for i in range(min(n_batches, 4))]
@@ -215,8 +216,8 @@ def throughput(a, device):
         if k >= a.warmup:
             times.append(dt)
     dt = statistics.median(times)
-    tokens = args.global_batch_size * args.seq_length
-    flops = num_floating_point_operations(args)
+    tokens = cfg.schedule.global_batch_size * cfg.schedule.seq_length
+    flops = flops_per_step(cfg)
     res = {"params_B": n_params / 1e9, "step_s_median": dt, "tokens_per_s": tokens / dt, "tflops": flops / dt / 1e12,
            "losses": losses}
     if str(device).startswith("cuda"):

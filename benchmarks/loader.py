@@ -104,16 +104,16 @@ def main(argv=None):
                   str(max(a.samples // a.micro_batch_size + 1, 8)), "--lr", "1e-4", "--min-lr", "1e-4",
                   "--lr-decay-style", "constant", "--data-path", *blend.split(), "--split", "1,0,0",
                   "--eval-iters", "0", "--tokenizer-model", tok]
-    args, config, chunks, optimizer, scheduler = megatron_setup(train_argv)
-    # As build_datasets(args) builds it, with test_samples=0: megatron-core's builder asserts on a
+    cfg, trainer = megatron_setup(train_argv)
+    # As the trainer's build_datasets builds it, with test_samples=0: megatron-core's builder asserts on a
     # weighted blend whose test split size is None (what build_datasets passes with --eval-iters 0).
     train_ds, _, _ = build_train_valid_test_datasets(
-        blend, split="1,0,0", seq_length=a.seq_length, train_samples=args.train_iters * args.global_batch_size,
-        valid_samples=0, test_samples=0, seed=args.seed, loss_role=args.loss_role)
+        blend, split="1,0,0", seq_length=a.seq_length, train_samples=cfg.schedule.train_iters * cfg.schedule.global_batch_size,
+        valid_samples=0, test_samples=0, seed=cfg.data.seed, loss_role=cfg.data.loss_role)
     print(f"blend: {type(train_ds).__name__} of {len(train_ds)} samples over {len(prefixes)} prefixes", flush=True)
 
     # ---- loader: --samples samples through MicroBatchStream (dataset __getitem__ + collate)
-    stream = MicroBatchStream(train_ds, args, consumed=0)
+    stream = MicroBatchStream(train_ds, cfg.schedule, consumed=0)
     n_steps = a.samples // a.micro_batch_size
     rss = {"start": rss_mib()}
     real_tokens = patches = images = 0
@@ -134,8 +134,8 @@ def main(argv=None):
           f"(end - start {rss['end'] - rss['start']:+.1f} MiB)", flush=True)
 
     # ---- consumption: the real training step on batches of the same dataset
-    step = megatron_step_fn(args, config, chunks, optimizer, scheduler)
-    stream = MicroBatchStream(train_ds, args, consumed=0)
+    step = megatron_step_fn(trainer)
+    stream = MicroBatchStream(train_ds, cfg.schedule, consumed=0)
     batches = [stream.global_step() for _ in range(a.train_steps + 2)]
     for b in batches[:2]:
         step(b)

@@ -29,7 +29,6 @@ import os
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 H100_BF16_DENSE_FLOPS = 989.4e12
 SIZES = ((320, 213), (640, 427), (1024, 683), (2048, 1365))
@@ -67,9 +66,9 @@ def gpu_patches_per_s(seq_length: int, patch_share: float, mfu: float) -> tuple[
     from megatron_solo.spec import SOLO_VOCAB_SIZE, pad_vocab_size
     from megatron_solo.training.flops import num_floating_point_operations
 
-    args = SimpleNamespace(model_args=SoloModelArgs.from_preset("solo-7b"), seq_length=seq_length,
-                           global_batch_size=1, padded_vocab_size=pad_vocab_size(SOLO_VOCAB_SIZE))
-    flops_per_token = num_floating_point_operations(args) / seq_length
+    flops_per_token = num_floating_point_operations(
+        SoloModelArgs.from_preset("solo-7b"), seq_length=seq_length, global_batch_size=1,
+        padded_vocab_size=pad_vocab_size(SOLO_VOCAB_SIZE)) / seq_length
     tokens = mfu * H100_BF16_DENSE_FLOPS / flops_per_token
     return tokens, tokens * patch_share
 

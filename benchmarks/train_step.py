@@ -73,59 +73,47 @@ def random_batches(n, mbs, seq, vocab, *, packed=False, seed=0, device="cpu"):
 
 # ------------------------------------------------------------------------------------------ ours
 def megatron_setup(argv):
-    """Parse training flags and build model chunks, optimizer, scheduler exactly as ``pretrain`` does."""
-    from megatron_solo import cpu_backend, parallel
-    from megatron_solo.model import build_transformer_config
-    from megatron_solo.training.arguments import parse_args
-    from megatron_solo.training.loop import build_model_chunks, build_optimizer_and_scheduler, wire_schedule
+    """Parse training flags and build the Trainer (model chunks, optimizer, scheduler) exactly as a run does;
+    the data stays unbuilt (batches are given to ``train_step``)."""
+    from megatron_solo import cpu_backend
+    from megatron_solo.training.arguments import build_parser
+    from megatron_solo.training.config import build_train_config
+    from megatron_solo.training.trainer import Trainer
 
-    args = parse_args(argv)
+    cfg = build_train_config(build_parser().parse_args(argv))
     cpu_backend.ensure()  # the trainer's own first step on a machine without CUDA
-    parallel.init_process_group()
-    parallel.initialize_model_parallel(seed=args.seed)
-    config = build_transformer_config(
-        args.model_args, bf16=args.bf16, fp16=args.fp16,
-        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers, use_te=args.use_te)
-    chunks = build_model_chunks(args, config)
-    optimizer, scheduler = build_optimizer_and_scheduler(args, chunks)
-    wire_schedule(args, config, chunks, optimizer)
-    return args, config, chunks, optimizer, scheduler
+    return cfg, Trainer(cfg)
 
 
-def megatron_step_fn(args, config, chunks, optimizer, scheduler):
-    from megatron_solo.training.loop import train_step
-
-    stats = {"images": 0}
-
+def megatron_step_fn(trainer):
     def step(micro_batches):
-        losses, _, skipped = train_step(args, config, chunks, optimizer, scheduler, micro_batches, stats)
-        assert not skipped, losses
-        return losses["lm loss"]
+        result = trainer.train_step(micro_batches)
+        assert not result.skipped, result.losses
+        return result.losses["lm loss"]
 
     return step
 
 
 # ------------------------------------------------------------------------------------------ HF
-def hf_model_from_ours(args, chunks):
+def hf_model_from_ours(cfg, chunks):
     """MistralForCausalLM of the same shape (padded vocabulary), weights copied from our model."""
     from transformers import MistralConfig, MistralForCausalLM
 
     from megatron_solo.convert.hf_config import conversion_shapes
     from megatron_solo.convert.mapping import bound_mappings
 
-    m = args.model_args
-    cfg = MistralConfig(
-        vocab_size=args.padded_vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+    m = cfg.model.args
+    hf_cfg = MistralConfig(
+        vocab_size=cfg.model.padded_vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_query_groups, head_dim=m.kv_channels,
         max_position_embeddings=m.max_position_embeddings, rope_theta=float(m.rotary_base),
         rms_norm_eps=m.norm_epsilon, sliding_window=m.sliding_window, tie_word_embeddings=False,
         attention_dropout=0.0, torch_dtype=torch.float32)
-    cfg._attn_implementation = "sdpa"
-    model = MistralForCausalLM(cfg)
-    shapes = conversion_shapes(m.to_dict(), padded_vocab_size=args.padded_vocab_size,
-                               vocab_size=args.padded_vocab_size)
+    hf_cfg._attn_implementation = "sdpa"
+    model = MistralForCausalLM(hf_cfg)
+    shapes = conversion_shapes(m.to_dict(), padded_vocab_size=cfg.model.padded_vocab_size,
+                               vocab_size=cfg.model.padded_vocab_size)
     ours = {n: p for n, p in chunks[0].module.named_parameters()}
     sd = {}
     with torch.no_grad():
@@ -145,14 +133,15 @@ def hf_hf_mask(batch, window):
     return ~packed_causal_mask(batch["doc_lengths"], batch["tokens"].size(1), window)
 
 
-def hf_step_fn(args, model, packed: bool):
+def hf_step_fn(cfg, model, packed: bool):
+    o = cfg.optimizer
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                            lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
                             foreach=True)
-    window = args.model_args.window_size
+    window = cfg.model.args.window_size
 
     def step(micro_batches):
         opt.zero_grad(set_to_none=True)
@@ -168,8 +157,8 @@ def hf_step_fn(args, model, packed: bool):
             loss = (ce * b["loss_mask"].view(-1)).sum() / n_tok
             loss.backward()
             total += float(loss)
-        if args.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        if o.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
         opt.step()
         return total
 
@@ -222,17 +211,18 @@ def main(argv=None):
                   str(a.micro_batch_size), "--global-batch-size", str(gbs), "--train-iters", "1000000",
                   "--lr", "1e-4", "--min-lr", "1e-4", "--lr-decay-style", "constant", "--weight-decay", "0.1",
                   "--clip-grad", "1.0", "--data-path", "unused", "--attention-backend", a.attention_backend]
-    args, config, chunks, optimizer, scheduler = megatron_setup(train_argv)
+    cfg, trainer = megatron_setup(train_argv)
+    chunks = trainer.model_chunks
     n_params = sum(p.numel() for p in chunks[0].module.parameters())
-    hf = hf_model_from_ours(args, chunks)
-    ours = megatron_step_fn(args, config, chunks, optimizer, scheduler)
-    base = hf_step_fn(args, hf, packed=a.packed)
+    hf = hf_model_from_ours(cfg, chunks)
+    ours = megatron_step_fn(trainer)
+    base = hf_step_fn(cfg, hf, packed=a.packed)
 
     n_batches = 8
-    batches = [random_batches(a.num_microbatches, a.micro_batch_size, a.seq_length, args.padded_vocab_size,
+    batches = [random_batches(a.num_microbatches, a.micro_batch_size, a.seq_length, cfg.model.padded_vocab_size,
                               packed=a.packed, seed=i) for i in range(n_batches)]
     tokens_per_step = gbs * a.seq_length
-    print(f"train_step: model {a.model} ({n_params / 1e6:.2f}M params, padded vocab {args.padded_vocab_size}), "
+    print(f"train_step: model {a.model} ({n_params / 1e6:.2f}M params, padded vocab {cfg.model.padded_vocab_size}), "
           f"seq {a.seq_length}, micro-batch {a.micro_batch_size} x {a.num_microbatches}, "
           f"{'packed' if a.packed else 'one document per row'}, attention {a.attention_backend}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)

@@ -1,16 +1,45 @@
 """Entry point of every training phase: ``torchrun ... -m megatron_solo.train --seq-length ... --data-path ...``.
 
-Flags follow Megatron-LM (``python -m megatron_solo.train --help``); see docs/TRAINING.md.
+Flags follow Megatron-LM (``python -m megatron_solo.train --help``); see docs/TRAINING.md. :func:`main` turns
+the flags into the run's :class:`~megatron_solo.training.config.TrainConfig` (a bad flag: one ``error:``
+line, exit 2), then plans (``--dry-run``) or trains (:class:`~megatron_solo.training.trainer.Trainer`).
 """
 
+import os
 import sys
 
-if __name__ == "__main__":  # the checkpoint writer spawns helpers: the guard keeps them from re-running this
-    from megatron_solo import quiet
-    from megatron_solo.training.arguments import build_parser
+from megatron_solo import quiet
+from megatron_solo.training.arguments import ArgumentError, build_parser
 
+
+def main(argv=None) -> int:
+    # Imported here, not at the top: --help (parsed before main) answers before torch and megatron-core load.
+    from megatron_solo import cpu_backend, mcore_fixes, parallel
+    from megatron_solo.training import faults
+    from megatron_solo.training.config import build_train_config
+    from megatron_solo.training.dry_run import run_dry_run
+    from megatron_solo.training.trainer import Trainer
+
+    faults.watch_parent()  # a torchrun worker exits (no save) when its agent dies
+    try:
+        cfg = build_train_config(build_parser().parse_args(argv))
+    except ArgumentError as e:  # a bad flag combination: one line, before anything is built
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank finds the same mistake; one says it
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if cfg.dry_run.enabled:  # plan only: no data, no GPU, no process group
+        return run_dry_run(cfg)
+    with faults.guarded_run(cfg):  # inputs checked, --save locked by rank 0; faults -> one error line
+        cpu_backend.ensure()  # megatron-core on CPU/gloo when CUDA is absent (a no-op otherwise)
+        mcore_fixes.apply()
+        trainer = Trainer(cfg)
+        summary = trainer.train()
+        trainer.close()
+        parallel.destroy()
+    return 2 if summary["exit_reason"] == "nan" else 0
+
+
+if __name__ == "__main__":  # the checkpoint writer spawns helpers: the guard keeps them from re-running this
     quiet.filter_known_warnings()  # before megatron-core is imported: its import-time warnings say nothing
     build_parser().parse_known_args()  # --help answers here, before torch and megatron-core load
-    from megatron_solo.training.loop import main
-
     sys.exit(main())

@@ -37,16 +37,15 @@ def _real_counts(layouts):
     and the full TP=1 model's count at each layout's padded vocabulary."""
     from megatron_solo.convert.megatron_io import build_full_model
     from megatron_solo.parallel import initialize_model_parallel
-    from megatron_solo.training.loop import build_model_chunks, build_model_config
+    from megatron_solo.training.model_setup import build_trained_chunks
 
     out = {}
     for name, flags in layouts.items():
         cfg = _config(flags)
-        initialize_model_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
-                                  cfg.virtual_pipeline_model_parallel_size)
-        chunks = build_model_chunks(cfg, build_model_config(cfg))
+        initialize_model_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.virtual_pipeline)
+        chunks = build_trained_chunks(cfg, cfg.transformer_config())
         out[name] = sum(p.numel() for c in chunks for p in c.module.parameters())
-        full = build_full_model(cfg.model_args, cfg.padded_vocab_size)  # collective (its groups): every rank
+        full = build_full_model(cfg.model.args, cfg.model.padded_vocab_size)  # collective (its groups): every rank
         out[name + "/full"] = sum(p.numel() for p in full.parameters())
     return out
 
@@ -67,12 +66,12 @@ def test_dry_run_counts_equal_the_real_model(real, world_env, layout):
 
     cfg = _config(LAYOUTS[layout])
     p = plan(cfg)
-    per_stage = WORLD // cfg.pipeline_model_parallel_size
+    per_stage = WORLD // cfg.parallel.pipeline
     for rank in range(WORLD):
         assert p["stages"][rank // per_stage]["parameters"] == real[rank][layout], (layout, rank)
     assert p["parameters_total"] == real[0][layout + "/full"]
-    m = cfg.model_args
-    assert p["padding_parameters"] == 2 * (cfg.padded_vocab_size - m.vocab_size) * m.hidden_size
+    m = cfg.model.args
+    assert p["padding_parameters"] == 2 * (cfg.model.padded_vocab_size - m.vocab_size) * m.hidden_size
 
 
 def test_dry_run_memory_terms(world_env):

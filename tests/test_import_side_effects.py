@@ -12,7 +12,7 @@ import torch
 originals = {"current_device": torch.cuda.current_device, "zeros": torch.zeros, "to": torch.Tensor.to,
              "type": torch.Tensor.type, "get_rng_state": torch.cuda.get_rng_state}
 modes_before = torch._C._len_torch_function_stack()
-import megatron_solo.model, megatron_solo.training, megatron_solo.training.loop, megatron_solo.convert
+import megatron_solo.model, megatron_solo.training, megatron_solo.training.trainer, megatron_solo.convert
 import megatron_solo.convert.megatron_io, megatron_solo.checkpoint, megatron_solo.parallel
 from megatron.core.optimizer import distrib_optimizer as dopt
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from megatron_solo.model.config import fp8_thd_pad_multiple, use_te_default
+from megatron_solo.model.config import fp8_thd_pad_multiple
 
 
 def document_ids(doc_lengths: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -111,14 +111,13 @@ def to_thd_batch(batch: dict, pad_multiple: int = 1, total_multiple: int = 1) ->
     return out
 
 
-def prepare_batch(batch: dict, config, *, thd: Optional[bool] = None) -> dict:
+def prepare_batch(batch: dict, config, *, thd: bool) -> dict:
     """The batch in the layout the model runs on: unchanged for the local spec, THD for TE.
 
-    ``thd`` defaults to "the TE spec is in use" (TE imports and a GPU is present). Use the returned
-    batch for both :func:`model_forward_kwargs` and :func:`solo_loss_func`.
+    ``thd`` is the caller's decision, the one the model's layer spec was built with (the trainer's
+    ``cfg.model.thd_batches``): derived here, it could disagree with the spec (a [b, s] model given THD
+    batches). Use the returned batch for both :func:`model_forward_kwargs` and :func:`solo_loss_func`.
     """
-    if thd is None:
-        thd = use_te_default()
     if not thd:
         return batch
     tp = config.tensor_model_parallel_size

@@ -1,14 +1,17 @@
 """Megatron-LM-style command line of ``python -m megatron_solo.train`` and its start-up checks.
 
-Every bad combination is reported by :func:`validate_args` as one line (``error: ...``) and exit code 2
-before anything heavy is built, never as a traceback from deep inside megatron-core.
+Every bad flag or combination is an :class:`ArgumentError` (one line, printed as ``error: ...`` with exit
+code 2 by the entry point) raised before anything heavy is built, never a traceback from deep inside
+megatron-core: :func:`validate_args` checks what needs nothing derived, and
+:func:`megatron_solo.training.config.build_train_config` what needs a derived size.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
+
+from megatron_solo.training import param_groups
 
 
 class ArgumentError(ValueError):
@@ -216,136 +219,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(msg: str):
+def fail(msg: str):
     raise ArgumentError(msg)
 
 
-def validate_args(args) -> argparse.Namespace:
-    """Check flag combinations; returns a checked copy with Megatron's derived sizes (world/dp sizes,
-    global batch, micro-batches, virtual pipeline size, model args). ``args`` itself is not changed;
-    :func:`megatron_solo.training.config.build_train_config` turns the copy into the run's config."""
-    from megatron_solo.model.config import SoloModelArgs
-
-    args = argparse.Namespace(**vars(args))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def validate_args(args) -> None:
+    """Check the flags and their combinations that need nothing derived; ``args`` is not changed. The
+    checks that need a derived size (world size, the model's shape, the layer spec) are made where that
+    size is derived, in :func:`megatron_solo.training.config.build_train_config`."""
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     for name, v in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp),
                     ("context-parallel-size", cp), ("micro-batch-size", args.micro_batch_size),
                     ("seq-length", args.seq_length)):
         if v < 1:
-            _fail(f"--{name} must be >= 1, got {v}")
-    if getattr(args, "num_workers", 0) < 0:
-        _fail(f"--num-workers must be >= 0, got {args.num_workers}")
-    if world % (tp * pp * cp):
-        _fail(f"world size {world} is not divisible by TP({tp}) x PP({pp}) x CP({cp})")
-    args.world_size = world
-    args.data_parallel_size = world // (tp * pp * cp)
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * args.data_parallel_size
-    if args.global_batch_size % (args.micro_batch_size * args.data_parallel_size):
-        _fail(f"--global-batch-size {args.global_batch_size} is not divisible by micro-batch-size "
-              f"({args.micro_batch_size}) x data-parallel size ({args.data_parallel_size})")
-    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * args.data_parallel_size)
+            fail(f"--{name} must be >= 1, got {v}")
+    if args.num_workers < 0:
+        fail(f"--num-workers must be >= 0, got {args.num_workers}")
     if (args.train_iters is None) == (args.train_samples is None):
-        _fail("give exactly one of --train-iters and --train-samples")
-    if args.train_samples is not None:
-        args.train_iters = args.train_samples // args.global_batch_size
-    if args.train_iters < 1:
-        _fail("the run has no iterations (--train-iters / --train-samples too small)")
+        fail("give exactly one of --train-iters and --train-samples")
     if args.bf16 and args.fp16:
-        _fail("choose at most one of --bf16 and --fp16")
+        fail("choose at most one of --bf16 and --fp16")
     if args.fp8_format and not (args.bf16 or args.fp16):
-        _fail("--fp8-format needs --bf16 (or --fp16) for the non-FP8 parts")
+        fail("--fp8-format needs --bf16 (or --fp16) for the non-FP8 parts")
     if cp > 1:
-        import torch
+        import torch  # here, not at the top: --help answers before torch loads
 
         if not torch.cuda.is_available():
-            _fail("--context-parallel-size > 1 needs GPUs with Transformer Engine; this machine has no CUDA")
+            fail("--context-parallel-size > 1 needs GPUs with Transformer Engine; this machine has no CUDA")
     if args.sequence_parallel and tp == 1:
-        _fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
-        _fail("--overlap-param-gather needs --use-distributed-optimizer")
+        fail("--overlap-param-gather needs --use-distributed-optimizer")
     if args.recompute_method and args.recompute_granularity != "full":
-        _fail("--recompute-method applies to --recompute-granularity full only")
-    if args.recompute_granularity == "full" and not args.recompute_method:
-        args.recompute_method = "uniform"
-        if args.recompute_num_layers is None:
-            args.recompute_num_layers = 1
+        fail("--recompute-method applies to --recompute-granularity full only")
     if args.min_lr > args.lr:
-        _fail(f"--min-lr ({args.min_lr}) is larger than --lr ({args.lr})")
-    from megatron_solo.training import param_groups
-
-    param_groups.check_args(args, _fail)
+        fail(f"--min-lr ({args.min_lr}) is larger than --lr ({args.lr})")
+    param_groups.check_args(args, fail)
     if args.save_interval is not None and not args.save:
-        _fail("--save-interval needs --save")
+        fail("--save-interval needs --save")
     if args.finetune and not args.load:
-        _fail("--finetune needs --load (the checkpoint to start from)")
+        fail("--finetune needs --load (the checkpoint to start from)")
     if args.exit_signal_handler and not args.save:
-        _fail("--exit-signal-handler needs --save (it saves before exiting)")
+        fail("--exit-signal-handler needs --save (it saves before exiting)")
     if args.tokenizer_model and not os.path.isfile(args.tokenizer_model):
-        _fail(f"--tokenizer-model {args.tokenizer_model} does not exist")
+        fail(f"--tokenizer-model {args.tokenizer_model} does not exist")
     if args.log_interval < 1 or args.eval_interval < 1:
-        _fail("--log-interval and --eval-interval must be >= 1")
-
-    overrides = {}
-    for field in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                  "kv_channels", "max_position_embeddings", "rotary_base", "norm_epsilon", "sliding_window",
-                  "init_method_std", "make_vocab_size_divisible_by"):
-        v = getattr(args, field)
-        if v is not None:
-            overrides[field] = v
-    if args.no_sliding_window:
-        overrides["sliding_window"] = None
-    if args.num_attention_heads is not None and args.kv_channels is None and args.hidden_size is not None:
-        overrides["kv_channels"] = args.hidden_size // args.num_attention_heads
-    try:
-        model_args = SoloModelArgs.from_preset(args.model, **overrides)
-    except (ValueError, TypeError) as e:
-        _fail(str(e))
-    if model_args.num_attention_heads % tp:
-        _fail(f"--tensor-model-parallel-size {tp} does not divide the {model_args.num_attention_heads} attention heads")
-    if model_args.num_query_groups % tp:
-        _fail(f"--tensor-model-parallel-size {tp} does not divide the {model_args.num_query_groups} query groups")
-    if model_args.ffn_hidden_size % tp:
-        _fail(f"--tensor-model-parallel-size {tp} does not divide ffn-hidden-size {model_args.ffn_hidden_size}")
-    if model_args.num_layers % pp:
-        _fail(f"--pipeline-model-parallel-size {pp} does not divide the {model_args.num_layers} layers")
-    args.virtual_pipeline_model_parallel_size = None
-    if args.num_layers_per_virtual_pipeline_stage is not None:
-        if pp < 2:
-            _fail("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-        per_stage = model_args.num_layers // pp
-        if per_stage % args.num_layers_per_virtual_pipeline_stage:
-            _fail(f"{per_stage} layers per pipeline stage are not divisible by "
-                  f"--num-layers-per-virtual-pipeline-stage {args.num_layers_per_virtual_pipeline_stage}")
-        args.virtual_pipeline_model_parallel_size = per_stage // args.num_layers_per_virtual_pipeline_stage
-        if args.num_microbatches % pp:
-            _fail(f"the interleaved schedule needs the number of micro-batches ({args.num_microbatches}) "
-                  f"to be a multiple of --pipeline-model-parallel-size {pp}")
-    if args.seq_length > model_args.max_position_embeddings:
-        _fail(f"--seq-length {args.seq_length} exceeds max-position-embeddings {model_args.max_position_embeddings}")
-    if args.fp8_format and not getattr(args, "dry_run", False):  # a dry run plans FP8 without TE
-        from megatron_solo.model.config import check_fp8, use_te_default
-
-        use_te = use_te_default() if args.transformer_impl is None else args.transformer_impl == "transformer_engine"
-        try:
-            check_fp8(args.fp8_format, args.fp8_recipe, use_te)
-        except ValueError as e:
-            _fail(str(e))
-    args.model_args = model_args
-    return args
-
-
-def parse_args(argv=None):
-    """Parse, validate and derive the run's :class:`~megatron_solo.training.config.TrainConfig`; on a bad
-    combination print one line and exit with status 2."""
-    from megatron_solo.training.config import build_train_config
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return build_train_config(args)
-    except ArgumentError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank finds the same mistake; one says it
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        fail("--log-interval and --eval-interval must be >= 1")
+    if args.num_layers_per_virtual_pipeline_stage is not None and pp < 2:
+        fail("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")

@@ -1,24 +1,34 @@
-"""The run's configuration, derived once from the command line: a frozen :class:`TrainConfig`.
+"""The run's configuration, derived once from the command line: a frozen, sectioned :class:`TrainConfig`.
 
-The flags keep Megatron-LM's names and are read as attributes (``cfg.lr``, ``cfg.seq_length``); every
-decision derived from them is a typed field computed here, in :func:`build_train_config`, and nowhere
-else: the world and data-parallel sizes, the number of micro-batches, the virtual pipeline size, the
-model's shape, the layer spec (``use_te``), the parameter dtype, the padded vocabulary, and where the run
-starts from (:class:`ResumePlan`). Nothing mutates the config after that.
+:func:`build_train_config` checks the flags (:func:`~megatron_solo.training.arguments.validate_args`), then
+makes every derived decision exactly once and stores it as a typed field of one section: the world and
+data-parallel sizes, the number of micro-batches, the virtual pipeline size, the model's shape, the layer
+spec (``use_te``) and with it the batch layout (THD batches), the dtypes, the padded vocabulary, and where
+the run starts from (:class:`ResumePlan`). Consumers read the typed fields (``cfg.parallel.tensor``); the
+parsed flags are kept only as the record a checkpoint stores. megatron-core's own config objects are built
+here and only here: :meth:`TrainConfig.transformer_config`, :meth:`TrainConfig.optimizer_config`,
+:meth:`TrainConfig.ddp_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
-from typing import Any
 
 import torch
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig
 
 from megatron_solo import checkpoint
-from megatron_solo.model.config import SoloModelArgs, use_te_default
-from megatron_solo.training.arguments import ArgumentError, validate_args
+from megatron_solo.model.config import SoloModelArgs, build_transformer_config, check_fp8, use_te_default
 from megatron_solo.training import param_groups
+from megatron_solo.training.arguments import ArgumentError, fail, validate_args
+
+# The architecture flags that override a preset's field of the same name.
+MODEL_OVERRIDE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                        "kv_channels", "max_position_embeddings", "rotary_base", "norm_epsilon", "sliding_window",
+                        "init_method_std", "make_vocab_size_divisible_by")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,33 +42,212 @@ class ResumePlan:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    flags: types.MappingProxyType           # the parsed flags, read-only (Megatron-LM names)
+class ModelSection:
+    preset: str                     # --model
+    args: SoloModelArgs             # the preset with the architecture flags applied
+    padded_vocab_size: int
+    use_te: bool                    # the one layer-spec decision: Transformer Engine's, else the local spec
+    thd_batches: bool               # batches re-laid out as THD (the TE spec's packed form); follows use_te
+    attention_backend: str          # core attention of the local spec
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelSection:
     world_size: int
-    data_parallel_size: int
+    tensor: int
+    pipeline: int
+    virtual_pipeline: int | None    # model chunks per pipeline rank (interleaved 1F1B), None: one chunk
+    context: int
+    data: int                       # world / (TP x PP x CP)
+    sequence_parallel: bool
+    timeout_minutes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSection:
+    """The batch arithmetic (what :class:`~megatron_solo.training.sampler.MicroBatchStream` reads)."""
+
+    seq_length: int
+    micro_batch_size: int
     global_batch_size: int
-    num_microbatches: int
+    num_microbatches: int           # per data-parallel rank and step
     train_iters: int
-    virtual_pipeline_model_parallel_size: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionSection:
+    bf16: bool
+    fp16: bool
+    params_dtype: torch.dtype
+    fp8_format: str | None
+    fp8_recipe: str
+    fp8_margin: int
+    fp8_interval: int
+    fp8_amax_history_len: int
+    fp8_amax_compute_algo: str
+    fp8_wgrad: bool
+    fp8_param_gather: bool
+    recompute_granularity: str | None
     recompute_method: str | None
     recompute_num_layers: int | None
-    model_args: SoloModelArgs
-    use_te: bool                            # TE layer spec (else the local spec)
-    params_dtype: torch.dtype
-    padded_vocab_size: int
-    resume: ResumePlan
 
-    def __getattr__(self, name: str) -> Any:  # only reached for names that are not fields: the flags
-        try:
-            return self.__dict__["flags"][name]
-        except KeyError:
-            raise AttributeError(f"TrainConfig has no field or flag {name!r}") from None
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSection:
+    """The optimizer, the learning-rate schedule and the parameter groups (param_groups.py reads the
+    ``vision_*``, ``decoupled_*`` and ``freeze_*`` fields under their flag names)."""
+
+    optimizer: str
+    lr: float
+    min_lr: float
+    lr_decay_style: str
+    lr_warmup_iters: int
+    lr_warmup_init: float
+    lr_decay_iters: int             # --lr-decay-iters, else --train-iters
+    weight_decay: float
+    clip_grad: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_eps: float
+    max_skipped_iters: int
+    vision_lr: float | None
+    vision_min_lr: float | None
+    vision_weight_decay: float | None
+    decoupled_lr: float | None
+    decoupled_min_lr: float | None
+    freeze_lm: bool
+    freeze_vision: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DDPSection:
+    use_distributed_optimizer: bool
+    overlap_grad_reduce: bool
+    overlap_param_gather: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    data_path: tuple[str, ...]
+    valid_data_path: tuple[str, ...] | None
+    split: str
+    data_cache_path: str | None
+    num_workers: int
+    tokenizer_model: str | None
+    loss_role: str
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    save: str | None
+    load: str | None
+    save_interval: int | None
+    finetune: bool
+    no_load_optim: bool
+    no_load_rng: bool
+    ckpt_step: int | None
+    keep_last_checkpoints: int | None
+    no_save_optim: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    """Logging, evaluation and when the run exits."""
+
+    log_interval: int
+    eval_interval: int
+    eval_iters: int
+    tensorboard_dir: str | None
+    log_file: str | None
+    exit_signal_handler: bool
+    exit_interval: int | None
+    exit_duration_in_mins: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DryRunSection:
+    enabled: bool                   # --dry-run
+    gpu: str
+    mfu: float
+    transformer_impl: str | None    # as given: the plan assumes fused attention unless "local" is asked for
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection
+    parallel: ParallelSection
+    schedule: ScheduleSection
+    precision: PrecisionSection
+    optimizer: OptimizerSection
+    ddp: DDPSection
+    data: DataSection
+    checkpoint: CheckpointSection
+    logging: LoggingSection
+    dry_run: DryRunSection
+    resume: ResumePlan
+    flags: types.MappingProxyType   # the parsed flags as given (Megatron-LM names): what a checkpoint records
+
+    def transformer_config(self, *, meta_plan: bool = False):
+        """megatron-core's ``TransformerConfig`` of this run: the one call of ``build_transformer_config``.
+
+        ``meta_plan``: the dry run's config, built on a machine without Transformer Engine; FP8 only changes
+        the kernels, not the layout, so the plan uses the local spec without FP8."""
+        p, par = self.precision, self.parallel
+        fp8 = None if meta_plan else p.fp8_format
+        return build_transformer_config(
+            self.model.args,
+            tensor_model_parallel_size=par.tensor, pipeline_model_parallel_size=par.pipeline,
+            virtual_pipeline_model_parallel_size=par.virtual_pipeline, sequence_parallel=par.sequence_parallel,
+            context_parallel_size=par.context,
+            params_dtype=p.params_dtype, bf16=p.bf16, fp16=p.fp16,
+            fp8=fp8, fp8_recipe=p.fp8_recipe, fp8_margin=p.fp8_margin, fp8_interval=p.fp8_interval,
+            fp8_amax_history_len=p.fp8_amax_history_len, fp8_amax_compute_algo=p.fp8_amax_compute_algo,
+            fp8_wgrad=p.fp8_wgrad, fp8_param=p.fp8_param_gather,
+            recompute_granularity=p.recompute_granularity, recompute_method=p.recompute_method,
+            recompute_num_layers=p.recompute_num_layers,
+            use_te=False if meta_plan else self.model.use_te,
+        )
+
+    def optimizer_config(self) -> OptimizerConfig:
+        """megatron-core's ``OptimizerConfig`` (its parameter groups: :func:`param_groups.config_overrides`)."""
+        o, p = self.optimizer, self.precision
+        return OptimizerConfig(
+            optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            decoupled_lr=o.decoupled_lr, decoupled_min_lr=o.decoupled_min_lr,
+            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad, bf16=p.bf16, fp16=p.fp16, params_dtype=p.params_dtype,
+            use_distributed_optimizer=self.ddp.use_distributed_optimizer,
+            overlap_param_gather=self.ddp.overlap_param_gather,
+        )
+
+    def ddp_config(self) -> DistributedDataParallelConfig:
+        return DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=self.ddp.overlap_grad_reduce,
+            overlap_param_gather=self.ddp.overlap_param_gather,
+            use_distributed_optimizer=self.ddp.use_distributed_optimizer,
+            check_for_nan_in_grad=False,  # NaN/inf steps are skipped and counted, not fatal
+            average_in_collective=False,
+        )
 
     def checkpoint_args(self) -> dict:
-        """The run's flags and derived sizes as stored in a checkpoint's info file."""
-        derived = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                   if f.name not in ("flags", "model_args", "resume")}
+        """The run's flags and derived sizes as stored in a checkpoint's info file (the keys
+        :func:`param_groups.check_resume` and a resumed run's global-batch note read)."""
+        par, s, p = self.parallel, self.schedule, self.precision
+        derived = dict(
+            world_size=par.world_size, data_parallel_size=par.data, global_batch_size=s.global_batch_size,
+            num_microbatches=s.num_microbatches, train_iters=s.train_iters,
+            virtual_pipeline_model_parallel_size=par.virtual_pipeline, recompute_method=p.recompute_method,
+            recompute_num_layers=p.recompute_num_layers, use_te=self.model.use_te, params_dtype=p.params_dtype,
+            padded_vocab_size=self.model.padded_vocab_size)
         return {**self.flags, **derived}
+
+    @property
+    def tokenizer_model_path(self) -> str | None:
+        """``--tokenizer-model`` as an absolute path (what a checkpoint records)."""
+        t = self.data.tokenizer_model
+        return os.path.abspath(t) if t else None
 
 
 def decide_resume(flags) -> ResumePlan:
@@ -101,21 +290,136 @@ def padded_vocab_size(model_args: SoloModelArgs, tp: int, resume: ResumePlan) ->
     return padded
 
 
+def _sizes(a) -> dict:
+    """Megatron's world-size arithmetic: DP size, global batch, micro-batches, iterations."""
+    tp, pp, cp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.context_parallel_size
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % (tp * pp * cp):
+        raise ArgumentError(f"world size {world} is not divisible by TP({tp}) x PP({pp}) x CP({cp})")
+    dp = world // (tp * pp * cp)
+    gbs = a.micro_batch_size * dp if a.global_batch_size is None else a.global_batch_size
+    if gbs % (a.micro_batch_size * dp):
+        raise ArgumentError(f"--global-batch-size {gbs} is not divisible by micro-batch-size "
+                            f"({a.micro_batch_size}) x data-parallel size ({dp})")
+    train_iters = a.train_iters if a.train_samples is None else a.train_samples // gbs
+    if train_iters < 1:
+        raise ArgumentError("the run has no iterations (--train-iters / --train-samples too small)")
+    return dict(world_size=world, data=dp, global_batch_size=gbs, num_microbatches=gbs // (a.micro_batch_size * dp),
+                train_iters=train_iters)
+
+
+def _model_args(a) -> SoloModelArgs:
+    """The preset with the architecture flags applied, checked against the parallel layout."""
+    overrides = {f: getattr(a, f) for f in MODEL_OVERRIDE_FLAGS if getattr(a, f) is not None}
+    if a.no_sliding_window:
+        overrides["sliding_window"] = None
+    if a.num_attention_heads is not None and a.kv_channels is None and a.hidden_size is not None:
+        overrides["kv_channels"] = a.hidden_size // a.num_attention_heads
+    try:
+        m = SoloModelArgs.from_preset(a.model, **overrides)
+    except (ValueError, TypeError) as e:
+        raise ArgumentError(str(e)) from None
+    tp, pp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size
+    if m.num_attention_heads % tp:
+        raise ArgumentError(f"--tensor-model-parallel-size {tp} does not divide the {m.num_attention_heads} "
+                            f"attention heads")
+    if m.num_query_groups % tp:
+        raise ArgumentError(f"--tensor-model-parallel-size {tp} does not divide the {m.num_query_groups} query groups")
+    if m.ffn_hidden_size % tp:
+        raise ArgumentError(f"--tensor-model-parallel-size {tp} does not divide ffn-hidden-size {m.ffn_hidden_size}")
+    if m.num_layers % pp:
+        raise ArgumentError(f"--pipeline-model-parallel-size {pp} does not divide the {m.num_layers} layers")
+    if a.seq_length > m.max_position_embeddings:
+        raise ArgumentError(f"--seq-length {a.seq_length} exceeds max-position-embeddings {m.max_position_embeddings}")
+    return m
+
+
+def _virtual_pipeline(a, m: SoloModelArgs, num_microbatches: int) -> int | None:
+    """Model chunks per pipeline rank from --num-layers-per-virtual-pipeline-stage (None: not interleaved)."""
+    per_virtual = a.num_layers_per_virtual_pipeline_stage
+    if per_virtual is None:
+        return None
+    pp = a.pipeline_model_parallel_size
+    per_stage = m.num_layers // pp
+    if per_stage % per_virtual:
+        raise ArgumentError(f"{per_stage} layers per pipeline stage are not divisible by "
+                            f"--num-layers-per-virtual-pipeline-stage {per_virtual}")
+    if num_microbatches % pp:
+        raise ArgumentError(f"the interleaved schedule needs the number of micro-batches ({num_microbatches}) "
+                            f"to be a multiple of --pipeline-model-parallel-size {pp}")
+    return per_stage // per_virtual
+
+
+def decide_use_te(transformer_impl: str | None) -> bool:
+    """The run's one layer-spec decision: --transformer-impl when given, else TE when it imports on a GPU."""
+    return use_te_default() if transformer_impl is None else transformer_impl == "transformer_engine"
+
+
 def build_train_config(args) -> TrainConfig:
-    """Check the flags (one-line :class:`ArgumentError`) and derive every decision, once."""
-    v = validate_args(args)  # a checked copy with Megatron's derived sizes; ``args`` is left as given
-    resume = decide_resume(v)
-    param_groups.check_resume(v, resume)  # the optimizer state fits only its own trainable set and groups
-    use_te = use_te_default() if v.transformer_impl is None else v.transformer_impl == "transformer_engine"
-    flags = {k: val for k, val in vars(args).items()}
+    """Check the flags (one-line :class:`ArgumentError`) and derive every decision, once. ``args`` (the
+    parsed flags) is not changed."""
+    a = args
+    validate_args(a)
+    sizes = _sizes(a)
+    model_args = _model_args(a)
+    vpp = _virtual_pipeline(a, model_args, sizes["num_microbatches"])
+    use_te = decide_use_te(a.transformer_impl)
+    if a.fp8_format and not a.dry_run:  # a dry run plans FP8 without TE
+        try:
+            check_fp8(a.fp8_format, a.fp8_recipe, use_te)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from None
+    # Megatron-LM's defaults of full recompute.
+    recompute_method, recompute_num_layers = a.recompute_method, a.recompute_num_layers
+    if a.recompute_granularity == "full" and not recompute_method:
+        recompute_method = "uniform"
+        recompute_num_layers = 1 if recompute_num_layers is None else recompute_num_layers
+    resume_flags = types.SimpleNamespace(**{**vars(a), "global_batch_size": sizes["global_batch_size"]})
+    resume = decide_resume(resume_flags)
+    param_groups.check_resume(a, resume, fail)  # the optimizer state fits only its own trainable set and groups
+    tp = a.tensor_model_parallel_size
     return TrainConfig(
-        flags=types.MappingProxyType(flags),
-        world_size=v.world_size, data_parallel_size=v.data_parallel_size,
-        global_batch_size=v.global_batch_size, num_microbatches=v.num_microbatches, train_iters=v.train_iters,
-        virtual_pipeline_model_parallel_size=v.virtual_pipeline_model_parallel_size,
-        recompute_method=v.recompute_method, recompute_num_layers=v.recompute_num_layers,
-        model_args=v.model_args, use_te=use_te,
-        params_dtype=torch.bfloat16 if v.bf16 else torch.float16 if v.fp16 else torch.float32,
-        padded_vocab_size=padded_vocab_size(v.model_args, v.tensor_model_parallel_size, resume),
+        model=ModelSection(preset=a.model, args=model_args,
+                           padded_vocab_size=padded_vocab_size(model_args, tp, resume),
+                           use_te=use_te, thd_batches=use_te, attention_backend=a.attention_backend),
+        parallel=ParallelSection(world_size=sizes["world_size"], tensor=tp, pipeline=a.pipeline_model_parallel_size,
+                                 virtual_pipeline=vpp, context=a.context_parallel_size, data=sizes["data"],
+                                 sequence_parallel=a.sequence_parallel,
+                                 timeout_minutes=a.distributed_timeout_minutes),
+        schedule=ScheduleSection(seq_length=a.seq_length, micro_batch_size=a.micro_batch_size,
+                                 global_batch_size=sizes["global_batch_size"],
+                                 num_microbatches=sizes["num_microbatches"], train_iters=sizes["train_iters"]),
+        precision=PrecisionSection(
+            bf16=a.bf16, fp16=a.fp16,
+            params_dtype=torch.bfloat16 if a.bf16 else torch.float16 if a.fp16 else torch.float32,
+            fp8_format=a.fp8_format, fp8_recipe=a.fp8_recipe, fp8_margin=a.fp8_margin, fp8_interval=a.fp8_interval,
+            fp8_amax_history_len=a.fp8_amax_history_len, fp8_amax_compute_algo=a.fp8_amax_compute_algo,
+            fp8_wgrad=not a.no_fp8_wgrad, fp8_param_gather=a.fp8_param_gather,
+            recompute_granularity=a.recompute_granularity, recompute_method=recompute_method,
+            recompute_num_layers=recompute_num_layers),
+        optimizer=OptimizerSection(
+            optimizer=a.optimizer, lr=a.lr, min_lr=a.min_lr, lr_decay_style=a.lr_decay_style,
+            lr_warmup_iters=a.lr_warmup_iters, lr_warmup_init=a.lr_warmup_init,
+            lr_decay_iters=a.lr_decay_iters or sizes["train_iters"], weight_decay=a.weight_decay,
+            clip_grad=a.clip_grad, adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
+            max_skipped_iters=a.max_skipped_iters, vision_lr=a.vision_lr, vision_min_lr=a.vision_min_lr,
+            vision_weight_decay=a.vision_weight_decay, decoupled_lr=a.decoupled_lr,
+            decoupled_min_lr=a.decoupled_min_lr, freeze_lm=a.freeze_lm, freeze_vision=a.freeze_vision),
+        ddp=DDPSection(use_distributed_optimizer=a.use_distributed_optimizer,
+                       overlap_grad_reduce=a.overlap_grad_reduce, overlap_param_gather=a.overlap_param_gather),
+        data=DataSection(data_path=tuple(a.data_path),
+                         valid_data_path=tuple(a.valid_data_path) if a.valid_data_path else None,
+                         split=a.split, data_cache_path=a.data_cache_path, num_workers=a.num_workers,
+                         tokenizer_model=a.tokenizer_model, loss_role=a.loss_role, seed=a.seed),
+        checkpoint=CheckpointSection(save=a.save, load=a.load, save_interval=a.save_interval, finetune=a.finetune,
+                                     no_load_optim=a.no_load_optim, no_load_rng=a.no_load_rng, ckpt_step=a.ckpt_step,
+                                     keep_last_checkpoints=a.keep_last_checkpoints, no_save_optim=a.no_save_optim),
+        logging=LoggingSection(log_interval=a.log_interval, eval_interval=a.eval_interval, eval_iters=a.eval_iters,
+                               tensorboard_dir=a.tensorboard_dir, log_file=a.log_file,
+                               exit_signal_handler=a.exit_signal_handler, exit_interval=a.exit_interval,
+                               exit_duration_in_mins=a.exit_duration_in_mins),
+        dry_run=DryRunSection(enabled=a.dry_run, gpu=a.dry_run_gpu, mfu=a.dry_run_mfu,
+                              transformer_impl=a.transformer_impl),
         resume=resume,
+        flags=types.MappingProxyType(dict(vars(a))),
     )

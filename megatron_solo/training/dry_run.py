@@ -5,7 +5,7 @@ backend (``torch.testing._internal.distributed.fake_pg``; collectives are no-ops
 join a world of ``WORLD_SIZE`` ranks *as* a chosen rank, so megatron-core's own
 ``parallel_state.initialize_model_parallel`` builds every group as on the cluster and
 ``build_solo_model`` builds that rank's chunks (virtual pipeline stages included) exactly as the
-trainer does, on the ``meta`` device (:mod:`megatron_solo.meta_device`: shapes, no memory). One rank
+trainer does (:mod:`megatron_solo.training.model_setup`), on the ``meta`` device (:mod:`megatron_solo.meta_device`: shapes, no memory). One rank
 per pipeline stage is built (TP and DP ranks of a stage hold the same shapes).
 
 Per rank it reports (formulas below; what they assume is printed with them):
@@ -38,11 +38,19 @@ Frozen parameters (``--freeze-lm`` / ``--freeze-vision``) hold weights only: the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import types
 
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_solo import cpu_backend, mcore_fixes
+from megatron_solo.meta_device import meta_device
+from megatron_solo.parallel import set_seed
 from megatron_solo.spec import PATCH_DIM, SOLO_SPECIAL_PIECES
+from megatron_solo.training.flops import flops_per_step
+from megatron_solo.training.model_setup import build_model_chunks
+from megatron_solo.training.param_groups import trainable_parameter_filter
 
 GIB = 2**30
 
@@ -68,7 +76,7 @@ def solo_7b_expected_parameters(hidden: int = 4096, new_rows: int = len(SOLO_SPE
 @contextlib.contextmanager
 def fake_rank(rank: int, world_size: int):
     """This process as rank ``rank`` of a world of ``world_size`` (torch's fake backend: no peers)."""
-    import torch.distributed as dist
+    # Imported here: importing it registers the "fake" backend with torch.distributed (global state).
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
@@ -77,8 +85,6 @@ def fake_rank(rank: int, world_size: int):
     try:
         yield
     finally:
-        from megatron.core import parallel_state
-
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
@@ -86,56 +92,42 @@ def fake_rank(rank: int, world_size: int):
 
 def build_rank_chunks(cfg, rank: int):
     """The model chunks of global rank ``rank`` under ``cfg``'s layout, on the meta device."""
-    from megatron.core import parallel_state
-
-    from megatron_solo.meta_device import meta_device
-    from megatron_solo.model import build_solo_model
-    from megatron_solo.parallel import set_seed
-    from megatron_solo.training.loop import build_model_config
-
+    par = cfg.parallel
     # As megatron_solo.parallel.initialize_model_parallel, without the gloo side groups (a gloo group
     # would rendezvous with peers that do not exist).
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
-        context_parallel_size=cfg.context_parallel_size, create_gloo_process_groups=False)
-    set_seed(cfg.seed)
+        tensor_model_parallel_size=par.tensor, pipeline_model_parallel_size=par.pipeline,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline, context_parallel_size=par.context,
+        create_gloo_process_groups=False)
+    set_seed(cfg.data.seed)
     # FP8 only changes the kernels (and the peak used for the step time below): the layout is the same,
     # and this CPU has no Transformer Engine, so the chunks are built with the local spec.
-    plan_cfg = dataclasses.replace(cfg, use_te=False,
-                                   flags=types.MappingProxyType({**cfg.flags, "fp8_format": None}))
-    config = build_model_config(plan_cfg)
-    vpp = cfg.virtual_pipeline_model_parallel_size
     with meta_device():
-        return [build_solo_model(cfg.model_args, config, vp_stage=v if vpp else None,
-                                 padded_vocab_size=cfg.padded_vocab_size, use_te=False,
-                                 core_attention=cfg.attention_backend)
-                for v in range(vpp or 1)]
+        return build_model_chunks(cfg, cfg.transformer_config(meta_plan=True), use_te=False)
 
 
 def dot_product_attention(cfg) -> bool:
     """Whether the planned job keeps the s x s attention matrix: only with ``--transformer-impl local`` and
     megatron's dot-product attention. The default on GPUs is Transformer Engine's fused (flash) attention,
     whatever this planning machine has."""
-    return cfg.transformer_impl == "local" and cfg.attention_backend == "dot_product"
+    return cfg.dry_run.transformer_impl == "local" and cfg.model.attention_backend == "dot_product"
 
 
 def _activation_bytes(cfg, stage: int, layers: int, first: bool, last: bool) -> dict:
-    m = cfg.model_args
-    s, b, h, f = cfg.seq_length // cfg.context_parallel_size, cfg.micro_batch_size, m.hidden_size, m.ffn_hidden_size
-    tp, pp, vpp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.virtual_pipeline_model_parallel_size
+    m, par, prec = cfg.model.args, cfg.parallel, cfg.precision
+    s, b, h, f = cfg.schedule.seq_length // par.context, cfg.schedule.micro_batch_size, m.hidden_size, m.ffn_hidden_size
+    tp, pp, vpp = par.tensor, par.pipeline, par.virtual_pipeline
     g, d, n = m.num_query_groups, m.kv_channels, m.num_attention_heads
-    sp = bool(cfg.sequence_parallel)
+    sp = bool(par.sequence_parallel)
     sbh = s * b * h
     replicated = 8 * sbh / (tp if sp else 1)
     sharded = (4 * sbh + 4 * s * b * g * d + 6 * s * b * f) / tp
     scores = 0.0
-    if dot_product_attention(cfg) and cfg.recompute_granularity != "selective":
+    if dot_product_attention(cfg) and prec.recompute_granularity != "selective":
         scores = 4 * b * n * s * s / tp  # softmax output kept for backward (local spec, no flash attention)
     per_layer = replicated + sharded + scores
-    if cfg.recompute_granularity == "full":
-        n_rec = layers if cfg.recompute_method == "uniform" else min(layers, cfg.recompute_num_layers or layers)
+    if prec.recompute_granularity == "full":
+        n_rec = layers if prec.recompute_method == "uniform" else min(layers, prec.recompute_num_layers or layers)
         per_layer_stage = n_rec * 2 * sbh / (tp if sp else 1) + (layers - n_rec) * per_layer
         # (+ one layer's activations, recomputed during its backward: counted once per stage below)
     else:
@@ -144,35 +136,30 @@ def _activation_bytes(cfg, stage: int, layers: int, first: bool, last: bool) -> 
     if first:
         extra += 2 * sbh / (tp if sp else 1)  # embedding output (+ patch embedding's, same size)
     if last:
-        extra += 2 * sbh / (tp if sp else 1) + 4 * s * b * cfg.padded_vocab_size / tp  # output input, fp32 logits
-    in_flight = min(pp - stage, cfg.num_microbatches) if pp > 1 else 1
+        extra += 2 * sbh / (tp if sp else 1) + 4 * s * b * cfg.model.padded_vocab_size / tp  # output input, fp32 logits
+    in_flight = min(pp - stage, cfg.schedule.num_microbatches) if pp > 1 else 1
     if vpp and stage == 0:
         in_flight *= 1 + (pp - 1) / (pp * vpp)
-    working = per_layer if cfg.recompute_granularity == "full" else 0.0
+    working = per_layer if prec.recompute_granularity == "full" else 0.0
     return {"per_microbatch": per_layer_stage + extra, "in_flight_microbatches": in_flight,
             "bytes": (per_layer_stage + extra) * in_flight + working}
 
 
 def plan(cfg) -> dict:
     """Build each pipeline stage's chunks (as its TP rank 0, DP rank 0) and account memory and time."""
-    import torch
-
-    from megatron_solo.training import flops
-    from megatron_solo.training.param_groups import trainable_parameter_filter
-
-    tp, pp, dp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.data_parallel_size
-    cp = cfg.context_parallel_size
-    trains = trainable_parameter_filter(cfg)
-    mixed = cfg.params_dtype != torch.float32
-    weight_b = torch.empty((), dtype=cfg.params_dtype).element_size()
-    opt_b = (12 if mixed else 8) if cfg.optimizer == "adam" else (8 if mixed else 4)  # sgd: momentum (+ main)
+    par, sched, prec = cfg.parallel, cfg.schedule, cfg.precision
+    tp, pp, dp, cp, world = par.tensor, par.pipeline, par.data, par.context, par.world_size
+    distributed_optimizer = cfg.ddp.use_distributed_optimizer
+    padded_vocab = cfg.model.padded_vocab_size
+    trains = trainable_parameter_filter(cfg.optimizer)
+    mixed = prec.params_dtype != torch.float32
+    weight_b = torch.empty((), dtype=prec.params_dtype).element_size()
+    opt_b = (12 if mixed else 8) if cfg.optimizer.optimizer == "adam" else (8 if mixed else 4)  # sgd: momentum (+ main)
     stages, total, total_real, padding_rows = [], 0, 0, 0
     for stage in range(pp):
-        rank = stage * (cfg.world_size // pp)  # megatron-core's order tp-cp-ep-dp-pp: PP is the slowest
-        with fake_rank(rank, cfg.world_size):
+        rank = stage * (world // pp)  # megatron-core's order tp-cp-ep-dp-pp: PP is the slowest
+        with fake_rank(rank, world):
             chunks = build_rank_chunks(cfg, rank)
-            from megatron.core import parallel_state
-
             assert parallel_state.get_pipeline_model_parallel_rank() == stage
             named = [(n, p) for c in chunks for n, p in c.named_parameters()]
         params = sum(p.numel() for _, p in named)
@@ -183,7 +170,7 @@ def plan(cfg) -> dict:
         mem = {
             "weights": params * weight_b,
             "gradients": trainable * 4,
-            "optimizer": trainable * opt_b / (dp * cp if cfg.use_distributed_optimizer else 1),
+            "optimizer": trainable * opt_b / (dp * cp if distributed_optimizer else 1),
             "activations": act["bytes"],
         }
         mem["total"] = sum(mem.values())
@@ -195,29 +182,29 @@ def plan(cfg) -> dict:
             k = p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
             total += k
             if n.endswith(("word_embeddings.weight", "output_layer.weight")):
-                pad = (cfg.padded_vocab_size - cfg.model_args.vocab_size) * p.shape[1]
+                pad = (padded_vocab - cfg.model.args.vocab_size) * p.shape[1]
                 padding_rows += pad
                 k -= pad
             total_real += k
-    step_flops = flops.num_floating_point_operations(cfg)
-    gpu = cfg.dry_run_gpu
+    step_flops = flops_per_step(cfg)
+    gpu, mfu = cfg.dry_run.gpu, cfg.dry_run.mfu
     bf16_peak, fp8_peak = GPU_PEAK_TFLOPS[gpu]
-    use_fp8 = bool(cfg.fp8_format) and fp8_peak is not None
+    use_fp8 = bool(prec.fp8_format) and fp8_peak is not None
     peak = (fp8_peak if use_fp8 else bf16_peak) * 1e12
-    step_s = step_flops / (cfg.world_size * peak * cfg.dry_run_mfu)
+    step_s = step_flops / (world * peak * mfu)
     return {
-        "world_size": cfg.world_size, "tp": tp, "pp": pp, "vpp": cfg.virtual_pipeline_model_parallel_size,
-        "dp": dp, "cp": cp, "sequence_parallel": bool(cfg.sequence_parallel),
-        "distributed_optimizer": bool(cfg.use_distributed_optimizer),
-        "recompute": cfg.recompute_granularity, "params_dtype": str(cfg.params_dtype).replace("torch.", ""),
-        "fp8": cfg.fp8_format, "micro_batch_size": cfg.micro_batch_size, "seq_length": cfg.seq_length,
-        "global_batch_size": cfg.global_batch_size, "num_microbatches": cfg.num_microbatches,
-        "padded_vocab_size": cfg.padded_vocab_size,
+        "world_size": world, "tp": tp, "pp": pp, "vpp": par.virtual_pipeline,
+        "dp": dp, "cp": cp, "sequence_parallel": bool(par.sequence_parallel),
+        "distributed_optimizer": bool(distributed_optimizer),
+        "recompute": prec.recompute_granularity, "params_dtype": str(prec.params_dtype).replace("torch.", ""),
+        "fp8": prec.fp8_format, "micro_batch_size": sched.micro_batch_size, "seq_length": sched.seq_length,
+        "global_batch_size": sched.global_batch_size, "num_microbatches": sched.num_microbatches,
+        "padded_vocab_size": padded_vocab,
         "parameters_total": total, "parameters_without_padding": total_real, "padding_parameters": padding_rows,
         "stages": stages, "flops_per_step": step_flops, "gpu": gpu, "peak_tflops": peak / 1e12,
-        "mfu": cfg.dry_run_mfu, "step_seconds": step_s,
+        "mfu": mfu, "step_seconds": step_s,
         "attention": "dot-product (s x s kept)" if dot_product_attention(cfg) else "fused/flash (Transformer Engine)",
-        "tokens_per_second": cfg.global_batch_size * cfg.seq_length / step_s,
+        "tokens_per_second": sched.global_batch_size * sched.seq_length / step_s,
     }
 
 
@@ -268,10 +255,8 @@ def report(p: dict, model_args) -> str:
 
 
 def run_dry_run(cfg) -> int:
-    """The ``--dry-run`` entry point (called by the trainer's ``main`` in place of training)."""
-    from megatron_solo import cpu_backend, mcore_fixes
-
+    """The ``--dry-run`` entry point (called by ``megatron_solo.train``'s ``main`` in place of training)."""
     cpu_backend.ensure()
     mcore_fixes.apply()
-    print(report(plan(cfg), cfg.model_args), flush=True)
+    print(report(plan(cfg), cfg.model.args), flush=True)
     return 0

@@ -10,17 +10,24 @@ FLOPs, as in MFU).
 """
 
 
-def num_floating_point_operations(args) -> float:
-    m = args.model_args
+def num_floating_point_operations(m, *, seq_length: int, global_batch_size: int, padded_vocab_size: int) -> float:
+    """FLOPs of one step of ``global_batch_size`` samples of ``seq_length`` tokens for model args ``m``."""
     h, f, L = m.hidden_size, m.ffn_hidden_size, m.num_layers
     n, g, d = m.num_attention_heads, m.num_query_groups, m.kv_channels
-    s = args.seq_length
+    s = seq_length
     window = min(s, m.sliding_window) if m.sliding_window else s
-    tokens = args.global_batch_size * s
+    tokens = global_batch_size * s
     per_token_layer = (
         2 * h * (n * d + 2 * g * d) + 2 * n * d * h      # projections
         + 2 * 2 * window * n * d / 2                     # causal attention (half the score matrix)
         + 2 * 3 * h * f                                  # gated MLP
     )
-    forward = tokens * (L * per_token_layer + 2 * h * args.padded_vocab_size)
+    forward = tokens * (L * per_token_layer + 2 * h * padded_vocab_size)
     return 3.0 * forward
+
+
+def flops_per_step(cfg) -> float:
+    """:func:`num_floating_point_operations` of a run's :class:`~megatron_solo.training.config.TrainConfig`."""
+    return num_floating_point_operations(cfg.model.args, seq_length=cfg.schedule.seq_length,
+                                         global_batch_size=cfg.schedule.global_batch_size,
+                                         padded_vocab_size=cfg.model.padded_vocab_size)

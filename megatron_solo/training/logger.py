@@ -38,20 +38,22 @@ def peak_flops_per_gpu() -> float | None:
 
 
 class TrainingLogger:
-    def __init__(self, args, is_logging_rank: bool):
-        self.args = args
+    def __init__(self, cfg, is_logging_rank: bool):
+        """``cfg``: the run's :class:`~megatron_solo.training.config.TrainConfig`."""
+        self.schedule, self.world_size = cfg.schedule, cfg.parallel.world_size
+        logging = cfg.logging
         self.flops_per_iter = 0.0
         self._window = {"time": 0.0, "iters": 0, "images": 0, "skipped": 0}
         self.is_logging_rank = is_logging_rank
         self.writer = None
         self.jsonl = None
-        if is_logging_rank and args.tensorboard_dir:
+        if is_logging_rank and logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=args.tensorboard_dir)
-        if is_logging_rank and args.log_file:
-            os.makedirs(os.path.dirname(os.path.abspath(args.log_file)), exist_ok=True)
-            self.jsonl = open(args.log_file, "a")
+            self.writer = SummaryWriter(log_dir=logging.tensorboard_dir)
+        if is_logging_rank and logging.log_file:
+            os.makedirs(os.path.dirname(os.path.abspath(logging.log_file)), exist_ok=True)
+            self.jsonl = open(logging.log_file, "a")
         self.peak = peak_flops_per_gpu()
 
     def info(self, msg: str, all_ranks_first: bool = False) -> None:
@@ -85,11 +87,11 @@ class TrainingLogger:
         """(step time, tokens/s, images/s, skipped iterations) of the window; resets it. Collective (DP)."""
         from megatron.core import parallel_state
 
-        w, a = self._window, self.args
+        w, s = self._window, self.schedule
         self._window = {"time": 0.0, "iters": 0, "images": 0, "skipped": 0}
         images = torch.tensor([float(w["images"])])
         torch.distributed.all_reduce(images, group=parallel_state.get_data_parallel_group())
-        return (w["time"] / w["iters"], a.global_batch_size * a.seq_length * w["iters"] / w["time"],
+        return (w["time"] / w["iters"], s.global_batch_size * s.seq_length * w["iters"] / w["time"],
                 images.item() / w["time"], w["skipped"])
 
     def iteration_line(self, *, iteration, consumed, lr, losses, grad_norm, skipped_total) -> None:
@@ -100,14 +102,14 @@ class TrainingLogger:
         flops_per_iter = self.flops_per_iter
         if not self.is_logging_rank:
             return
-        a = self.args
+        s = self.schedule
         parts = [
-            f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{a.train_iters:8d}",
+            f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{s.train_iters:8d}",
             f"consumed samples: {consumed:12d}",
             f"elapsed time per iteration (ms): {step_time * 1000:.1f}",
             f"learning rate: {lr:.6E}",
             *(f"{name} learning rate: {v:.6E}" for name, v in group_lrs.items()),
-            f"global batch size: {a.global_batch_size:5d}",
+            f"global batch size: {s.global_batch_size:5d}",
         ]
         for key in ("lm loss", "image-doc loss", "text-doc loss"):
             if key in losses and losses.get(key + " tokens", 1) > 0:
@@ -125,7 +127,7 @@ class TrainingLogger:
             if key in losses:
                 values[key] = losses[key]
         if self.peak:
-            tflops = flops_per_iter / step_time / a.world_size / 1e12
+            tflops = flops_per_iter / step_time / self.world_size / 1e12
             parts.append(f"TFLOP/s/GPU: {tflops:.1f}")
             parts.append(f"MFU: {100 * tflops * 1e12 / self.peak:.1f}%")
             values["tflops-per-gpu"] = tflops

@@ -38,7 +38,8 @@ def is_vision_parameter(name: str) -> bool:
 def trainable_parameter_filter(cfg) -> Callable[[str], bool]:
     """``name -> True`` when the parameter trains under this run's ``--freeze-*`` flags.
 
-    Works on any object with ``freeze_lm``/``freeze_vision`` attributes (a TrainConfig or parsed flags), and
+    Works on any object with ``freeze_lm``/``freeze_vision`` attributes (the config's optimizer section or the
+    parsed flags), and
     on names with or without the DDP ``module.`` prefix: the dry run counts memory with it."""
     freeze_lm, freeze_vision = bool(getattr(cfg, "freeze_lm", False)), bool(getattr(cfg, "freeze_vision", False))
 
@@ -130,11 +131,9 @@ def check_args(args, fail) -> None:
         fail("--decoupled-lr has no effect with --freeze-lm (the embedding and output layer are frozen)")
 
 
-def check_resume(args, resume) -> None:
+def check_resume(args, resume, fail) -> None:
     """A resume that loads the optimizer needs the checkpoint's trainable set and groups: the optimizer
-    state holds exactly those parameters and groups. Raises ArgumentError naming the way out."""
-    from megatron_solo.training.arguments import ArgumentError
-
+    state holds exactly those parameters and groups. ``fail(msg)`` raises the one-line error naming the way out."""
     if resume.info is None or resume.finetune or args.no_load_optim or not resume.info.get("has_optimizer"):
         return
     saved = resume.info.get("args", {})
@@ -142,7 +141,7 @@ def check_resume(args, resume) -> None:
                != getattr(args, f)]
     if changed:
         names = ", ".join("--" + f.replace("_", "-") for f in changed)
-        raise ArgumentError(
+        fail(
             f"{resume.load_dir} was saved with different {names} (checkpoint: "
             f"{', '.join(f'{f}={saved.get(f)}' for f in changed)}); its optimizer state holds other parameters "
             f"or groups: add --no-load-optim (keep iteration and schedule, fresh optimizer state) or "

@@ -42,8 +42,8 @@ def check_fits(cfg, nproc_per_node: int) -> None:
     """Refuse a run whose model cannot fit this machine (say how much it needs and what to change)."""
     import torch
 
-    params = parameter_count(cfg.model_args)
-    shard = params / (cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size)
+    params = parameter_count(cfg.model.args)
+    shard = params / (cfg.parallel.tensor * cfg.parallel.pipeline)
     need_gib = TRAIN_BYTES_PER_PARAM * shard * nproc_per_node / 2**30
     if not torch.cuda.is_available():
         import psutil
@@ -51,7 +51,7 @@ def check_fits(cfg, nproc_per_node: int) -> None:
         have_gib = psutil.virtual_memory().total / 2**30
         if need_gib > 0.8 * have_gib:
             raise PreflightError(
-                f"this machine has no GPU, and --model {cfg.model} ({params / 1e9:.1f}B parameters) needs about "
+                f"this machine has no GPU, and --model {cfg.model.preset} ({params / 1e9:.1f}B parameters) needs about "
                 f"{need_gib:.0f} GiB of training state for {nproc_per_node} CPU processes; it has {have_gib:.0f} "
                 f"GiB of RAM: set PRESET=tiny for a CPU run")
         return
@@ -96,8 +96,9 @@ def run(nproc_per_node: int, nnodes: int, train_argv: list[str]) -> None:
         faults.check_inputs(cfg)
     from megatron_solo.data.dataset import check_split_sizes
 
-    if not cfg.valid_data_path:
-        check_split_sizes(cfg.data_path, cfg.split, valid_samples=cfg.eval_iters * cfg.global_batch_size)
+    if not cfg.data.valid_data_path:
+        check_split_sizes(list(cfg.data.data_path), cfg.data.split,
+                          valid_samples=cfg.logging.eval_iters * cfg.schedule.global_batch_size)
 
 
 def main(argv=None) -> int:
