@@ -34,6 +34,7 @@ setup(
         "pillow",
         "safetensors",
         "transformers",
+        "tokenizers",
         "tqdm",
         "psutil",
         "tensorboard",

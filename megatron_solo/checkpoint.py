@@ -33,6 +33,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_solo import cpu_backend
 from megatron_solo.errors import InputError
+from megatron_solo.spec import MISTRAL_VOCAB, SoloVocab
 
 TRACKER = "latest_checkpointed_iteration.txt"
 INFO = "solo_checkpoint.json"
@@ -106,6 +107,17 @@ def check_model_shape(info: dict, model_args, flag: str = "--load") -> None:
     if diff:
         raise InputError(f"{flag} {info['path']} holds a model with {', '.join(diff)}; pass the checkpoint's "
                          f"--model/--num-layers/--hidden-size ... or another {flag}")
+
+
+def checkpoint_vocab(info: dict) -> SoloVocab | None:
+    """SOLO's vocabulary of a checkpoint (``solo_checkpoint.json``'s ``vocab``: its tokenizer's ids). One
+    saved without it holds Mistral's when its model has Mistral's 33031 ids (checkpoints made before
+    vocabularies were stored); else None: nothing says."""
+    # a conversion may record it among its args (``convert.megatron_io``) rather than as save_checkpoint's vocab
+    stored = info.get("vocab") or (info.get("args") or {}).get("vocab")
+    if stored:
+        return SoloVocab.from_dict(stored)
+    return MISTRAL_VOCAB if (info.get("model_args") or {}).get("vocab_size") == MISTRAL_VOCAB.size else None
 
 
 def _layout() -> dict:
@@ -217,6 +229,7 @@ def save_checkpoint(
     consumed_train_samples: int = 0,
     args: dict | None = None,
     tokenizer_model: str | None = None,
+    vocab: SoloVocab | None = None,
     keep_last: int | None = None,
     extra: dict | None = None,
     sharded_strategy=None,
@@ -259,6 +272,7 @@ def save_checkpoint(
             "has_optimizer": optimizer is not None,
             "num_model_chunks": len(model_chunks),
             "tokenizer_model": tokenizer_model,
+            "vocab": None if vocab is None else vocab.to_dict(),
             "args": args or {},
         }
         _atomic_write(os.path.join(path, INFO), json.dumps(info, indent=2, default=str))

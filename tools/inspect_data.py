@@ -33,7 +33,7 @@ def sample(prefix: str, index: int, loss_role: str, seq_length: int | None):
         raise IndexError(f"--index {index} is out of range: {prefix} holds {len(ds)} packs")
     n = ds.pack_length(index) if seq_length is None else min(seq_length, ds.pack_length(index))
     segments = ds.pack(index, max_tokens=n if seq_length is None else n + 1)
-    s = build_sample(segments, n, loss_role)
+    s = build_sample(segments, n, loss_role, ds.vocab)
     tokens = s["tokens"].numpy()
     label_mask = s["loss_mask"].numpy()
     # label_mask[t] is about predicting token t+1: shift it onto the predicted token

@@ -35,12 +35,11 @@ from megatron.core.datasets.utils import Split, get_blend_from_list
 
 from megatron_solo.data.indexed import SoloIndexedDataset
 from megatron_solo.data.roles import label_loss_mask, trained_roles
-from megatron_solo.spec import IMAGE, PATCH_DIM, SOLO_IDS
+from megatron_solo.spec import IMAGE, MISTRAL_VOCAB, PATCH_DIM, SoloVocab
 
 logger = logging.getLogger(__name__)
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "doc_lengths", "image_doc_mask", "patches")
-PAD_ID = 0
 
 
 @dataclass
@@ -54,9 +53,10 @@ class SoloDatasetConfig(BlendedMegatronDatasetConfig):
         trained_roles(self.loss_role)  # validates
 
 
-def build_sample(segments, seq_length: int, loss_role: str = "assistant") -> dict:
+def build_sample(segments, seq_length: int, loss_role: str = "assistant", vocab: SoloVocab = MISTRAL_VOCAB) -> dict:
     """One training sample from a pack's segments (as :meth:`SoloIndexedDataset.pack` returns them,
-    read up to ``seq_length + 1`` tokens so the last input has its label)."""
+    read up to ``seq_length + 1`` tokens so the last input has its label). ``vocab``: the ids the
+    prefix was made with (:attr:`SoloIndexedDataset.vocab`): its padding, ``<vpatch>`` and control ids."""
     s = seq_length
     toks = [t for t, _, _ in segments]
     m = sum(len(t) for t in toks)
@@ -66,7 +66,7 @@ def build_sample(segments, seq_length: int, loss_role: str = "assistant") -> dic
     seg_all = np.repeat(np.arange(len(toks)), lens_all)
     n = min(m, s)
 
-    tokens = np.full(s, PAD_ID, np.int64)
+    tokens = np.full(s, vocab.pad, np.int64)
     tokens[:n] = tokens_all[:n]
     labels = np.zeros(s, np.int64)
     label_roles = np.zeros(s, np.uint8)
@@ -77,7 +77,7 @@ def build_sample(segments, seq_length: int, loss_role: str = "assistant") -> dic
         valid[:k] = same
         labels[:k] = np.where(same, tokens_all[1:k + 1], 0)
         label_roles[:k] = roles_all[1:k + 1]
-    loss_mask = label_loss_mask(labels, label_roles, valid, loss_role)
+    loss_mask = label_loss_mask(labels, label_roles, valid, loss_role, vocab)
 
     # documents as they appear in the first s tokens
     doc_lengths = []
@@ -102,7 +102,7 @@ def build_sample(segments, seq_length: int, loss_role: str = "assistant") -> dic
     if n < s:
         image_doc_mask[n:] = False
 
-    n_patches = int(np.count_nonzero(tokens[:n] == SOLO_IDS.vision_patch))
+    n_patches = int(np.count_nonzero(tokens[:n] == vocab.vision_patch))
     patch_list = [p for _, _, p in segments if len(p)]
     patches = np.concatenate(patch_list)[:n_patches] if patch_list else np.zeros((0, PATCH_DIM), np.uint8)
     if patches.shape[0] != n_patches:
@@ -184,7 +184,7 @@ class SoloDataset(MegatronDataset):
     def __getitem__(self, idx: int) -> dict:
         pack = int(self.sample_index[idx])
         segments = self.dataset.pack(pack, max_tokens=self.config.sequence_length + 1)
-        return build_sample(segments, self.config.sequence_length, self.loss_role)
+        return build_sample(segments, self.config.sequence_length, self.loss_role, self.dataset.vocab)
 
 
 class DataSplitError(ValueError):

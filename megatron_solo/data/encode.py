@@ -52,6 +52,7 @@ from megatron_solo.spec import (
     SOLO_IDS,
     USER,
     SoloTokenIds,
+    SoloVocab,
 )
 
 FORMATS = ("pretrain", "chat")
@@ -298,7 +299,9 @@ class DocumentEncoder:
     ``fmt``: "pretrain" (BOS + parts, all text role assistant) or "chat" (laid out by the
     ``chat_template`` row of :data:`~megatron_solo.data.chat_templates.TEMPLATES`). ``allow_image_mismatch``
     is read by :func:`normalize_messages` callers (``preprocess.encode_record``). ``ids``: every token id
-    the encoder places (BOS, EOS, vision blocks, chat and location markers) comes from it.
+    the encoder places (BOS, EOS, vision blocks, chat and location markers) comes from it; by default the
+    tokenizer's :class:`~megatron_solo.spec.SoloVocab`. A base without BOS (Qwen) opens no document with
+    one, and closes each pre-training document with EOS (its ``<|endoftext|>``), as it was pre-trained.
     """
 
     tokenizer: object
@@ -309,7 +312,7 @@ class DocumentEncoder:
     chat_template: str = "chatml"
     allow_image_mismatch: bool = False
     image_storage: str = "patches"  # "encoded": patches are ImageRefs (megatron_solo.data.image_storage)
-    ids: SoloTokenIds = SOLO_IDS
+    ids: SoloVocab | SoloTokenIds | None = None
     template: ChatTemplate = field(init=False)
     _space_id: int = field(init=False, default=-1)
 
@@ -319,6 +322,8 @@ class DocumentEncoder:
         if self.chat_template not in TEMPLATES:
             raise ValueError(f"chat template must be one of {CHAT_TEMPLATES}, got {self.chat_template!r}")
         self.template = TEMPLATES[self.chat_template] if self.fmt == "chat" else PRETRAIN
+        if self.ids is None:
+            self.ids = self.tokenizer.vocab
         self._space_id = self.tokenizer.piece_to_id("▁")
 
     # text ----------------------------------------------------------------------------------
@@ -374,7 +379,7 @@ class DocumentEncoder:
         t = self.template
         doc = _DocumentParts()
         has_content = False
-        if t.bos:
+        if t.bos and self.ids.bos is not None:
             doc.add([self.ids.bos], ROLE_CODES[t.text_role or messages[0].role])
         for m in messages:
             role = ROLE_CODES[t.text_role or m.role]
@@ -396,6 +401,8 @@ class DocumentEncoder:
             doc.add(self.encode_text(pending, after_ctl), role)
         if not has_content:
             raise SkipRecord("empty_document", where)
+        if t is PRETRAIN and self.ids.bos is None:
+            doc.add([self.ids.eos], ROLE_CODES[t.text_role])
         return self._document(doc)
 
     def _encode_inst(self, messages: list[Message], where: str) -> EncodedDocument:
@@ -441,7 +448,7 @@ class DocumentEncoder:
             if first_user is None:
                 raise SkipRecord("empty_document", f"{where}: a system message without a user turn")
             turns[first_user] = ("user", "\n\n".join(system) + "\n\n" + turns[first_user][1])
-        if t.bos:
+        if t.bos and self.ids.bos is not None:
             doc.add([self.ids.bos], USER)
         has_content = doc.n_images > 0
         for role, text in turns:

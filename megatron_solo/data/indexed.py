@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_solo.data.image_storage import decode_segment
+from megatron_solo.data.stats import prefix_vocab
 from megatron_solo.errors import InputError
-from megatron_solo.spec import PATCH_DIM, SOLO_IDS
+from megatron_solo.spec import MISTRAL_VOCAB, PATCH_DIM, SoloVocab, vocab_mismatch
 
 SUFFIXES = ("tokens", "roles", "patches")
 DTYPES = {"tokens": np.int32, "roles": np.uint8, "patches": np.uint8, "images": np.uint8, "imageidx": np.int64}
@@ -112,7 +113,9 @@ def make_index_writer(bin_path: str, dtype, use_cpp: bool = True):
 class SoloPrefixWriter:
     """Writes segments and pack boundaries to the three datasets of a prefix, atomically."""
 
-    def __init__(self, prefix: str, use_cpp: bool = True, image_storage: str = "patches"):
+    def __init__(self, prefix: str, use_cpp: bool = True, image_storage: str = "patches",
+                 vocab: SoloVocab = MISTRAL_VOCAB):
+        self.vision_patch = vocab.vision_patch  # the <vpatch> id that counts a segment's patches
         self.prefix = prefix
         d = os.path.dirname(os.path.abspath(prefix))
         os.makedirs(d, exist_ok=True)
@@ -131,7 +134,7 @@ class SoloPrefixWriter:
     def add_segment(self, tokens: np.ndarray, roles: np.ndarray, patches: np.ndarray) -> None:
         assert len(tokens) == len(roles) and len(tokens) > 0
         assert patches.shape[1] == PATCH_DIM
-        n_vpatch = int(np.count_nonzero(tokens == SOLO_IDS.vision_patch))
+        n_vpatch = int(np.count_nonzero(tokens == self.vision_patch))
         assert n_vpatch == patches.shape[0], (n_vpatch, patches.shape)
         self._writers["tokens"].add_item(np.ascontiguousarray(tokens, dtype=np.int32))
         self._writers["roles"].add_item(np.ascontiguousarray(roles, dtype=np.uint8))
@@ -212,7 +215,7 @@ class Packer:
         self.used = 0
 
     def add(self, tokens: np.ndarray, roles: np.ndarray, patches: np.ndarray) -> None:
-        is_patch = tokens == SOLO_IDS.vision_patch
+        is_patch = tokens == self.writer.vision_patch
         patch_before = np.concatenate(([0], np.cumsum(is_patch))) if len(patches) else None
         for start, end, close in pack_segments(len(tokens), self.used, self.seq_length):
             if end > start:
@@ -248,6 +251,7 @@ class SoloIndexedDataset:
         self.tokens = IndexedDataset(component_prefix(self.prefix, "tokens"), mmap=self.mmap)
         self.roles = IndexedDataset(component_prefix(self.prefix, "roles"), mmap=self.mmap)
         self.storage = prefix_storage(self.prefix)
+        self.vocab = prefix_vocab(self.prefix)  # the ids its tokenizer gave (Mistral's for older prefixes)
         others = []
         for name in STORAGE_SUFFIXES[self.storage][2:]:
             pp = component_prefix(self.prefix, name)
@@ -292,7 +296,7 @@ class SoloIndexedDataset:
             # copies: megatron's reader returns views into an mmap that closes with the dataset
             t = np.array(self.tokens.get(s, 0, length))
             r = np.array(self.roles.get(s, 0, length))
-            n_p = int(np.count_nonzero(t == SOLO_IDS.vision_patch))
+            n_p = int(np.count_nonzero(t == self.vocab.vision_patch))
             if n_p and self.storage == "encoded":  # decoded here: in the DataLoader's worker processes
                 p = decode_segment(self.images[s], self.imageidx[s], n_p)
             elif n_p:
@@ -336,9 +340,11 @@ def sampled_token_id_range(bin_path: str, window_bytes: int = TOKEN_SAMPLE_BYTES
     return lo, hi
 
 
-def check_prefix(prefix: str, vocab_size: int) -> None:
+def check_prefix(prefix: str, vocab_size: int, vocab: SoloVocab | None = None) -> None:
     """The datasets of a prefix exist, their indices read with megatron-core's reader and agree with
-    each other and with their ``.bin`` lengths, and a sample of token ids lies in the vocabulary; raises
+    each other and with their ``.bin`` lengths, its ids were made with SOLO's vocabulary ``vocab`` (the
+    model's, when known; :func:`~megatron_solo.data.stats.prefix_vocab`), and a sample of token ids lies
+    in the vocabulary; raises
     :class:`~megatron_solo.errors.InputError` (one line) for the first problem. Training's start-up checks
     and the launchers' pre-flight call it before anything is built."""
     names = STORAGE_SUFFIXES[prefix_storage(prefix)]  # tokens, roles + patches or images, imageidx
@@ -371,6 +377,10 @@ def check_prefix(prefix: str, vocab_size: int) -> None:
     if any(n_o != n_tok or not np.array_equal(d, docs) for n_o, d, _ in others):
         raise InputError(f"data prefix {prefix}: its {', '.join(names)} datasets disagree on segments "
                          f"or packs (written by different runs); re-run tools/preprocess_data.py")
+    problem = vocab and vocab_mismatch(prefix_vocab(prefix), vocab, f"data prefix {prefix}", "the model")
+    if problem:
+        raise InputError(f"{problem}; preprocess it with the model's tokenizer (tools/preprocess_data.py "
+                         "--tokenizer-model)")
     lo, hi = sampled_token_id_range(component_prefix(prefix, "tokens") + ".bin")
     if lo < 0 or hi >= vocab_size:
         raise InputError(f"{component_prefix(prefix, 'tokens')}.bin holds token id {hi if hi >= vocab_size else lo}, "

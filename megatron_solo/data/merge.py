@@ -15,8 +15,9 @@ from megatron_solo.data.indexed import (
     publish_prefix,
     remove_prefix,
 )
-from megatron_solo.data.stats import PrefixStats
+from megatron_solo.data.stats import PrefixStats, prefix_vocab
 from megatron_solo.errors import InputError
+from megatron_solo.spec import vocab_mismatch
 
 
 class MergeInputError(InputError, ValueError):
@@ -36,6 +37,12 @@ def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) ->
     storages = sorted({prefix_storage(p) for p in inputs})
     if len(storages) > 1:
         raise MergeInputError(f"cannot merge prefixes of different image storages {storages}; preprocess them alike")
+    vocabs = [prefix_vocab(p) for p in inputs]
+    for p, v in zip(inputs, vocabs):
+        problem = vocab_mismatch(v, vocabs[0], p, inputs[0])
+        if problem:
+            raise MergeInputError(f"cannot merge prefixes made with different tokenizers: {problem}; preprocess them "
+                                  "with one")
     suffixes = STORAGE_SUFFIXES[storages[0]]
     remove_prefix(output_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)

@@ -35,6 +35,7 @@ from megatron_solo.data.stats import PrefixStats
 from megatron_solo.data import tokenizer as solo_tokenizer
 from megatron_solo.data.worker_pool import OrderedWorkerPool
 from megatron_solo.errors import InputError, UserError
+from megatron_solo.spec import SoloVocab
 
 logger = logging.getLogger("megatron_solo.preprocess")
 
@@ -64,7 +65,7 @@ class PreprocessConfig:
     image_storage: str = "encoded"  # or "patches" (megatron_solo.data.image_storage; docs/DATA_FORMAT.md: why)
     parquet: Optional[object] = None  # ParquetColumns: layout and column names for .parquet inputs
     shard_size: Optional[int] = None  # input records per shard PREFIX_00000, ... (megatron_solo.data.shards)
-    vocab: Optional[dict] = None  # the tokenizer's SoloVocab.to_dict(), set by preprocess(); every prefix's stats keep it
+    vocab: Optional[SoloVocab] = None  # the tokenizer's, set by preprocess(); every prefix's stats keep it
 
 
 class TooManyErrors(UserError):
@@ -194,8 +195,8 @@ def preprocess(cfg: PreprocessConfig, records=None) -> dict:
     for p in cfg.inputs:
         if not os.path.isfile(p):
             raise InputNotFound(f"--input {p} does not exist")
-    vocab = check_tokenizer(cfg.tokenizer_model).vocab  # here, once: not as a traceback from every worker
-    cfg = replace(cfg, vocab=vocab.to_dict())
+    # here, once: not as a traceback from every worker
+    cfg = replace(cfg, vocab=check_tokenizer(cfg.tokenizer_model).vocab)
     if cfg.shard_size:
         with encoder_pool(cfg) as pool:
             return preprocess_sharded(cfg, pool)
@@ -211,8 +212,8 @@ def _preprocess_prefix(cfg: PreprocessConfig, records=None, pool=None) -> dict:
     prefix = cfg.output_prefix
     remove_prefix(prefix)  # a stale incomplete prefix, or the old one with --overwrite
     t0 = time.time()
-    stats = PrefixStats(vocab=cfg.vocab)
-    writer = SoloPrefixWriter(prefix, use_cpp=cfg.use_cpp, image_storage=cfg.image_storage)
+    stats = PrefixStats(vocab=cfg.vocab.to_dict())
+    writer = SoloPrefixWriter(prefix, use_cpp=cfg.use_cpp, image_storage=cfg.image_storage, vocab=cfg.vocab)
     packer = Packer(writer, cfg.seq_length)
     old_term = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _is_main_thread() else None
     bar = None

@@ -7,8 +7,12 @@ the sums, and the run's settings (format, ``--seq-length``, ``--workers``, ...) 
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Iterable, Optional
+
+from megatron_solo.spec import MISTRAL_VOCAB, SoloVocab
 
 
 @dataclass
@@ -27,6 +31,7 @@ class PrefixStats:
     image_storage: Optional[str] = None  # "encoded" or "patches" (megatron_solo.data.image_storage)
     image_bytes: int = 0  # bytes written to P-patches or P-images + P-imageidx
     data_bytes: int = 0  # bytes of all .bin data: int32 tokens + uint8 roles + images
+    vocab: Optional[dict] = None  # SoloVocab.to_dict() of the tokenizer that made the ids (prefix_vocab)
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -63,16 +68,29 @@ class PrefixStats:
     def total(cls, parts: Iterable["PrefixStats"]) -> "PrefixStats":
         """The sum of several prefixes' stats (the image storage: theirs, when they all share one)."""
         out = cls()
-        storages = set()
+        storages, vocabs = set(), []
         for p in parts:
             for f in fields(cls):
-                if f.name in ("skipped", "image_storage"):
+                if f.name in ("skipped", "image_storage", "vocab"):
                     continue
                 setattr(out, f.name, getattr(out, f.name) + getattr(p, f.name))
             for reason, n in p.skipped.items():
                 out.skipped[reason] = out.skipped.get(reason, 0) + n
             storages.add(p.image_storage)
+            vocabs.append(p.vocab)
         out.time_s = round(out.time_s, 3)
+        out.vocab = vocabs[0] if vocabs and all(v == vocabs[0] for v in vocabs) else None
         storages.discard(None)
         out.image_storage = storages.pop() if len(storages) == 1 else None
         return out
+
+
+def prefix_vocab(prefix: str) -> SoloVocab:
+    """SOLO's vocabulary a prefix's ids were made with (``P.stats.json``'s ``vocab``). A prefix made before
+    vocabularies were stored, or without stats, was made with Mistral's, the only one there was."""
+    path = prefix + ".stats.json"
+    stored = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            stored = json.load(f).get("vocab")
+    return SoloVocab.from_dict(stored) if stored else MISTRAL_VOCAB

@@ -16,19 +16,32 @@ import uuid
 from megatron_solo import checkpoint
 from megatron_solo.data.dataset import parse_data_path
 from megatron_solo.data.indexed import check_prefix
-from megatron_solo.data.tokenizer import SoloTokenizer
+from megatron_solo.data import tokenizer as solo_tokenizer
 from megatron_solo.errors import InputError
+from megatron_solo.spec import MISTRAL_VOCAB, SoloVocab, vocab_mismatch
 from megatron_solo.training.faults.lock import SaveDirLock
 
 
-def check_tokenizer(path: str) -> int:
-    """SOLO's pieces at SOLO's ids; returns its vocabulary size."""
+def check_tokenizer(path: str):
+    """The one tokenizer check (:func:`megatron_solo.data.tokenizer.check_tokenizer`); returns the tokenizer."""
     try:
-        tok = SoloTokenizer(path)
-        tok.check_solo_ids()
-    except (OSError, RuntimeError, ValueError) as e:
-        raise InputError(f"--tokenizer-model {path}: {str(e).splitlines()[0]}") from None
-    return tok.vocab_size
+        return solo_tokenizer.check_tokenizer(path)
+    except solo_tokenizer.TokenizerError as e:
+        raise InputError(f"--tokenizer-model {path}: {e}") from None
+
+
+def run_vocab(cfg, tokenizer=None) -> SoloVocab | None:
+    """SOLO's vocabulary of the run's model: its ``--tokenizer-model``'s (which must be the one of the
+    checkpoint it starts from), else its checkpoint's, else Mistral's when the model has Mistral's 33031
+    ids; None when nothing says (the data's ids are then only checked against the vocabulary size)."""
+    ck = checkpoint.checkpoint_vocab(cfg.resume.info) if cfg.resume.info is not None else None
+    if tokenizer is None:
+        return ck if ck is not None else (MISTRAL_VOCAB if cfg.model.args.vocab_size == MISTRAL_VOCAB.size else None)
+    problem = ck and vocab_mismatch(ck, tokenizer.vocab, f"the checkpoint {cfg.resume.info['path']}",
+                                    f"--tokenizer-model {tokenizer.model_path}")
+    if problem:
+        raise InputError(f"{problem}; pass the tokenizer the checkpoint was made with")
+    return tokenizer.vocab
 
 
 def check_save_dir(save: str) -> None:
@@ -49,14 +62,16 @@ def check_inputs(cfg, *, save_lock: bool = True) -> None:
     :class:`~megatron_solo.training.config.TrainConfig` (the resume plan has read ``--load``'s info).
     ``save_lock``: also refuse a ``--save`` whose lock is live (a launcher's pre-flight; inside a run,
     rank 0 takes the lock instead, and the other ranks must not see their own run's lock as foreign)."""
-    vocab = cfg.model.args.vocab_size
-    if cfg.data.tokenizer_model:
-        vocab = min(vocab, check_tokenizer(cfg.data.tokenizer_model))
+    vocab_size = cfg.model.args.vocab_size
+    tokenizer = check_tokenizer(cfg.data.tokenizer_model) if cfg.data.tokenizer_model else None
+    if tokenizer is not None:
+        vocab_size = min(vocab_size, tokenizer.vocab_size)
+    vocab = run_vocab(cfg, tokenizer)
     prefixes = list(parse_data_path(list(cfg.data.data_path))[0])
     if cfg.data.valid_data_path:
         prefixes += parse_data_path(list(cfg.data.valid_data_path))[0]
     for prefix in dict.fromkeys(prefixes):
-        check_prefix(prefix, vocab)
+        check_prefix(prefix, vocab_size, vocab)
     if cfg.resume.info is not None:
         ck = cfg.checkpoint
         checkpoint.check_model_shape(cfg.resume.info, cfg.model.args,
