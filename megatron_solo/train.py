@@ -5,13 +5,14 @@ the flags into the run's :class:`~megatron_solo.training.config.TrainConfig` (a 
 line, exit 2), then plans (``--dry-run``) or trains (:class:`~megatron_solo.training.trainer.Trainer`).
 """
 
-import os
 import sys
 
 from megatron_solo import quiet
-from megatron_solo.training.arguments import ArgumentError, build_parser
+from megatron_solo.errors import entry_point
+from megatron_solo.training.arguments import build_parser
 
 
+@entry_point  # a user error from here on (a bad flag, an input, a fault of the run): one error: line, its exit code
 def main(argv=None) -> int:
     # Imported here, not at the top: --help (parsed before main) answers before torch and megatron-core load.
     from megatron_solo import cpu_backend, mcore_fixes, parallel
@@ -21,15 +22,10 @@ def main(argv=None) -> int:
     from megatron_solo.training.trainer import Trainer
 
     faults.watch_parent()  # a torchrun worker exits (no save) when its agent dies
-    try:
-        cfg = build_train_config(build_parser().parse_args(argv))
-    except ArgumentError as e:  # a bad flag combination: one line, before anything is built
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank finds the same mistake; one says it
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    cfg = build_train_config(build_parser().parse_args(argv))  # a bad flag: ArgumentError, before anything is built
     if cfg.dry_run.enabled:  # plan only: no data, no GPU, no process group
         return run_dry_run(cfg)
-    with faults.guarded_run(cfg):  # inputs checked, --save locked by rank 0; faults -> one error line
+    with faults.guarded_run(cfg):  # inputs checked, --save locked by rank 0 for the run's life
         cpu_backend.ensure()  # megatron-core on CPU/gloo when CUDA is absent (a no-op otherwise)
         mcore_fixes.apply()
         trainer = Trainer(cfg)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from megatron_solo.errors import InputError
 from megatron_solo.training import param_groups
 
 
-class ArgumentError(ValueError):
-    pass
+class ArgumentError(InputError, ValueError):
+    """A bad flag or combination: the entry point's one ``error:`` line, exit 2 (megatron_solo.errors)."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
