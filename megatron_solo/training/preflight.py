@@ -22,13 +22,16 @@ import os
 import re
 import sys
 
+from megatron_solo import errors, quiet
+from megatron_solo.training.arguments import ArgumentError, build_parser
+
 # Bytes of training state per parameter on the device that holds it: bf16/fp32 weight, fp32 main copy
 # and gradient, Adam's two moments (Megatron-LM's accounting without the distributed optimizer's sharding).
 TRAIN_BYTES_PER_PARAM = 18
 
 
-class PreflightError(ValueError):
-    pass
+class PreflightError(errors.InputError):
+    """The run cannot start as asked (exit 2)."""
 
 
 def parameter_count(m) -> int:
@@ -40,7 +43,7 @@ def parameter_count(m) -> int:
 
 def check_fits(cfg, nproc_per_node: int) -> None:
     """Refuse a run whose model cannot fit this machine (say how much it needs and what to change)."""
-    import torch
+    import torch  # here, not at the top: `--help` answers without torch
 
     params = parameter_count(cfg.model.args)
     shard = params / (cfg.parallel.tensor * cfg.parallel.pipeline)
@@ -75,9 +78,10 @@ def _with_launcher_names(msg: str, names: dict[str, str]) -> str:
 
 
 def run(nproc_per_node: int, nnodes: int, train_argv: list[str]) -> None:
-    """All pre-flight checks; raises PreflightError / ArgumentError / faults.InputError with one line."""
-    from megatron_solo.training.arguments import ArgumentError, build_parser
-    from megatron_solo.training.config import build_train_config
+    """All pre-flight checks; raises ArgumentError or a UserError (InputError, PreflightError) with one line."""
+    # Imported here, not at the top: they load torch and megatron-core, and `--help` answers without them.
+    from megatron_solo.data.dataset import DataSplitError, check_split_sizes
+    from megatron_solo.training import config, faults
 
     parser = build_parser()
 
@@ -86,24 +90,18 @@ def run(nproc_per_node: int, nnodes: int, train_argv: list[str]) -> None:
 
     parser.error = parser_error
     os.environ["WORLD_SIZE"] = str(nproc_per_node * nnodes)  # what validate_args divides by TP x PP x CP
-    cfg = build_train_config(parser.parse_args(train_argv))
+    cfg = config.build_train_config(parser.parse_args(train_argv))
     check_fits(cfg, nproc_per_node)
-    try:
-        from megatron_solo.training import faults
-    except ImportError:  # an older tree without the start-up input checks
-        faults = None
-    if faults is not None and hasattr(faults, "check_inputs"):
-        faults.check_inputs(cfg)
-    from megatron_solo.data.dataset import check_split_sizes
-
+    faults.check_inputs(cfg)
     if not cfg.data.valid_data_path:
-        check_split_sizes(list(cfg.data.data_path), cfg.data.split,
-                          valid_samples=cfg.logging.eval_iters * cfg.schedule.global_batch_size)
+        try:
+            check_split_sizes(list(cfg.data.data_path), cfg.data.split,
+                              valid_samples=cfg.logging.eval_iters * cfg.schedule.global_batch_size)
+        except DataSplitError as e:
+            raise PreflightError(str(e)) from None
 
 
 def main(argv=None) -> int:
-    from megatron_solo import quiet
-
     quiet.filter_known_warnings()
     ap = argparse.ArgumentParser(
         prog="python -m megatron_solo.training.preflight",
@@ -117,21 +115,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     train_argv = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     names = dict(pair.split("=", 1) for pair in args.launcher_vars.split() if "=" in pair)
-    from megatron_solo.data.dataset import DataSplitError
-    from megatron_solo.training.arguments import ArgumentError
-
-    errors: tuple = (ArgumentError, PreflightError, DataSplitError)
-    try:
-        from megatron_solo.training.faults import InputError
-
-        errors += (InputError,)
-    except ImportError:
-        pass
     try:
         run(args.nproc_per_node, args.nnodes, train_argv)
-    except errors as e:
-        print(f"error: {_with_launcher_names(str(e), names)}", file=sys.stderr, flush=True)
-        return 2
+    except (ArgumentError, errors.UserError) as e:
+        errors.print_error(_with_launcher_names(str(e), names))
+        return getattr(e, "exit_code", 2)  # a bad flag: 2, as the trainer's
     return 0
 
 
