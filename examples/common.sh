@@ -121,7 +121,7 @@ launcher_help() {
   sed -n '2,/^set -euo pipefail/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
   echo
   echo "Variables (environment), their value now (PRESET=${NOW[PRESET]}), and the flag each sets. PRESET=tiny"
-  echo "makes a 2-process CPU run (seq 128, a few iterations); the others are this phase's recipe above."
+  echo "makes a 2-process CPU run (seq 128, a few iterations); the other values are the recipe in $0."
   local row var kind flags tiny what value
   for row in "${LAUNCHER_VARS[@]}"; do
     read -r var kind flags tiny what <<<"$row"
@@ -131,7 +131,8 @@ launcher_help() {
     fi
     [[ $kind == flags ]] && flags="in place of ${flags//,/, }"
     [[ $kind == torchrun ]] && flags="torchrun $flags"
-    printf '  %-46s %s\n' "$var=$value" "$flags${what:+: $what}"
+    if [[ $what == "("* ]]; then what=" $what"; elif [[ -n $what ]]; then what=": $what"; fi
+    printf '  %-46s %s\n' "$var=$value" "$flags$what"
   done
   printf '  %-46s %s\n' "EXTRA_ARGS=\"$EXTRA_ARGS\"" "appended last: any flag of the trainer" \
     "DRY_RUN=$DRY_RUN" "1: plan the job in one process (--dry-run), no data needed" "PYTHON=$PYTHON" "the interpreter"
