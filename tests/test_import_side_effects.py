@@ -8,13 +8,20 @@ import sys
 from tests.conftest import ROOT
 
 CHECK = r"""
+import signal, sys, threading
+handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
+threads, excepthook = threading.active_count(), sys.excepthook
 import torch
 originals = {"current_device": torch.cuda.current_device, "zeros": torch.zeros, "to": torch.Tensor.to,
              "type": torch.Tensor.type, "get_rng_state": torch.cuda.get_rng_state}
 modes_before = torch._C._len_torch_function_stack()
 import megatron_solo.model, megatron_solo.training, megatron_solo.training.trainer, megatron_solo.convert
 import megatron_solo.convert.megatron_io, megatron_solo.checkpoint, megatron_solo.parallel
+import megatron_solo.errors, megatron_solo.training.faults, megatron_solo.train
 from megatron.core.optimizer import distrib_optimizer as dopt
+# the fault handling (signal handlers, the parent and lock threads) starts only when an entry point calls it
+assert {s: signal.getsignal(s) for s in handlers} == handlers, "a signal handler was installed at import"
+assert threading.active_count() == threads and sys.excepthook is excepthook, "a thread or hook started at import"
 
 def untouched(where):
     assert torch.cuda.current_device is originals["current_device"], where
