@@ -48,3 +48,13 @@ def test_marked_doc_block_runs_as_printed(where, script, tmp_path):
     if "megatron-to-hf" in script:  # the export is shared like any directory, not 0700
         hf = next(p for p in tmp_path.rglob("config.json") if (p.parent / "modeling_solo.py").exists()).parent
         assert stat.S_IMODE(os.stat(hf).st_mode) == 0o755
+
+
+def test_the_recipe_quoted_in_training_md_is_the_launchers():
+    """docs/TRAINING.md quotes examples/stage2_pretrain.sh's recipe arrays: every line it shows is in the script."""
+    doc = open(os.path.join(ROOT, "docs", "TRAINING.md")).read()
+    m = re.search(r"`examples/stage2_pretrain\.sh`:\n```bash\n(.*?)\n```", doc, flags=re.S)
+    assert m, "docs/TRAINING.md no longer quotes examples/stage2_pretrain.sh"
+    script = open(os.path.join(ROOT, "examples", "stage2_pretrain.sh")).read().splitlines()
+    shown = [line for line in m.group(1).splitlines() if line.strip() != "..."]
+    assert len(shown) > 10 and [line for line in shown if line not in script] == []
