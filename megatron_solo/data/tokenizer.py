@@ -308,16 +308,12 @@ class HFTokenizer(_SoloTokenizerBase):
         self.tk.encode_special_tokens = True
 
     @cached_property
-    def _ids(self) -> dict[str, int]:
-        return self.tk.get_vocab(with_added_tokens=True)
-
-    @property
     def vocab_size(self) -> int:
-        """The full length: every id of the model's vocabulary and of its added tokens."""
-        return max(self._ids.values()) + 1
+        """The full length: every id of the BPE model's vocabulary (0..n-1) and of its added tokens."""
+        return max(self.tk.get_vocab_size(with_added_tokens=False) - 1, *self.tk.get_added_tokens_decoder()) + 1
 
     def find_piece(self, piece: str) -> int | None:
-        return self._ids.get(piece)
+        return self.tk.token_to_id(piece)
 
     def base_special_tokens(self, base_size: int):
         """(special ids, bos, eos, pad) of the base: its special added tokens, and the config's tokens
@@ -346,7 +342,7 @@ class HFTokenizer(_SoloTokenizerBase):
     def _producible_controls(self) -> frozenset[int]:
         """Control ids that are also pieces of the BPE model itself (none in Llama-3 or Qwen): only these
         could come out of text, so only these are looked for in :meth:`encode`'s result."""
-        return frozenset(self.tk.get_vocab(with_added_tokens=False).values()) & self.derived_vocab.control_ids
+        return frozenset(i for i in self.derived_vocab.control_ids if self.tk.model.id_to_token(i) is not None)
 
     def encode(self, text: str, dummy_prefix: bool = True) -> list[int]:
         """Text to ids (never a control id), without BOS/EOS, whatever the text spells. ``dummy_prefix``
