@@ -7,8 +7,8 @@ group, torchrun agent or traceback is ever started. ``--launcher-vars`` comes fr
 variables (``LAUNCHER_VARS`` in common.sh, the one place a variable is tied to its flag; torchrun's
 ``nproc-per-node``/``nnodes`` included). The checks are the trainer's own:
 
-1. the flags (:func:`megatron_solo.training.arguments.validate_args` and the resume decision), with the
-   world size torchrun would make;
+1. the flags and every decision derived from them (:func:`megatron_solo.training.config.build_train_config`:
+   ``validate_args``, the sizes, the resume plan), with the world size torchrun would make;
 2. whether the model fits the machine (:func:`check_fits`): no GPU and SOLO-7B is refused, naming
    ``PRESET=tiny``; on GPUs, fewer visible devices than processes per node is refused;
 3. the inputs (tokenizer, data prefixes, checkpoint shape, ``--save`` writable: ``faults.check_inputs``);
@@ -89,7 +89,7 @@ def run(nproc_per_node: int, nnodes: int, train_argv: list[str]) -> None:
         raise ArgumentError(message)
 
     parser.error = parser_error
-    os.environ["WORLD_SIZE"] = str(nproc_per_node * nnodes)  # what validate_args divides by TP x PP x CP
+    os.environ["WORLD_SIZE"] = str(nproc_per_node * nnodes)  # torchrun's world: the config divides it by TP x PP x CP
     cfg = config.build_train_config(parser.parse_args(train_argv))
     check_fits(cfg, nproc_per_node)
     faults.check_inputs(cfg)
