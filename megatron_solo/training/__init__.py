@@ -1,2 +1,2 @@
-"""Training: arguments, the derived TrainConfig, the loop, the sampler, logging. Entry point:
+"""Training: arguments, the derived TrainConfig, the Trainer, the sampler, logging. Entry point:
 ``python -m megatron_solo.train``. The checkpoint format lives in :mod:`megatron_solo.checkpoint`."""
