@@ -51,25 +51,28 @@ def make_random_mistral(out_dir: str, seed: int = 0, dtype=torch.float32, **over
 
 
 # Tiny bases of each family, shaped like the real ones in what their row switches on: Llama-3.2 (tied,
-# llama3 RoPE scaling factor 32, theta 500000), Qwen2.5 (QKV bias, matrices padded past the tokenizer,
-# untied), Qwen3 (q/k norm, head_dim 16 != hidden/heads, tied, padded past the tokenizer).
-# BASE_TOKENS: the tiny tokenizer's full length (the rows that are tokens); the rest of vocab_size pads.
-BASE_TOKENS = 300
+# llama3 RoPE scaling factor 32, theta 500000), Qwen2.5 (QKV bias, untied), Qwen3 (q/k norm, head_dim 16 !=
+# hidden/heads, tied). Their vocabularies are the real tokenizers' (tests/helpers_tokenizers.py): Llama-3.2's
+# 128257 tokens; Qwen's 151669 tokens in 151936 rows (Qwen pads its matrices past the tokenizer).
 # Llama's and Qwen2's configs require hidden = heads x head_dim: 4 heads in 2 groups there.
 FAMILY_CONFIGS = {
-    "llama": dict(num_attention_heads=4, vocab_size=BASE_TOKENS, tie_word_embeddings=True, max_position_embeddings=16384,
+    "llama": dict(num_attention_heads=4, vocab_size=128257, tie_word_embeddings=True, max_position_embeddings=16384,
                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 8192}),
-    "qwen2": dict(num_attention_heads=4, vocab_size=BASE_TOKENS + 84, tie_word_embeddings=False, max_position_embeddings=512,
+    "qwen2": dict(num_attention_heads=4, vocab_size=151936, tie_word_embeddings=False, max_position_embeddings=512,
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-    "qwen3": dict(vocab_size=BASE_TOKENS + 84, tie_word_embeddings=True, max_position_embeddings=512,
+    "qwen3": dict(vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=512,
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
 }
+#: the base tokenizer (a key of tests/helpers_tokenizers.PACKAGES) each family's tiny base ships
+FAMILY_TOKENIZERS = {"llama": "llama", "qwen2": "qwen", "qwen3": "qwen"}
 
 
-def make_random_base(out_dir: str, family: str, seed: int = 0, dtype=torch.float32, **overrides) -> str:
-    """A random base of ``family`` (its transformers ``*ForCausalLM``) saved as safetensors, no tokenizer."""
+def make_random_base(out_dir: str, family: str, seed: int = 0, dtype=torch.float32, tokenizer_dir: str | None = None,
+                     **overrides) -> str:
+    """A random base of ``family`` (its transformers ``*ForCausalLM``) saved as safetensors, with the base
+    tokenizer files of ``tokenizer_dir`` (tokenizer.json, tokenizer_config.json) when given."""
     import transformers
 
     from megatron_solo.convert.families import FAMILIES
@@ -80,6 +83,11 @@ def make_random_base(out_dir: str, family: str, seed: int = 0, dtype=torch.float
     model = cls(cls.config_class(**kw))
     _randomize(model, seed)
     model.to(dtype).save_pretrained(out_dir)
+    if tokenizer_dir is not None:
+        import shutil
+
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(os.path.join(tokenizer_dir, f), os.path.join(out_dir, f))
     return out_dir
 
 

@@ -1,10 +1,18 @@
 """Base-model families (convert/families.py) on tiny random bases built with each family's own transformers
-class: a converted base's text logits equal the family's class (fp32, rel <= 1e-5), with the architecture
-read from config.json (Llama-3.x tied + llama3 RoPE scaling, Qwen2 QKV bias + rows past the tokenizer,
-Qwen3 q/k norm + head_dim != hidden/heads + tied). One spawned process (a world of one) converts all
-three; the parent runs transformers."""
+class and shipped with the real base tokenizers (Llama-3.2's, Qwen3's; tests/helpers_tokenizers.py):
 
-import types
+* a converted base's text logits equal the family's class (fp32, rel <= 1e-5), the architecture read from
+  config.json (Llama-3.x tied + llama3 RoPE scaling, Qwen2 QKV bias + rows past the tokenizer, Qwen3 q/k
+  norm + head_dim != hidden/heads + tied), SOLO's vocabulary derived from the directory's tokenizer;
+* the export loads with AutoModelForCausalLM (trust_remote_code), generates, and stops at the chat
+  template's turn end (<|im_end|>); export -> import -> export is bit-identical.
+
+One spawned process (a world of one) runs every Megatron-side step for all three; the parent runs
+transformers.
+"""
+
+import json
+import os
 
 import pytest
 import torch
@@ -14,18 +22,9 @@ from megatron_solo.testing.distributed import run_distributed
 FAMILIES = ("llama", "qwen2", "qwen3")
 
 
-def _vocab(family):
-    from tests.helpers_convert import BASE_TOKENS
-
-    # SOLO's pieces after the base's tokens; Qwen reuses its own <|im_start|>/<|im_end|> (1029 added).
-    return types.SimpleNamespace(base_size=BASE_TOKENS, size=BASE_TOKENS + (1031 if family == "llama" else 1029))
-
-
 def _text_ids():
-    from tests.helpers_convert import BASE_TOKENS
-
     g = torch.Generator().manual_seed(11)
-    return torch.randint(0, BASE_TOKENS, (2, 14), generator=g)
+    return torch.randint(0, 120000, (2, 14), generator=g)  # ordinary BPE pieces of both tokenizers
 
 
 def _world(paths):
@@ -34,55 +33,64 @@ def _world(paths):
         hf_to_megatron,
         load_weights,
         megatron_logits,
+        megatron_to_hf,
         read_checkpoint,
     )
     from megatron_solo.model import SoloModelArgs
 
     out = {}
     for fam in FAMILIES:
-        out[f"{fam}_summary"] = hf_to_megatron(paths[fam], paths[f"{fam}_ckpt"], vocab=_vocab(fam), verify=True,
-                                               verify_logits=True)
-        info = read_checkpoint(paths[f"{fam}_ckpt"])
+        p = {k: paths[f"{fam}_{k}"] for k in ("base", "ckpt", "hf", "ckpt2", "hf2")}
+        out[f"{fam}_summary"] = hf_to_megatron(p["base"], p["ckpt"], verify=True, verify_logits=True)
+        info = read_checkpoint(p["ckpt"])
         model_args = SoloModelArgs(**info["model_args"])
         model = build_full_model(model_args, int(info["padded_vocab_size"]))
         load_weights(model, info)
         out[f"{fam}_args"] = model_args.to_dict()
+        out[f"{fam}_vocab"] = info["args"]["vocab"]
         out[f"{fam}_logits"] = megatron_logits(model, _text_ids())
         out[f"{fam}_names"] = sorted(n for n, _ in model.named_parameters())
+        del model
+        # export (its logits, text and image, checked against the Megatron model by --verify), re-import, export
+        out[f"{fam}_export"] = megatron_to_hf(p["ckpt"], p["hf"], verify=True, verify_logits=True)
+        hf_to_megatron(p["hf"], p["ckpt2"])
+        megatron_to_hf(p["ckpt2"], p["hf2"])
     return out
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from tests.helpers_convert import make_random_base
+def world(tmp_path_factory, hf_tokenizers):
+    from tests.helpers_convert import FAMILY_TOKENIZERS, make_random_base
 
     root = tmp_path_factory.mktemp("families")
     paths = {}
     for i, fam in enumerate(FAMILIES):
-        paths[fam] = make_random_base(str(root / fam), fam, seed=20 + i)
-        paths[f"{fam}_ckpt"] = str(root / f"{fam}_ckpt")
-    return paths, run_distributed(_world, 1, paths, timeout=600)[0]
+        paths.update({f"{fam}_{k}": str(root / f"{fam}_{k}") for k in ("base", "ckpt", "hf", "ckpt2", "hf2")})
+        make_random_base(paths[f"{fam}_base"], fam, seed=20 + i, tokenizer_dir=hf_tokenizers[FAMILY_TOKENIZERS[fam]])
+    return paths, run_distributed(_world, 1, paths, timeout=900)[0]
 
 
+@pytest.mark.usefixtures("plain_torch")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_converted_base_text_logits_equal_the_family_class(world, family):
     import transformers
 
     from megatron_solo.convert.families import FAMILIES as TABLE
-    from tests.helpers_convert import BASE_TOKENS
 
     paths, out = world
-    ref_model = getattr(transformers, TABLE[family].hf_class).from_pretrained(paths[family], dtype=torch.float32)
+    base_size = out[f"{family}_vocab"]["base_size"]
+    ref_model = getattr(transformers, TABLE[family].hf_class).from_pretrained(paths[f"{family}_base"],
+                                                                              dtype=torch.float32)
     with torch.no_grad():
-        ref = ref_model(input_ids=_text_ids()).logits[..., :BASE_TOKENS]
-    got = out[f"{family}_logits"][..., :BASE_TOKENS]
+        ref = ref_model(input_ids=_text_ids()).logits[..., :base_size]
+    got = out[f"{family}_logits"][..., :base_size]
     rel = ((got - ref).abs().max() / ref.abs().max()).item()
     assert rel <= 1e-5, f"{family}: max rel logit diff {rel:.3g}"
     # --verify ran with the family's class too (tensors bit for bit, logits).
     assert out[f"{family}_summary"]["verify"]["tensors_checked"] > 0
 
 
-def test_architecture_comes_from_config_json(world):
+def test_architecture_and_vocabulary_come_from_the_base_directory(world):
     _, out = world
     llama, qwen2, qwen3 = (out[f"{f}_args"] for f in FAMILIES)
     assert (llama["family"], llama["rope_scaling"], llama["rope_scaling_factor"], llama["rotary_base"]) == \
@@ -90,8 +98,95 @@ def test_architecture_comes_from_config_json(world):
     assert llama["tie_word_embeddings"] and not llama["qkv_bias"] and not llama["qk_layernorm"]
     assert qwen2["qkv_bias"] and not qwen2["tie_word_embeddings"] and qwen2["rope_scaling"] is None
     assert qwen3["qk_layernorm"] and qwen3["tie_word_embeddings"] and qwen3["kv_channels"] == 16
-    assert [a["vocab_size"] for a in (llama, qwen2, qwen3)] == [300 + 1031, 300 + 1029, 300 + 1029]
+    # SOLO's vocabulary over each directory's tokenizer: Llama-3.2's 128257 tokens + 1031 pieces; Qwen's
+    # 151669 tokens (its 151936 rows pad past them) + 1029 (its own <|im_start|>/<|im_end|> reused).
+    assert [a["vocab_size"] for a in (llama, qwen2, qwen3)] == [128257 + 1031, 151669 + 1029, 151669 + 1029]
+    assert (out["qwen3_vocab"]["im_end"], out["qwen3_vocab"]["bos"]) == (151645, None)
     # megatron-core's own modules: a bias on linear_qkv, q/k layernorms, no output layer when tied.
     assert "decoder.layers.0.self_attention.linear_qkv.bias" in out["qwen2_names"]
     assert "decoder.layers.0.self_attention.q_layernorm.weight" in out["qwen3_names"]
     assert "output_layer.weight" not in out["llama_names"] and "output_layer.weight" in out["qwen2_names"]
+
+
+def _tensors(d):
+    from safetensors.torch import load_file
+
+    t = {}
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".safetensors"):
+            t.update(load_file(os.path.join(d, f)))
+    return t
+
+
+@pytest.mark.usefixtures("plain_torch")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_generates_stops_at_turn_end_and_round_trips(world, family):
+    from transformers import AutoModelForCausalLM
+
+    paths, out = world
+    d, vocab = paths[f"{family}_hf"], out[f"{family}_vocab"]
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    assert cfg["solo_family"] == family and cfg["solo_vocab"] == vocab
+    assert out[f"{family}_export"]["verify"]["tensors_checked"] > 0
+    # export -> import -> export: every tensor bit-identical, same config
+    a, b = _tensors(d), _tensors(paths[f"{family}_hf2"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(os.path.join(paths[f"{family}_hf2"], "config.json"))) == cfg
+
+    model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(model).__name__ == cfg["architectures"][0]
+    prompt = _text_ids()[:1]  # no chat markers in it: the turn end's rows below touch nothing it reads
+    with torch.no_grad():
+        h = model.model(input_ids=prompt).last_hidden_state[0, -1]
+        # A trained model ends its answer with <|im_end|>; make this one do so at its first step.
+        model.lm_head.weight[vocab["im_end"]] = 50 * h / h.norm() ** 2
+    gen = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)
+    assert gen.shape[1] == prompt.shape[1] + 1 and gen[0, -1].item() == vocab["im_end"]  # stopped there
+    more = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, eos_token_id=vocab["eos"])
+    assert more.shape[1] == prompt.shape[1] + 6  # without the turn end as a stop token it runs on
+
+
+# The public config.json values of these bases (written from knowledge of those files, nothing is
+# downloaded), as each family's transformers config takes them; "rows": the base's embedding rows.
+PUBLIC_CONFIGS = {
+    "qwen3-8b": ("Qwen3ForCausalLM", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                          num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                          vocab_size=151936, tie_word_embeddings=False)),
+    "qwen3-1.7b": ("Qwen3ForCausalLM", dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                            num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                            vocab_size=151936, tie_word_embeddings=True)),
+    "qwen2.5-7b": ("Qwen2ForCausalLM", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                            num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                            tie_word_embeddings=False)),
+    "llama3.1-8b": ("LlamaForCausalLM", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                             num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                             tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLIC_CONFIGS))
+def test_preset_dry_run_counts_the_family_model_plus_solo_additions(preset, monkeypatch):
+    """--dry-run's count of a preset = the family's transformers model built on the meta device from the
+    public config values, with its vocabulary rows replaced by SOLO's (Qwen's padding rows past its
+    tokenizer are not kept) and the patch embedding added; vocabulary padding counted apart."""
+    import transformers
+
+    from megatron_solo import cpu_backend
+    from megatron_solo.spec import PATCH_DIM
+    from megatron_solo.training.arguments import build_parser
+    from megatron_solo.training.config import build_train_config
+    from megatron_solo.training.dry_run import plan
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg = build_train_config(build_parser().parse_args(
+        ["--model", preset, "--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "1",
+         "--train-iters", "1", "--data-path", "none"]))
+    p = plan(cfg)
+    cls_name, hf = PUBLIC_CONFIGS[preset]
+    cls = getattr(transformers, cls_name)
+    with cpu_backend.suspended(), torch.device("meta"):  # the backend's device mode would build it on the CPU
+        n_hf = sum(t.numel() for t in cls(cls.config_class(**hf)).parameters())  # tied matrices counted once
+    matrices = 1 if hf["tie_word_embeddings"] else 2
+    solo_rows = cfg.model.args.vocab_size - hf["vocab_size"]
+    want = n_hf + matrices * solo_rows * hf["hidden_size"] + PATCH_DIM * hf["hidden_size"]
+    assert p["parameters_without_padding"] == want

@@ -13,7 +13,7 @@ from megatron_solo.convert.errors import ConversionError
 from megatron_solo.convert.mapping import ConversionShapes, expected_hf_shapes
 from megatron_solo.convert.safetensors_io import HFCheckpoint
 from megatron_solo.convert.families import FAMILIES, Family, family_of_hf_config
-from megatron_solo.spec import BASE_VOCAB_SIZE, BOS_ID, EOS_ID, PATCH_SIZE, SOLO_IDS, SOLO_VOCAB_SIZE
+from megatron_solo.spec import BASE_VOCAB_SIZE, MISTRAL_VOCAB, PATCH_SIZE, SOLO_VOCAB_SIZE, SoloVocab
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -109,6 +109,8 @@ def model_args_from_hf_config(cfg: dict, vocab_size: int | None = None) -> dict:
             qkv_bias=family.qkv_bias,
             qk_layernorm=family.qk_layernorm,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # a SOLO export's own; a base's is set by the conversion from SOLO's vocabulary over its tokenizer
+            vision_patch_id=int(cfg.get("vision_patch_token_id", MISTRAL_VOCAB.vision_patch)),
             **_rope(cfg, family),
         )
     except KeyError as e:
@@ -119,16 +121,31 @@ def model_args_from_hf_config(cfg: dict, vocab_size: int | None = None) -> dict:
     return args
 
 
-def hf_config_from_model_args(model_args: dict, *, torch_dtype: str = "bfloat16") -> dict:
-    """config.json of an exported SOLO checkpoint (Mistral's fields + SOLO's)."""
+def _rope_parameters(a: dict) -> dict:
+    rope = {"rope_type": "default", "rope_theta": float(a["rotary_base"])}
+    if a.get("rope_scaling") == "llama3":
+        rope.update(rope_type="llama3", factor=float(a.get("rope_scaling_factor", 8.0)), low_freq_factor=1.0,
+                    high_freq_factor=4.0, original_max_position_embeddings=8192)
+    return rope
+
+
+def hf_config_from_model_args(model_args: dict, *, torch_dtype: str = "bfloat16", vocab: SoloVocab = MISTRAL_VOCAB) -> dict:
+    """config.json of an exported SOLO checkpoint: the base family's fields + SOLO's (``vocab``: its ids).
+
+    A Mistral-based export is SOLO-7B's layout exactly; another family's names its base in
+    ``solo_family`` and its classes (``Solo<Family>*``, ``hf_files/``) in ``auto_map``."""
     a = model_args
-    return {
-        "architectures": ["SoloForCausalLM"],
-        "auto_map": {
-            "AutoConfig": "configuration_solo.SoloConfig",
-            "AutoModel": "modeling_solo.SoloMistralModel",
-            "AutoModelForCausalLM": "modeling_solo.SoloForCausalLM",
-        },
+    family = FAMILIES[a.get("family", "mistral")]
+    prefix = family.hf_class[: -len("ForCausalLM")]
+    if family.name == "mistral":
+        classes = ("configuration_solo.SoloConfig", "modeling_solo.SoloMistralModel", "modeling_solo.SoloForCausalLM")
+    else:
+        classes = tuple(f"{m}.Solo{prefix}{c}" for m, c in (("configuration_solo", "Config"),
+                                                              ("modeling_solo", "Model"),
+                                                              ("modeling_solo", "ForCausalLM")))
+    cfg = {
+        "architectures": ["SoloForCausalLM" if family.name == "mistral" else f"Solo{prefix}ForCausalLM"],
+        "auto_map": {"AutoConfig": classes[0], "AutoModel": classes[1], "AutoModelForCausalLM": classes[2]},
         "model_type": "solo",
         "vocab_size": int(a["vocab_size"]),
         "hidden_size": int(a["hidden_size"]),
@@ -142,20 +159,27 @@ def hf_config_from_model_args(model_args: dict, *, torch_dtype: str = "bfloat16"
         "initializer_range": float(a.get("init_method_std", 0.02)),
         "rms_norm_eps": float(a["norm_epsilon"]),
         "use_cache": True,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
+        "bos_token_id": vocab.bos,
+        "eos_token_id": vocab.eos,
         "pad_token_id": None,
-        "tie_word_embeddings": False,
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(a["rotary_base"])},
+        "tie_word_embeddings": bool(a.get("tie_word_embeddings", False)),
+        "rope_parameters": _rope_parameters(a),
         "sliding_window": a.get("sliding_window"),
         "attention_dropout": 0.0,
         "vision_patch_size": PATCH_SIZE,
-        "vision_start_token_id": SOLO_IDS.vision_start,
-        "vision_patch_token_id": SOLO_IDS.vision_patch,
-        "vision_row_sep_token_id": SOLO_IDS.vision_row_sep,
-        "vision_end_token_id": SOLO_IDS.vision_end,
+        "vision_start_token_id": vocab.vision_start,
+        "vision_patch_token_id": vocab.vision_patch,
+        "vision_row_sep_token_id": vocab.vision_row_sep,
+        "vision_end_token_id": vocab.vision_end,
         "dtype": torch_dtype,
     }
+    if family.name != "mistral":
+        cfg["solo_family"] = family.name
+        cfg["solo_vocab"] = vocab.to_dict()
+        cfg["attention_bias"] = False  # Qwen2's Q/K/V biases are its class's own; no other linear has one
+        if family.sliding_window_switch is not None:
+            cfg[family.sliding_window_switch] = False
+    return cfg
 
 
 def conversion_shapes(model_args: dict, padded_vocab_size: int, vocab_size: int | None = None,

@@ -8,66 +8,117 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 from megatron_solo.convert.errors import ConversionError
+from megatron_solo.data.tokenizer import (
+    HF_CONFIG,
+    SENTENCEPIECE,
+    create_solo_tokenizer,
+    derive_vocab,
+    load_tokenizer,
+    mistral_tokenizer_path,
+    tokenizer_file,
+)
 from megatron_solo.spec import (
     BASE_VOCAB_SIZE,
     BOS_ID,
     EOS_ID,
     IM_END,
     IM_START,
-    SOLO_IDS,
+    MISTRAL_VOCAB,
     SOLO_VOCAB_SIZE,
     UNK_ID,
     VISION_END,
     VISION_PATCH,
     VISION_ROW_SEP,
     VISION_START,
+    SoloVocab,
 )
 
 HF_FILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_files")
 
 
+def _same_base(a, b) -> bool:
+    """Whether two tokenizers (base or SOLO-extended) share one base: same kind, base length, pieces."""
+    va, vb = derive_vocab(a), derive_vocab(b)
+    return (a.kind == b.kind and va.base_size == vb.base_size
+            and all(a.id_to_piece(i) == b.id_to_piece(i) for i in range(va.base_size)))
+
+
 def resolve_tokenizer(kind: str, hf_dir: str, tokenizer_model: str | None, work_dir: str) -> str:
-    """Path of SOLO's extended tokenizer.model for a conversion from ``hf_dir``.
+    """Path of SOLO's extended tokenizer (``tokenizer.model`` or ``tokenizer.json``) for a conversion from
+    ``hf_dir``: the directory's own tokenizer, extended here with SOLO's pieces (written into
+    ``work_dir``) unless it already holds them (a SOLO export).
 
-    From a Mistral: ``tokenizer_model`` is Mistral's 32000-piece model (or 'mistral-common'), extended
-    here with SOLO's pieces (written into ``work_dir``); a model that already holds them is used as is.
-    From a SOLO: the directory's own tokenizer.model (or ``tokenizer_model``), which must be SOLO's.
+    ``tokenizer_model`` (or 'mistral-common' for the copy of Mistral's in that package) may name the
+    same tokenizer as the directory's (base or extended); one with another base is refused. A directory
+    without a tokenizer needs it, and the conversion says which one it used.
     """
-    from megatron_solo.data.tokenizer import SoloTokenizer, create_solo_tokenizer, mistral_tokenizer_path
-
     if tokenizer_model == "mistral-common":
         tokenizer_model = mistral_tokenizer_path()
+    try:
+        own = tokenizer_file(hf_dir)[1]
+    except FileNotFoundError:
+        own = None
     if tokenizer_model is None:
-        candidate = os.path.join(hf_dir, "tokenizer.model")
-        if kind == "mistral" and not os.path.isfile(candidate):
-            raise ConversionError("converting a Mistral checkpoint needs --tokenizer-model (Mistral's "
-                                  "tokenizer.model, or 'mistral-common' for the copy in that package)")
-        tokenizer_model = candidate
-    if not os.path.isfile(tokenizer_model):
+        if own is None:
+            hint = " (Mistral's tokenizer.model, or 'mistral-common' for the copy in that package)" \
+                if kind == "mistral" else ""
+            raise ConversionError(f"converting a {kind} checkpoint needs --tokenizer-model{hint}: {hf_dir} holds no "
+                                  "tokenizer.model or tokenizer.json")
+        tokenizer_model = own
+    if not os.path.exists(tokenizer_model):
         raise ConversionError(f"tokenizer model not found: {tokenizer_model}")
     try:
-        tok = SoloTokenizer(tokenizer_model)
-    except Exception as e:  # sentencepiece raises RuntimeError/OSError on a file it cannot parse
-        raise ConversionError(f"{tokenizer_model}: not a SentencePiece model ({e})") from None
-    if tok.vocab_size == SOLO_VOCAB_SIZE:
+        tok = load_tokenizer(tokenizer_model)
+    except Exception as e:  # noqa: BLE001 - sentencepiece/tokenizers raise RuntimeError/OSError/Exception
+        what = "a SentencePiece model" if tokenizer_file(tokenizer_model)[0] == SENTENCEPIECE else "a tokenizer"
+        raise ConversionError(f"{tokenizer_model}: not {what} ({e})") from None
+    extended = tok.find_piece(VISION_START) is not None
+    if kind == "solo" and not extended:
+        want = f"SOLO's {SOLO_VOCAB_SIZE}-piece" if tok.kind == SENTENCEPIECE else "SOLO's"
+        raise ConversionError(f"{tokenizer_model}: {tok.vocab_size} pieces; a SOLO checkpoint needs {want} tokenizer")
+    if own is not None and os.path.abspath(own) != os.path.abspath(tokenizer_model):
         try:
-            tok.check_solo_ids()
-        except ValueError as e:
-            raise ConversionError(str(e)) from None
-        return tokenizer_model
-    if kind == "solo":
-        raise ConversionError(f"{tokenizer_model}: {tok.vocab_size} pieces; a SOLO checkpoint needs SOLO's "
-                              f"{SOLO_VOCAB_SIZE}-piece tokenizer")
+            same = _same_base(tok, load_tokenizer(own))
+        except Exception:  # noqa: BLE001 - the directory's own file does not parse: it cannot be compared
+            same = False
+        if not same:
+            raise ConversionError(f"--tokenizer-model {tokenizer_model} differs from {hf_dir}'s own tokenizer "
+                                  f"({os.path.basename(own)}): a model is converted with the tokenizer it was "
+                                  "trained with (omit --tokenizer-model to use the directory's)")
+    elif own is None:
+        print(f"note: {hf_dir} has no tokenizer of its own; converting with --tokenizer-model {tokenizer_model} "
+              "(it must be the one this model was trained with)", file=sys.stderr, flush=True)
     try:
+        if extended:
+            tok.check_solo_ids()
+            return tokenizer_model
         return create_solo_tokenizer(tokenizer_model, work_dir)
-    except ValueError as e:
-        raise ConversionError(f"{tokenizer_model}: {e}") from None
+    except ValueError as e:  # TokenizerError included
+        raise ConversionError(f"{tokenizer_model}: {e}" if str(tokenizer_model) not in str(e) else str(e)) from None
+
+
+def copy_tokenizer(path: str, out_dir: str) -> str:
+    """A SOLO tokenizer file (and, for a ``tokenizer.json``, its ``tokenizer_config.json``) into
+    ``out_dir``; returns the copied tokenizer file's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    dst = os.path.join(out_dir, os.path.basename(path))
+    if os.path.abspath(path) != os.path.abspath(dst):
+        shutil.copyfile(path, dst)
+        if path.endswith(".json"):
+            shutil.copyfile(os.path.join(os.path.dirname(path), HF_CONFIG), os.path.join(out_dir, HF_CONFIG))
+    return dst
 
 
 def write_tokenizer_files(out_dir: str, tokenizer_model: str) -> None:
-    """tokenizer.model plus a LlamaTokenizer config that knows SOLO's special pieces."""
+    """SOLO's tokenizer as transformers loads it: a ``tokenizer.json`` (Llama-3, Qwen bases) is copied
+    with its ``tokenizer_config.json`` (SOLO's pieces already in its ``added_tokens_decoder``); a
+    ``tokenizer.model`` (Mistral) gets a LlamaTokenizer config that knows SOLO's special pieces."""
+    if tokenizer_model.endswith(".json"):
+        copy_tokenizer(tokenizer_model, out_dir)
+        return
     shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
     import sentencepiece as spm
 
@@ -102,14 +153,16 @@ def write_tokenizer_files(out_dir: str, tokenizer_model: str) -> None:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f, indent=2)
 
 
-def write_hf_support_files(out_dir: str, hf_config: dict, tokenizer_model: str) -> None:
-    """config.json, generation_config.json, the remote-code files and the tokenizer."""
+def write_hf_support_files(out_dir: str, hf_config: dict, tokenizer_model: str,
+                           vocab: SoloVocab = MISTRAL_VOCAB) -> None:
+    """config.json, generation_config.json (generation stops at EOS and at the chat template's turn end,
+    ``<|im_end|>``), the remote-code files and the tokenizer."""
     for fname in ("configuration_solo.py", "modeling_solo.py", "processing_solo.py"):
         shutil.copyfile(os.path.join(HF_FILES_DIR, fname), os.path.join(out_dir, fname))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, SOLO_IDS.im_end], "do_sample": False,
+        json.dump({"bos_token_id": vocab.bos, "eos_token_id": [vocab.eos, vocab.im_end], "do_sample": False,
                    "max_new_tokens": 256}, f, indent=2)
     write_tokenizer_files(out_dir, tokenizer_model)
 

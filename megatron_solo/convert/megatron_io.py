@@ -11,6 +11,7 @@ flight; HF shards are read and written tensor by tensor (``convert/safetensors_i
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -22,7 +23,7 @@ import torch
 from megatron_solo import cpu_backend
 from megatron_solo.convert.errors import ConversionError, VerificationError
 from megatron_solo.convert.hf_config import check_hf_checkpoint, conversion_shapes, hf_config_from_model_args
-from megatron_solo.convert.hf_export_files import resolve_tokenizer, write_hf_support_files
+from megatron_solo.convert.hf_export_files import copy_tokenizer, resolve_tokenizer, write_hf_support_files
 from megatron_solo.convert.safetensors_io import HFCheckpoint, StreamingSafetensorsWriter, parse_size
 from megatron_solo.convert.mapping import (
     bound_mappings,
@@ -30,7 +31,8 @@ from megatron_solo.convert.mapping import (
     patch_embed_init_std,
 )
 from megatron_solo.convert.families import FAMILIES
-from megatron_solo.spec import BASE_VOCAB_SIZE, PATCH_DIM, SOLO_IDS, SOLO_VOCAB_SIZE
+from megatron_solo.data.tokenizer import TokenizerError, check_tokenizer
+from megatron_solo.spec import BASE_VOCAB_SIZE, MISTRAL_VOCAB, PATCH_DIM, SoloVocab, vocab_mismatch
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -121,13 +123,13 @@ def hf_to_megatron(
     seed: int = 1234,
     verify: bool = False,
     verify_logits: bool | None = None,
-    vocab=None,
 ) -> dict:
     """Write a megatron_solo checkpoint (``save_dir/iter_XXXXXXX``) from a HF base (any family of
     ``convert/families.py``) or SOLO checkpoint.
 
-    ``vocab``: SOLO's vocabulary over the base tokenizer (``base_size``: the tokenizer's full length,
-    the source rows that are tokens; ``size``: SOLO's vocabulary); default: derived from the tokenizer.
+    The vocabulary is SOLO's over the directory's own tokenizer (extended here with SOLO's pieces when
+    the source is a base): the source's first ``base_size`` rows (its tokenizer's full length) are
+    kept, the rest (a Qwen base's padding rows, SOLO's pieces, Megatron's padding) are new rows.
 
     From a Mistral, SOLO is initialised as documented in docs/CONVERSION.md: the tokenizer is extended
     with SOLO's 1031 pieces; every embedding/output row past Mistral's 32000 (new pieces and padding)
@@ -148,30 +150,33 @@ def hf_to_megatron(
     src_dtype = ckpt.torch_dtype_of("model.embed_tokens.weight")
     params_dtype = src_dtype if params_dtype is None else parse_dtype(params_dtype)
     os.makedirs(save_dir, exist_ok=True)
-    # The checkpoint keeps its own copy of SOLO's tokenizer (extended here when the source is Mistral).
+    # The checkpoint keeps its own copy of SOLO's tokenizer (extended here when the source is a base),
+    # of the kind the base has (tokenizer.model or tokenizer.json); its ids are SOLO's vocabulary.
     tok_dir = os.path.join(save_dir, "tokenizer")
-    tok_path = os.path.abspath(os.path.join(tok_dir, "tokenizer.model"))
-    if vocab is None:
-        if args["family"] != "mistral":
-            raise ConversionError(f"converting a {args['family']} checkpoint needs SOLO's vocabulary over its "
-                                  "tokenizer.json (pass vocab=)")
-        if _rank0():
-            src = resolve_tokenizer(kind, hf_dir, tokenizer_model, tok_dir)
-            if os.path.abspath(src) != tok_path:
-                os.makedirs(tok_dir, exist_ok=True)
-                shutil.copyfile(src, tok_path)
-        source_rows = BASE_VOCAB_SIZE if kind == "mistral" else SOLO_VOCAB_SIZE
-        solo_size = SOLO_VOCAB_SIZE
+    if _rank0():
+        tok_path = copy_tokenizer(resolve_tokenizer(kind, hf_dir, tokenizer_model, tok_dir), tok_dir)
+        tok_path = os.path.abspath(tok_path)
     else:
-        source_rows = vocab.size if kind == "solo" else vocab.base_size
-        solo_size = vocab.size
         tok_path = None
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        shared = [tok_path]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        tok_path = shared[0]
+    try:
+        vocab = check_tokenizer(tok_path).vocab
+    except TokenizerError as e:
+        raise ConversionError(str(e)) from None
+    if kind == "solo" and cfg.get("solo_vocab") is not None:
+        msg = vocab_mismatch(vocab, SoloVocab.from_dict(cfg["solo_vocab"]), f"the tokenizer {tok_path}",
+                             f"{hf_dir}'s config.json")
+        if msg:
+            raise ConversionError(msg)
+    source_rows = vocab.size if kind == "solo" else vocab.base_size
+    solo_size = vocab.size
     if source_rows > int(cfg["vocab_size"]):
         raise ConversionError(f"{hf_dir}: the tokenizer has {source_rows} tokens, the model's embedding only "
                               f"{cfg['vocab_size']} rows")
-    model_args = SoloModelArgs(**dict(args, vocab_size=solo_size))
+    model_args = SoloModelArgs(**dict(args, vocab_size=solo_size, vision_patch_id=vocab.vision_patch))
     padded = padded_vocab_size or model_args.padded_vocab_size(target_tensor_parallel_size)
     if padded < solo_size or padded % target_tensor_parallel_size:
         raise ConversionError(f"padded vocab size {padded} must be >= {solo_size} and divisible by "
@@ -185,7 +190,7 @@ def hf_to_megatron(
     save_checkpoint(save_dir, iteration, [model], model_args=model_args, padded_vocab_size=padded,
                     tokenizer_model=tok_path, sharded_strategy=StreamingSaveStrategy(cache.chunk),
                     args={"converted_from": os.path.abspath(hf_dir), "source_kind": kind,
-                          "params_dtype": str(params_dtype).replace("torch.", "")})
+                          "params_dtype": str(params_dtype).replace("torch.", ""), "vocab": vocab.to_dict()})
     progress.close()
     if _rank0() and rows.done != len(rows.mappings):
         raise ConversionError(f"only {rows.done} of {len(rows.mappings)} tensors were written")
@@ -275,20 +280,18 @@ def checkpoint_reader(info: dict):
     return CheckpointTensorReader(info, SoloModelArgs(**info["model_args"]), int(info["padded_vocab_size"]))
 
 
-def _check_tokenizer_for_export(path: str | None, model_args) -> str:
-    from megatron_solo.data.tokenizer import SoloTokenizer
-
+def _check_tokenizer_for_export(path: str | None, model_args):
+    """(path, SoloVocab) of the export's tokenizer: SOLO's, over a base, with the checkpoint's vocabulary."""
     if not path or not os.path.isfile(path):
         raise ConversionError(f"tokenizer model not found: {path!r} (pass --tokenizer-model)")
     try:
-        tok = SoloTokenizer(path)
-        tok.check_solo_ids()
-    except Exception as e:  # noqa: BLE001 - sentencepiece raises several types
+        vocab = check_tokenizer(path).vocab
+    except TokenizerError as e:
         raise ConversionError(f"{path}: not SOLO's tokenizer: {e}") from None
-    if tok.vocab_size != model_args.vocab_size:
-        raise ConversionError(f"{path}: {tok.vocab_size} pieces, the checkpoint's vocabulary is "
+    if vocab.size != model_args.vocab_size:
+        raise ConversionError(f"{path}: {vocab.size} pieces, the checkpoint's vocabulary is "
                               f"{model_args.vocab_size}")
-    return path
+    return path, vocab
 
 
 def megatron_to_hf(
@@ -319,7 +322,7 @@ def megatron_to_hf(
     iteration = info["iteration"]
     model_args = SoloModelArgs(**info["model_args"])
     padded = int(info["padded_vocab_size"])
-    tok_path = _check_tokenizer_for_export(tokenizer_model or info.get("tokenizer_model"), model_args)
+    tok_path, vocab = _check_tokenizer_for_export(tokenizer_model or info.get("tokenizer_model"), model_args)
     reader = checkpoint_reader(info)
     dtype = reader.dtype if dtype is None else parse_dtype(dtype)
 
@@ -348,8 +351,8 @@ def megatron_to_hf(
                 del full
         if rank0:
             writer.close()
-            write_hf_support_files(tmp, hf_config_from_model_args(model_args.to_dict(),
-                                                                  torch_dtype=summary["dtype"]), tok_path)
+            write_hf_support_files(tmp, hf_config_from_model_args(model_args.to_dict(), torch_dtype=summary["dtype"],
+                                                                  vocab=vocab), tok_path, vocab)
             if os.path.exists(save_dir):
                 shutil.rmtree(save_dir)
             os.replace(tmp, save_dir)
@@ -371,7 +374,7 @@ def megatron_to_hf(
 # ------------------------------------------------------------------------------------------------
 
 
-def verification_inputs(vocab_size: int, with_image: bool, seed: int = 0, ids=SOLO_IDS):
+def verification_inputs(vocab_size: int, with_image: bool, seed: int = 0, ids: SoloVocab = MISTRAL_VOCAB):
     """A small fixed batch: text ids, and with an image block of 2x3 patches (random pixels)."""
     from megatron_solo.convert.hf_files.processing_solo import normalize_patches
 
@@ -385,6 +388,13 @@ def verification_inputs(vocab_size: int, with_image: bool, seed: int = 0, ids=SO
     ids = torch.cat([torch.ones(2, 1, dtype=torch.long), torch.tensor([block, block]), text], dim=1)
     pixels = torch.randint(0, 256, (2 * rows * cols, PATCH_DIM), generator=g, dtype=torch.uint8)
     return ids, normalize_patches(pixels)
+
+
+def export_vocab(hf_dir: str) -> SoloVocab:
+    """The SOLO vocabulary an export's config.json records (SOLO-7B's layout records none: Mistral's)."""
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        d = json.load(f).get("solo_vocab")
+    return MISTRAL_VOCAB if d is None else SoloVocab.from_dict(d)
 
 
 def megatron_logits(model, input_ids: torch.Tensor, vision_patches: torch.Tensor | None = None) -> torch.Tensor:
@@ -499,7 +509,7 @@ def verify_logits(model, hf_dir: str, *, kind: str, atol: float = 1e-4, rtol: fl
     Qwen base's rows past its tokenizer are not tokens), a half-precision Megatron model: bf16-level
     tolerance."""
     src_vocab = source_rows or HFCheckpoint(hf_dir).header["model.embed_tokens.weight"][1][0]
-    ids, patches = verification_inputs(src_vocab, with_image=(kind == "solo"))
+    ids, patches = verification_inputs(src_vocab, with_image=(kind == "solo"), ids=export_vocab(hf_dir))
     with cpu_backend.suspended(), torch.no_grad():  # the reference runs on plain torch, not on the CPU backend
         hf_model = load_hf_model(hf_dir, kind)
         kw = {} if patches is None else {"vision_patches": patches}

@@ -16,7 +16,7 @@ import torch
 
 from megatron_solo import cpu_backend
 from megatron_solo.convert.families import FAMILIES
-from megatron_solo.spec import MAKE_VOCAB_SIZE_DIVISIBLE_BY, PATCH_DIM, SOLO_VOCAB_SIZE, pad_vocab_size
+from megatron_solo.spec import MAKE_VOCAB_SIZE_DIVISIBLE_BY, PATCH_DIM, SOLO_IDS, SOLO_VOCAB_SIZE, pad_vocab_size
 
 
 @dataclass
@@ -49,6 +49,9 @@ class SoloModelArgs:
     tie_word_embeddings: bool = False  # output layer = input embedding (Llama-3.2-1B/3B, small Qwens)
     rope_scaling: Optional[str] = None  # None or "llama3" (Llama-3.1+; megatron-core's rope_scaling)
     rope_scaling_factor: float = 8.0
+    # <vpatch>'s id in SOLO's vocabulary over the base (SoloVocab.vision_patch; Mistral's 32001): the
+    # positions the patch embedding is added at.
+    vision_patch_id: int = SOLO_IDS.vision_patch
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -123,7 +126,7 @@ PRESETS: dict[str, dict] = {
     # "Other bases": Qwen reuses its own <|im_start|>/<|im_end|>, so 1029 pieces are added; Llama 1031).
     # Qwen3-8B(-Base): tokenizer 151669 tokens (embedding padded to 151936 in the base).
     "qwen3-8b": dict(
-        family="qwen3", qk_layernorm=True, vocab_size=151669 + 1029,
+        family="qwen3", qk_layernorm=True, vocab_size=151669 + 1029, vision_patch_id=151669 + 1,
         num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32, num_query_groups=8,
         kv_channels=128, max_position_embeddings=32768, rotary_base=1000000, norm_epsilon=1e-6,
         sliding_window=None, init_method_std=0.02,
@@ -131,13 +134,14 @@ PRESETS: dict[str, dict] = {
     # Qwen3-1.7B(-Base): head_dim 128 while hidden/heads is 2048/16; tied embeddings.
     "qwen3-1.7b": dict(
         family="qwen3", qk_layernorm=True, tie_word_embeddings=True, vocab_size=151669 + 1029,
+        vision_patch_id=151669 + 1,
         num_layers=28, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=16, num_query_groups=8,
         kv_channels=128, max_position_embeddings=32768, rotary_base=1000000, norm_epsilon=1e-6,
         sliding_window=None, init_method_std=0.02,
     ),
     # Qwen2.5-7B: QKV bias; tokenizer 151665 tokens (embedding padded to 152064 in the base).
     "qwen2.5-7b": dict(
-        family="qwen2", qkv_bias=True, vocab_size=151665 + 1029,
+        family="qwen2", qkv_bias=True, vocab_size=151665 + 1029, vision_patch_id=151665 + 1,
         num_layers=28, hidden_size=3584, ffn_hidden_size=18944, num_attention_heads=28, num_query_groups=4,
         kv_channels=128, max_position_embeddings=131072, rotary_base=1000000, norm_epsilon=1e-6,
         sliding_window=None, init_method_std=0.02,
@@ -145,6 +149,7 @@ PRESETS: dict[str, dict] = {
     # Llama-3.1-8B: 128256 tokens (256 of them reserved specials), llama3 RoPE scaling factor 8.
     "llama3.1-8b": dict(
         family="llama", rope_scaling="llama3", rope_scaling_factor=8.0, vocab_size=128256 + 1031,
+        vision_patch_id=128256 + 1,
         num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8,
         kv_channels=128, max_position_embeddings=131072, rotary_base=500000, norm_epsilon=1e-5,
         sliding_window=None, init_method_std=0.02,

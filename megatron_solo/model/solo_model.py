@@ -27,6 +27,7 @@ from megatron_solo.model.config import SoloModelArgs
 from megatron_solo.model.loss import mask_padded_vocab
 from megatron_solo.model.specs import get_block_spec, get_layer_spec
 from megatron_solo.model.vision import VisionPatchEmbedding
+from megatron_solo.spec import SOLO_IDS
 
 
 class SoloModel(GPTModel):
@@ -35,7 +36,8 @@ class SoloModel(GPTModel):
     def __init__(self, config, transformer_layer_spec, vocab_size: int, max_sequence_length: int,
                  pre_process: bool = True, post_process: bool = True, rotary_base: int = 10000,
                  vp_stage: Optional[int] = None, real_vocab_size: Optional[int] = None,
-                 share_embeddings_and_output_weights: bool = False, **kwargs):
+                 share_embeddings_and_output_weights: bool = False, vision_patch_id: int = SOLO_IDS.vision_patch,
+                 **kwargs):
         self.real_vocab_size = real_vocab_size  # the tokenizer's vocabulary; rows beyond it are padding
         super().__init__(
             config=config,
@@ -52,7 +54,7 @@ class SoloModel(GPTModel):
             vp_stage=vp_stage,
             **kwargs,
         )
-        self.vision_patch_embed = VisionPatchEmbedding(config) if pre_process else None
+        self.vision_patch_embed = VisionPatchEmbedding(config, vision_patch_id=vision_patch_id) if pre_process else None
 
     def embed_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                      vision_patches: Optional[torch.Tensor]) -> torch.Tensor:
@@ -149,4 +151,5 @@ def build_solo_model(
         share_embeddings_and_output_weights=model_args.tie_word_embeddings,
         rope_scaling=model_args.rope_scaling == "llama3",
         rope_scaling_factor=model_args.rope_scaling_factor,
+        vision_patch_id=model_args.vision_patch_id,
     )

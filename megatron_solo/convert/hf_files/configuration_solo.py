@@ -1,10 +1,46 @@
-"""SOLO configuration: Mistral's fields plus the vision patch fields (arXiv 2407.06438).
+"""SOLO configuration: the base decoder's fields plus the vision patch fields (arXiv 2407.06438).
 
 Shipped next to ``modeling_solo.py`` in every exported SOLO checkpoint; loaded with
-``AutoConfig.from_pretrained(dir, trust_remote_code=True)``.
+``AutoConfig.from_pretrained(dir, trust_remote_code=True)``. ``SoloConfig`` is SOLO-7B's (Mistral's
+fields); an export of a SOLO model on another base (``solo_family`` in its config.json) names that
+family's class in its ``auto_map``: ``SoloLlamaConfig``, ``SoloQwen2Config``, ``SoloQwen3Config``
+(each defined when the installed transformers has the family).
 """
 
+import importlib
+
 from transformers.models.mistral.configuration_mistral import MistralConfig
+
+
+class _VisionFields:
+    """SOLO's fields, the same on every base (ids: Mistral's; an export writes its own)."""
+
+    vision_patch_size: int = 32
+    vision_start_token_id: int = 32000
+    vision_patch_token_id: int = 32001
+    vision_row_sep_token_id: int = 32002
+    vision_end_token_id: int = 32004
+
+    @property
+    def vision_patch_dim(self) -> int:
+        return 3 * self.vision_patch_size * self.vision_patch_size
+
+
+def _family_config(module: str, base: str):
+    """``Solo<base>`` over transformers' ``<base>Config``, or None where this transformers lacks it."""
+    try:
+        base_cls = getattr(importlib.import_module(f"transformers.models.{module}.configuration_{module}"),
+                           f"{base}Config")
+    except (ImportError, AttributeError):
+        return None
+    cls = type(f"Solo{base}Config", (_VisionFields, base_cls), {"model_type": "solo", "__module__": __name__})
+    cls.__qualname__ = cls.__name__
+    return cls
+
+
+SoloLlamaConfig = _family_config("llama", "Llama")
+SoloQwen2Config = _family_config("qwen2", "Qwen2")
+SoloQwen3Config = _family_config("qwen3", "Qwen3")  # transformers >= 4.51
 
 
 class SoloConfig(MistralConfig):
@@ -30,4 +66,4 @@ class SoloConfig(MistralConfig):
         return 3 * self.vision_patch_size * self.vision_patch_size
 
 
-__all__ = ["SoloConfig"]
+__all__ = ["SoloConfig", "SoloLlamaConfig", "SoloQwen2Config", "SoloQwen3Config"]

@@ -1,7 +1,9 @@
 """SOLO: one decoder-only transformer over raw 32x32 image patches and text (arXiv 2407.06438).
 
-The backbone is exactly Mistral's (``transformers``' ``MistralModel``); SOLO adds one linear map from a
-flattened, normalised RGB patch (3072 values) to the hidden size. Its output is *added* to the token
+The backbone is exactly the base's: Mistral's (``transformers``' ``MistralModel``, SOLO-7B), or, for a
+SOLO model on another base (``solo_family`` in config.json), ``LlamaModel``, ``Qwen2Model`` or
+``Qwen3Model`` (classes ``Solo<Family>ForCausalLM``, named by the export's ``auto_map``). SOLO adds one
+linear map from a flattened, normalised RGB patch (3072 values) to the hidden size. Its output is *added* to the token
 embedding at each ``<vpatch>`` position: the k-th ``<vpatch>`` of the batch (row-major over
 ``input_ids``) takes the k-th row of ``vision_patches``. Tensor names match the public SOLO-7B
 release (``model.embed_vision_patch.weight`` on top of Mistral's names).
@@ -22,6 +24,7 @@ config knows ``rope_parameters``, whether ``generate`` says which step is the fi
 model has a ``loss_function``.
 """
 
+import importlib
 import inspect
 
 import torch
@@ -31,7 +34,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.models.mistral.configuration_mistral import MistralConfig
 from transformers.models.mistral.modeling_mistral import MistralForCausalLM, MistralModel, MistralPreTrainedModel
 
-from .configuration_solo import SoloConfig
+from .configuration_solo import SoloConfig, SoloLlamaConfig, SoloQwen2Config, SoloQwen3Config
 
 # The name of the key-value cache in Mistral's forward and in model outputs of this transformers release.
 CACHE_KW = "cache" if "cache" in inspect.signature(MistralModel.forward).parameters else "past_key_values"
@@ -39,10 +42,13 @@ CACHE_KW = "cache" if "cache" in inspect.signature(MistralModel.forward).paramet
 _LEGACY_ROPE = "rope_parameters" not in MistralConfig().to_dict()
 
 
-def _legacy_rope_theta(config) -> None:
+def _legacy_rope(config) -> None:
+    """Releases before 5 read ``rope_theta`` and ``rope_scaling`` (Llama-3.1's llama3 scaling)."""
     rope = getattr(config, "rope_parameters", None)
     if _LEGACY_ROPE and isinstance(rope, dict) and "rope_theta" in rope:
         config.rope_theta = float(rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default":
+            config.rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
 
 
 def _keep_last(hidden_states: torch.Tensor, logits_to_keep) -> torch.Tensor:
@@ -59,11 +65,6 @@ def _is_prefill(cache, cache_position) -> bool:
     return cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
 
 
-class SoloPreTrainedModel(MistralPreTrainedModel):
-    config_class = SoloConfig
-    config: SoloConfig
-
-
 def vision_patch_indices_from_ids(input_ids: torch.LongTensor, vision_patch_token_id: int) -> torch.LongTensor:
     """-1 for text, k for the k-th ``<vpatch>`` of the batch in row-major order."""
     is_patch = input_ids == vision_patch_token_id
@@ -71,131 +72,179 @@ def vision_patch_indices_from_ids(input_ids: torch.LongTensor, vision_patch_toke
     return torch.where(is_patch, order, torch.full_like(order, -1))
 
 
-class SoloMistralModel(SoloPreTrainedModel, MistralModel):
-    """Mistral's decoder plus ``embed_vision_patch`` (3072 -> hidden, no bias)."""
+def _solo_classes(config_cls, pretrained_base, model_base, causal_lm_base, names, tied_weights_keys):
+    """SOLO's three classes over one base family's transformers classes (the family's decoder, its
+    RoPE, norms and attention; SOLO adds the patch embedding and the vision inputs). ``names``: the
+    (pre-trained, model, causal LM) class names, as an export's ``auto_map`` gives them;
+    ``tied_weights_keys``: the base's tying rule (used only when ``config.tie_word_embeddings``)."""
 
-    def __init__(self, config: SoloConfig):
-        _legacy_rope_theta(config)
-        super().__init__(config)
-        self.embed_vision_patch = nn.Linear(config.vision_patch_dim, config.hidden_size, bias=False)
-        self.post_init()
+    class SoloPreTrainedModel(pretrained_base):
+        config_class = config_cls
+        config: config_cls
 
-    def embed_inputs(
-        self,
-        input_ids: torch.LongTensor,
-        vision_patches: torch.Tensor | None = None,
-        vision_patch_indices: torch.LongTensor | None = None,
-    ) -> torch.Tensor:
-        inputs_embeds = self.embed_tokens(input_ids)
-        if vision_patches is None:
-            return inputs_embeds
-        if vision_patch_indices is None:
-            vision_patch_indices = vision_patch_indices_from_ids(input_ids, self.config.vision_patch_token_id)
-        if vision_patch_indices.shape != input_ids.shape:
-            raise ValueError(f"vision_patch_indices {tuple(vision_patch_indices.shape)} must have the shape of "
-                             f"input_ids {tuple(input_ids.shape)}")
-        if vision_patches.ndim != 2 or vision_patches.shape[-1] != self.config.vision_patch_dim:
-            raise ValueError(f"vision_patches must be (n_patches, {self.config.vision_patch_dim}), "
-                             f"got {tuple(vision_patches.shape)}")
-        at = vision_patch_indices >= 0
-        idx = vision_patch_indices[at]
-        if idx.numel() and int(idx.max()) >= vision_patches.shape[0]:
-            raise ValueError(f"vision_patch_indices refer to patch {int(idx.max())} but only "
-                             f"{vision_patches.shape[0]} patches were given")
-        patch_embeds = self.embed_vision_patch(vision_patches.to(self.embed_vision_patch.weight.dtype))
-        added = torch.zeros_like(inputs_embeds)
-        added[at] = patch_embeds[idx].to(inputs_embeds.dtype)
-        return inputs_embeds + added
+    class SoloModel(SoloPreTrainedModel, model_base):
+        """The base's decoder plus ``embed_vision_patch`` (3072 -> hidden, no bias)."""
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        vision_patches: torch.Tensor | None = None,
-        vision_patch_indices: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
-        if vision_patches is not None:
-            if inputs_embeds is not None:
-                raise ValueError("pass vision_patches with input_ids, not with inputs_embeds")
-            inputs_embeds = self.embed_inputs(input_ids, vision_patches, vision_patch_indices)
-            input_ids = None
-        return MistralModel.forward(self, input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        def __init__(self, config):
+            _legacy_rope(config)
+            super().__init__(config)
+            self.embed_vision_patch = nn.Linear(config.vision_patch_dim, config.hidden_size, bias=False)
+            self.post_init()
 
+        def embed_inputs(
+            self,
+            input_ids: torch.LongTensor,
+            vision_patches: torch.Tensor | None = None,
+            vision_patch_indices: torch.LongTensor | None = None,
+        ) -> torch.Tensor:
+            inputs_embeds = self.embed_tokens(input_ids)
+            if vision_patches is None:
+                return inputs_embeds
+            if vision_patch_indices is None:
+                vision_patch_indices = vision_patch_indices_from_ids(input_ids, self.config.vision_patch_token_id)
+            if vision_patch_indices.shape != input_ids.shape:
+                raise ValueError(f"vision_patch_indices {tuple(vision_patch_indices.shape)} must have the shape of "
+                                 f"input_ids {tuple(input_ids.shape)}")
+            if vision_patches.ndim != 2 or vision_patches.shape[-1] != self.config.vision_patch_dim:
+                raise ValueError(f"vision_patches must be (n_patches, {self.config.vision_patch_dim}), "
+                                 f"got {tuple(vision_patches.shape)}")
+            at = vision_patch_indices >= 0
+            idx = vision_patch_indices[at]
+            if idx.numel() and int(idx.max()) >= vision_patches.shape[0]:
+                raise ValueError(f"vision_patch_indices refer to patch {int(idx.max())} but only "
+                                 f"{vision_patches.shape[0]} patches were given")
+            patch_embeds = self.embed_vision_patch(vision_patches.to(self.embed_vision_patch.weight.dtype))
+            added = torch.zeros_like(inputs_embeds)
+            added[at] = patch_embeds[idx].to(inputs_embeds.dtype)
+            return inputs_embeds + added
 
-class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {}
-    _tp_plan = {"lm_head": "colwise_gather_output"}
-    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
-
-    def __init__(self, config: SoloConfig):
-        _legacy_rope_theta(config)
-        super().__init__(config)
-        self.model = SoloMistralModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        vision_patches: torch.Tensor | None = None,
-        vision_patch_indices: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache=None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        if cache is None and "past_key_values" in kwargs:
-            cache = kwargs.pop("past_key_values")
-        kwargs.pop("return_dict", None)  # outputs are always a ModelOutput
-        outputs = self.model(
-            input_ids=input_ids,
-            vision_patches=vision_patches,
-            vision_patch_indices=vision_patch_indices,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **{CACHE_KW: cache},
+        def forward(
+            self,
+            input_ids: torch.LongTensor | None = None,
+            vision_patches: torch.Tensor | None = None,
+            vision_patch_indices: torch.LongTensor | None = None,
+            inputs_embeds: torch.Tensor | None = None,
             **kwargs,
-        )
-        logits = self.lm_head(_keep_last(outputs.last_hidden_state, logits_to_keep))
-        loss = None
-        if labels is not None:
-            if hasattr(self, "loss_function"):
-                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            else:  # transformers < 4.46: next-token cross-entropy, -100 ignored
-                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **{CACHE_KW: getattr(outputs, CACHE_KW)},
-        )
+        ) -> BaseModelOutputWithPast:
+            if vision_patches is not None:
+                if inputs_embeds is not None:
+                    raise ValueError("pass vision_patches with input_ids, not with inputs_embeds")
+                inputs_embeds = self.embed_inputs(input_ids, vision_patches, vision_patch_indices)
+                input_ids = None
+            return model_base.forward(self, input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, *args, vision_patches=None, vision_patch_indices=None,
-                                      **kwargs):
-        first = kwargs.get("is_first_iteration")
-        if first is None:  # releases whose generate() does not say it: the step with an empty cache
-            first = _is_prefill(kwargs.get(CACHE_KW, args[0] if args else None), kwargs.get("cache_position"))
-        # Mistral's own preparation (GenerationMixin's in 5.x, MistralForCausalLM's in 4.45).
-        model_inputs = MistralForCausalLM.prepare_inputs_for_generation(self, input_ids, *args, **kwargs)
-        # Patches enter through the prompt's embeddings: the prefill step (or every step when no cache
-        # is kept and the whole sequence is recomputed) takes them; cached decode steps do not.
-        recompute_all = not kwargs.get("use_cache", True)
-        if vision_patches is not None and (first or recompute_all):
-            ids = model_inputs["input_ids"]
-            if vision_patch_indices is not None and vision_patch_indices.shape != ids.shape:
-                vision_patch_indices = None  # derived again from the <vpatch> tokens of `ids`
-            model_inputs["vision_patches"] = vision_patches
-            model_inputs["vision_patch_indices"] = vision_patch_indices
-        return model_inputs
+    class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
+        _tied_weights_keys = tied_weights_keys
+        _tp_plan = {"lm_head": "colwise_gather_output"}
+        _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+        def __init__(self, config):
+            _legacy_rope(config)
+            super().__init__(config)
+            self.model = SoloModel(config)
+            self.vocab_size = config.vocab_size
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.post_init()
+
+        def get_input_embeddings(self):
+            return self.model.embed_tokens
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(
+            self,
+            input_ids: torch.LongTensor | None = None,
+            vision_patches: torch.Tensor | None = None,
+            vision_patch_indices: torch.LongTensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            position_ids: torch.LongTensor | None = None,
+            cache=None,
+            inputs_embeds: torch.Tensor | None = None,
+            labels: torch.LongTensor | None = None,
+            use_cache: bool | None = None,
+            logits_to_keep: int | torch.Tensor = 0,
+            **kwargs,
+        ) -> CausalLMOutputWithPast:
+            if cache is None and "past_key_values" in kwargs:
+                cache = kwargs.pop("past_key_values")
+            kwargs.pop("return_dict", None)  # outputs are always a ModelOutput
+            outputs = self.model(
+                input_ids=input_ids,
+                vision_patches=vision_patches,
+                vision_patch_indices=vision_patch_indices,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **{CACHE_KW: cache},
+                **kwargs,
+            )
+            logits = self.lm_head(_keep_last(outputs.last_hidden_state, logits_to_keep))
+            loss = None
+            if labels is not None:
+                if hasattr(self, "loss_function"):
+                    loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                              **kwargs)
+                else:  # transformers < 4.46: next-token cross-entropy, -100 ignored
+                    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+            return CausalLMOutputWithPast(
+                loss=loss,
+                logits=logits,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+                **{CACHE_KW: getattr(outputs, CACHE_KW)},
+            )
+
+        def prepare_inputs_for_generation(self, input_ids, *args, vision_patches=None, vision_patch_indices=None,
+                                          **kwargs):
+            first = kwargs.get("is_first_iteration")
+            if first is None:  # releases whose generate() does not say it: the step with an empty cache
+                first = _is_prefill(kwargs.get(CACHE_KW, args[0] if args else None), kwargs.get("cache_position"))
+            # The base's own preparation (GenerationMixin's in 5.x, the family class's in 4.45).
+            model_inputs = causal_lm_base.prepare_inputs_for_generation(self, input_ids, *args, **kwargs)
+            # Patches enter through the prompt's embeddings: the prefill step (or every step when no cache
+            # is kept and the whole sequence is recomputed) takes them; cached decode steps do not.
+            recompute_all = not kwargs.get("use_cache", True)
+            if vision_patches is not None and (first or recompute_all):
+                ids = model_inputs["input_ids"]
+                if vision_patch_indices is not None and vision_patch_indices.shape != ids.shape:
+                    vision_patch_indices = None  # derived again from the <vpatch> tokens of `ids`
+                model_inputs["vision_patches"] = vision_patches
+                model_inputs["vision_patch_indices"] = vision_patch_indices
+            return model_inputs
+
+    for cls, name in zip((SoloPreTrainedModel, SoloModel, SoloForCausalLM), names):
+        cls.__name__ = cls.__qualname__ = name
+        cls.__module__ = __name__
+    return SoloPreTrainedModel, SoloModel, SoloForCausalLM
 
 
-__all__ = ["SoloForCausalLM", "SoloMistralModel", "SoloPreTrainedModel"]
+# SOLO-7B's classes (Mistral), under the names of the public release and of earlier exports.
+SoloPreTrainedModel, SoloMistralModel, SoloForCausalLM = _solo_classes(
+    SoloConfig, MistralPreTrainedModel, MistralModel, MistralForCausalLM,
+    ("SoloPreTrainedModel", "SoloMistralModel", "SoloForCausalLM"), {})
+
+
+def _family_classes(module: str, base: str, config_cls):
+    """SOLO's classes over ``transformers.models.<module>``'s ``<base>*`` classes; Nones where this
+    transformers lacks the family (Qwen3 before 4.51)."""
+    if config_cls is None:
+        return None, None, None
+    mod = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    return _solo_classes(config_cls, getattr(mod, f"{base}PreTrainedModel"), getattr(mod, f"{base}Model"),
+                         getattr(mod, f"{base}ForCausalLM"),
+                         (f"Solo{base}PreTrainedModel", f"Solo{base}Model", f"Solo{base}ForCausalLM"),
+                         getattr(mod, f"{base}ForCausalLM")._tied_weights_keys)  # tied in Llama-3.2-1B/3B, small Qwens
+
+
+SoloLlamaPreTrainedModel, SoloLlamaModel, SoloLlamaForCausalLM = _family_classes("llama", "Llama", SoloLlamaConfig)
+SoloQwen2PreTrainedModel, SoloQwen2Model, SoloQwen2ForCausalLM = _family_classes("qwen2", "Qwen2", SoloQwen2Config)
+SoloQwen3PreTrainedModel, SoloQwen3Model, SoloQwen3ForCausalLM = _family_classes("qwen3", "Qwen3", SoloQwen3Config)
+
+
+__all__ = [
+    "SoloForCausalLM", "SoloMistralModel", "SoloPreTrainedModel",
+    "SoloLlamaForCausalLM", "SoloLlamaModel", "SoloQwen2ForCausalLM", "SoloQwen2Model",
+    "SoloQwen3ForCausalLM", "SoloQwen3Model",
+]
