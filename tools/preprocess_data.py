@@ -18,7 +18,9 @@ from megatron_solo.data.allocator import keep_freed_memory
 from megatron_solo.data.chat_templates import CHAT_TEMPLATES
 from megatron_solo.data.encode import FORMATS
 from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS
+from megatron_solo.data.image_sources import load_url_map
 from megatron_solo.data.image_storage import IMAGE_STORAGES
+from megatron_solo.data.interleaved import InterleavedOptions
 from megatron_solo.data.parquet_input import LAYOUTS, ParquetColumns
 from megatron_solo.data.preprocess import PreprocessConfig, preprocess
 from megatron_solo.data.worker_pool import WorkerDied
@@ -57,10 +59,17 @@ def main(argv=None) -> int:
                         "workers, --num-workers); patches: uint8 patches, 3072 bytes each (docs/DATA_FORMAT.md)")
     p.add_argument("--parquet-layout", choices=LAYOUTS, default="auto",
                    help=".parquet inputs: llava (conversations + image), chat (messages + images), caption "
-                        "(image + text); auto detects from the columns")
+                        "(image + text), interleaved (texts + images, OBELICS-style web documents); auto detects "
+                        "from the columns")
     p.add_argument("--image-column", default=None, help=".parquet: the image column (default image/images)")
     p.add_argument("--text-column", default=None, help=".parquet caption layout: the text column")
     p.add_argument("--messages-column", default=None, help=".parquet: the conversations/messages column")
+    p.add_argument("--min-image-similarity", type=float, default=None,
+                   help="MMC4-style documents: leave out images whose matched_sim is below this (counted as "
+                        "below_min_similarity)")
+    p.add_argument("--image-url-map", default=None,
+                   help="interleaved documents: a JSONL ({url, path}) or TSV (url<TAB>path) file from image URL to "
+                        "local file; a URL not in it is left out as image_not_local (nothing is downloaded)")
     p.add_argument("--shard-size", type=int, default=None,
                    help="write PREFIX_00000, PREFIX_00001, ... of this many input records each, then PREFIX.shards; "
                         "a rerun skips complete shards (resume after a crash); --data-path takes PREFIX.shards")
@@ -81,6 +90,8 @@ def main(argv=None) -> int:
         use_cpp=not a.python_writer, chat_template=a.chat_template,
         allow_image_mismatch=a.allow_image_placeholder_mismatch, image_storage=a.image_storage,
         shard_size=a.shard_size,
+        interleaved=InterleavedOptions(a.min_image_similarity, load_url_map(a.image_url_map) if a.image_url_map
+                                       else None),
         parquet=ParquetColumns(a.parquet_layout, a.image_column, a.text_column, a.messages_column))
     try:
         stats = preprocess(cfg)
@@ -97,11 +108,13 @@ def main(argv=None) -> int:
         return 0
     summary = {k: stats.get(k) for k in ("records", "documents", "packs", "tokens", "image_tokens", "images",
                                      "patches", "skipped_total", "time_s", "image_storage",
-                                     "bytes_per_image", "bytes_per_token")}
+                                     "bytes_per_image", "bytes_per_token", "images_dropped_total",
+                                     "documents_all_images_dropped")}
     if a.shard_size:
         summary.update(shards=len(stats["shards"]), shards_skipped=stats["shards_skipped"],
                        data_path=a.output_prefix + ".shards")
-    print(json.dumps({"output_prefix": a.output_prefix, **summary, "skipped": stats["skipped"]}))
+    print(json.dumps({"output_prefix": a.output_prefix, **summary, "skipped": stats["skipped"],
+                      "images_dropped": stats.get("images_dropped", {})}))
     return 0
 
 

@@ -269,6 +269,7 @@ class EncodedDocument:
     patches: np.ndarray  # uint8 [n, 3072], in <vpatch> order
     n_images: int = 0  # images + video frames
     n_image_tokens: int = 0  # tokens of vision blocks (markers included)
+    images_dropped: tuple = ()  # reasons of the optional images left out (interleaved documents)
 
 
 class _DocumentParts:
@@ -280,6 +281,7 @@ class _DocumentParts:
         self.patches: list = []
         self.n_images = 0
         self.n_image_tokens = 0
+        self.dropped: list = []  # reasons of optional images left out
 
     def add(self, ids, role: int) -> None:
         if len(ids):
@@ -349,7 +351,7 @@ class DocumentEncoder:
 
     def _vision_block(self, kind, value, patches: list) -> tuple[np.ndarray, int]:
         """(block tokens, number of images) of an image or video part; appends its patches."""
-        if kind == "image":
+        if kind in ("image", "image?"):
             p, r, c = self.load_patches(value)
             patches.append(p)
             return image_block_tokens(r, c, self.ids), 1
@@ -395,12 +397,21 @@ class DocumentEncoder:
                     doc.add([self.ids.loc_first + value - 1 if kind == "loc" else value], role)
                     after_ctl = True
                     continue
-                doc.add_vision(*self._vision_block(kind, value, doc.patches))
-                after_ctl = False
+                after_ctl = False  # a dropped image ends the text run too: its neighbours stay apart
+                if kind == "dropped":  # an optional image left out before encoding (megatron_solo.data.interleaved)
+                    doc.dropped.append(value)
+                    continue
+                try:
+                    doc.add_vision(*self._vision_block(kind, value, doc.patches))
+                except SkipRecord as e:
+                    if kind != "image?":  # only an optional image is dropped; any other skips the record
+                        raise
+                    doc.dropped.append(e.reason)
+                    continue
                 has_content = True
             doc.add(self.encode_text(pending, after_ctl), role)
         if not has_content:
-            raise SkipRecord("empty_document", where)
+            raise SkipRecord("empty_document", where, images_dropped=doc.dropped)
         if t is PRETRAIN and self.ids.bos is None:
             doc.add([self.ids.eos], ROLE_CODES[t.text_role])
         return self._document(doc)
@@ -470,4 +481,5 @@ class DocumentEncoder:
                      np.concatenate(doc.patches) if doc.patches else np.zeros((0, PATCH_DIM), np.uint8)),
             n_images=doc.n_images,
             n_image_tokens=doc.n_image_tokens,
+            images_dropped=tuple(doc.dropped),
         )

@@ -19,17 +19,20 @@ SKIP_REASONS = {
     "image_placeholder_mismatch": "a LLaVA record whose '<image>' placeholders do not match its images",
     "image_in_assistant_turn": "an image in an assistant (gpt) turn (LLaVA placeholder, or any image with solo-inst)",
     "bad_row": "a Parquet row that does not fit its layout's columns, or in a row group pyarrow cannot read",
+    "image_index_out_of_range": "an MMC4 image whose matched_text_index is not the index of one of its sentences",
+    "image_not_local": "an image given only as a URL that --image-url-map does not map to a local file",
 }
 
 
 class SkipRecord(Exception):
     """Raised while encoding one record; the record is skipped and counted under ``reason``."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", images_dropped: tuple = ()):
         assert reason in SKIP_REASONS, reason
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.images_dropped = tuple(images_dropped)  # an interleaved document's images dropped before the skip
 
 
 def picklable(exc: BaseException) -> BaseException:

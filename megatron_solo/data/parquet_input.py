@@ -7,6 +7,8 @@ Layouts, detected from the column names (or named with ``--parquet-layout`` and 
     chat     ``messages`` (``role`` + ``content``: a string with ``<image>`` placeholders or a list of
              parts where ``{"type": "image"}`` takes the next entry of ``images``) + optional ``images``
     caption  ``image`` + ``text`` / ``caption`` / ``txt``: one assistant turn, the image then the text
+    interleaved  ``texts`` + ``images``, two aligned lists (OBELICS, OmniCorpus): a web document, read by
+             :mod:`megatron_solo.data.interleaved` (records of kind ``interleaved``)
 
 A row becomes a record of the JSON shapes (:func:`megatron_solo.data.encode.normalize_messages`) in
 the worker that encodes it; a row that does not fit its layout is skipped as ``bad_row`` and
@@ -21,7 +23,10 @@ from typing import Iterator, Optional
 from megatron_solo.data.errors import SkipRecord
 from megatron_solo.errors import InputError
 
-LAYOUTS = ("auto", "llava", "chat", "caption")
+LAYOUTS = ("auto", "llava", "chat", "caption", "interleaved")
+INTERLEAVED_COLUMNS = ("texts", "images")  # the columns (and the row keys) of the interleaved layout
+# a layout -> the kind of its records (megatron_solo.data.readers.RECORD_MESSAGES); the others: "parquet"
+LAYOUT_KINDS = {"interleaved": "interleaved"}
 TEXT_COLUMNS = ("text", "caption", "txt")
 BATCH_ROWS = 64
 
@@ -55,6 +60,13 @@ def resolve_layout(schema, cols: ParquetColumns, path: str) -> tuple[str, dict]:
     messages = pick(cols.messages, ("conversations", "messages"))
     text = pick(cols.text, TEXT_COLUMNS)
     layout = cols.layout
+    auto_interleaved = layout == "auto" and messages is None and all(c in names for c in INTERLEAVED_COLUMNS)
+    if layout == "interleaved" or auto_interleaved:
+        texts, images = pick(cols.text, ("texts",)), pick(cols.image, ("images",))
+        if texts is None or images is None:
+            raise ParquetInputError(f"{path}: layout interleaved needs a texts and an images column "
+                                    f"(--text-column/--image-column); columns: {names}")
+        return "interleaved", dict(zip(INTERLEAVED_COLUMNS, (texts, images)))
     if layout == "auto":
         if messages is not None:  # LLaVA turns are structs with "from"/"value", chat ones "role"/"content"
             t = schema.field(messages).type
@@ -75,7 +87,8 @@ def resolve_layout(schema, cols: ParquetColumns, path: str) -> tuple[str, dict]:
 
 
 def iter_parquet(path: str, cols: ParquetColumns = ParquetColumns()) -> Iterator[tuple]:
-    """Yield ``(where, "parquet", (layout, row))`` per row, or ``(where, "bad", (reason, detail))``."""
+    """Yield ``(where, "parquet", (layout, row))`` per row (``(where, "interleaved", row)`` for that
+    layout), or ``(where, "bad", (reason, detail))``."""
     import pyarrow.parquet as pq
 
     try:
@@ -84,6 +97,7 @@ def iter_parquet(path: str, cols: ParquetColumns = ParquetColumns()) -> Iterator
         raise ParquetInputError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
     layout, columns = resolve_layout(pf.schema_arrow, cols, path)
     wanted = [c for c in dict.fromkeys(columns.values()) if c is not None]
+    kind = LAYOUT_KINDS.get(layout, "parquet")
     row = 0
     for g in range(pf.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
@@ -91,8 +105,8 @@ def iter_parquet(path: str, cols: ParquetColumns = ParquetColumns()) -> Iterator
         try:
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[g], columns=wanted):
                 for r in batch.to_pylist():
-                    yield f"{path}:row{row + done}", "parquet", (layout, {k: r.get(c) for k, c in columns.items()
-                                                                         if c is not None})
+                    cells = {k: r.get(c) for k, c in columns.items() if c is not None}
+                    yield f"{path}:row{row + done}", kind, cells if kind != "parquet" else (layout, cells)
                     done += 1
         except Exception as e:  # a corrupt row group: its unread rows are counted, the file goes on
             for i in range(done, n):

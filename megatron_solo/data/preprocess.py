@@ -28,6 +28,7 @@ from megatron_solo.data.allocator import keep_freed_memory
 from megatron_solo.data.encode import DocumentEncoder, EncodedDocument
 from megatron_solo.data.errors import SKIP_REASONS, SkipRecord
 from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS
+from megatron_solo.data.interleaved import BELOW_MIN_SIMILARITY, InterleavedOptions
 from megatron_solo.data.indexed import Packer, SoloPrefixWriter, prefix_complete, remove_prefix
 from megatron_solo.data.readers import iter_records, record_messages
 from megatron_solo.data.shards import shard_list_path, shard_prefix
@@ -64,6 +65,7 @@ class PreprocessConfig:
     allow_image_mismatch: bool = False
     image_storage: str = "encoded"  # or "patches" (megatron_solo.data.image_storage; docs/DATA_FORMAT.md: why)
     parquet: Optional[object] = None  # ParquetColumns: layout and column names for .parquet inputs
+    interleaved: Optional[InterleavedOptions] = None  # --min-image-similarity, --image-url-map (web documents)
     shard_size: Optional[int] = None  # input records per shard PREFIX_00000, ... (megatron_solo.data.shards)
     vocab: Optional[SoloVocab] = None  # the tokenizer's, set by preprocess(); every prefix's stats keep it
 
@@ -90,6 +92,7 @@ class InputNotFound(InputError):
 
 # ------------------------------------------------------------------------------------- workers
 _ENCODER: Optional[DocumentEncoder] = None
+_INTERLEAVED = InterleavedOptions()
 
 
 @dataclass
@@ -99,11 +102,13 @@ class EncodedRecord:
     document: Optional[EncodedDocument] = None
     skip_reason: Optional[str] = None
     skip_detail: str = ""
+    images_dropped: tuple = ()  # reasons of an interleaved document's images left out (kept or skipped)
 
 
 def _init_worker(tokenizer_model, fmt, image_root, exif_transpose, max_image_pixels, chat_template="chatml",
-                 allow_image_mismatch=False, image_storage="patches"):
-    global _ENCODER
+                 allow_image_mismatch=False, image_storage="patches", interleaved=None):
+    global _ENCODER, _INTERLEAVED
+    _INTERLEAVED = interleaved or InterleavedOptions()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt means
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     tok = solo_tokenizer.load_tokenizer(tokenizer_model)
@@ -122,10 +127,11 @@ def _init_worker_process(*init_args):
 def encode_record(record) -> EncodedRecord:
     """One ``(where, kind, payload)`` record (:mod:`megatron_solo.data.readers`) -> its document, or its skip."""
     try:
-        msgs = record_messages(record, _ENCODER.allow_image_mismatch)
-        return EncodedRecord(document=_ENCODER.encode(msgs, record[0]))
+        msgs = record_messages(record, _ENCODER.allow_image_mismatch, _INTERLEAVED)
+        doc = _ENCODER.encode(msgs, record[0])
+        return EncodedRecord(document=doc, images_dropped=doc.images_dropped)
     except SkipRecord as e:
-        return EncodedRecord(skip_reason=e.reason, skip_detail=e.detail)
+        return EncodedRecord(skip_reason=e.reason, skip_detail=e.detail, images_dropped=e.images_dropped)
 
 
 def _encode_chunk(chunk):
@@ -145,7 +151,7 @@ def _chunks(it, n):
 
 def _init_args(cfg: PreprocessConfig) -> tuple:
     return (cfg.tokenizer_model, cfg.fmt, cfg.image_root, cfg.exif_transpose, cfg.max_image_pixels,
-            cfg.chat_template, cfg.allow_image_mismatch, cfg.image_storage)
+            cfg.chat_template, cfg.allow_image_mismatch, cfg.image_storage, cfg.interleaved)
 
 
 def encoder_pool(cfg: PreprocessConfig):
@@ -226,6 +232,7 @@ def _preprocess_prefix(cfg: PreprocessConfig, records=None, pool=None) -> dict:
             records = iter_records(cfg.inputs, cfg.parquet, by_reference=pool is not None)
         for (where, _, _), res in _ordered_results(records, cfg, pool):
             stats.records += 1
+            stats.drop_images(res.images_dropped)
             if res.document is None:
                 stats.skip(res.skip_reason)
                 logger.warning("skip %s: %s%s", where, res.skip_reason, f" ({res.skip_detail})" if res.skip_detail else "")
@@ -235,6 +242,7 @@ def _preprocess_prefix(cfg: PreprocessConfig, records=None, pool=None) -> dict:
             stats.documents += 1
             stats.images += doc.n_images
             stats.image_tokens += doc.n_image_tokens
+            stats.documents_all_images_dropped += bool(doc.images_dropped) and not doc.n_images
             if bar is not None:
                 bar.update(1)  # tqdm shows documents/s; images/s beside it
                 if stats.documents % 32 == 0:
@@ -245,6 +253,14 @@ def _preprocess_prefix(cfg: PreprocessConfig, records=None, pool=None) -> dict:
             raise TooManyErrors(
                 f"{stats.skipped_total} of {stats.records} records skipped ({rate:.2%} > --max-error-rate "
                 f"{cfg.max_error_rate:.2%}); by reason: {json.dumps(stats.skipped, sort_keys=True)}; "
+                f"no prefix written")
+        # an interleaved document's unreadable images are left out, not the document: they have their own rate
+        image_errors = {r: n for r, n in stats.images_dropped.items() if r != BELOW_MIN_SIMILARITY}
+        image_rate = sum(image_errors.values()) / max(stats.images + sum(image_errors.values()), 1)
+        if image_rate > cfg.max_error_rate:
+            raise TooManyErrors(
+                f"{sum(image_errors.values())} images of interleaved documents left out ({image_rate:.2%} > "
+                f"--max-error-rate {cfg.max_error_rate:.2%}); by reason: {json.dumps(image_errors, sort_keys=True)}; "
                 f"no prefix written")
         stats.count_written(writer)
         stats.time_s = round(time.time() - t0, 3)

@@ -11,6 +11,8 @@ lines) and :data:`RECORD_MESSAGES` (a record's kind -> how it becomes :class:`Me
     obj       one parsed JSON item                             .json (a list or one object)
     tar       {ext: bytes} of one WebDataset sample            .tar (plain, .gz, .lz4, .zst)
     parquet   (layout, row)                                    .parquet (megatron_solo.data.parquet_input)
+    interleaved  {"texts", "images"} of an OBELICS-style row   .parquet, layout interleaved
+                 (megatron_solo.data.interleaved)
     bad       (reason, detail): a record that could not be     .parquet (a row group pyarrow cannot read)
               read, skipped and counted
 """
@@ -28,6 +30,7 @@ from typing import Callable, Iterator
 
 from megatron_solo.data.encode import Message, normalize_messages
 from megatron_solo.data.errors import SkipRecord
+from megatron_solo.data.interleaved import InterleavedOptions, is_mmc4, mmc4_messages, obelics_messages
 from megatron_solo.data.parquet_input import ParquetColumns, iter_parquet, row_to_record
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -164,17 +167,24 @@ def _read_at(path: str, offset: int, n: int) -> bytes:
     return os.pread(_INPUT_FD[1], n, offset)
 
 
-def _line_messages(payload, where, allow_image_mismatch):
+def _json_messages(obj, where, allow_image_mismatch, interleaved):
+    """A parsed JSON document: MMC4's layout (told by its keys), else the chat/LLaVA shapes."""
+    if is_mmc4(obj):
+        return mmc4_messages(obj, where, interleaved)
+    return normalize_messages(obj, where, allow_image_mismatch)
+
+
+def _line_messages(payload, where, allow_image_mismatch, interleaved):
     if isinstance(payload, bytes):
         payload = payload.decode("utf-8", errors="replace")
     try:
         obj = json.loads(payload)
     except json.JSONDecodeError as e:
         raise SkipRecord("invalid_json", str(e)) from None
-    return normalize_messages(obj, where, allow_image_mismatch)
+    return _json_messages(obj, where, allow_image_mismatch, interleaved)
 
 
-def _tar_messages(sample: dict, where: str, allow_image_mismatch=False) -> list:
+def _tar_messages(sample: dict, where: str, allow_image_mismatch=False, interleaved=None) -> list:
     img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
     text = None
     if "txt" in sample:
@@ -194,22 +204,24 @@ def _tar_messages(sample: dict, where: str, allow_image_mismatch=False) -> list:
     return [Message("assistant", [("image", sample[img_ext]), ("text", text)])]
 
 
-def _bad_record(payload, where, allow_image_mismatch):
+def _bad_record(payload, where, allow_image_mismatch, interleaved):
     raise SkipRecord(*payload)
 
 
-# a record's kind -> messages(payload, where, allow_image_mismatch); raises SkipRecord
+# a record's kind -> messages(payload, where, allow_image_mismatch, interleaved options); raises SkipRecord
 RECORD_MESSAGES: dict[str, Callable[..., list]] = {
     "line": _line_messages,
-    "lineref": lambda ref, where, allow: _line_messages(_read_at(*ref), where, allow),
-    "obj": normalize_messages,
-    "parquet": lambda row, where, allow: normalize_messages(row_to_record(row, where), where, allow),
+    "lineref": lambda ref, where, allow, il: _line_messages(_read_at(*ref), where, allow, il),
+    "obj": _json_messages,
+    "parquet": lambda row, where, allow, il: normalize_messages(row_to_record(row, where), where, allow),
+    "interleaved": lambda row, where, allow, il: obelics_messages(row, where, il),
     "tar": _tar_messages,
     "bad": _bad_record,
 }
 
 
-def record_messages(record: tuple, allow_image_mismatch: bool = False) -> list[Message]:
+def record_messages(record: tuple, allow_image_mismatch: bool = False,
+                    interleaved: InterleavedOptions = InterleavedOptions()) -> list[Message]:
     """The messages of one record (raises :class:`SkipRecord`)."""
     where, kind, payload = record
-    return RECORD_MESSAGES[kind](payload, where, allow_image_mismatch)
+    return RECORD_MESSAGES[kind](payload, where, allow_image_mismatch, interleaved)

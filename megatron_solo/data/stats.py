@@ -27,6 +27,11 @@ class PrefixStats:
     patches: int = 0
     skipped: dict = field(default_factory=dict)  # reason -> records skipped for it
     skipped_total: int = 0
+    # interleaved documents (megatron_solo.data.interleaved): images left out of their document, by reason,
+    # and the documents kept as text because every image they had was left out
+    images_dropped: dict = field(default_factory=dict)
+    images_dropped_total: int = 0
+    documents_all_images_dropped: int = 0
     time_s: float = 0.0
     image_storage: Optional[str] = None  # "encoded" or "patches" (megatron_solo.data.image_storage)
     image_bytes: int = 0  # bytes written to P-patches or P-images + P-imageidx
@@ -36,6 +41,11 @@ class PrefixStats:
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         self.skipped_total += 1
+
+    def drop_images(self, reasons) -> None:
+        for reason in reasons:
+            self.images_dropped[reason] = self.images_dropped.get(reason, 0) + 1
+        self.images_dropped_total += len(reasons)
 
     def count_written(self, writer) -> None:
         """The counts a :class:`~megatron_solo.data.indexed.SoloPrefixWriter` kept while writing."""
@@ -61,7 +71,7 @@ class PrefixStats:
         """The counts of a ``P.stats.json`` (a key it lacks, as in older files, counts 0)."""
         names = {f.name for f in fields(cls)}
         s = cls(**{k: v for k, v in d.items() if k in names})
-        s.skipped = dict(s.skipped)
+        s.skipped, s.images_dropped = dict(s.skipped), dict(s.images_dropped)
         return s
 
     @classmethod
@@ -71,11 +81,12 @@ class PrefixStats:
         storages, vocabs = set(), []
         for p in parts:
             for f in fields(cls):
-                if f.name in ("skipped", "image_storage", "vocab"):
+                if f.name in ("skipped", "images_dropped", "image_storage", "vocab"):
                     continue
                 setattr(out, f.name, getattr(out, f.name) + getattr(p, f.name))
-            for reason, n in p.skipped.items():
-                out.skipped[reason] = out.skipped.get(reason, 0) + n
+            for by_reason, part in ((out.skipped, p.skipped), (out.images_dropped, p.images_dropped)):
+                for reason, n in part.items():
+                    by_reason[reason] = by_reason.get(reason, 0) + n
             storages.add(p.image_storage)
             vocabs.append(p.vocab)
         out.time_s = round(out.time_s, 3)
