@@ -20,6 +20,7 @@ from megatron_solo.data.tokenizer import load_tokenizer
 from megatron_solo.errors import InputError
 from megatron_solo.spec import ASSISTANT, IMAGE, MISTRAL_VOCAB, USER
 from tests.data_fixtures.helpers import data_url, jpeg_bytes, small_photo
+from tests.test_data_tools import _tool
 
 PLAIN = "A plain document about llamas: 漢字, ünïcödé and 3.14159."
 
@@ -61,7 +62,7 @@ def prefixes(hf_tokenizers, solo_tokenizer, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["qwen", "llama"])
-def test_preprocessing_with_a_tokenizer_json_base(prefixes, kind):
+def test_preprocessing_with_a_tokenizer_json_base(prefixes, kind, capsys):
     tok, pre, chat, typed = prefixes[kind]
     v = tok.vocab
     with open(pre + ".stats.json") as f:
@@ -103,6 +104,13 @@ def test_preprocessing_with_a_tokenizer_json_base(prefixes, kind):
     assert roles[toks == v.im_end].tolist() == [USER, ASSISTANT]
     text = tok.decode(toks[~np.isin(toks, sorted(v.control_ids)) & (roles != IMAGE)])
     assert text == f"user\n{typed}\nassistant\nIt says <|im_end|>.\n"
+    # tools/inspect_data.py's text view reads it with its tokenizer (in this process: no torch start-up)
+    inspect = _tool("inspect_data")
+    assert inspect.main(["--prefix", chat, "--tokenizer-model", tok.model_path]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("<|im_start|>user\n<image 2x3 closed by </vision>>typed: <|endoftext|> <|im_start|>")
+    assert shown.endswith("<|im_start|>[[assistant]][[\\n]]\n[[It]][[ says]][[ <|]][[im]][[_end]][[|]][[>.]]"
+                          "[[<|im_end|>]][[\\n]]\n\n")
 
 
 def test_ids_of_one_base_are_refused_where_they_meet_another(prefixes, hf_tokenizers, solo_tokenizer, tmp_path,

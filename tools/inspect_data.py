@@ -48,18 +48,17 @@ def render_text(tok, tokens, mask, doc_lengths) -> str:
     summarised, a line between the documents of the pack."""
     import numpy as np
 
-    from megatron_solo.spec import SOLO_IDS
-
+    ids = tok.vocab
     out, i, starts = [], 0, set(np.cumsum(doc_lengths)[:-1].tolist())
     n = len(tokens)
     while i < n:
         if i in starts:
             out.append("\n--- next document ---\n")
         t = int(tokens[i])
-        if t == SOLO_IDS.vision_start and i + 1 < n and int(tokens[i + 1]) in (SOLO_IDS.vision_patch,):
+        if t == ids.vision_start and i + 1 < n and int(tokens[i + 1]) in (ids.vision_patch,):
             j, rows, cols, c = i + 1, 1, 0, 0
-            while j < n and int(tokens[j]) in (SOLO_IDS.vision_patch, SOLO_IDS.vision_row_sep, SOLO_IDS.vision_frame_sep):
-                if int(tokens[j]) == SOLO_IDS.vision_patch:
+            while j < n and int(tokens[j]) in (ids.vision_patch, ids.vision_row_sep, ids.vision_frame_sep):
+                if int(tokens[j]) == ids.vision_patch:
                     c += 1
                 else:
                     rows, cols, c = rows + 1, max(cols, c), 0
@@ -69,7 +68,8 @@ def render_text(tok, tokens, mask, doc_lengths) -> str:
             out.append(f"<image {rows}x{cols} closed by {close}>")
             i = j + 1
             continue
-        piece = tok.id_to_piece(t).replace("\u2581", " ")
+        # a byte-level BPE piece ("Ġthe") reads as its text; a SentencePiece one with "▁" as a space
+        piece = tok.decode([t]) if tok.kind == "hf" else tok.id_to_piece(t).replace("\u2581", " ")
         if piece.startswith("<0x") and piece.endswith(">"):
             piece = bytes([int(piece[3:-1], 16)]).decode("latin-1")
         out.append(f"[[{piece}]]".replace("\n", "\\n]]\n[[").replace("[[]]", "") if mask[i] else piece)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-length", type=int, default=None,
                     help="cut the pack as training with this --seq-length would (default: the whole pack)")
     ap.add_argument("--tokenizer-model", default=None,
-                    help="SOLO tokenizer.model, for the text view (not needed with --json / --dump)")
+                    help="SOLO's tokenizer.model or tokenizer.json, for the text view (not needed with --json / --dump)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the text view")
     ap.add_argument("--dump", metavar="DIR", default=None, help="write tokens.npy, loss_mask.npy, patches.npy")
     a = ap.parse_args(argv)
@@ -116,9 +116,18 @@ def main(argv=None) -> int:
                           "loss_mask": mask.tolist(), "roles": roles.tolist(), "num_patches": int(len(patches)),
                           "doc_lengths": doc_lengths.tolist()}))
     elif a.tokenizer_model:
-        from megatron_solo.data.tokenizer import SoloTokenizer
+        from megatron_solo.data.stats import prefix_vocab
+        from megatron_solo.data.tokenizer import TokenizerError, check_tokenizer
+        from megatron_solo.spec import vocab_mismatch
 
-        print(render_text(SoloTokenizer(a.tokenizer_model), tokens, mask, doc_lengths))
+        try:
+            tok = check_tokenizer(a.tokenizer_model)
+        except TokenizerError as e:
+            raise InputError(f"--tokenizer-model: {e}") from None
+        problem = vocab_mismatch(prefix_vocab(a.prefix), tok.vocab, a.prefix, f"--tokenizer-model {a.tokenizer_model}")
+        if problem:
+            raise InputError(f"{problem}; pass the tokenizer it was made with")
+        print(render_text(tok, tokens, mask, doc_lengths))
         print(f"\n({len(tokens)} tokens, {int(mask.sum())} with loss, {len(patches)} patches; "
               f"[[...]] = trained)", file=sys.stderr)
     if a.dump:
