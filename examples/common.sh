@@ -64,12 +64,13 @@ if [[ -n "${SLURM_JOB_ID:-}" ]]; then  # one task per node (slurm_submit.sh): SL
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
   fi
 fi
-# The recipes name these as Megatron-LM's examples name theirs ("$DATA_PATH"): inputs without a default.
 DRY_RUN=${DRY_RUN:-0}  # 1: plan the job in one process (--dry-run), no data needed
 if [[ "$DRY_RUN" == 1 ]]; then  # placeholders where the plan needs no input (tiny has its TRAIN_ITERS)
   DATA_PATH=${DATA_PATH:-none}
   [[ "${PRESET:-}" == tiny ]] || TRAIN_ITERS=${TRAIN_ITERS:-1}
 fi
+# The recipes name these as Megatron-LM's examples name theirs ("$DATA_PATH"): inputs without a default,
+# empty when not given (run_phase then says which to set).
 DATA_PATH=${DATA_PATH:-} TOKENIZER_MODEL=${TOKENIZER_MODEL:-} TRAIN_ITERS=${TRAIN_ITERS:-}
 
 # apply_launcher_vars torchrun|trainer TOKENS...: TOKENS with the table's rows of that kind applied (the
