@@ -5,15 +5,18 @@ class and shipped with the real base tokenizers (Llama-3.2's, Qwen3's; tests/hel
   config.json (Llama-3.x tied + llama3 RoPE scaling, Qwen2 QKV bias + rows past the tokenizer, Qwen3 q/k
   norm + head_dim != hidden/heads + tied), SOLO's vocabulary derived from the directory's tokenizer;
 * the export loads with AutoModelForCausalLM (trust_remote_code), generates, and stops at the chat
-  template's turn end (<|im_end|>); export -> import -> export is bit-identical.
+  template's turn end (<|im_end|>); export -> import -> export is bit-identical;
+* from the one converted checkpoint, two training steps at TP=2+SP, PP=2 and DP=2 give TP=1's losses, and
+  a tied model's output layer on the last stage stays equal to the first stage's embedding at PP=2.
 
-One spawned process (a world of one) runs every Megatron-side step for all three; the parent runs
-transformers.
+One spawned process (a world of one) runs every single-process Megatron step for all three (the TP=1
+reference included), one world of two every parallel layout; the parent runs transformers.
 """
 
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,7 +58,98 @@ def _world(paths):
         out[f"{fam}_export"] = megatron_to_hf(p["ckpt"], p["hf"], verify=True, verify_logits=True)
         hf_to_megatron(p["hf"], p["ckpt2"])
         megatron_to_hf(p["ckpt2"], p["hf2"])
+        out[f"{fam}_train_tp1"] = _train(info, 1, 1, False)["losses"]
     return out
+
+
+def _batch(vocab: dict, seed: int) -> dict:
+    """A micro-batch (2 rows of 64) at this vocabulary's ids: an image document (2x3 patches, caption) and
+    a chat per row. Words are ids 3..31999: text under every base's vocabulary (and Mistral's loss rule)."""
+    from megatron_solo.spec import ASSISTANT, IMAGE, USER
+    from tests.test_model_parallel import pack
+
+    g = np.random.default_rng(seed)
+
+    def words(n):
+        return [int(x) for x in g.integers(3, 32000, n)]
+
+    bos = [] if vocab["bos"] is None else [vocab["bos"]]
+    img = ([vocab["vision_start"]] + [vocab["vision_patch"]] * 3 + [vocab["vision_row_sep"]]
+           + [vocab["vision_patch"]] * 3 + [vocab["vision_end"]])
+    rows = []
+    for _ in range(2):
+        doc1 = (bos + img + words(12), [ASSISTANT] * len(bos) + [IMAGE] * len(img) + [ASSISTANT] * 12,
+                g.integers(0, 256, (6, 3072), dtype=np.uint8))
+        chat = bos + [vocab["im_start"]] + words(6) + [vocab["im_end"], vocab["im_start"]] + words(8) + [vocab["im_end"]]
+        doc2 = (chat, [USER] * (len(bos) + 8) + [ASSISTANT] * 10, np.zeros((0, 3072), np.uint8))
+        rows.append([doc1, doc2])
+    return pack(rows)
+
+
+def _train(info: dict, tp: int, pp: int, sp: bool, steps: int = 2) -> dict:
+    """``steps`` steps of DDP + Adam from the checkpoint ``info`` at TP x PP (DP = the rest of the world),
+    4 micro-batches per step split over DP; the global loss of each step, and at PP > 1 with tied
+    embeddings the first stage's embedding and the last stage's output layer after training."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_solo.convert.megatron_io import load_weights
+    from megatron_solo.model import SoloModelArgs, build_solo_model, build_transformer_config
+    from megatron_solo.parallel import initialize_model_parallel
+    from tests.test_model_parallel import run_schedule
+
+    initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    model_args = SoloModelArgs(**info["model_args"])
+    config = build_transformer_config(model_args, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                      sequence_parallel=sp, use_te=False)
+    model = build_solo_model(model_args, config, padded_vocab_size=int(info["padded_vocab_size"]), use_te=False)
+    load_weights(model, info)
+    config.finalize_model_grads_func = finalize_model_grads
+    ddp = DistributedDataParallel(config=config, module=model,
+                                  ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
+    opt = get_megatron_optimizer(config=OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1.0), model_chunks=[ddp])
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    vocab = info["args"]["vocab"]
+    losses = []
+    for step in range(steps):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        reports = run_schedule([ddp], config, [_batch(vocab, step * 4 + dp_rank * (4 // dp) + j) for j in range(4 // dp)])
+        ok, _, _ = opt.step()
+        assert ok
+        if reports is not None:
+            total = torch.stack(reports).sum(0).double()  # [loss sum, tokens] over this rank's micro-batches
+            torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+            losses.append(float(total[0] / total[1]))
+    out = {"losses": losses or None, "stage": parallel_state.get_pipeline_model_parallel_rank()}
+    if pp > 1 and model_args.tie_word_embeddings:
+        out["tied"] = (model.embedding.word_embeddings.weight if model.pre_process
+                       else model.output_layer.weight).detach().clone()
+    return out
+
+
+def _parallel_world(paths):
+    from megatron_solo.convert.megatron_io import read_checkpoint
+
+    out = {}
+    for fam in FAMILIES:
+        info = read_checkpoint(paths[f"{fam}_ckpt"])
+        for name, (tp, pp, sp) in LAYOUTS.items():
+            out[f"{fam}_{name}"] = _train(info, tp, pp, sp)
+    return as_bytes(out)
+
+
+LAYOUTS = {"tp2_sp": (2, 1, True), "pp2": (1, 2, False), "dp2": (1, 1, False)}
+
+
+def as_bytes(obj) -> bytes:
+    """Tensors through the result queue as bytes (a shared-memory handle dies with its rank)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +162,28 @@ def world(tmp_path_factory, hf_tokenizers):
         paths.update({f"{fam}_{k}": str(root / f"{fam}_{k}") for k in ("base", "ckpt", "hf", "ckpt2", "hf2")})
         make_random_base(paths[f"{fam}_base"], fam, seed=20 + i, tokenizer_dir=hf_tokenizers[FAMILY_TOKENIZERS[fam]])
     return paths, run_distributed(_world, 1, paths, timeout=900)[0]
+
+
+@pytest.fixture(scope="module")
+def parallel(world):
+    import io
+
+    paths, _ = world
+    return [torch.load(io.BytesIO(r), weights_only=False)
+            for r in run_distributed(_parallel_world, 2, paths, timeout=900)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parallel_layouts_train_like_tp1_from_the_converted_checkpoint(world, parallel, family):
+    _, out = world
+    ref = out[f"{family}_train_tp1"]
+    assert len(ref) == 2 and all(np.isfinite(ref))
+    for name in LAYOUTS:
+        got = next(r[f"{family}_{name}"]["losses"] for r in parallel if r[f"{family}_{name}"]["losses"])
+        np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=f"{family} {name}")
+    by_stage = {r[f"{family}_pp2"]["stage"]: r[f"{family}_pp2"] for r in parallel}
+    if out[f"{family}_args"]["tie_word_embeddings"]:  # llama, qwen3: the last stage's copy stayed equal
+        assert torch.equal(by_stage[0]["tied"], by_stage[1]["tied"])
 
 
 @pytest.mark.usefixtures("plain_torch")
