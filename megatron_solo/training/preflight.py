@@ -78,7 +78,7 @@ def _with_launcher_names(msg: str, names: dict[str, str]) -> str:
 
 
 def run(nproc_per_node: int, nnodes: int, train_argv: list[str]) -> None:
-    """All pre-flight checks; raises ArgumentError or a UserError (InputError, PreflightError) with one line."""
+    """All pre-flight checks; a mistake raises a UserError (ArgumentError, InputError, PreflightError: one line)."""
     # Imported here, not at the top: they load torch and megatron-core, and `--help` answers without them.
     from megatron_solo.data.dataset import DataSplitError, check_split_sizes
     from megatron_solo.training import config, faults
@@ -117,9 +117,9 @@ def main(argv=None) -> int:
     names = dict(pair.split("=", 1) for pair in args.launcher_vars.split() if "=" in pair)
     try:
         run(args.nproc_per_node, args.nnodes, train_argv)
-    except (ArgumentError, errors.UserError) as e:
+    except errors.UserError as e:
         errors.print_error(_with_launcher_names(str(e), names))
-        return getattr(e, "exit_code", 2)  # a bad flag: 2, as the trainer's
+        return e.exit_code
     return 0
 
 
