@@ -62,7 +62,7 @@ def prefixes(hf_tokenizers, solo_tokenizer, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["qwen", "llama"])
-def test_preprocessing_with_a_tokenizer_json_base(prefixes, kind, capsys):
+def test_preprocessing_with_a_tokenizer_json_base(prefixes, kind, capsys, tmp_path):
     tok, pre, chat, typed = prefixes[kind]
     v = tok.vocab
     with open(pre + ".stats.json") as f:
@@ -94,6 +94,10 @@ def test_preprocessing_with_a_tokenizer_json_base(prefixes, kind, capsys):
     assert mask[labels == v.vision_patch].sum() == 0 and int(s["patches"].shape[0]) == n_patch
     if v.bos is None:
         assert mask[-1] and labels[-1] == v.eos  # a Qwen model learns where a document ends
+    # tools/visualize_patches.py reads the image block at this base's ids
+    assert _tool("visualize_patches").main(["--prefix", pre, "--pack", "1", "--tokenizer-model", tok.model_path,
+                                            "--out", str(tmp_path / "v.png")]) == 0
+    assert f"Look: [IMAGE ] {typed}" in capsys.readouterr().out
     if kind != "qwen":
         return
     # chat: ChatML's markers at Qwen's own <|im_start|>/<|im_end|> ids, only where placed; no BOS

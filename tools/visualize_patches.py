@@ -8,24 +8,27 @@ import argparse
 import sys
 
 
-def render(tokens, patches, gap: int = 2):
+def render(tokens, patches, gap: int = 2, ids=None):
     """Images of a token stream -> list of [H, W, 3] uint8 patch grids (``gap`` px of white between patches).
 
     Each ``<vision>`` ... ``</vision>`` block takes the next patches in ``<vpatch>`` order; rows end at
-    ``<vrow_sep>`` and ``<vframe_sep>`` (a video's frames are stacked as further rows).
+    ``<vrow_sep>`` and ``<vframe_sep>`` (a video's frames are stacked as further rows). ``ids``: the
+    prefix's :class:`~megatron_solo.spec.SoloVocab` (default Mistral's).
     """
     from megatron_solo.data.image import patch_grid
-    from megatron_solo.spec import SOLO_IDS
+    from megatron_solo.spec import MISTRAL_VOCAB
+
+    ids = ids or MISTRAL_VOCAB
 
     images, k, rows, row_len, inside = [], 0, [], 0, False
     for t in map(int, tokens):
-        closes = t == SOLO_IDS.vision_end or (t == SOLO_IDS.vision_start and inside)  # solo-inst closes with <vision>
-        if t == SOLO_IDS.vision_start and not closes:
+        closes = t == ids.vision_end or (t == ids.vision_start and inside)  # solo-inst closes with <vision>
+        if t == ids.vision_start and not closes:
             rows, row_len, start, inside = [], 0, k, True
-        elif t == SOLO_IDS.vision_patch:
+        elif t == ids.vision_patch:
             row_len += 1
             k += 1
-        elif closes or t in (SOLO_IDS.vision_row_sep, SOLO_IDS.vision_frame_sep):
+        elif closes or t in (ids.vision_row_sep, ids.vision_frame_sep):
             if row_len:
                 rows.append(row_len)
             row_len = 0
@@ -37,30 +40,34 @@ def render(tokens, patches, gap: int = 2):
     return images
 
 
-def _document_elements(tokens, tok):
-    """A document's tokens -> [("text", str) | ("image", (rows, cols))] in order."""
-    from megatron_solo.spec import SOLO_IDS
+def _document_elements(tokens, tok, ids=None):
+    """A document's tokens -> [("text", str) | ("image", (rows, cols))] in order; ``ids`` as :func:`render`'s."""
+    from megatron_solo.spec import MISTRAL_VOCAB
+
+    ids = ids or MISTRAL_VOCAB
 
     out, text, rows, row_len, inside = [], [], [], 0, False
     for x in map(int, tokens):
-        closes = x == SOLO_IDS.vision_end or (x == SOLO_IDS.vision_start and inside)  # solo-inst closes with <vision>
-        if x == SOLO_IDS.vision_start and not closes:
+        closes = x == ids.vision_end or (x == ids.vision_start and inside)  # solo-inst closes with <vision>
+        if x == ids.vision_start and not closes:
             if text:
                 out.append(("text", "".join(text)))
             text, rows, row_len, inside = [], [], 0, True
-        elif x == SOLO_IDS.vision_patch:
+        elif x == ids.vision_patch:
             row_len += 1
-        elif closes or x in (SOLO_IDS.vision_row_sep, SOLO_IDS.vision_frame_sep):
+        elif closes or x in (ids.vision_row_sep, ids.vision_frame_sep):
             if row_len:
                 rows.append(row_len)
             row_len = 0
             if closes:
                 inside = False
                 out.append(("image", (len(rows), rows[0] if rows else 0)))
-        elif SOLO_IDS.vision_start < x <= SOLO_IDS.vision_frame_sep:
+        elif ids.vision_start < x <= ids.vision_frame_sep:
             pass
         else:
-            text.append(tok.id_to_piece(x).replace("\u2581", " ").replace("<0x0A>", "\n"))
+            # a byte-level BPE piece reads as its text; a SentencePiece one with "▁" as a space
+            text.append(tok.decode([x]) if getattr(tok, "kind", None) == "hf" else
+                        tok.id_to_piece(x).replace("\u2581", " ").replace("<0x0A>", "\n"))
     if text:
         out.append(("text", "".join(text)))
     return out
@@ -110,7 +117,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefix", required=True, help="dataset prefix (tools/preprocess_data.py --output-prefix)")
     ap.add_argument("--pack", type=int, default=0, help="which pack of the prefix to show")
-    ap.add_argument("--tokenizer-model", required=True, help="SOLO's tokenizer.model")
+    ap.add_argument("--tokenizer-model", required=True, help="SOLO's tokenizer.model or tokenizer.json")
     ap.add_argument("--out", required=True,
                     help="PNG path: one labelled panel per image (grid size, image index, the text around it)")
     a = ap.parse_args(argv)  # before the heavy imports: --help answers at once
@@ -121,17 +128,17 @@ def main(argv=None) -> int:
 
     quiet.filter_known_warnings()
     from megatron_solo.data.indexed import SoloIndexedDataset
-    from megatron_solo.data.tokenizer import SoloTokenizer
+    from megatron_solo.data.tokenizer import load_tokenizer
     from megatron_solo.spec import PATCH_DIM
 
     ds = SoloIndexedDataset(a.prefix)
-    tok = SoloTokenizer(a.tokenizer_model)
+    tok = load_tokenizer(a.tokenizer_model)
     segs = ds.pack(a.pack)
     tokens = np.concatenate([t for t, _, _ in segs])
     patches = np.concatenate([p for _, _, p in segs]) if segs else np.zeros((0, PATCH_DIM), np.uint8)
     labels = []
     for i, (t, r, _) in enumerate(segs):
-        elements = _document_elements(t, tok)
+        elements = _document_elements(t, tok, ds.vocab)
         print(f"--- document {i} ({len(t)} tokens, roles {sorted(set(r.tolist()))}) ---")
         print("".join(v if kind == "text" else "[IMAGE ]" for kind, v in elements))
         for j, (kind, v) in enumerate(elements):
@@ -140,7 +147,7 @@ def main(argv=None) -> int:
                 after = elements[j + 1][1] if j + 1 < len(elements) and elements[j + 1][0] == "text" else ""
                 labels.append((f"pack {a.pack}, document {i}, image {len(labels)}: {v[0]} x {v[1]} patches "
                                f"of 32x32 px ({v[0] * v[1]})", before[-240:], after[:240]))
-    images = render(tokens, patches)
+    images = render(tokens, patches, ids=ds.vocab)
     if not images:
         print("(no images in this pack)")
         return 0
