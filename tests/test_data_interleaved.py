@@ -14,6 +14,7 @@ from megatron_solo.data.image import target_size
 from megatron_solo.data.image_sources import UrlMapError, load_url_map
 from megatron_solo.data.indexed import SoloIndexedDataset
 from megatron_solo.data.interleaved import InterleavedOptions
+from megatron_solo.data.parquet_input import ParquetColumns, ParquetInputError, iter_parquet
 from megatron_solo.data.preprocess import PreprocessConfig, TooManyErrors, preprocess
 from megatron_solo.spec import PATCH_SIZE
 from tests.conftest import PY, ROOT, run_tool
@@ -152,6 +153,9 @@ def test_bad_input_is_counted_by_reason_and_the_error_rate_applies(corpus, tmp_p
                         str(d / "img"), "--no-progress"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: 4 of 8 records skipped")
+    pq.write_table(pa.table({"images": [["a.jpg"]]}), tmp_path / "no_texts.parquet")
+    with pytest.raises(ParquetInputError, match="layout interleaved needs a texts and an images column"):
+        list(iter_parquet(str(tmp_path / "no_texts.parquet"), ParquetColumns("interleaved")))
     (tmp_path / "bad_map.jsonl").write_text('{"url": "https://x/1.jpg"}\n')
     with pytest.raises(UrlMapError, match="needs a url and a local path"):
         load_url_map(str(tmp_path / "bad_map.jsonl"))
