@@ -306,3 +306,31 @@ def test_preset_dry_run_counts_the_family_model_plus_solo_additions(preset, monk
     solo_rows = cfg.model.args.vocab_size - hf["vocab_size"]
     want = n_hf + matrices * solo_rows * hf["hidden_size"] + PATCH_DIM * hf["hidden_size"]
     assert p["parameters_without_padding"] == want
+
+
+def test_the_base_directory_tokenizer_is_the_one_used(world, hf_tokenizers, tmp_path, capsys):
+    """A --tokenizer-model of another base than the directory's is refused (as a new user would try: a
+    Llama checkpoint with Mistral's tokenizer); the same tokenizer (base or SOLO-extended) is accepted; a
+    directory without a tokenizer converts with the given one and says so."""
+    import shutil
+
+    from megatron_solo.convert.errors import ConversionError
+    from megatron_solo.convert.hf_export_files import resolve_tokenizer
+    from megatron_solo.data.tokenizer import load_tokenizer, mistral_tokenizer_path
+
+    paths, out = world
+    llama_json = os.path.join(hf_tokenizers["llama"], "tokenizer.json")
+    with pytest.raises(ConversionError, match=r"--tokenizer-model .* differs from .*qwen3_base's own tokenizer"):
+        resolve_tokenizer("qwen3", paths["qwen3_base"], llama_json, str(tmp_path / "a"))
+    with pytest.raises(ConversionError, match="differs from"):
+        resolve_tokenizer("llama", paths["llama_base"], mistral_tokenizer_path(), str(tmp_path / "b"))
+    got = resolve_tokenizer("qwen3", paths["qwen3_base"], hf_tokenizers["solo_qwen"], str(tmp_path / "c"))
+    assert got == hf_tokenizers["solo_qwen"]  # SOLO's extension of the directory's own base: used as is
+    bare = str(tmp_path / "bare")
+    shutil.copytree(paths["llama_base"], bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    with pytest.raises(ConversionError, match="needs --tokenizer-model: .* holds no tokenizer"):
+        resolve_tokenizer("llama", bare, None, str(tmp_path / "d"))
+    capsys.readouterr()
+    made = resolve_tokenizer("llama", bare, llama_json, str(tmp_path / "e"))
+    assert "has no tokenizer of its own; converting with --tokenizer-model" in capsys.readouterr().err
+    assert load_tokenizer(made).vocab.to_dict() == out["llama_vocab"]
