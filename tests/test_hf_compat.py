@@ -8,7 +8,6 @@ put first on ``PYTHONPATH`` of a subprocess; numpy, torch, safetensors and the r
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, pip_target
 
 PY = sys.executable
 # The oldest supported release and the tokenizers / huggingface-hub releases it accepts.
@@ -25,17 +24,7 @@ CACHE = os.path.join(ROOT, ".cache", "transformers-4.45.2")
 
 
 def _oldest_transformers() -> str:
-    if os.path.isfile(os.path.join(CACHE, "transformers", "__init__.py")):
-        return CACHE
-    tmp = f"{CACHE}.tmp{os.getpid()}"
-    r = subprocess.run([PY, "-m", "pip", "install", "--quiet", "--no-deps", "--target", tmp, *OLDEST],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"pip could not install {OLDEST} (PyPI needed once per clone):\n{r.stderr[-3000:]}"
-    try:
-        os.rename(tmp, CACHE)  # atomic: a concurrent session finds it complete or not at all
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another session installed it first
-    return CACHE
+    return pip_target(os.path.basename(CACHE), OLDEST, os.path.join("transformers", "__init__.py"))
 
 
 @pytest.fixture(scope="module")
