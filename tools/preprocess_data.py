@@ -61,8 +61,8 @@ def main(argv=None) -> int:
                    help=".parquet inputs: llava (conversations + image), chat (messages + images), caption "
                         "(image + text), interleaved (texts + images, OBELICS-style web documents); auto detects "
                         "from the columns")
-    p.add_argument("--image-column", default=None, help=".parquet: the image column (default image/images)")
-    p.add_argument("--text-column", default=None, help=".parquet caption layout: the text column")
+    p.add_argument("--image-column", default=None, help=".parquet: the image column (default image/images; interleaved: images)")
+    p.add_argument("--text-column", default=None, help=".parquet caption layout: the text column; interleaved: the texts column")
     p.add_argument("--messages-column", default=None, help=".parquet: the conversations/messages column")
     p.add_argument("--min-image-similarity", type=float, default=None,
                    help="MMC4-style documents: leave out images whose matched_sim is below this (counted as "
