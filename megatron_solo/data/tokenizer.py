@@ -26,7 +26,6 @@ from functools import cached_property
 from megatron_solo.spec import (
     MAKE_VOCAB_SIZE_DIVISIBLE_BY,
     REUSABLE_PIECES,
-    SOLO_IDS,
     SOLO_SPECIAL_PIECES,
     VISION_START,
     SoloVocab,
@@ -215,14 +214,13 @@ class SoloTokenizer(_SoloTokenizerBase):
             raise FileNotFoundError(f"tokenizer model not found: {model_path}")
         self.model_path = model_path
         self.sp = spm.SentencePieceProcessor(model_file=model_path)
-        self.ids = SOLO_IDS  # the Mistral case, for users that do not take .vocab yet
         self._text_sps: dict = {}
 
     @classmethod
     def from_processor(cls, sp, name: str) -> "SoloTokenizer":
         """A tokenizer over an in-memory processor (a base being extended): ids and pieces, no text."""
         tok = cls.__new__(cls)
-        tok.model_path, tok.sp, tok.ids, tok._text_sps = name, sp, SOLO_IDS, {}
+        tok.model_path, tok.sp, tok._text_sps = name, sp, {}
         return tok
 
     @property
