@@ -31,6 +31,7 @@ def _text_ids():
 
 
 def _world(paths):
+    from megatron_solo.checkpoint import checkpoint_vocab
     from megatron_solo.convert.megatron_io import (
         build_full_model,
         hf_to_megatron,
@@ -50,7 +51,7 @@ def _world(paths):
         model = build_full_model(model_args, int(info["padded_vocab_size"]))
         load_weights(model, info)
         out[f"{fam}_args"] = model_args.to_dict()
-        out[f"{fam}_vocab"] = info["args"]["vocab"]
+        out[f"{fam}_vocab"] = checkpoint_vocab(info).to_dict()
         out[f"{fam}_logits"] = megatron_logits(model, _text_ids())
         out[f"{fam}_names"] = sorted(n for n, _ in model.named_parameters())
         del model
@@ -94,6 +95,7 @@ def _train(info: dict, tp: int, pp: int, sp: bool, steps: int = 2) -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from megatron_solo.checkpoint import checkpoint_vocab
     from megatron_solo.convert.megatron_io import load_weights
     from megatron_solo.model import SoloModelArgs, build_solo_model, build_transformer_config
     from megatron_solo.parallel import initialize_model_parallel
@@ -110,7 +112,7 @@ def _train(info: dict, tp: int, pp: int, sp: bool, steps: int = 2) -> dict:
                                   ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
     opt = get_megatron_optimizer(config=OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1.0), model_chunks=[ddp])
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    vocab = info["args"]["vocab"]
+    vocab = checkpoint_vocab(info).to_dict()
     losses = []
     for step in range(steps):
         ddp.zero_grad_buffer()

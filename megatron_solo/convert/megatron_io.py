@@ -189,8 +189,8 @@ def hf_to_megatron(
     cache = RowCache(lambda name: rows.convert(name, progress))
     save_checkpoint(save_dir, iteration, [model], model_args=model_args, padded_vocab_size=padded,
                     tokenizer_model=tok_path, sharded_strategy=StreamingSaveStrategy(cache.chunk),
-                    args={"converted_from": os.path.abspath(hf_dir), "source_kind": kind,
-                          "params_dtype": str(params_dtype).replace("torch.", ""), "vocab": vocab.to_dict()})
+                    vocab=vocab, args={"converted_from": os.path.abspath(hf_dir), "source_kind": kind,
+                                       "params_dtype": str(params_dtype).replace("torch.", "")})
     progress.close()
     if _rank0() and rows.done != len(rows.mappings):
         raise ConversionError(f"only {rows.done} of {len(rows.mappings)} tensors were written")
@@ -280,7 +280,7 @@ def checkpoint_reader(info: dict):
     return CheckpointTensorReader(info, SoloModelArgs(**info["model_args"]), int(info["padded_vocab_size"]))
 
 
-def _check_tokenizer_for_export(path: str | None, model_args):
+def _check_tokenizer_for_export(path: str | None, model_args, info: dict):
     """(path, SoloVocab) of the export's tokenizer: SOLO's, over a base, with the checkpoint's vocabulary."""
     if not path or not os.path.isfile(path):
         raise ConversionError(f"tokenizer model not found: {path!r} (pass --tokenizer-model)")
@@ -291,6 +291,12 @@ def _check_tokenizer_for_export(path: str | None, model_args):
     if vocab.size != model_args.vocab_size:
         raise ConversionError(f"{path}: {vocab.size} pieces, the checkpoint's vocabulary is "
                               f"{model_args.vocab_size}")
+    from megatron_solo.checkpoint import checkpoint_vocab  # imports megatron-core: this module imports it on use
+
+    stored = checkpoint_vocab(info)
+    msg = stored and vocab_mismatch(vocab, stored, f"the tokenizer {path}", "the checkpoint")
+    if msg:
+        raise ConversionError(msg)
     return path, vocab
 
 
@@ -322,7 +328,7 @@ def megatron_to_hf(
     iteration = info["iteration"]
     model_args = SoloModelArgs(**info["model_args"])
     padded = int(info["padded_vocab_size"])
-    tok_path, vocab = _check_tokenizer_for_export(tokenizer_model or info.get("tokenizer_model"), model_args)
+    tok_path, vocab = _check_tokenizer_for_export(tokenizer_model or info.get("tokenizer_model"), model_args, info)
     reader = checkpoint_reader(info)
     dtype = reader.dtype if dtype is None else parse_dtype(dtype)
 
