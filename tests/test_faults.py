@@ -126,13 +126,17 @@ def test_load_with_another_model_shape_is_one_line(digits_data, tmp_path, monkey
 def test_entry_point_prints_one_line_on_rank_0_only(tmp_path):
     args = [PY, "-m", "megatron_solo.train", "--seq-length", "128", "--train-iters", "2",
             "--data-path", str(tmp_path / "missing")]
-    for rank, expect in (("0", [f"error: data prefix {tmp_path / 'missing'}: missing"]), ("1", [])):
-        env = dict(os.environ, PYTHONWARNINGS="ignore", RANK=rank, WORLD_SIZE="1")
-        r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2, r.stderr[-3000:]
-        lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
-        assert len(lines) == len(expect) and all(l.startswith(e) for l, e in zip(lines, expect)), r.stderr
-        assert "Traceback" not in r.stderr
+    expected = {"0": [f"error: data prefix {tmp_path / 'missing'}: missing"], "1": []}
+    runs = {rank: subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore", RANK=rank,
+                                                            WORLD_SIZE="1"),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for rank in expected}  # side by side: each is a whole start-up of the trainer
+    for rank, expect in expected.items():
+        stdout, stderr = runs[rank].communicate(timeout=300)
+        assert runs[rank].returncode == 2, stderr[-3000:]
+        lines = [l for l in (stdout + stderr).splitlines() if l.strip()]
+        assert len(lines) == len(expect) and all(l.startswith(e) for l, e in zip(lines, expect)), stderr
+        assert "Traceback" not in stderr
 
 
 _TORCHRUN_LOG = re.compile(r"^[EWI]\d{4} [\d:.]+ +\d+ .*torch/distributed/")  # a line logged by torchrun's agent
