@@ -204,6 +204,28 @@ def _ensure_optimizer_state(optimizer) -> None:
                     inner.state[p]["step"] = torch.tensor(0.0)
 
 
+# The per-group values the scheduler reads; megatron-core also matches saved groups to the current ones by
+# them (param_group_identifier_keys), so a changed --lr finds no saved group (KeyError) unless they agree.
+_GROUP_SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _take_current_group_schedule(optimizer, saved) -> None:
+    """Write the current groups' schedule values into the saved groups, pairing them by position: the
+    groups are built by the same code from the same group flags (param_groups.check_resume ensured it)."""
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    saved_subs = [saved] if len(subs) == 1 else (
+        [v for _, v in sorted(saved.items())] if isinstance(saved, dict) else list(saved))
+    for sub, sub_state in zip(subs, saved_subs):
+        groups = (sub_state["optimizer"] if "optimizer" in sub_state else sub_state)["param_groups"]
+        current = sub.optimizer.param_groups
+        if len(groups) != len(current):
+            continue  # megatron-core's own matching reports it
+        for cur, old in zip(current, groups):
+            for k in _GROUP_SCHEDULE_KEYS:
+                if k in cur:
+                    old[k] = cur[k]
+
+
 def _unshare_adam_steps(optimizer) -> None:
     """megatron-core's distributed optimizer (without TE/apex) restores torch Adam's ``step`` as ONE tensor
     object shared by every parameter's state; torch increments it in place once per parameter, so the
@@ -298,12 +320,15 @@ def load_checkpoint(
     load_rng: bool = True,
     strict: bool = True,
     info: dict | None = None,
+    schedule_from_flags: bool = False,
 ) -> dict:
     """Collective load. ``finetune`` loads weights only (iteration, optimizer, scheduler reset).
 
     ``info``: the checkpoint's info dict when the caller has already read it (it is read once per load).
     Returns the checkpoint's info dict (``solo_checkpoint.json``) with ``path``; when ``finetune`` the
     caller should restart at iteration 0. Any number of model chunks loads any saved number.
+    ``schedule_from_flags`` (--override-opt_param-scheduler): the optimizer's groups keep the run's learning
+    rates and weight decay instead of the saved ones.
     """
     if info is None:
         info = read_checkpoint_info(load_dir, iteration)
@@ -321,6 +346,8 @@ def load_checkpoint(
     for i, chunk in enumerate(model_chunks):
         _unwrap(chunk).load_state_dict(state[_model_key(i, n)], strict=strict)
     if want_optim:
+        if schedule_from_flags:
+            _take_current_group_schedule(optimizer, state["optimizer"])
         optimizer.load_state_dict(state["optimizer"])
         _unshare_adam_steps(optimizer)
     if opt_param_scheduler is not None and not finetune and "opt_param_scheduler" in state:

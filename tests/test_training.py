@@ -51,6 +51,11 @@ def _losses(log_file):
     return out
 
 
+def _learning_rates(log_file):
+    with open(log_file) as f:
+        return {r["iteration"]: r["learning-rate"] for r in map(json.loads, f) if r["kind"] == "train"}
+
+
 def _wait_for(condition, proc, timeout=300):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -105,14 +110,30 @@ def test_resume_is_exact_after_sigterm_and_kill9_and_reshards(digits_data, tmp_p
     (broken / "solo_checkpoint.json").unlink(missing_ok=True)
     (ck / "latest_checkpointed_iteration.txt").write_text(str(last_complete + 1))
 
-    # D: resume to the end at the same layout.
+    # D: resume to the end at the same layout, with another --lr: the checkpoint's schedule wins, said once.
     d = tmp_path / "d"
     d.mkdir()
-    out = _run(2, _common(digits_data, str(d), *tp2, "--save", str(ck), "--load", str(ck)))
+    out = _run(2, _common(digits_data, str(d), *tp2, "--save", str(ck), "--load", str(ck), "--lr", "4e-3"))
     assert f"at iteration {last_complete}," in out, out[-3000:]
+    assert out.count("learning-rate schedule: the checkpoint's (--lr 0.002), not the flags' (--lr 0.004): add "
+                     "--override-opt_param-scheduler to use the flags'") == 1, out[-3000:]
     resumed = {**_losses(b / "log.jsonl"), **_losses(c / "log.jsonl"), **_losses(d / "log.jsonl")}
     # Bitwise: the same data order, weights, optimizer and scheduler state as the uninterrupted run.
     assert {i: resumed[i] for i in ref} == ref
+    assert json.loads((ck / f"iter_{ITERS:07d}" / "solo_checkpoint.json").read_text())["args"]["lr"] == 2e-3
+
+    # F: from iteration k with --lr 4e-3 and --override-opt_param-scheduler: the flags' peak on the same
+    # cosine (the uninterrupted run's rates rescaled), the optimizer state loaded (the first loss is the same).
+    f = tmp_path / "f"
+    f.mkdir()
+    out = _run(2, _common(digits_data, str(f), *tp2, "--load", str(ck), "--ckpt-step", str(k), "--lr", "4e-3",
+                          "--override-opt_param-scheduler"))
+    assert out.count("learning-rate schedule: the flags' (--lr 0.004) replaces the checkpoint's (--lr 0.002)") == 1
+    assert _losses(f / "log.jsonl")[k + 1] == ref[k + 1]
+    ref_lr, new_lr = _learning_rates(a / "log.jsonl"), _learning_rates(f / "log.jsonl")
+    assert sorted(new_lr) == list(range(k + 1, ITERS + 1))
+    for i, lr in new_lr.items():
+        assert (lr - 2e-4) / (4e-3 - 2e-4) == pytest.approx((ref_lr[i] - 2e-4) / (2e-3 - 2e-4), rel=1e-6), i
 
     # E: reshard TP=2 -> TP=1 PP=2 from the checkpoint at iteration k, continue to the end.
     e = tmp_path / "e"

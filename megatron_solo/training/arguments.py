@@ -185,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not load the optimizer state")
     g.add_argument("--no-load-rng", action="store_true",
                    help="do not load the RNG state")
+    # Megatron-LM's names (both spellings). Without either, a resumed run keeps the checkpoint's schedule.
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler", action="store_true",
+                   dest="override_opt_param_scheduler",
+                   help="on resume, the learning-rate schedule of the flags (--lr, --min-lr, warm-up, decay, "
+                        "--weight-decay) replaces the checkpoint's; the iteration count carries over")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   action="store_true", dest="use_checkpoint_opt_param_scheduler",
+                   help="on resume, keep the checkpoint's learning-rate schedule (the default, said explicitly)")
     g.add_argument("--ckpt-step", type=int, default=None, help="load this iteration instead of the latest")
     g.add_argument("--keep-last-checkpoints", type=int, default=None,
                    help="keep only this many newest checkpoints in --save (None: all)")
@@ -260,6 +268,9 @@ def validate_args(args) -> None:
         fail("--save-interval needs --save")
     if args.finetune and not args.load:
         fail("--finetune needs --load (the checkpoint to start from)")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        fail("--override-opt_param-scheduler (the flags' learning-rate schedule) and "
+             "--use-checkpoint-opt_param-scheduler (the checkpoint's) contradict each other: give one of them")
     if args.exit_signal_handler and not args.save:
         fail("--exit-signal-handler needs --save (it saves before exiting)")
     if args.tokenizer_model and not os.path.isfile(args.tokenizer_model):

@@ -31,6 +31,12 @@ MODEL_OVERRIDE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_att
                         "init_method_std", "make_vocab_size_divisible_by")
 
 
+# The learning-rate schedule's flags: what the scheduler's state holds and Megatron-LM's
+# --override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler decide between on a resume.
+SCHEDULE_FLAGS = ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_warmup_init", "lr_decay_iters",
+                  "weight_decay")
+
+
 @dataclasses.dataclass(frozen=True)
 class ResumePlan:
     """Where the run starts from, decided once (:func:`decide_resume`)."""
@@ -39,6 +45,10 @@ class ResumePlan:
     finetune: bool             # weights only; iteration, optimizer and scheduler start fresh
     info: dict | None          # the checkpoint's solo_checkpoint.json, read once
     note: str | None = None    # said out loud at start-up (a changed decision is never silent)
+    # The learning-rate schedule's source on a resume (:func:`decide_schedule`): "flags", or "checkpoint"
+    # with the checkpoint's recorded values (SCHEDULE_FLAGS) in ``schedule``.
+    schedule_from: str = "flags"
+    schedule: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +251,9 @@ class TrainConfig:
             virtual_pipeline_model_parallel_size=par.virtual_pipeline, recompute_method=p.recompute_method,
             recompute_num_layers=p.recompute_num_layers, use_te=self.model.use_te, params_dtype=p.params_dtype,
             padded_vocab_size=self.model.padded_vocab_size)
-        return {**self.flags, **derived}
+        # The schedule the run follows (the checkpoint's, unless --override-opt_param-scheduler), not the flags.
+        schedule = {f: getattr(self.optimizer, f) for f in SCHEDULE_FLAGS}
+        return {**self.flags, **derived, **schedule}
 
     @property
     def tokenizer_model_path(self) -> str | None:
@@ -276,6 +288,50 @@ def decide_resume(flags) -> ResumePlan:
                   f"by iteration, and each step from here takes {flags.global_batch_size} samples")
         note = f"{note}; {change}" if note else change
     return ResumePlan(load_dir, finetune, info, note)
+
+
+def _schedule_values(flags: dict, train_iters) -> dict:
+    """The SCHEDULE_FLAGS values of a run; ``lr_decay_iters`` as the scheduler uses it (else --train-iters)."""
+    return {f: (flags.get(f) or train_iters) if f == "lr_decay_iters" else flags.get(f) for f in SCHEDULE_FLAGS}
+
+
+def _schedule_text(values: dict, keys) -> str:
+    return " ".join(f"--{k.replace('_', '-')} {values[k]}" for k in keys)
+
+
+def decide_schedule(flags, plan: ResumePlan, train_iters: int) -> ResumePlan:
+    """Megatron-LM's rule for the learning-rate schedule of a resumed run: the checkpoint's, unless
+    --override-opt_param-scheduler says the flags'. A difference is said once, with the way to the other."""
+    override, keep = flags.override_opt_param_scheduler, flags.use_checkpoint_opt_param_scheduler
+    if plan.load_dir is None or plan.finetune:
+        if keep:
+            why = "--finetune starts a new one" if plan.finetune else "there is no checkpoint to take it from"
+            raise ArgumentError(f"--use-checkpoint-opt_param-scheduler keeps a checkpoint's learning-rate schedule, "
+                                f"but {why}: drop --use-checkpoint-opt_param-scheduler (the flags' schedule)"
+                                + (" or drop --finetune (resume the checkpoint's run)" if plan.finetune else ""))
+        return plan
+    saved_args = (plan.info or {}).get("args") or {}
+    if "lr" not in saved_args:  # a converted checkpoint: weights without a training run's schedule
+        if keep:
+            raise ArgumentError(f"--use-checkpoint-opt_param-scheduler: {plan.load_dir} records no learning-rate "
+                                f"schedule (a converted checkpoint); drop the flag to use the flags' schedule")
+        return plan
+    current = _schedule_values(vars(flags), train_iters)
+    saved = _schedule_values(saved_args, saved_args.get("train_iters"))
+    changed = [f for f in SCHEDULE_FLAGS if current[f] != saved[f]]
+    if override:
+        new = dataclasses.replace(plan, schedule_from="flags")
+        said = (f"learning-rate schedule: the flags' ({_schedule_text(current, changed)}) replaces the checkpoint's "
+                f"({_schedule_text(saved, changed)}) (--override-opt_param-scheduler); the iteration count "
+                f"carries over" if changed else None)
+    else:
+        new = dataclasses.replace(plan, schedule_from="checkpoint", schedule=saved)
+        said = (f"learning-rate schedule: the checkpoint's ({_schedule_text(saved, changed)}), not the flags' "
+                f"({_schedule_text(current, changed)})"
+                + ("" if keep else ": add --override-opt_param-scheduler to use the flags'") if changed else None)
+    if said:
+        new = dataclasses.replace(new, note=f"{plan.note}; {said}" if plan.note else said)
+    return new
 
 
 def padded_vocab_size(model_args: SoloModelArgs, tp: int, resume: ResumePlan) -> int:
@@ -375,7 +431,8 @@ def build_train_config(args) -> TrainConfig:
         recompute_method = "uniform"
         recompute_num_layers = 1 if recompute_num_layers is None else recompute_num_layers
     resume_flags = types.SimpleNamespace(**{**vars(a), "global_batch_size": sizes["global_batch_size"]})
-    resume = decide_resume(resume_flags)
+    resume = decide_schedule(a, decide_resume(resume_flags), sizes["train_iters"])
+    sched = resume.schedule or _schedule_values(vars(a), sizes["train_iters"])  # the one the run follows
     param_groups.check_resume(a, resume, fail)  # the optimizer state fits only its own trainable set and groups
     tp = a.tensor_model_parallel_size
     return TrainConfig(
@@ -398,9 +455,9 @@ def build_train_config(args) -> TrainConfig:
             recompute_granularity=a.recompute_granularity, recompute_method=recompute_method,
             recompute_num_layers=recompute_num_layers),
         optimizer=OptimizerSection(
-            optimizer=a.optimizer, lr=a.lr, min_lr=a.min_lr, lr_decay_style=a.lr_decay_style,
-            lr_warmup_iters=a.lr_warmup_iters, lr_warmup_init=a.lr_warmup_init,
-            lr_decay_iters=a.lr_decay_iters or sizes["train_iters"], weight_decay=a.weight_decay,
+            optimizer=a.optimizer, lr=sched["lr"], min_lr=sched["min_lr"], lr_decay_style=sched["lr_decay_style"],
+            lr_warmup_iters=sched["lr_warmup_iters"], lr_warmup_init=sched["lr_warmup_init"],
+            lr_decay_iters=sched["lr_decay_iters"], weight_decay=sched["weight_decay"],
             clip_grad=a.clip_grad, adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
             max_skipped_iters=a.max_skipped_iters, vision_lr=a.vision_lr, vision_min_lr=a.vision_min_lr,
             vision_weight_decay=a.vision_weight_decay, decoupled_lr=a.decoupled_lr,

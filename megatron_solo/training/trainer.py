@@ -238,6 +238,9 @@ def build_optimizer_and_scheduler(cfg: TrainConfig, model_chunks):
         wd_incr_style="constant",
         wsd_decay_steps=max(decay_iters // 10, 1) if wsd else None,
         lr_wsd_decay_style="linear" if wsd else None,
+        # The decision is the config's (decide_schedule): from the checkpoint, cfg holds its values already.
+        override_opt_param_scheduler=cfg.resume.schedule_from == "flags",
+        use_checkpoint_opt_param_scheduler=cfg.resume.schedule_from == "checkpoint",
     )
     return optimizer, scheduler
 
@@ -270,7 +273,8 @@ class Checkpointer:
         ck = cfg.checkpoint
         info = checkpoint.load_checkpoint(
             plan.load_dir, self.model_chunks, self.optimizer, self.scheduler, info=plan.info, finetune=plan.finetune,
-            load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng)
+            load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng,
+            schedule_from_flags=plan.schedule_from == "flags")
         iteration, consumed = info["iteration"], info["consumed_train_samples"]
         log.info(f"loaded {info['path']} ({'weights only, --finetune' if plan.finetune else 'resuming'}) "
                  f"at iteration {iteration}, consumed samples {consumed}")

@@ -1,0 +1,75 @@
+"""The first hour, round 2 (issue 26): a resumed run's learning-rate schedule follows Megatron-LM's
+--override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler, said once; a combination that
+cannot be honoured is one `error:` line naming both ways out. The multi-process half (TP=2, distributed
+optimizer, a new --lr each way) shares the resume run of tests/test_training.py."""
+
+import json
+import pytest
+
+from megatron_solo.training.arguments import ArgumentError, build_parser
+from megatron_solo.training.config import build_train_config
+from tests.test_first_hour import _fake_complete_checkpoint
+
+SAVED_SCHEDULE = {"lr": 2e-3, "min_lr": 2e-4, "lr_decay_style": "cosine", "lr_warmup_iters": 1, "lr_warmup_init": 0.0,
+                  "lr_decay_iters": None, "weight_decay": 0.1, "train_iters": 6, "global_batch_size": 8}
+FLAGS = ["--model", "tiny", "--seq-length", "128", "--train-iters", "6", "--global-batch-size", "8",
+         "--data-path", "x", "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "1", "--weight-decay", "0.1"]
+
+
+@pytest.fixture
+def recorded_run(tmp_path, monkeypatch):
+    """A checkpoint whose recorded arguments hold the schedule of FLAGS (iteration 2)."""
+    root = tmp_path / "ck"
+    _fake_complete_checkpoint(root, 2, gbs=8)
+    info_path = root / "iter_0000002" / "solo_checkpoint.json"
+    info = json.loads(info_path.read_text())
+    info["args"] = SAVED_SCHEDULE
+    info_path.write_text(json.dumps(info))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    return str(root)
+
+
+def _cfg(*flags):
+    return build_train_config(build_parser().parse_args([*FLAGS, *flags]))
+
+
+def test_resume_keeps_the_checkpoint_schedule_unless_the_flags_override_it(recorded_run):
+    same = _cfg("--load", recorded_run)
+    assert (same.resume.schedule_from, same.resume.note, same.optimizer.lr) == ("checkpoint", None, 2e-3)
+
+    kept = _cfg("--load", recorded_run, "--lr", "5e-4", "--train-iters", "10")
+    assert kept.resume.note == ("learning-rate schedule: the checkpoint's (--lr 0.002 --lr-decay-iters 6), not the "
+                                "flags' (--lr 0.0005 --lr-decay-iters 10): add --override-opt_param-scheduler to use "
+                                "the flags'")
+    assert (kept.optimizer.lr, kept.optimizer.lr_decay_iters, kept.schedule.train_iters) == (2e-3, 6, 10)
+    explicit = _cfg("--load", recorded_run, "--lr", "5e-4", "--use-checkpoint-opt_param-scheduler")
+    assert explicit.resume.note == "learning-rate schedule: the checkpoint's (--lr 0.002), not the flags' (--lr 0.0005)"
+    assert explicit.optimizer.lr == 2e-3
+
+    new = _cfg("--load", recorded_run, "--lr", "5e-4", "--override-opt-param-scheduler")  # either spelling
+    assert new.resume.note == ("learning-rate schedule: the flags' (--lr 0.0005) replaces the checkpoint's "
+                               "(--lr 0.002) (--override-opt_param-scheduler); the iteration count carries over")
+    assert (new.resume.schedule_from, new.optimizer.lr) == ("flags", 5e-4)
+
+
+def test_a_schedule_that_cannot_be_kept_is_one_line_naming_the_ways_out(recorded_run, tmp_path):
+    with pytest.raises(ArgumentError) as e:
+        _cfg("--load", recorded_run, "--finetune", "--use-checkpoint-opt_param-scheduler")
+    assert str(e.value) == ("--use-checkpoint-opt_param-scheduler keeps a checkpoint's learning-rate schedule, but "
+                            "--finetune starts a new one: drop --use-checkpoint-opt_param-scheduler (the flags' "
+                            "schedule) or drop --finetune (resume the checkpoint's run)")
+    converted = tmp_path / "converted"
+    _fake_complete_checkpoint(converted, 0, gbs=8)  # recorded arguments without a schedule
+    with pytest.raises(ArgumentError) as e:
+        _cfg("--load", str(converted), "--use-checkpoint-opt_param-scheduler")
+    assert str(e.value) == (f"--use-checkpoint-opt_param-scheduler: {converted} records no learning-rate schedule "
+                            f"(a converted checkpoint); drop the flag to use the flags' schedule")
+    assert _cfg("--load", str(converted)).resume.schedule_from == "flags"
+
+    # Both flags: an ArgumentError, which the trainer's entry point prints as one line with exit 2 (the path
+    # test_training.test_bad_flags_exit_2_with_a_single_stderr_line runs as a command).
+    with pytest.raises(ArgumentError) as e:
+        _cfg("--load", recorded_run, "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler")
+    assert str(e.value) == ("--override-opt_param-scheduler (the flags' learning-rate schedule) and "
+                            "--use-checkpoint-opt_param-scheduler (the checkpoint's) contradict each other: give "
+                            "one of them")
