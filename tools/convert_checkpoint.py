@@ -18,6 +18,7 @@ See docs/CONVERSION.md.
 import argparse
 import sys
 
+from megatron_solo import quiet
 from megatron_solo.errors import entry_point
 
 
@@ -65,17 +66,17 @@ def _parser() -> argparse.ArgumentParser:
 @entry_point  # a ConversionError is one error: line, exit 1
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from megatron_solo import quiet
-
     quiet.filter_known_warnings()  # megatron-core's and transformers' notes that ask nothing of the user
-    from megatron_solo import cpu_backend
+    # Imported once the flags are parsed: --help answers before torch loads (these import it); megatron-core
+    # (megatron_io) only after a HF directory has been checked.
+    from megatron_solo import cpu_backend, parallel
     from megatron_solo.convert.hf_config import check_hf_checkpoint
 
     try:
         if args.command == "hf-to-megatron":
             check_hf_checkpoint(args.hf_dir)  # refuse bad input before megatron is imported
             cpu_backend.ensure()  # megatron-core on this machine's CPU when CUDA is absent
-            from megatron_solo.convert.megatron_io import hf_to_megatron
+            from megatron_solo.convert.megatron_io import hf_to_megatron  # megatron-core loads here
 
             out = hf_to_megatron(
                 args.hf_dir, args.save, tokenizer_model=args.tokenizer_model,
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
             )
         else:
             cpu_backend.ensure()
-            from megatron_solo.convert.megatron_io import megatron_to_hf
+            from megatron_solo.convert.megatron_io import megatron_to_hf  # megatron-core loads here
 
             out = megatron_to_hf(
                 args.load, args.save, iteration=args.iteration, dtype=args.dtype,
@@ -95,8 +96,6 @@ def main(argv=None) -> int:
                 verify_logits=True if args.verify_logits else None,
             )
     finally:
-        from megatron_solo import parallel
-
         if "megatron.core" in sys.modules:
             parallel.destroy()
     print(f"done: {out}")

@@ -15,10 +15,10 @@ import argparse
 import json
 import sys
 
+from megatron_solo.data.mixture import mixture_plan
+
 
 def main(argv=None) -> int:
-    from megatron_solo.data.mixture import mixture_plan
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mix", nargs="+", required=True, help="share1 prefix1 share2 prefix2 ... (token shares)")
     ap.add_argument("--seq-length", type=int, required=True)

@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+from megatron_solo import quiet
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,10 +28,9 @@ def main(argv=None) -> int:
     ap.add_argument("--examples", type=int, default=32,
                     help="digits in the answers PNG (right and wrong in the proportion of the whole test)")
     a = ap.parse_args(argv)
-    from megatron_solo import quiet
-
     quiet.filter_known_warnings()  # megatron-core's and transformers' notes that ask nothing of the user
 
+    # Imported once the flags are parsed: --help answers before torch and transformers load.
     from megatron_solo.convert.hf_export_files import load_export_processor
     from megatron_solo.demo.evaluate import evaluate
     from megatron_solo.demo.plots import plot_answers
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
         mark = "ok" if p["predicted"] == p["answer"] else "WRONG"
         print(f"     {p['image']}: {p['answer']:>5} -> {p['predicted']!r} (generated {p['output']!r}) {mark}")
     print(f"   wrote {png} and {os.path.join(a.output_dir, 'eval.json')}")
+    for reason, n in res["skipped"].items():
+        print(f"   skipped {n} test digit(s): {reason}")
     print(f"   {res['stopped']}/{res['total']} answers ended by themselves (stop token before --max-new-tokens)")
     print(f"ACCURACY {res['accuracy']:.1%} ({res['correct']}/{res['total']} held-out digits; chance {res['chance']:.0%})")
     return 0

@@ -12,6 +12,7 @@ the export's generation_config.json lists both), or after --max-new-tokens, whic
 import argparse
 import sys
 
+from megatron_solo import quiet
 from megatron_solo.errors import UserError, entry_point
 
 
@@ -29,10 +30,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="compute dtype (bfloat16 halves memory; float32 is the safe default on CPU)")
     args = ap.parse_args(argv)
-    from megatron_solo import quiet
-
     quiet.filter_known_warnings()  # megatron-core's and transformers' notes that ask nothing of the user
 
+    # Imported once the flags are parsed: --help answers before torch and transformers load.
     import torch
     from transformers import AutoModelForCausalLM
 
