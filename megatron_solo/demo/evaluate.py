@@ -9,25 +9,33 @@ within ``max_new_tokens`` is counted, and is wrong unless its text is exactly th
 
 With ``prompt_format="pretrain"`` (a stage-1 model: image, then the label as free text, no stop token)
 the answer is the word the text starts with.
+
+The held-out digits are an ``exact_match`` evaluation task (:func:`digits_task`, docs/EVALUATION.md):
+the samples and their scoring come from megatron_solo/eval/tasks.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
 
 from megatron_solo.convert.hf_export_files import load_export_processor
 from megatron_solo.demo.digits import QUESTION, WORDS
+from megatron_solo.eval.tasks import Task, score_sample, task_from_description
 
 CHANCE = 1.0 / len(WORDS)
 
 
-def read_test_set(test_jsonl: str, limit: int | None = None) -> list[dict]:
-    with open(test_jsonl) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return rows[:limit] if limit else rows
+def digits_task(test_jsonl: str, image_root: str | None = None, limit: int | None = None,
+                prompt_format: str = "chat", max_new_tokens: int = 8) -> Task:
+    """The held-out digits as an exact-match task: test.jsonl's rows (image, label, answer), the SFT
+    question as the prompt (the same description as docs/EVALUATION.md's digits example)."""
+    desc = {"name": "digits", "kind": "exact_match", "data": os.path.basename(test_jsonl), "prompt": QUESTION,
+            "max_new_tokens": max_new_tokens, "limit": limit, "prompt_format": prompt_format}
+    if image_root:
+        desc["image_root"] = os.path.abspath(image_root)
+    return task_from_description(desc, test_jsonl)
 
 
 def first_word(text: str) -> str:
@@ -77,17 +85,18 @@ def evaluate(hf_dir: str, test_jsonl: str, image_root: str | None = None, *, bat
     from transformers import AutoModelForCausalLM
 
     image_root = image_root or os.path.dirname(os.path.abspath(test_jsonl))
+    task = digits_task(test_jsonl, image_root, limit, prompt_format, max_new_tokens)
     P = load_export_processor(hf_dir)
     processor = P.SoloProcessor.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
-    rows = read_test_set(test_jsonl, limit)
+    rows = task.samples
     t0 = time.time()
     predictions = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        images = [P.load_image(os.path.join(image_root, r["image"])) for r in chunk]
+        images = [P.load_image(r.image) for r in chunk]
         if prompt_format == "chat":
-            encoded = [processor.chat([{"role": "user", "content": [im, QUESTION]}]) for im in images]
+            encoded = [processor.chat([{"role": "user", "content": [im, r.prompt]}]) for im, r in zip(images, chunk)]
         else:
             encoded = [processor([im]) for im in images]
         inputs = _batch_inputs(encoded)
@@ -97,15 +106,18 @@ def evaluate(hf_dir: str, test_jsonl: str, image_root: str | None = None, *, bat
         prompt_len = inputs["input_ids"].shape[1]
         for r, seq in zip(chunk, out[:, prompt_len:].tolist()):
             text = processor.decode(seq)
-            predictions.append({"image": r["image"], "label": int(r["label"]), "answer": r["answer"],
-                                "output": text, "predicted": parse_answer(text, prompt_format),
+            predicted = parse_answer(text, prompt_format)
+            predictions.append({"image": os.path.relpath(r.image, image_root), "label": WORDS.index(r.references[0]),
+                                "answer": r.references[0], "output": text, "predicted": predicted,
+                                "correct": bool(score_sample(task, r, predicted)),
                                 "stopped": any(t in STOP_IDS for t in seq)})
         if progress:
             done = start + len(chunk)
-            acc = sum(p["predicted"] == p["answer"] for p in predictions) / len(predictions)
+            acc = sum(p["correct"] for p in predictions) / len(predictions)
             progress(f"{done}/{len(rows)} digits, running accuracy {acc:.1%}")
-    correct = sum(p["predicted"] == p["answer"] for p in predictions)
-    return {"hf_dir": hf_dir, "test": test_jsonl, "total": len(predictions), "correct": correct,
+    correct = sum(p["correct"] for p in predictions)
+    return {"task": task.name, "hf_dir": hf_dir, "test": test_jsonl, "total": len(predictions), "correct": correct,
+            "skipped": {reason: len(ids) for reason, ids in task.skipped.items()},
             "accuracy": correct / max(len(predictions), 1), "chance": CHANCE,
             "stopped": sum(p["stopped"] for p in predictions),
             "max_new_tokens": max_new_tokens, "seconds": round(time.time() - t0, 2), "predictions": predictions}

@@ -1,0 +1,2 @@
+"""Evaluation on benchmark tasks: task files (tasks.py) and the benchmarks' metrics (metrics.py).
+See docs/EVALUATION.md."""
