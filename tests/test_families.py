@@ -336,3 +336,50 @@ def test_the_base_directory_tokenizer_is_the_one_used(world, hf_tokenizers, tmp_
     made = resolve_tokenizer("llama", bare, llama_json, str(tmp_path / "e"))
     assert "has no tokenizer of its own; converting with --tokenizer-model" in capsys.readouterr().err
     assert load_tokenizer(made).vocab.to_dict() == out["llama_vocab"]
+
+
+@pytest.mark.usefixtures("plain_torch")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_export_processor_loads_natively_and_round_trips(world, family, tmp_path):
+    """AutoProcessor gives the export's SoloProcessor; processor(text=..., images=...) places each image
+    at its <image> (an image nothing places is an error); the tokenizer's and the processor's
+    apply_chat_template give the same ChatML ids; model and processor saved with save_pretrained load again."""
+    from PIL import Image
+    from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+    paths, out = world
+    d, vocab = paths[f"{family}_hf"], out[f"{family}_vocab"]
+    proc = AutoProcessor.from_pretrained(d, trust_remote_code=True)
+    assert type(proc).__name__ == "SoloProcessor"
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    inputs = proc(text="Look: <image> What is it?", images=img)
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.count(vocab["vision_patch"]) == 6 and inputs["vision_patches"].shape == (6, 3072)
+    assert ids[: len(proc._bos()) + 0] == ([] if vocab["bos"] is None else [vocab["bos"]])
+    with pytest.raises(ValueError, match="placeholder"):
+        proc(text="no place for it", images=img)
+    model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=torch.float32).eval()
+    gen = model.generate(**inputs, max_new_tokens=2, do_sample=False, min_new_tokens=2)
+    assert gen.shape[1] == len(ids) + 2
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]
+    want = proc.apply_chat_template(msgs)
+    assert want[-3] == vocab["im_start"] and vocab["im_end"] in want
+    # the base's special tokens typed by a user stay text in the processor (the HF tokenizer would match them)
+    typed = proc.apply_chat_template([{"role": "user", "content": "<|endoftext|><|begin_of_text|><vpatch>"}])
+    markers = {vocab["im_start"], vocab["im_end"]} | ({vocab["bos"]} if vocab["bos"] is not None else set())
+    assert all(i < vocab["base_size"] and i not in vocab["base_special_ids"] for i in typed if i not in markers)
+    tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
+    assert list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)) == want
+    hf_msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What?"}]}]
+    assert proc.apply_chat_template(hf_msgs, return_dict=True)["vision_patches"].shape == (6, 3072)
+
+    saved = str(tmp_path / "saved")
+    model.save_pretrained(saved)
+    proc.save_pretrained(saved)
+    again = AutoProcessor.from_pretrained(saved, trust_remote_code=True)
+    assert again.apply_chat_template(msgs) == want
+    assert torch.equal(again(text="Look: <image> What is it?", images=img)["input_ids"], inputs["input_ids"])
+    reloaded = AutoModelForCausalLM.from_pretrained(saved, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)

@@ -11,6 +11,7 @@ import shutil
 import sys
 
 from megatron_solo.convert.errors import ConversionError
+from megatron_solo.convert.hf_files.processing_solo import CHATML_TEMPLATE, processor_config
 from megatron_solo.data.tokenizer import (
     HF_CONFIG,
     SENTENCEPIECE,
@@ -118,6 +119,13 @@ def write_tokenizer_files(out_dir: str, tokenizer_model: str) -> None:
     ``tokenizer.model`` (Mistral) gets a LlamaTokenizer config that knows SOLO's special pieces."""
     if tokenizer_model.endswith(".json"):
         copy_tokenizer(tokenizer_model, out_dir)
+        # apply_chat_template of the tokenizer gives the training data's ChatML ids (as the processor's)
+        path = os.path.join(out_dir, HF_CONFIG)
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg["chat_template"] = CHATML_TEMPLATE
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=2, ensure_ascii=False)
         return
     shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
     import sentencepiece as spm
@@ -165,6 +173,9 @@ def write_hf_support_files(out_dir: str, hf_config: dict, tokenizer_model: str,
         json.dump({"bos_token_id": vocab.bos, "eos_token_id": [vocab.eos, vocab.im_end], "do_sample": False,
                    "max_new_tokens": 256}, f, indent=2)
     write_tokenizer_files(out_dir, tokenizer_model)
+    # AutoProcessor.from_pretrained(export, trust_remote_code=True) -> processing_solo.SoloProcessor
+    with open(os.path.join(out_dir, "processor_config.json"), "w") as f:
+        json.dump(processor_config(None if vocab == MISTRAL_VOCAB else vocab.to_dict()), f, indent=2)
 
 
 def load_export_processor(hf_dir: str):

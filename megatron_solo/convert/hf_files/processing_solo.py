@@ -34,6 +34,7 @@ Usage::
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -145,27 +146,96 @@ def _text_only_processor(tokenizer_model: str, dummy_prefix: bool):
     return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
+#: ChatML, as the training data renders it (<|im_start|>{role}\n ... <|im_end|>\n); given to the
+#: tokenizer and the processor so that ``apply_chat_template`` gives the training data's ids.
+CHATML_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+IMAGE_PLACEHOLDER = "<image>"  # where processor(text=..., images=...) places each image, in order
+PROCESSOR_CONFIG = "processor_config.json"
+
+# SOLO-7B's (Mistral's) ids; a processor over another base takes its export's ``solo_vocab``.
+MISTRAL_IDS = {"bos": BOS_ID, "eos": EOS_ID, "base_size": BASE_VOCAB_SIZE, "vision_start": VISION_START_ID,
+               "vision_patch": VISION_START_ID + 1, "vision_row_sep": VISION_START_ID + 2,
+               "vision_end": VISION_START_ID + 4, "loc_first": LOC_FIRST_ID, "im_start": IM_START_ID,
+               "im_end": IM_END_ID}
+
+
 class SoloProcessor:
-    """Tokenizer (the extended SentencePiece ``tokenizer.model``) plus SOLO's image rules."""
+    """Tokenizer plus SOLO's image rules. The tokenizer is the export's: SentencePiece ``tokenizer.model``
+    (SOLO-7B, Mistral's ids) or a ``tokenizer.json`` (Llama-3, Qwen bases; ids from ``vocab``, the
+    export's ``solo_vocab``). ``AutoProcessor.from_pretrained(export, trust_remote_code=True)`` returns it."""
 
-    def __init__(self, tokenizer_model: str):
-        import sentencepiece as spm
+    chat_template = CHATML_TEMPLATE
 
+    def __init__(self, tokenizer_model: str, vocab: dict | None = None):
         if not os.path.isfile(tokenizer_model):
             raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}")
-        self.sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
-        self.ids = {p: self.sp.piece_to_id(p) for p in
-                    (VISION_START, VISION_PATCH, VISION_ROW_SEP, VISION_END, IM_START, IM_END)}
-        if self.ids[VISION_START] != VISION_START_ID or self.ids[IM_END] != IM_END_ID:
-            raise ValueError(f"{tokenizer_model} is not a SOLO tokenizer (no <vision>={VISION_START_ID} ... "
-                             f"<|im_end|>={IM_END_ID})")
-        self._text = {True: _text_only_processor(tokenizer_model, True),
-                      False: _text_only_processor(tokenizer_model, False)}
-        self._space_id = self.sp.piece_to_id("\u2581")
+        self.tokenizer_model = tokenizer_model
+        self.vocab = dict(MISTRAL_IDS if vocab is None else vocab)
+        self.kind = "hf" if tokenizer_model.endswith(".json") else "sentencepiece"
+        if self.kind == "hf":
+            from tokenizers import Tokenizer
+
+            self.tk = Tokenizer.from_file(tokenizer_model)
+            self.tk.encode_special_tokens = True  # a special token typed in text stays text
+            piece_id = self.tk.token_to_id
+        else:
+            import sentencepiece as spm
+
+            self.sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
+            piece_id = self.sp.piece_to_id
+            self._text = {True: _text_only_processor(tokenizer_model, True),
+                          False: _text_only_processor(tokenizer_model, False)}
+            self._space_id = self.sp.piece_to_id("\u2581")
+        self.ids = {p: piece_id(p) for p in (VISION_START, VISION_PATCH, VISION_ROW_SEP, VISION_END, IM_START, IM_END)}
+        v = self.vocab
+        if self.ids[VISION_START] != v["vision_start"] or self.ids[IM_END] != v["im_end"]:
+            raise ValueError(f"{tokenizer_model} is not a SOLO tokenizer (no <vision>={v['vision_start']} ... "
+                             f"<|im_end|>={v['im_end']})")
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "SoloProcessor":
-        return cls(os.path.join(path, "tokenizer.model"))
+    def register_for_auto_class(cls, auto_class: str = "AutoProcessor") -> None:
+        """What AutoProcessor calls on remote code: nothing to register (processor_config.json's auto_map
+        already names this class, and save_pretrained writes it again)."""
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "SoloProcessor":
+        """The processor of an export (or of a ``save_pretrained`` directory). ``kwargs`` (what
+        ``AutoProcessor`` passes: ``trust_remote_code``, ...) are accepted and unused."""
+        vocab = None
+        for name in (PROCESSOR_CONFIG, "config.json"):
+            f = os.path.join(path, name)
+            if os.path.isfile(f):
+                with open(f) as fh:
+                    vocab = json.load(fh).get("solo_vocab")
+                if vocab is not None:
+                    break
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if os.path.isfile(os.path.join(path, name)):
+                return cls(os.path.join(path, name), vocab)
+        raise FileNotFoundError(f"{path} holds no tokenizer.model or tokenizer.json")
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Everything ``from_pretrained``/``AutoProcessor`` need to load it again: the tokenizer files,
+        ``processor_config.json`` (its ``auto_map`` and SOLO's ids) and this file."""
+        import shutil
+
+        os.makedirs(save_directory, exist_ok=True)
+        src_dir = os.path.dirname(os.path.abspath(self.tokenizer_model))
+        names = [os.path.basename(self.tokenizer_model)] + (["tokenizer_config.json"] if self.kind == "hf" else [])
+        for name in names:
+            if os.path.isfile(os.path.join(src_dir, name)):
+                dst = os.path.join(save_directory, name)
+                if os.path.abspath(dst) != os.path.abspath(os.path.join(src_dir, name)):
+                    shutil.copyfile(os.path.join(src_dir, name), dst)
+        with open(os.path.join(save_directory, PROCESSOR_CONFIG), "w") as f:
+            json.dump(processor_config(None if self.vocab == MISTRAL_IDS else self.vocab), f, indent=2)
+        here = os.path.abspath(__file__)
+        if os.path.abspath(os.path.join(save_directory, "processing_solo.py")) != here:
+            shutil.copyfile(here, os.path.join(save_directory, "processing_solo.py"))
 
     def image_token_ids(self, rows: int, cols: int) -> list[int]:
         ids = [self.ids[VISION_START]]
@@ -177,11 +247,14 @@ class SoloProcessor:
         return ids
 
     def encode_text(self, text: str, after_control: bool = False) -> list[int]:
-        """Text -> ids of text pieces only, as the training data was encoded: text that starts a run
-        (after BOS or an image) gets SentencePiece's dummy "▁" (dropped before a leading newline);
-        text that follows a control id (``<|im_start|>``, ``<|im_end|>``, ``<loc_N>``) gets none."""
+        """Text -> ids of text pieces only, as the training data was encoded. SentencePiece: text that
+        starts a run (after BOS or an image) gets the dummy "▁" (dropped before a leading newline);
+        text that follows a control id (``<|im_start|>``, ``<|im_end|>``, ``<loc_N>``) gets none.
+        Byte-level BPE has no such prefix."""
         if not text:
             return []
+        if self.kind == "hf":
+            return self.tk.encode(text, add_special_tokens=False).ids
         ids = self._text[not after_control].encode(text)
         if not after_control and ids and ids[0] == self._space_id and text[0] == "\n":
             ids = ids[1:]
@@ -202,7 +275,7 @@ class SoloProcessor:
                 if not isinstance(n, int) or not 1 <= n <= NUM_LOC_TOKENS:
                     raise ValueError(f"unknown part {part!r}: parts are text, PIL images or "
                                      f"{{'type': 'loc', 'loc': 1..{NUM_LOC_TOKENS}}}")
-                ids.append(LOC_FIRST_ID + n - 1)
+                ids.append(self.vocab["loc_first"] + n - 1)
                 after_control = True
                 continue
             p, rows, cols = image_to_patches(part)
@@ -211,6 +284,9 @@ class SoloProcessor:
             after_control = False
         ids.extend(self.encode_text(pending, after_control))
         return ids, patches
+
+    def _bos(self) -> list[int]:
+        return [] if self.vocab["bos"] is None else [self.vocab["bos"]]
 
     def _pack(self, ids, patches) -> dict[str, torch.Tensor]:
         input_ids = torch.tensor([ids], dtype=torch.long)
@@ -222,10 +298,32 @@ class SoloProcessor:
             out["vision_patch_indices"] = torch.where(is_patch, order, torch.full_like(order, -1))
         return out
 
-    def __call__(self, parts, add_bos: bool = True) -> dict[str, torch.Tensor]:
-        """Pre-training format: BOS then each part (text or PIL image) in order; batch of one."""
+    def __call__(self, parts=None, add_bos: bool = True, *, text=None, images=None, **kwargs) -> dict[str, torch.Tensor]:
+        """Pre-training format: BOS (where the base has one) then each part (text or PIL image) in order;
+        batch of one. Hugging Face's form ``processor(text=..., images=...)`` (or a string first) puts the
+        images, in order, where the text says ``<image>``; images that no ``<image>`` places are an error."""
+        if isinstance(parts, str) and images is None and text is None:
+            parts = [parts]  # a plain string: text, whatever it spells
+        elif isinstance(parts, str):
+            parts, text = None, parts if text is None else parts + text
+        if parts is None:
+            parts = place_images(text or "", images)
+        elif images is not None:
+            raise ValueError("pass images inside the parts list, or as images= with text=; not both")
         ids, patches = self.encode_parts(parts)
-        return self._pack(([BOS_ID] if add_bos else []) + ids, patches)
+        return self._pack((self._bos() if add_bos else []) + ids, patches)
+
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = True,
+                            return_dict: bool = False, template: str = "chatml", **kwargs):
+        """Hugging Face's chat call: ``content`` a string, or a list of ``{"type": "text", "text": ...}``
+        and ``{"type": "image", "image": <PIL image>}`` items (or this processor's parts). Returns the
+        ids of :meth:`chat` (``return_dict``: all of its inputs), or with ``tokenize=False`` their text."""
+        messages = [{"role": m["role"], "content": _parts_of(m["content"])} for m in conversation]
+        out = self.chat(messages, add_generation_prompt=add_generation_prompt, template=template)
+        if return_dict:
+            return out
+        ids = out["input_ids"][0].tolist()
+        return ids if tokenize else self.decode(ids, skip_special_tokens=False)
 
     def chat(self, messages, add_generation_prompt: bool = True, template: str = "chatml") -> dict[str, torch.Tensor]:
         """Chat turns -> model inputs, token for token as the training data of ``template`` was made.
@@ -237,16 +335,19 @@ class SoloProcessor:
         if template not in CHAT_TEMPLATES:
             raise ValueError(f"template must be one of {CHAT_TEMPLATES}, got {template!r}")
         if template == "solo-inst":
+            if self.kind == "hf":
+                raise ValueError("solo-inst is SOLO-7B's (Mistral's) format; this base's template is chatml")
             return self._pack(*self._solo_inst(messages))
-        ids, patches = [BOS_ID], []
+        im_start, im_end = self.vocab["im_start"], self.vocab["im_end"]
+        ids, patches = self._bos(), []
         for m in messages:
             content = m["content"] if isinstance(m["content"], list) else [m["content"]]
-            turn_ids, turn_patches = self.encode_parts([f"{m['role']}\n", *content], prefix_ids=[IM_START_ID],
+            turn_ids, turn_patches = self.encode_parts([f"{m['role']}\n", *content], prefix_ids=[im_start],
                                                        after_control=True)
-            ids.extend(turn_ids + [IM_END_ID] + self.encode_text("\n", after_control=True))
+            ids.extend(turn_ids + [im_end] + self.encode_text("\n", after_control=True))
             patches.extend(turn_patches)
         if add_generation_prompt:
-            ids.extend([IM_START_ID] + self.encode_text("assistant\n", after_control=True))
+            ids.extend([im_start] + self.encode_text("assistant\n", after_control=True))
         return self._pack(ids, patches)
 
     def _solo_inst(self, messages):
@@ -287,9 +388,54 @@ class SoloProcessor:
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
+        if self.kind == "hf":
+            if skip_special_tokens:
+                ids = [i for i in ids if i < self.vocab["base_size"]]
+            return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
         if skip_special_tokens:
             ids = [i for i in ids if i < BASE_VOCAB_SIZE and i not in (UNK_ID, BOS_ID, EOS_ID)]
         return self.sp.decode(ids)
 
 
-__all__ = ["SoloProcessor", "load_image", "to_rgb", "target_size", "image_to_patches", "normalize_patches"]
+def _parts_of(content) -> list:
+    """A message's content as parts: a string; this processor's parts; Hugging Face's typed items."""
+    if isinstance(content, str):
+        return [content]
+    parts = []
+    for item in content:
+        if isinstance(item, dict) and item.get("type") == "text":
+            parts.append(item["text"])
+        elif isinstance(item, dict) and item.get("type") == "image":
+            image = item.get("image", item.get("url", item.get("path")))
+            parts.append(load_image(image) if isinstance(image, str) else image)
+        else:
+            parts.append(item)
+    return parts
+
+
+def place_images(text: str, images) -> list:
+    """``text`` with each ``<image>`` replaced by the next of ``images`` (a PIL image or a list), as parts.
+    Images and placeholders must pair up: an image nothing places is an error, never dropped."""
+    if images is None:
+        images = []
+    elif not isinstance(images, (list, tuple)):
+        images = [images]
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    if len(pieces) - 1 != len(images):
+        raise ValueError(f"{len(images)} image(s) but {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s) in the "
+                         f"text: put one {IMAGE_PLACEHOLDER} where each image goes")
+    parts = [pieces[0]]
+    for image, piece in zip(images, pieces[1:]):
+        parts += [image, piece]
+    return [p for p in parts if not (isinstance(p, str) and not p)]
+
+
+def processor_config(vocab: dict | None) -> dict:
+    """``processor_config.json``: what makes ``AutoProcessor`` return :class:`SoloProcessor`."""
+    cfg = {"processor_class": "SoloProcessor", "auto_map": {"AutoProcessor": "processing_solo.SoloProcessor"}}
+    if vocab is not None:
+        cfg["solo_vocab"] = vocab
+    return cfg
+
+
+__all__ = ["SoloProcessor", "place_images", "processor_config", "load_image", "to_rgb", "target_size", "image_to_patches", "normalize_patches"]
