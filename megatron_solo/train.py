@@ -8,7 +8,7 @@ line, exit 2), then plans (``--dry-run``) or trains (:class:`~megatron_solo.trai
 import sys
 
 from megatron_solo import quiet
-from megatron_solo.errors import entry_point
+from megatron_solo.errors import entry_point, global_rank
 from megatron_solo.training.arguments import build_parser
 
 
@@ -25,6 +25,10 @@ def main(argv=None) -> int:
     cfg = build_train_config(build_parser().parse_args(argv))  # a bad flag: ArgumentError, before anything is built
     if cfg.dry_run.enabled:  # plan only: no data, no GPU, no process group
         return run_dry_run(cfg)
+    if cfg.resume.nothing_to_do:  # a finished run relaunched: said once, nothing built, loaded or saved
+        if global_rank() == 0:
+            print(cfg.resume.nothing_to_do, flush=True)
+        return 0
     with faults.guarded_run(cfg):  # inputs checked, --save locked by rank 0 for the run's life
         cpu_backend.ensure()  # megatron-core on CPU/gloo when CUDA is absent (a no-op otherwise)
         mcore_fixes.apply()

@@ -1,17 +1,20 @@
 """The first hour, round 2 (issue 26): a resumed run's learning-rate schedule follows Megatron-LM's
 --override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler, said once; a combination that
-cannot be honoured is one `error:` line naming both ways out. The multi-process half (TP=2, distributed
-optimizer, a new --lr each way) shares the resume run of tests/test_training.py."""
+cannot be honoured is one `error:` line naming both ways out (the multi-process half, TP=2 with the
+distributed optimizer and a new --lr each way, shares the resume run of tests/test_training.py). A relaunch
+into a directory holding a run says what the flags change, and a finished run has nothing to do."""
 
 import json
 import pytest
 
+from megatron_solo import train
 from megatron_solo.training.arguments import ArgumentError, build_parser
 from megatron_solo.training.config import build_train_config
 from tests.test_first_hour import _fake_complete_checkpoint
 
 SAVED_SCHEDULE = {"lr": 2e-3, "min_lr": 2e-4, "lr_decay_style": "cosine", "lr_warmup_iters": 1, "lr_warmup_init": 0.0,
-                  "lr_decay_iters": None, "weight_decay": 0.1, "train_iters": 6, "global_batch_size": 8}
+                  "lr_decay_iters": None, "weight_decay": 0.1, "train_iters": 6, "global_batch_size": 8,
+                  "data_path": ["x"], "model": "tiny", "seq_length": 128, "micro_batch_size": 1, "loss_role": "assistant"}
 FLAGS = ["--model", "tiny", "--seq-length", "128", "--train-iters", "6", "--global-batch-size", "8",
          "--data-path", "x", "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "1", "--weight-decay", "0.1"]
 
@@ -73,3 +76,26 @@ def test_a_schedule_that_cannot_be_kept_is_one_line_naming_the_ways_out(recorded
     assert str(e.value) == ("--override-opt_param-scheduler (the flags' learning-rate schedule) and "
                             "--use-checkpoint-opt_param-scheduler (the checkpoint's) contradict each other: give "
                             "one of them")
+
+
+def test_a_resume_says_which_recorded_arguments_the_flags_change(recorded_run):
+    same = _cfg("--load", recorded_run, "--micro-batch-size", "1")
+    assert same.resume.note is None
+    other = _cfg("--load", recorded_run, "--data-path", "y", "z", "--seq-length", "64", "--global-batch-size", "4")
+    assert other.resume.note == (
+        f"resuming the run in {recorded_run} at iteration 2 with arguments other than it recorded: --data-path y z "
+        f"(checkpoint: x); --seq-length 64 (checkpoint: 128); the global batch size changes from 8 (checkpoint) to "
+        f"4: the iteration count and consumed samples carry over, the learning-rate schedule continues by "
+        f"iteration, and each step from here takes 4 samples")
+
+
+def test_a_finished_run_relaunched_has_nothing_to_do_and_saves_nothing(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "ck"
+    _fake_complete_checkpoint(root, 6, gbs=8)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert train.main([*FLAGS, "--save", str(root), "--load", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"nothing to do: {root} already holds iteration 6 and --train-iters is 6; raise --train-iters to train on "
+        f"(nothing was saved)"]
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*")) == before

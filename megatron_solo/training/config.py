@@ -49,6 +49,7 @@ class ResumePlan:
     # with the checkpoint's recorded values (SCHEDULE_FLAGS) in ``schedule``.
     schedule_from: str = "flags"
     schedule: dict | None = None
+    nothing_to_do: str | None = None  # the checkpoint already reached --train-iters: said, nothing built or saved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,9 +263,24 @@ class TrainConfig:
         return os.path.abspath(t) if t else None
 
 
+# The recorded arguments a resumed run is compared with (the schedule's: decide_schedule; the global batch
+# size: its own note): what the run trains on and what it trains.
+RECORDED_FLAGS = ("data_path", "model", "seq_length", "micro_batch_size", "loss_role")
+
+
+def _recorded_differences(flags, saved: dict) -> str | None:
+    def shown(v):
+        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    changed = [f"--{f.replace('_', '-')} {shown(getattr(flags, f))} (checkpoint: {shown(saved[f])})"
+               for f in RECORDED_FLAGS if f in saved and shown(saved[f]) != shown(getattr(flags, f))]
+    return "; ".join(changed) if changed else None
+
+
 def decide_resume(flags) -> ResumePlan:
     """The one resume decision: a restarted stage resumes its own --save; else --load (weights only under
-    --finetune); a --load without a checkpoint starts from scratch, said out loud."""
+    --finetune); a --load without a checkpoint starts from scratch, said out loud. A resume says which
+    recorded arguments the flags change, and a run already at --train-iters has nothing to do."""
     load_dir, finetune, note = flags.load, flags.finetune, None
     if flags.save and flags.finetune and checkpoint.latest_iteration(flags.save) is not None:
         # A restarted stage resumes its own checkpoint instead of re-initialising from the previous stage.
@@ -281,7 +297,17 @@ def decide_resume(flags) -> ResumePlan:
         info = checkpoint.read_checkpoint_info(load_dir, step)
     except (checkpoint.CheckpointError, OSError, ValueError) as e:
         raise ArgumentError(f"cannot load {load_dir}: {e}") from None
-    saved_gbs = (info.get("args") or {}).get("global_batch_size")
+    saved_args = info.get("args") or {}
+    if not finetune and info["iteration"] >= flags.train_iters:
+        return ResumePlan(load_dir, finetune, info, note, nothing_to_do=(
+            f"nothing to do: {load_dir} already holds iteration {info['iteration']} and --train-iters is "
+            f"{flags.train_iters}; raise --train-iters to train on (nothing was saved)"))
+    differences = None if finetune else _recorded_differences(flags, saved_args)
+    if differences:
+        said = (f"resuming the run in {load_dir} at iteration {info['iteration']} with arguments other than it "
+                f"recorded: {differences}")
+        note = f"{note}; {said}" if note else said
+    saved_gbs = saved_args.get("global_batch_size")
     if not finetune and saved_gbs and saved_gbs != flags.global_batch_size:  # said, never silent
         change = (f"the global batch size changes from {saved_gbs} (checkpoint) to {flags.global_batch_size}: "
                   f"the iteration count and consumed samples carry over, the learning-rate schedule continues "
@@ -430,7 +456,8 @@ def build_train_config(args) -> TrainConfig:
     if a.recompute_granularity == "full" and not recompute_method:
         recompute_method = "uniform"
         recompute_num_layers = 1 if recompute_num_layers is None else recompute_num_layers
-    resume_flags = types.SimpleNamespace(**{**vars(a), "global_batch_size": sizes["global_batch_size"]})
+    resume_flags = types.SimpleNamespace(**{**vars(a), "global_batch_size": sizes["global_batch_size"],
+                                            "train_iters": sizes["train_iters"]})
     resume = decide_schedule(a, decide_resume(resume_flags), sizes["train_iters"])
     sched = resume.schedule or _schedule_values(vars(a), sizes["train_iters"])  # the one the run follows
     param_groups.check_resume(a, resume, fail)  # the optimizer state fits only its own trainable set and groups
