@@ -1,2 +1,2 @@
-"""Evaluation on benchmark tasks: task files (tasks.py) and the benchmarks' metrics (metrics.py).
-See docs/EVALUATION.md."""
+"""Evaluation on benchmark tasks: task files (tasks.py), the benchmarks' metrics (metrics.py), running
+tasks on a Hugging Face export (runner.py, behind tools/evaluate.py). See docs/EVALUATION.md."""

@@ -1,0 +1,129 @@
+"""Running tasks on a Hugging Face export: greedy, batched generation with the KV cache, option
+log-likelihoods by forward passes, per-sample records, a summary and a printed table.
+
+Batches hold prompts of one length (samples are grouped by their tokenized length), so no padding enters
+a batch and a batched answer is the answer the sample gets alone. Samples that cannot run are skipped and
+counted by reason: ``image_missing`` (tasks.py), ``image_unreadable`` (the file is not an image PIL
+reads), ``too_long`` (prompt + ``max_new_tokens`` beyond the model's positions).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+
+import torch
+
+from megatron_solo.convert.hf_export_files import load_export_processor
+from megatron_solo.errors import UserError
+from megatron_solo.eval import tasks as T
+
+
+class HFExport:
+    """An exported SOLO directory used as a user of the export would: its remote code and processor."""
+
+    def __init__(self, hf_dir: str, dtype: str = "float32"):
+        from transformers import AutoModelForCausalLM  # transformers loads only when an export is evaluated
+
+        try:
+            self.P = load_export_processor(hf_dir)
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from None
+        self.processor = self.P.SoloProcessor.from_pretrained(hf_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True,
+                                                          dtype=getattr(torch, dtype)).eval()
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
+    def encode(self, task: T.Task, sample: T.Sample) -> dict:
+        image = self.P.load_image(sample.image)
+        if task.prompt_format == "pretrain":
+            return self.processor([image])
+        return self.processor.chat([{"role": "user", "content": [image, sample.prompt]}])
+
+    def _batch(self, encoded: list[dict]) -> dict:
+        ids = torch.cat([e["input_ids"] for e in encoded])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "vision_patches": torch.cat([e["vision_patches"] for e in encoded]).to(self.model.dtype)}
+
+    @torch.no_grad()
+    def generate(self, encoded: list[dict], max_new_tokens: int) -> list[str]:
+        """Greedy answers of equal-length prompts in one ``generate`` call (its KV cache on)."""
+        inputs = self._batch(encoded)
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                  pad_token_id=0)  # no padding is used; silences the "no pad token" note
+        n = inputs["input_ids"].shape[1]
+        return [self.processor.decode(seq) for seq in out[:, n:].tolist()]
+
+    @torch.no_grad()
+    def option_loglikelihoods(self, encoded: dict, options: dict[str, str]) -> dict[str, float]:
+        """Sum of the log-probabilities of each option's text as the answer after the prompt."""
+        out = {}
+        for letter, text in options.items():
+            cont = torch.tensor([self.processor.encode_text(text, after_control=True)])
+            ids = torch.cat([encoded["input_ids"], cont], dim=1)
+            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                vision_patches=encoded["vision_patches"].to(self.model.dtype)).logits
+            logp = torch.log_softmax(logits[0, -cont.shape[1] - 1:-1].float(), dim=-1)
+            out[letter] = float(logp.gather(-1, cont[0, :, None]).sum())
+        return out
+
+
+def run_task(backend: HFExport, task: T.Task, batch_size: int = 16, progress=None) -> tuple[list[dict], dict]:
+    """Per-sample records (in the task's order) and the summary of one task."""
+    skipped = {reason: list(ids) for reason, ids in task.skipped.items()}
+    encoded = {}
+    for i, s in enumerate(task.samples):
+        try:
+            e = backend.encode(task, s)
+        except (OSError, ValueError):  # PIL's UnidentifiedImageError is an OSError; a truncated file too
+            skipped.setdefault("image_unreadable", []).append(s.id)
+            continue
+        extra = max((len(backend.processor.encode_text(o, after_control=True)) for o in s.options.values()),
+                    default=0) if task.scored_by_loglikelihood else task.max_new_tokens
+        if e["input_ids"].shape[1] + extra > backend.max_positions:
+            skipped.setdefault("too_long", []).append(s.id)
+            continue
+        encoded[i] = e
+    outputs = {}
+    t0 = time.time()
+    if task.scored_by_loglikelihood:
+        for i, e in encoded.items():
+            outputs[i] = backend.option_loglikelihoods(e, task.samples[i].options)
+    else:
+        by_length = collections.defaultdict(list)
+        for i, e in encoded.items():
+            by_length[e["input_ids"].shape[1]].append(i)
+        for idx in by_length.values():
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start:start + batch_size]
+                for i, text in zip(chunk, backend.generate([encoded[i] for i in chunk], task.max_new_tokens)):
+                    outputs[i] = text
+                if progress:
+                    progress(f"{task.name}: {len(outputs)}/{len(encoded)}")
+    records = [{"task": task.name, **T.record(task, task.samples[i], outputs[i])} for i in sorted(outputs)]
+    summary = {"metrics": T.summarize(task, records), "scored": len(records),
+               "skipped": {reason: len(ids) for reason, ids in sorted(skipped.items())},
+               "seconds": round(time.time() - t0, 3)}
+    return records, summary
+
+
+def write_results(output_dir: str, records: list[dict], summaries: dict[str, dict]) -> tuple[str, str]:
+    os.makedirs(output_dir, exist_ok=True)
+    samples, summary = os.path.join(output_dir, "samples.jsonl"), os.path.join(output_dir, "summary.json")
+    with open(samples, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    with open(summary, "w") as f:
+        json.dump(summaries, f, indent=1)
+    return samples, summary
+
+
+def table(summaries: dict[str, dict]) -> str:
+    """One line per task and metric: task, metric, value, scored, skipped (by reason)."""
+    lines = [f"{'task':<16} {'metric':<14} {'value':>8} {'scored':>7}  skipped"]
+    for name, s in summaries.items():
+        skipped = ", ".join(f"{n} {reason}" for reason, n in s["skipped"].items()) or "0"
+        for metric, value in s["metrics"].items():
+            lines.append(f"{name:<16} {metric:<14} {value:>8.4f} {s['scored']:>7}  {skipped}")
+    return "\n".join(lines)
