@@ -118,3 +118,14 @@ def make_random_solo(out_dir: str, seed: int = 0, dtype=torch.bfloat16, max_shar
 
     shutil.rmtree(os.path.join(out_dir, ".tok"))
     return out_dir
+
+
+def safetensors_tensors(hf_dir: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF directory's safetensors shards, by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(os.listdir(hf_dir)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(hf_dir, f)))
+    return out

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron_solo.testing.distributed import run_distributed
+from tests.helpers_convert import safetensors_tensors
 
 
 def _world(paths):
@@ -80,16 +81,6 @@ def _plant(src, dst, name):
         f.write(raw)
 
 
-def _tensors(d):
-    from safetensors.torch import load_file
-
-    t = {}
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            t.update(load_file(os.path.join(d, f)))
-    return t
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from tests.helpers_convert import make_random_solo
@@ -105,7 +96,7 @@ def world(tmp_path_factory):
 def test_bf16_stays_bf16_and_round_trips_bit_identical(world):
     paths, out = world
     assert out["bf16_summary"]["params_dtype"] == "bfloat16" and out["bf16_stored"] == {"torch.bfloat16"}
-    src, back = _tensors(paths["solo"]), _tensors(paths["hf_bf16"])
+    src, back = safetensors_tensors(paths["solo"]), safetensors_tensors(paths["hf_bf16"])
     assert src.keys() == back.keys() and len(src) == 22
     for k in src:
         assert back[k].dtype == torch.bfloat16 and torch.equal(src[k], back[k]), k
@@ -114,7 +105,8 @@ def test_bf16_stays_bf16_and_round_trips_bit_identical(world):
 def test_params_dtype_widens_exactly_and_export_keeps_or_narrows(world):
     paths, out = world
     assert out["fp32_summary"]["params_dtype"] == "float32" and out["fp32_stored"] == {"torch.float32"}
-    src, wide, narrow = _tensors(paths["solo"]), _tensors(paths["hf_fp32"]), _tensors(paths["hf_fp32_as_bf16"])
+    src, wide = safetensors_tensors(paths["solo"]), safetensors_tensors(paths["hf_fp32"])
+    narrow = safetensors_tensors(paths["hf_fp32_as_bf16"])
     for k in src:
         assert wide[k].dtype == torch.float32 and torch.equal(wide[k], src[k].float()), k
         assert narrow[k].dtype == torch.bfloat16 and torch.equal(narrow[k], src[k]), k

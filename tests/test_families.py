@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from megatron_solo.testing.distributed import run_distributed
+from tests.helpers_convert import safetensors_tensors
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 
@@ -226,16 +227,6 @@ def test_architecture_and_vocabulary_come_from_the_base_directory(world):
     assert "output_layer.weight" not in out["llama_names"] and "output_layer.weight" in out["qwen2_names"]
 
 
-def _tensors(d):
-    from safetensors.torch import load_file
-
-    t = {}
-    for f in sorted(os.listdir(d)):
-        if f.endswith(".safetensors"):
-            t.update(load_file(os.path.join(d, f)))
-    return t
-
-
 @pytest.mark.usefixtures("plain_torch")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_generates_stops_at_turn_end_and_round_trips(world, family):
@@ -247,7 +238,7 @@ def test_export_generates_stops_at_turn_end_and_round_trips(world, family):
     assert cfg["solo_family"] == family and cfg["solo_vocab"] == vocab
     assert out[f"{family}_export"]["verify"]["tensors_checked"] > 0
     # export -> import -> export: every tensor bit-identical, same config
-    a, b = _tensors(d), _tensors(paths[f"{family}_hf2"])
+    a, b = safetensors_tensors(d), safetensors_tensors(paths[f"{family}_hf2"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.load(open(os.path.join(paths[f"{family}_hf2"], "config.json"))) == cfg
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Convert checkpoints between Hugging Face (Mistral, SOLO) and megatron_solo.
+"""Convert checkpoints between Hugging Face (a Mistral, Llama-3.x, Qwen2/2.5 or Qwen3 base; SOLO) and megatron_solo.
 
     # Mistral-7B -> SOLO initialisation (extends the tokenizer, adds vocabulary rows and the patch embedding)
     .venv/bin/python tools/convert_checkpoint.py hf-to-megatron --hf-dir Mistral-7B-v0.1 \\
         --tokenizer-model Mistral-7B-v0.1/tokenizer.model --save ckpt/solo-init --target-tensor-parallel-size 2
+    # Qwen3-8B-Base / Llama-3.1-8B -> a SOLO-style initialisation (the directory's own tokenizer.json is used)
+    .venv/bin/python tools/convert_checkpoint.py hf-to-megatron --hf-dir Qwen3-8B-Base --save ckpt/qwen3-init
     # a HF SOLO checkpoint -> megatron_solo (continue training it)
     .venv/bin/python tools/convert_checkpoint.py hf-to-megatron --hf-dir SOLO-7B --save ckpt/solo-7b
     # a megatron_solo checkpoint (any TP/PP; latest iteration by default) -> HF SOLO
@@ -26,19 +28,21 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    h = sub.add_parser("hf-to-megatron", help="HF Mistral/SOLO safetensors -> megatron_solo checkpoint")
+    h = sub.add_parser("hf-to-megatron", help="HF base (Mistral, Llama-3.x, Qwen2/2.5, Qwen3) or SOLO safetensors -> "
+                                              "megatron_solo checkpoint")
     h.add_argument("--hf-dir", required=True, help="transformers checkpoint directory (safetensors)")
     h.add_argument("--save", required=True, help="megatron_solo checkpoint directory to write")
     h.add_argument("--tokenizer-model", default=None,
-                   help="Mistral source: its 32000-piece tokenizer.model (or 'mistral-common'); SOLO source: "
-                        "defaults to the directory's tokenizer.model")
+                   help="default: the directory's own tokenizer (tokenizer.model, else tokenizer.json); needed when "
+                        "it has none (a Mistral: its 32000-piece tokenizer.model or 'mistral-common'); one of "
+                        "another base than the directory's is refused")
     h.add_argument("--target-tensor-parallel-size", type=int, default=1,
                    help="pad the vocabulary for this TP (and any TP dividing it); default 1")
     h.add_argument("--padded-vocab-size", type=int, default=None, help="explicit padded vocabulary size")
     h.add_argument("--params-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written model tensors (default: the source's own, e.g. bf16 stays bf16)")
     h.add_argument("--iteration", type=int, default=0, help="iteration number of the written checkpoint")
-    h.add_argument("--seed", type=int, default=1234, help="seed of the new patch embedding (Mistral source)")
+    h.add_argument("--seed", type=int, default=1234, help="seed of the new patch embedding (base source)")
     h.add_argument("--verify", action="store_true",
                    help="re-read the written checkpoint tensor by tensor and check it against the source (bit for "
                         "bit), plus a logits check when both models fit in memory")
@@ -53,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="dtype of the exported tensors (default: the checkpoint's own; SOLO-7B's is bfloat16)")
     m.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     m.add_argument("--tokenizer-model", default=None,
-                   help="SOLO tokenizer.model (default: the one recorded in the checkpoint)")
+                   help="SOLO tokenizer (tokenizer.model or tokenizer.json; default: the one recorded in the "
+                        "checkpoint)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
     m.add_argument("--verify", action="store_true",
                    help="check the exported tensors against the checkpoint tensor by tensor (bit for bit), plus the "

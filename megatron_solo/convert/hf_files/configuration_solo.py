@@ -43,7 +43,7 @@ SoloQwen2Config = _family_config("qwen2", "Qwen2")
 SoloQwen3Config = _family_config("qwen3", "Qwen3")  # transformers >= 4.51
 
 
-class SoloConfig(MistralConfig):
+class SoloConfig(_VisionFields, MistralConfig):
     r"""
     vision_patch_size (`int`, defaults to 32):
         Side of a square RGB image patch; one patch is ``3 * vision_patch_size**2`` values (channel-major).
@@ -55,15 +55,6 @@ class SoloConfig(MistralConfig):
 
     vocab_size: int = 33031
     rms_norm_eps: float = 1e-5
-    vision_patch_size: int = 32
-    vision_start_token_id: int = 32000
-    vision_patch_token_id: int = 32001
-    vision_row_sep_token_id: int = 32002
-    vision_end_token_id: int = 32004
-
-    @property
-    def vision_patch_dim(self) -> int:
-        return 3 * self.vision_patch_size * self.vision_patch_size
 
 
 __all__ = ["SoloConfig", "SoloLlamaConfig", "SoloQwen2Config", "SoloQwen3Config"]
