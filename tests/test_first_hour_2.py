@@ -5,12 +5,14 @@ distributed optimizer and a new --lr each way, shares the resume run of tests/te
 into a directory holding a run says what the flags change, and a finished run has nothing to do."""
 
 import json
+import os
 import pytest
 
 from megatron_solo import train
 from megatron_solo.training.arguments import ArgumentError, build_parser
 from megatron_solo.training.config import build_train_config
-from tests.test_first_hour import _fake_complete_checkpoint
+from tests.conftest import ROOT
+from tests.test_first_hour import _fake_complete_checkpoint, _launch, _one_error_line
 
 SAVED_SCHEDULE = {"lr": 2e-3, "min_lr": 2e-4, "lr_decay_style": "cosine", "lr_warmup_iters": 1, "lr_warmup_init": 0.0,
                   "lr_decay_iters": None, "weight_decay": 0.1, "train_iters": 6, "global_batch_size": 8,
@@ -99,3 +101,17 @@ def test_a_finished_run_relaunched_has_nothing_to_do_and_saves_nothing(tmp_path,
         f"nothing to do: {root} already holds iteration 6 and --train-iters is 6; raise --train-iters to train on "
         f"(nothing was saved)"]
     assert sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*")) == before
+
+
+def test_launcher_mistakes_name_the_file_and_the_variable(tmp_path):
+    """Each: the whole output one `error:` line, exit 2, no traceback, before torchrun (the launcher's pre-flight)."""
+    base = dict(DATA_PATH=str(tmp_path / "x"), TRAIN_ITERS="2", TOKENIZER_MODEL=os.path.join(ROOT, "README.md"))
+    line = _one_error_line(_launch("stage1_pretrain.sh", **base, PRESET="small"))
+    assert line == ("error: --model small: unknown preset; choose one of llama3.1-8b, qwen2.5-7b, qwen3-1.7b, "
+                    "qwen3-8b, solo-7b, tiny (launcher: set PRESET)")
+    base_dir = tmp_path / "Qwen3-base"
+    base_dir.mkdir()
+    (base_dir / "tokenizer.json").write_text("{}")
+    line = _one_error_line(_launch("stage1_pretrain.sh", **dict(base, TOKENIZER_MODEL=str(base_dir)), PRESET="tiny"))
+    assert line == (f"error: --tokenizer-model {base_dir} is a directory; pass the tokenizer file in it: "
+                    f"{base_dir / 'tokenizer.json'} (launcher: set TOKENIZER_MODEL)")

@@ -21,7 +21,7 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 
 from megatron_solo import checkpoint
-from megatron_solo.model.config import SoloModelArgs, build_transformer_config, check_fp8, use_te_default
+from megatron_solo.model.config import PRESETS, SoloModelArgs, build_transformer_config, check_fp8, use_te_default
 from megatron_solo.training import param_groups
 from megatron_solo.training.arguments import ArgumentError, fail, validate_args
 
@@ -392,6 +392,8 @@ def _sizes(a) -> dict:
 
 def _model_args(a) -> SoloModelArgs:
     """The preset with the architecture flags applied, checked against the parallel layout."""
+    if a.model not in PRESETS:  # named by its flag, so a launcher adds the variable that sets it
+        raise ArgumentError(f"--model {a.model}: unknown preset; choose one of {', '.join(sorted(PRESETS))}")
     overrides = {f: getattr(a, f) for f in MODEL_OVERRIDE_FLAGS if getattr(a, f) is not None}
     if a.no_sliding_window:
         overrides["sliding_window"] = None
