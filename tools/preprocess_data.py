@@ -34,7 +34,7 @@ def main(argv=None) -> int:
                    help="chat/LLaVA .jsonl/.json or WebDataset .tar files (optionally .gz/.lz4/.zst), "
                         "or Hugging Face .parquet files")
     p.add_argument("--output-prefix", required=True)
-    p.add_argument("--tokenizer-model", required=True, help="SOLO tokenizer.model (tools/create_solo_tokenizer.py)")
+    p.add_argument("--tokenizer-model", required=True, help="SOLO's tokenizer.model or tokenizer.json (tools/create_solo_tokenizer.py)")
     p.add_argument("--format", choices=FORMATS, default="pretrain",
                    help="pretrain: BOS + parts, no template (SOLO's pre-training); chat: turns in --chat-template")
     p.add_argument("--chat-template", choices=CHAT_TEMPLATES, default="chatml",

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=2,
                    help="DataLoader worker processes per rank that read, decode and patchify the training "
                         "samples ahead of the step (0: in the training process); same batches either way")
-    g.add_argument("--tokenizer-model", default=None, help="SOLO tokenizer.model (checked against SOLO's ids)")
+    g.add_argument("--tokenizer-model", default=None, help="SOLO's tokenizer.model or tokenizer.json (checked against SOLO's ids and the data's)")
     g.add_argument("--loss-role", default="assistant", choices=["assistant", "user", "system", "all"],
                    help="role whose tokens carry the loss (all: every non-image token)")
     g.add_argument("--seed", type=int, default=1234,
