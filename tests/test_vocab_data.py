@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from megatron_solo.data.dataset import build_sample
-from megatron_solo.data.indexed import SoloIndexedDataset
+from megatron_solo.data.indexed import SoloIndexedDataset, check_prefix
 from megatron_solo.data.merge import merge_prefixes
 from megatron_solo.data.preprocess import PreprocessConfig, preprocess
 from megatron_solo.data.stats import prefix_vocab
@@ -155,9 +155,14 @@ def test_ids_of_one_base_are_refused_where_they_meet_another(prefixes, hf_tokeni
     args = ["--model", "tiny", "--seq-length", "128", "--train-iters", "2", "--data-path", legacy]
     faults.check_inputs(build_train_config(build_parser().parse_args(args + ["--tokenizer-model", solo_tokenizer])))
     faults.check_inputs(build_train_config(build_parser().parse_args(args)))  # no tokenizer: the model's 33031 ids
-    assert error(legacy, hf_tokenizers["solo_llama"]).startswith(
-        f"data prefix {legacy} has SOLO's vocabulary of 33031 ids (<vision>=32000 after a 32000-id base), the model "
-        "has 129288 ids (<vision>=128257 after a 128257-id base)")
+    with pytest.raises(InputError, match=f"^data prefix {legacy} has SOLO's vocabulary of 33031 ids "
+                                         r"\(<vision>=32000 after a 32000-id base\), the model has 129288 ids"):
+        check_prefix(legacy, 129288, prefixes["llama"][0].vocab)
+    # a model whose <vpatch> is Mistral's, with Qwen's tokenizer and data: the patches would go nowhere
+    assert error(qwen, hf_tokenizers["solo_qwen"]) == (
+        "the model takes <vpatch> as id 32001, its tokenizer and checkpoint as 151670 (SOLO's vocabulary of 152698 "
+        "ids (<vision>=151669 after a 151669-id base)); build the model for that base (its converted checkpoint, or "
+        "the --model preset of its family)")
     # a checkpoint made with Qwen's ids, resumed with Mistral's tokenizer (a complete-looking checkpoint)
     it = tmp_path / "ck" / "iter_0000005"
     it.mkdir(parents=True)

@@ -67,6 +67,11 @@ def check_inputs(cfg, *, save_lock: bool = True) -> None:
     if tokenizer is not None:
         vocab_size = min(vocab_size, tokenizer.vocab_size)
     vocab = run_vocab(cfg, tokenizer)
+    patch_id = cfg.model.args.vision_patch_id
+    if vocab is not None and patch_id != vocab.vision_patch:
+        raise InputError(f"the model takes <vpatch> as id {patch_id}, its tokenizer and checkpoint as "
+                         f"{vocab.vision_patch} (SOLO's vocabulary of {vocab.describe()}); build the model for "
+                         "that base (its converted checkpoint, or the --model preset of its family)")
     prefixes = list(parse_data_path(list(cfg.data.data_path))[0])
     if cfg.data.valid_data_path:
         prefixes += parse_data_path(list(cfg.data.valid_data_path))[0]
