@@ -115,3 +115,25 @@ def test_launcher_mistakes_name_the_file_and_the_variable(tmp_path):
     line = _one_error_line(_launch("stage1_pretrain.sh", **dict(base, TOKENIZER_MODEL=str(base_dir)), PRESET="tiny"))
     assert line == (f"error: --tokenizer-model {base_dir} is a directory; pass the tokenizer file in it: "
                     f"{base_dir / 'tokenizer.json'} (launcher: set TOKENIZER_MODEL)")
+
+
+def test_a_plan_that_does_not_fit_warns_with_the_alternatives_and_needs_no_data(monkeypatch):
+    from megatron_solo.training.dry_run import GIB, fit_advice, plan
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    recipe = ["--model", "solo-7b", "--seq-length", "4096", "--global-batch-size", "64", "--bf16"]
+    with pytest.raises(ArgumentError, match="^the following arguments are required: --data-path$"):
+        build_train_config(build_parser().parse_args(recipe + ["--train-iters", "1"]))
+    cfg = build_train_config(build_parser().parse_args(recipe + ["--dry-run"]))  # no --data-path, no --train-iters
+    lines = fit_advice(cfg, plan(cfg))
+    assert lines[0] == ("warning: the busiest rank needs 139.3 GiB, more than the 80 GB (74.5 GiB) of one H100; "
+                        "alternatives (same world size 8):")
+    # Each alternative's figure is the plan of that recipe (the reference: the same flags given directly).
+    distopt = plan(build_train_config(build_parser().parse_args(recipe + ["--dry-run", "--use-distributed-optimizer"])))
+    need = max(s["memory_bytes"]["total"] for s in distopt["stages"])
+    assert f"  --use-distributed-optimizer: {need / GIB:.1f} GiB per rank, fits" in lines
+    assert [line.split(":")[0] for line in lines[1:]] == [
+        "  --recompute-granularity full", "  --use-distributed-optimizer", "  --tensor-model-parallel-size 2 (TP=2)",
+        "  --pipeline-model-parallel-size 2 (PP=2)", "  --recompute-granularity full --use-distributed-optimizer"]
+    assert fit_advice(build_train_config(build_parser().parse_args(
+        recipe + ["--dry-run", "--dry-run-gpu", "B200"])), plan(cfg)) == []  # 139 GiB fits a 192 GB card

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="core attention of the local spec: megatron's dot product, or torch SDPA/FlexAttention")
 
     g = p.add_argument_group("data and loss")
-    g.add_argument("--data-path", nargs="+", required=True, help="'P' or 'w1 P1 w2 P2 ...' (Megatron syntax)")
+    # Required unless --dry-run (checked in validate_args, so a plan needs no data).
+    g.add_argument("--data-path", nargs="+", default=None, help="'P' or 'w1 P1 w2 P2 ...' (Megatron syntax)")
     g.add_argument("--valid-data-path", nargs="+", default=None,
                    help="validation prefixes; the loss is reported per prefix")
     g.add_argument("--split", default="969,30,1",
@@ -244,7 +245,10 @@ def validate_args(args) -> None:
             fail(f"--{name} must be >= 1, got {v}")
     if args.num_workers < 0:
         fail(f"--num-workers must be >= 0, got {args.num_workers}")
-    if (args.train_iters is None) == (args.train_samples is None):
+    if not args.data_path and not args.dry_run:
+        fail("the following arguments are required: --data-path")  # argparse's words, said as one line
+    if args.train_iters is not None and args.train_samples is not None or (
+            args.train_iters is None and args.train_samples is None and not args.dry_run):  # a plan: one step
         fail("give exactly one of --train-iters and --train-samples")
     if args.bf16 and args.fp16:
         fail("choose at most one of --bf16 and --fp16")

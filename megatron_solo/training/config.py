@@ -384,6 +384,8 @@ def _sizes(a) -> dict:
         raise ArgumentError(f"--global-batch-size {gbs} is not divisible by micro-batch-size "
                             f"({a.micro_batch_size}) x data-parallel size ({dp})")
     train_iters = a.train_iters if a.train_samples is None else a.train_samples // gbs
+    if train_iters is None:  # --dry-run without either (validate_args): the plan is of one step
+        train_iters = 1
     if train_iters < 1:
         raise ArgumentError("the run has no iterations (--train-iters / --train-samples too small)")
     return dict(world_size=world, data=dp, global_batch_size=gbs, num_microbatches=gbs // (a.micro_batch_size * dp),
@@ -493,7 +495,7 @@ def build_train_config(args) -> TrainConfig:
             decoupled_min_lr=a.decoupled_min_lr, freeze_lm=a.freeze_lm, freeze_vision=a.freeze_vision),
         ddp=DDPSection(use_distributed_optimizer=a.use_distributed_optimizer,
                        overlap_grad_reduce=a.overlap_grad_reduce, overlap_param_gather=a.overlap_param_gather),
-        data=DataSection(data_path=tuple(a.data_path),
+        data=DataSection(data_path=tuple(a.data_path or ()),
                          valid_data_path=tuple(a.valid_data_path) if a.valid_data_path else None,
                          split=a.split, data_cache_path=a.data_cache_path, num_workers=a.num_workers,
                          tokenizer_model=a.tokenizer_model, loss_role=a.loss_role, seed=a.seed),

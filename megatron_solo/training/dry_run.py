@@ -37,6 +37,7 @@ Frozen parameters (``--freeze-lm`` / ``--freeze-vision``) hold weights only: the
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 
@@ -48,6 +49,7 @@ from megatron_solo import cpu_backend, mcore_fixes
 from megatron_solo.meta_device import meta_device
 from megatron_solo.parallel import set_seed
 from megatron_solo.spec import PATCH_DIM, SOLO_SPECIAL_PIECES
+from megatron_solo.training import config as train_config
 from megatron_solo.training.flops import flops_per_step
 from megatron_solo.training.model_setup import build_model_chunks
 from megatron_solo.training.param_groups import trainable_parameter_filter
@@ -61,6 +63,9 @@ GPU_PEAK_TFLOPS = {
     "A100": (312.0, None),
     "B200": (2250.0, 4500.0),
 }
+
+#: Memory per GPU in GB (10^9 bytes; data sheets, SXM parts): what a plan is checked against.
+GPU_MEMORY_GB = {"H100": 80, "H200": 141, "A100": 80, "B200": 192}
 
 #: Mistral-7B-v0.1's exact parameter count, and what SOLO adds to it (docs/MODEL.md).
 MISTRAL_7B_PARAMETERS = 7_241_732_096
@@ -254,9 +259,51 @@ def report(p: dict, model_args) -> str:
     return "\n".join(lines)
 
 
+def _busiest_rank_bytes(p: dict) -> float:
+    return max(s["memory_bytes"]["total"] for s in p["stages"])
+
+
+def _alternatives(cfg) -> list[tuple[str, dict]]:
+    """One change at a time, then together: the usual ways to a smaller rank (as flags)."""
+    f, par = cfg.flags, cfg.parallel
+    out = []
+    if not f["recompute_granularity"]:
+        out.append(("--recompute-granularity full", dict(recompute_granularity="full")))
+    if not f["use_distributed_optimizer"] and par.data > 1:
+        out.append(("--use-distributed-optimizer", dict(use_distributed_optimizer=True)))
+    for flag, name, size in (("tensor_model_parallel_size", "TP", par.tensor),
+                             ("pipeline_model_parallel_size", "PP", par.pipeline)):
+        out.append((f"--{flag.replace('_', '-')} {size * 2} ({name}={size * 2})", {flag: size * 2}))
+    if len(out) > 1 and not f["recompute_granularity"]:
+        out.append((" ".join(label.split(" (")[0] for label, _ in out[:2]), {**out[0][1], **out[1][1]}))
+    return out
+
+
+def fit_advice(cfg, p: dict) -> list[str]:
+    """A plan whose busiest rank exceeds the card: a warning line, then each alternative's need."""
+    have = GPU_MEMORY_GB[cfg.dry_run.gpu] * 1e9
+    need = _busiest_rank_bytes(p)
+    if need <= have:
+        return []
+    lines = [f"warning: the busiest rank needs {need / GIB:.1f} GiB, more than the "
+             f"{GPU_MEMORY_GB[cfg.dry_run.gpu]} GB ({have / GIB:.1f} GiB) of one {cfg.dry_run.gpu}; alternatives (same world size "
+             f"{cfg.parallel.world_size}):"]
+    for label, change in _alternatives(cfg):
+        try:
+            alt = train_config.build_train_config(argparse.Namespace(**{**cfg.flags, **change}))
+        except train_config.ArgumentError as e:
+            lines.append(f"  {label}: not possible ({e})")
+            continue
+        alt_need = _busiest_rank_bytes(plan(alt))
+        lines.append(f"  {label}: {alt_need / GIB:.1f} GiB per rank, {'fits' if alt_need <= have else 'does not fit'}")
+    return lines
+
+
 def run_dry_run(cfg) -> int:
     """The ``--dry-run`` entry point (called by ``megatron_solo.train``'s ``main`` in place of training)."""
     cpu_backend.ensure()
     mcore_fixes.apply()
-    print(report(plan(cfg), cfg.model.args), flush=True)
+    p = plan(cfg)
+    lines = report(p, cfg.model.args).split("\n")
+    print("\n".join(lines[:-1] + fit_advice(cfg, p) + lines[-1:]), flush=True)  # the JSON line stays last
     return 0
