@@ -76,9 +76,8 @@ def check_tokenizer(path: str | None):
 
 
 def _one_line(e: BaseException) -> str:
-    """The informative line of a (possibly multi-line, C++-prefixed) library error."""
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
-    return lines[-1] if len(lines) > 1 and "could not parse" in lines[-1] else lines[0]
+    """The first line of a library's error (or its type's name when it says nothing)."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
 
 
 def derive_vocab(tok) -> SoloVocab:
