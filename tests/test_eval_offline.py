@@ -100,6 +100,30 @@ def test_evaluate_export_batched_equals_one_at_a_time(setup):
         assert [x["output"] for x in one] == [x["output"] for x in records if x["task"] == task.name], task.name
 
 
+def test_evaluate_checkpoint_gives_the_exports_answers(setup, tmp_path):
+    """A checkpoint converted with TP=2 padding (--load: exported, then evaluated) answers as its export;
+    a tokenizer of another vocabulary is one error: line."""
+    ckpt = tmp_path / "ckpt"
+    r = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", setup["hf"],
+                        "--save", str(ckpt), "--target-tensor-parallel-size", "2"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    task = setup["tasks"][0]
+    outs = {}
+    for flag, src in (("--load", ckpt), ("--hf-dir", setup["hf"])):
+        r = _tool(flag, str(src), "--tasks", task, "--output-dir", str(tmp_path / flag))
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[flag] = (tmp_path / flag / "samples.jsonl").read_text()
+    assert outs["--load"] == outs["--hf-dir"] and len(outs["--load"].splitlines()) == 5
+
+    from megatron_solo.data.tokenizer import mistral_tokenizer_path
+
+    r = _tool("--load", str(ckpt), "--tokenizer-model", mistral_tokenizer_path(), "--tasks", task,
+              "--output-dir", str(tmp_path / "o"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "33031" in lines[0], r.stderr
+
+
 def test_evaluate_bad_input_is_one_error_line(setup, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"kind": "yes_no", "metric": "vqa_accuracy", "data": "x.jsonl"}))
