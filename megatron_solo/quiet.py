@@ -30,6 +30,8 @@ KNOWN_WARNINGS = (
     # megatron-core's DDP reads .grad of its own non-leaf views (on the CPU path, through cpu_backend).
     (r"The .grad attribute of a Tensor that is not a leaf Tensor is being accessed", UserWarning),
     (r"The following imports from `dynamic_context.py` will be removed", DeprecationWarning),
+    # torch's checkpoint API notes that megatron-core calls its load with positional arguments.
+    (r"The argument order of load has been changed", UserWarning),
     (r".*", FutureWarning),                                     # libraries' notes about their future defaults
 )
 
@@ -39,6 +41,8 @@ KNOWN_LOG_RECORDS = (
     ("megatron.core.dist_checkpointing.strategies.torch", "async save is deprecated"),
     ("torch.utils.cpp_extension", "No CUDA runtime is found"),
     ("megatron.core.distributed.distributed_data_parallel", "full_param_layout not provided"),
+    # The blend's index is rebuilt in seconds at each start; --data-cache-path keeps it where a user wants one.
+    ("megatron.core.datasets.blended_dataset", "Cannot save the BlendedDataset indexes because path_to_cache is None"),
     ("megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision", "without Transformer Engine"),
     ("megatron.core.distributed.fsdp.src.megatron_fsdp.param_and_grad_buffer", "using Megatron-FSDP with Megatron"),
     ("megatron.core.distributed.fsdp.src.megatron_fsdp.megatron_fsdp", "using Megatron-FSDP with Megatron"),

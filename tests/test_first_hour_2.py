@@ -137,3 +137,36 @@ def test_a_plan_that_does_not_fit_warns_with_the_alternatives_and_needs_no_data(
         "  --pipeline-model-parallel-size 2 (PP=2)", "  --recompute-granularity full --use-distributed-optimizer"]
     assert fit_advice(build_train_config(build_parser().parse_args(
         recipe + ["--dry-run", "--dry-run-gpu", "B200"])), plan(cfg)) == []  # 139 GiB fits a 192 GB card
+
+
+def test_the_known_third_party_lines_are_filtered_by_their_exact_text(capsys):
+    """The emitters themselves: torch's positional-arguments check and megatron-core's blend logger."""
+    import logging
+    import warnings
+
+    from torch.distributed.checkpoint.utils import _api_bc_check
+
+    from megatron_solo import quiet
+
+    @_api_bc_check
+    def load(state_dict, *, storage_reader=None):  # the name and keyword torch's check expects
+        return state_dict
+
+    blend_log = logging.getLogger("megatron.core.datasets.blended_dataset")
+    said = "Cannot save the BlendedDataset indexes because path_to_cache is None"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet.filter_known_warnings()
+        load({}, None)
+        warnings.warn("The argument order of save has been changed", UserWarning)  # another text still shows
+    assert [str(w.message) for w in seen] == ["The argument order of save has been changed"]
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    blend_log.addHandler(handler)
+    try:
+        blend_log.warning(said)
+        blend_log.warning("another blend warning")
+    finally:
+        blend_log.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["another blend warning"]
