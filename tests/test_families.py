@@ -15,12 +15,15 @@ reference included), one world of two every parallel layout; the parent runs tra
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from megatron_solo.testing.distributed import run_distributed
+from tests.conftest import ROOT
 from tests.helpers_convert import safetensors_tensors
 
 FAMILIES = ("llama", "qwen2", "qwen3")
@@ -323,6 +326,13 @@ def test_the_base_directory_tokenizer_is_the_one_used(world, hf_tokenizers, tmp_
     shutil.copytree(paths["llama_base"], bare, ignore=shutil.ignore_patterns("tokenizer*"))
     with pytest.raises(ConversionError, match="needs --tokenizer-model: .* holds no tokenizer"):
         resolve_tokenizer("llama", bare, None, str(tmp_path / "d"))
+    # as a new user would meet it: one error line from the tool, nothing written
+    r = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", paths["llama_base"],
+                        "--tokenizer-model", "mistral-common", "--save", str(tmp_path / "ck")], capture_output=True,
+                       text=True, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=300)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "differs from" in errors[0] and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "ck" / "latest_checkpointed_iteration.txt")
     capsys.readouterr()
     made = resolve_tokenizer("llama", bare, llama_json, str(tmp_path / "e"))
     assert "has no tokenizer of its own; converting with --tokenizer-model" in capsys.readouterr().err
