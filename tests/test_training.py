@@ -115,6 +115,9 @@ def test_resume_is_exact_after_sigterm_and_kill9_and_reshards(digits_data, tmp_p
     d.mkdir()
     out = _run(2, _common(digits_data, str(d), *tp2, "--save", str(ck), "--load", str(ck), "--lr", "4e-3"))
     assert f"at iteration {last_complete}," in out, out[-3000:]
+    # Start-up lines once for all ranks (issue 26.7), each rank's numbers as one range.
+    assert out.count("world 2 = TP 2 x PP 1 x DP 1") == 1 and out.count("model tiny: ") == 1, out[:3000]
+    assert "M parameters per rank (" in out and " GiB per rank" in out and "[rank 0]" not in out
     assert out.count("learning-rate schedule: the checkpoint's (--lr 0.002), not the flags' (--lr 0.004): add "
                      "--override-opt_param-scheduler to use the flags'") == 1, out[-3000:]
     resumed = {**_losses(b / "log.jsonl"), **_losses(c / "log.jsonl"), **_losses(d / "log.jsonl")}

@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on the validation set every this many iterations")
     g.add_argument("--eval-iters", type=int, default=10,
                    help="global batches per evaluation")
+    g.add_argument("--eval-tasks", default=None,
+                   help="evaluation task files FILE[,FILE] (docs/EVALUATION.md) scored on the model in training")
+    g.add_argument("--eval-tasks-interval", type=int, default=None,
+                   help="score --eval-tasks every this many iterations (default: --eval-interval)")
     g.add_argument("--log-interval", type=int, default=100,
                    help="print a log line every this many iterations")
     g.add_argument("--tensorboard-dir", default=None,
@@ -287,5 +291,7 @@ def validate_args(args) -> None:
         fail(f"--tokenizer-model {args.tokenizer_model} does not exist")
     if args.log_interval < 1 or args.eval_interval < 1:
         fail("--log-interval and --eval-interval must be >= 1")
+    if args.eval_tasks_interval is not None and args.eval_tasks_interval < 1:
+        fail("--eval-tasks-interval must be >= 1")
     if args.num_layers_per_virtual_pipeline_stage is not None and pp < 2:
         fail("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")

@@ -174,6 +174,8 @@ class LoggingSection:
     exit_signal_handler: bool
     exit_interval: int | None
     exit_duration_in_mins: float | None
+    eval_tasks: str | None = None  # --eval-tasks FILE[,FILE] (megatron_solo/eval/in_loop.py)
+    eval_tasks_interval: int = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -505,7 +507,8 @@ def build_train_config(args) -> TrainConfig:
         logging=LoggingSection(log_interval=a.log_interval, eval_interval=a.eval_interval, eval_iters=a.eval_iters,
                                tensorboard_dir=a.tensorboard_dir, log_file=a.log_file,
                                exit_signal_handler=a.exit_signal_handler, exit_interval=a.exit_interval,
-                               exit_duration_in_mins=a.exit_duration_in_mins),
+                               exit_duration_in_mins=a.exit_duration_in_mins, eval_tasks=a.eval_tasks,
+                               eval_tasks_interval=a.eval_tasks_interval or a.eval_interval),
         dry_run=DryRunSection(enabled=a.dry_run, gpu=a.dry_run_gpu, mfu=a.dry_run_mfu,
                               transformer_impl=a.transformer_impl),
         resume=resume,

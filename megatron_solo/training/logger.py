@@ -15,15 +15,31 @@ import torch
 from megatron_solo import cpu_backend
 
 
-def memory_report() -> str:
+def memory_gib() -> dict[str, float]:
+    """This process's host RSS and, on a GPU, allocated and peak GPU memory, in GiB."""
     import psutil
 
-    rss = psutil.Process().memory_info().rss / 2**30
-    text = f"host RSS {rss:.2f} GiB"
+    out = {"host RSS": psutil.Process().memory_info().rss / 2**30}
     if not cpu_backend.is_active() and torch.cuda.is_available():
-        text += (f", GPU allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB, "
-                 f"max {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    return text
+        out.update({"GPU allocated": torch.cuda.memory_allocated() / 2**30,
+                    "max": torch.cuda.max_memory_allocated() / 2**30})
+    return out
+
+
+def _memory_text(values: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v} GiB" for k, v in values.items())
+
+
+def over_ranks(values: dict[str, float], fmt: str) -> dict[str, str] | None:
+    """Each number of every rank (a collective; all ranks call it), shown once: ``x`` when the ranks agree,
+    else ``min-max``. Returned on every rank; the logging rank prints it."""
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, values)
+    out = {}
+    for k in values:
+        lo, hi = (format(f(g[k] for g in gathered), fmt) for f in (min, max))
+        out[k] = lo if lo == hi else f"{lo}-{hi}"
+    return out
 
 
 def peak_flops_per_gpu() -> float | None:
@@ -56,12 +72,13 @@ class TrainingLogger:
             self.jsonl = open(logging.log_file, "a")
         self.peak = peak_flops_per_gpu()
 
-    def info(self, msg: str, all_ranks_first: bool = False) -> None:
-        if all_ranks_first and torch.distributed.is_initialized() and torch.distributed.get_rank() == 0 \
-                and not self.is_logging_rank:
-            print(f"[rank 0] {msg}", flush=True)
+    def info(self, msg: str) -> None:
         if self.is_logging_rank:
             print(msg, flush=True)
+
+    def memory_line(self, msg: str) -> None:
+        """``msg`` with every rank's memory, printed once (a collective: every rank calls it)."""
+        self.info(f"{msg}; {_memory_text(over_ranks(memory_gib(), '.2f'))} per rank")
 
     def _record(self, kind: str, iteration: int, values: dict) -> None:
         if self.writer:
@@ -141,6 +158,14 @@ class TrainingLogger:
         print("-" * 100 + f"\n validation loss at iteration {iteration} on {name} | {body}\n" + "-" * 100,
               flush=True)
         self._record("valid", iteration, {f"valid/{name}/{k}": v for k, v in losses.items()})
+
+    def eval_task(self, iteration: int, name: str, metrics: dict) -> None:
+        """An evaluation task's figures (--eval-tasks): one line, and ``eval/<task>/<metric>``."""
+        if not self.is_logging_rank:
+            return
+        body = " | ".join(f"{k}: {v:.6f}" for k, v in metrics.items())
+        print(f" eval task {name} at iteration {iteration} | {body} |", flush=True)
+        self._record("eval", iteration, {f"eval/{name}/{k}": v for k, v in metrics.items()})
 
     def close(self) -> None:
         if self.writer:

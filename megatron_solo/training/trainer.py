@@ -27,11 +27,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_solo import checkpoint, cpu_backend, parallel, quiet
 from megatron_solo.data import build_train_valid_test_datasets, parse_data_path
 from megatron_solo.data.dataset import DataSplitError
+from megatron_solo.eval.in_loop import TaskEvaluator
 from megatron_solo.model import model_forward_kwargs, prepare_batch, solo_loss_func
 from megatron_solo.training import faults, param_groups
 from megatron_solo.training.config import TrainConfig
 from megatron_solo.training.flops import flops_per_step
-from megatron_solo.training.logger import TrainingLogger, memory_report
+from megatron_solo.training.logger import TrainingLogger, over_ranks
 from megatron_solo.training.model_setup import build_trained_chunks, count_parameters
 from megatron_solo.training.sampler import MicroBatchStream
 
@@ -55,13 +56,15 @@ class Trainer:
         self.log = start_parallel_world(cfg)
         self.model_config = cfg.transformer_config()
         self.model_chunks = build_trained_chunks(cfg, self.model_config)
-        self.log.info(f"model {cfg.model.preset}: {count_parameters(self.model_chunks) / 1e6:.2f}M parameters on "
-                      f"this rank ({count_parameters(self.model_chunks, trainable_only=True) / 1e6:.2f}M trainable); "
-                      f"{memory_report()}", all_ranks_first=True)
+        counts = over_ranks({"all": count_parameters(self.model_chunks) / 1e6,
+                             "trainable": count_parameters(self.model_chunks, trainable_only=True) / 1e6}, ".2f")
+        self.log.memory_line(f"model {cfg.model.preset}: {counts['all']}M parameters per rank "
+                             f"({counts['trainable']}M trainable)")
         self.optimizer, self.scheduler = build_optimizer_and_scheduler(cfg, self.model_chunks)
         wire_schedule(cfg, self.model_config, self.model_chunks, self.optimizer)
         self.checkpointer = Checkpointer(cfg, self.model_chunks, self.optimizer, self.scheduler, self.log)
         self.forward_step = make_forward_step(cfg, self.model_config)
+        self.task_evaluator = TaskEvaluator(cfg, self.log) if cfg.logging.eval_tasks else None
         self.iteration = 0
         self.stream: MicroBatchStream | None = None  # the data streams: built by train(), after the start state
         self.valid_sets: list = []
@@ -91,6 +94,7 @@ class Trainer:
                 exit_reason = "nan"
                 break
             self.evaluate_if_due()
+            self.evaluate_tasks_if_due()
             if cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0:
                 self.checkpointer.save(self.iteration, self.stream.consumed, "save-interval")
             stop = self.stop_reason(exit_signal)
@@ -163,6 +167,12 @@ class Trainer:
             for name, ds in self.valid_sets:
                 self.log.validation(self.iteration, name, self.evaluate(ds))
 
+    def evaluate_tasks_if_due(self) -> None:
+        """--eval-tasks, by forward passes only (megatron_solo/eval/in_loop.py: training is unchanged)."""
+        interval = self.cfg.logging.eval_tasks_interval
+        if self.task_evaluator and (self.iteration % interval == 0 or self.iteration == self.cfg.schedule.train_iters):
+            self.task_evaluator.run(self.iteration, self.model_chunks, self.forward_step)
+
     def evaluate(self, dataset) -> dict:
         """Mean losses over ``--eval-iters`` global batches from the start of ``dataset`` (same every time)."""
         for chunk in self.model_chunks:
@@ -216,8 +226,8 @@ def start_parallel_world(cfg: TrainConfig) -> TrainingLogger:
         seed=cfg.data.seed,
     )
     log = TrainingLogger(cfg, is_logging_rank=torch.distributed.get_rank() == torch.distributed.get_world_size() - 1)
-    log.info(f"megatron_solo: world {par.world_size} = TP {par.tensor} x PP {par.pipeline} x DP {par.data}; backend "
-             f"{'CPU/gloo' if cpu_backend.is_active() else 'CUDA/nccl'}; {memory_report()}", all_ranks_first=True)
+    log.memory_line(f"megatron_solo: world {par.world_size} = TP {par.tensor} x PP {par.pipeline} x DP {par.data}; "
+                    f"backend {'CPU/gloo' if cpu_backend.is_active() else 'CUDA/nccl'}")
     log.info(quiet.local_layers_note(cfg.model.use_te))
     return log
 

@@ -1,0 +1,45 @@
+"""--eval-tasks in the training loop at TP=2 x PP=2: the digits as a log-likelihood multiple-choice task
+(the ten digit words as options) scored every 2 iterations, its figures on a line and in the log file as
+eval/<task>/<metric>, a generation task said and left out, and the training curve bitwise the curve of
+the same run without evaluation."""
+
+import json
+import os
+
+from megatron_solo.demo.digits import QUESTION, WORDS
+from tests.test_training import _losses, _run
+
+
+def _args(data, out, *extra):
+    return ["--model", "tiny", "--seq-length", "128", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--train-iters", "4", "--lr", "2e-3", "--lr-warmup-iters", "1", "--data-path", data["sft"],
+            "--split", "100,0,0", "--log-interval", "1", "--seed", "7", "--tokenizer-model", data["tokenizer"],
+            "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+            "--log-file", os.path.join(out, "log.jsonl"), *extra]
+
+
+def test_eval_tasks_in_the_loop_at_tp2_pp2_leave_training_unchanged(digits_data, tmp_path):
+    corpus = os.path.join(digits_data["root"], "corpus")
+    with open(os.path.join(corpus, "test.jsonl")) as f:
+        rows = [json.loads(line) for line in f][:6]
+    with open(tmp_path / "digits_mc.jsonl", "w") as f:
+        f.writelines(json.dumps({"image": r["image"], "question": QUESTION, "choices": list(WORDS),
+                                 "answer": r["label"]}) + "\n" for r in rows)
+    (tmp_path / "digits_mc.json").write_text(json.dumps({
+        "kind": "multiple_choice", "metric": "mc_loglikelihood", "data": "digits_mc.jsonl", "image_root": corpus,
+        "prompt": "{question}"}))
+    (tmp_path / "digits_gen.json").write_text(json.dumps({
+        "kind": "exact_match", "data": os.path.join(corpus, "test.jsonl"), "prompt": QUESTION, "limit": 2}))
+    on, off = tmp_path / "on", tmp_path / "off"
+    out = _run(4, _args(digits_data, str(on), "--eval-tasks",
+                        f"{tmp_path / 'digits_mc.json'},{tmp_path / 'digits_gen.json'}", "--eval-tasks-interval", "2"))
+    _run(4, _args(digits_data, str(off)))
+
+    assert _losses(on / "log.jsonl") == _losses(off / "log.jsonl")  # bitwise: the floats as logged
+    assert len(_losses(on / "log.jsonl")) == 4
+    evals = [json.loads(line) for line in open(on / "log.jsonl") if '"eval"' in line]
+    assert [e["iteration"] for e in evals] == [2, 4]
+    for e in evals:
+        assert 0.0 <= e["eval/digits_mc/accuracy"] <= 1.0
+    assert "eval task digits_gen: metric exact_match needs generation; not run in the training loop" in out
+    assert out.count(" eval task digits_mc at iteration ") == 2
