@@ -169,6 +169,15 @@ def test_export_parity_logits_and_greedy_generation(world):
     gen = hf.generate(input_ids=prompt, vision_patches=out["patches"][:6], max_new_tokens=GEN_STEPS, do_sample=False)
     assert torch.equal(gen, out["megatron_generation"])
     assert out["export_summary"]["verify"]["tensors_checked"] == 22
+    # Hugging Face-native loading of SOLO-7B's layout too: AutoProcessor gives SoloProcessor, whose
+    # processor(text=..., images=...) gives the processor's own pre-training encoding.
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(d, trust_remote_code=True)
+    assert type(proc).__name__ == "SoloProcessor" and proc.kind == "sentencepiece"
+    img = Image.new("RGB", (96, 64), (200, 30, 30))
+    assert torch.equal(proc(text="A <image> photo", images=img)["input_ids"], proc(["A ", img, " photo"])["input_ids"])
 
 
 def test_verify_fails_on_mismatch(world):
