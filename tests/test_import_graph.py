@@ -18,8 +18,8 @@ PACKAGE = "megatron_solo"
 # are still moving theirs, so these are today's numbers (the lead tightens them as they land): a new cycle,
 # a new local import or a new one without its reason fails now.
 KNOWN_CYCLES = [{"megatron_solo.convert.dcp_stream", "megatron_solo.convert.megatron_io"}]
-LOCAL_IMPORT_LIMIT = 39  # goal: 20
-SILENT_LIMIT = 27  # local imports without a comment saying why; goal: 0
+LOCAL_IMPORT_LIMIT = 34  # goal: 20
+SILENT_LIMIT = 25  # local imports without a comment saying why; goal: 0
 
 
 def _modules() -> dict[str, str]:
