@@ -1,12 +1,16 @@
 """--eval-tasks in the training loop at TP=2 x PP=2: the digits as a log-likelihood multiple-choice task
 (the ten digit words as options) scored every 2 iterations, its figures on a line and in the log file as
-eval/<task>/<metric>, a generation task said and left out, and the training curve bitwise the curve of
-the same run without evaluation."""
+eval/<task>/<metric>, a generation task said and left out, the training curve bitwise the curve of the
+same run without evaluation, and the last figure equal to tools/evaluate.py's on the last checkpoint's
+export."""
 
 import json
 import os
+import subprocess
+import sys
 
 from megatron_solo.demo.digits import QUESTION, WORDS
+from tests.conftest import ROOT
 from tests.test_training import _losses, _run
 
 
@@ -31,7 +35,7 @@ def test_eval_tasks_in_the_loop_at_tp2_pp2_leave_training_unchanged(digits_data,
     (tmp_path / "digits_gen.json").write_text(json.dumps({
         "kind": "exact_match", "data": os.path.join(corpus, "test.jsonl"), "prompt": QUESTION, "limit": 2}))
     on, off = tmp_path / "on", tmp_path / "off"
-    out = _run(4, _args(digits_data, str(on), "--eval-tasks",
+    out = _run(4, _args(digits_data, str(on), "--save", str(on / "ckpt"), "--eval-tasks",
                         f"{tmp_path / 'digits_mc.json'},{tmp_path / 'digits_gen.json'}", "--eval-tasks-interval", "2"))
     _run(4, _args(digits_data, str(off)))
 
@@ -43,3 +47,12 @@ def test_eval_tasks_in_the_loop_at_tp2_pp2_leave_training_unchanged(digits_data,
         assert 0.0 <= e["eval/digits_mc/accuracy"] <= 1.0
     assert "eval task digits_gen: metric exact_match needs generation; not run in the training loop" in out
     assert out.count(" eval task digits_mc at iteration ") == 2
+
+    # The offline figure: tools/evaluate.py on the export of the last checkpoint scores the same options.
+    for cmd in (["tools/convert_checkpoint.py", "megatron-to-hf", "--load", str(on / "ckpt"), "--save", str(on / "hf")],
+                ["tools/evaluate.py", "--hf-dir", str(on / "hf"), "--tasks", str(tmp_path / "digits_mc.json"),
+                 "--output-dir", str(on / "eval")]):
+        r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    offline = json.loads((on / "eval" / "summary.json").read_text())["digits_mc"]
+    assert offline["scored"] == 6 and offline["metrics"]["accuracy"] == evals[-1]["eval/digits_mc/accuracy"]

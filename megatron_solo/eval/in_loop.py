@@ -3,9 +3,8 @@
 any TP/PP/DP layout the run has).
 
 Log-likelihood tasks (``mc_loglikelihood``) run here: each option becomes one sample in the training
-format (a chat document: user turn = image + prompt, assistant turn = the option's text), whose summed
-loss over the assistant tokens (the option and its end-of-turn token, the tokens training counts) is the
-option's negative log-likelihood. Tasks that need generation are said once at start-up and left to
+format (:class:`~megatron_solo.eval.options.OptionEncoder`, the same as tools/evaluate.py's), whose
+summed loss over the tokens training counts is the option's negative log-likelihood. Tasks that need generation are said once at start-up and left to
 tools/evaluate.py. Every data-parallel rank scores the same samples (the figures need no reduction);
 the last pipeline stage holds them, where the logger is.
 
@@ -20,18 +19,9 @@ import math
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_solo.data.dataset import build_sample, collate
-from megatron_solo.data.encode import DocumentEncoder, normalize_messages
-from megatron_solo.data.tokenizer import load_tokenizer
+from megatron_solo.data.dataset import collate
 from megatron_solo.eval import tasks as T
-
-
-def option_document(sample: T.Sample, text: str) -> dict:
-    """The chat record whose assistant turn is ``text``, in preprocessing's input format."""
-    return {"messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": sample.image}},
-                                     {"type": "text", "text": sample.prompt}]},
-        {"role": "assistant", "content": text}]}
+from megatron_solo.eval.options import OptionEncoder
 
 
 class TaskEvaluator:
@@ -39,8 +29,7 @@ class TaskEvaluator:
 
     def __init__(self, cfg, log):
         self.cfg, self.log = cfg, log
-        tok = load_tokenizer(cfg.tokenizer_model_path)
-        encoder = DocumentEncoder(tok, fmt="chat")
+        encoder = OptionEncoder(cfg.tokenizer_model_path)
         seq = cfg.schedule.seq_length
         self.tasks = []  # (task, rows: [(sample index, letter, training sample)], skipped: reason -> n)
         for task in T.load_tasks(cfg.logging.eval_tasks):
@@ -50,13 +39,11 @@ class TaskEvaluator:
                 continue
             rows, skipped = [], {r: len(ids) for r, ids in task.skipped.items()}
             for i, s in enumerate(task.samples):
-                docs = [(letter, encoder.encode(normalize_messages(option_document(s, text))))
-                        for letter, text in s.options.items()]
-                if max(len(d.tokens) for _, d in docs) > seq + 1:
+                docs = {letter: encoder.encode(s, text) for letter, text in s.options.items()}
+                if max(len(d.tokens) for d in docs.values()) > seq + 1:
                     skipped["too_long"] = skipped.get("too_long", 0) + 1
                     continue
-                rows += [(i, letter, build_sample([(d.tokens, d.roles, d.patches)], seq, "assistant", tok.vocab))
-                         for letter, d in docs]
+                rows += [(i, letter, encoder.sample(d, seq)) for letter, d in docs.items()]
             self.tasks.append((task, rows, skipped))
 
     def run(self, iteration: int, model_chunks, forward_step) -> dict[str, dict]:

@@ -19,6 +19,7 @@ import torch
 from megatron_solo.convert.hf_export_files import load_export_processor
 from megatron_solo.errors import UserError
 from megatron_solo.eval import tasks as T
+from megatron_solo.eval.options import OptionEncoder
 
 
 class HFExport:
@@ -35,6 +36,7 @@ class HFExport:
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True,
                                                           dtype=getattr(torch, dtype)).eval()
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        self.options = OptionEncoder(hf_dir)  # the export's own tokenizer file
 
     def encode(self, task: T.Task, sample: T.Sample) -> dict:
         image = self.P.load_image(sample.image)
@@ -57,16 +59,18 @@ class HFExport:
         return [self.processor.decode(seq) for seq in out[:, n:].tolist()]
 
     @torch.no_grad()
-    def option_loglikelihoods(self, encoded: dict, options: dict[str, str]) -> dict[str, float]:
-        """Sum of the log-probabilities of each option's text as the answer after the prompt."""
+    def option_loglikelihoods(self, sample: T.Sample) -> dict[str, float]:
+        """Each option's log-likelihood as the assistant's answer: the summed log-probabilities of the
+        tokens training counts (options.py, the definition the training loop uses too)."""
         out = {}
-        for letter, text in options.items():
-            cont = torch.tensor([self.processor.encode_text(text, after_control=True)])
-            ids = torch.cat([encoded["input_ids"], cont], dim=1)
+        for letter, text in sample.options.items():
+            doc = self.options.encode(sample, text)
+            s = self.options.sample(doc, len(doc.tokens) - 1)  # inputs and their next-token labels
+            ids = s["tokens"][None]
             logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                vision_patches=encoded["vision_patches"].to(self.model.dtype)).logits
-            logp = torch.log_softmax(logits[0, -cont.shape[1] - 1:-1].float(), dim=-1)
-            out[letter] = float(logp.gather(-1, cont[0, :, None]).sum())
+                                vision_patches=self.P.normalize_patches(s["patches"].numpy()).to(self.model.dtype)).logits
+            logp = torch.log_softmax(logits[0].float(), dim=-1).gather(-1, s["labels"][:, None])[:, 0]
+            out[letter] = float((logp * s["loss_mask"]).sum())
         return out
 
 
@@ -89,8 +93,8 @@ def run_task(backend: HFExport, task: T.Task, batch_size: int = 16, progress=Non
     outputs = {}
     t0 = time.time()
     if task.scored_by_loglikelihood:
-        for i, e in encoded.items():
-            outputs[i] = backend.option_loglikelihoods(e, task.samples[i].options)
+        for i in encoded:
+            outputs[i] = backend.option_loglikelihoods(task.samples[i])
     else:
         by_length = collections.defaultdict(list)
         for i, e in encoded.items():
