@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from megatron_solo.demo.digits import QUESTION, WORDS
 from tests.conftest import ROOT
 from tests.test_training import _losses, _run
@@ -56,3 +58,5 @@ def test_eval_tasks_in_the_loop_at_tp2_pp2_leave_training_unchanged(digits_data,
         assert r.returncode == 0, r.stderr[-3000:]
     offline = json.loads((on / "eval" / "summary.json").read_text())["digits_mc"]
     assert offline["scored"] == 6 and offline["metrics"]["accuracy"] == evals[-1]["eval/digits_mc/accuracy"]
+    assert offline["metrics"]["reference_loglikelihood"] == pytest.approx(
+        evals[-1]["eval/digits_mc/reference_loglikelihood"], rel=1e-4)  # TP=2 x PP=2 vs the export, float32

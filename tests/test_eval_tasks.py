@@ -59,7 +59,9 @@ def test_the_four_kinds_read_and_score(tmp_path):
     ll = T.load_task(task_file(tmp_path, {"kind": "multiple_choice", "metric": "mc_loglikelihood"},
                                [{"image": "flower.jpg", "question": "What?", "choices": ["car", "flower"], "answer": 1}],
                                name="ll.json", data="ll.jsonl"))
-    assert ll.scored_by_loglikelihood and T.record(ll, ll.samples[0], {"A": -4.0, "B": -1.5})["score"] == 1.0
+    rec = T.record(ll, ll.samples[0], {"A": -4.0, "B": -1.5})
+    assert ll.scored_by_loglikelihood and rec["score"] == 1.0
+    assert T.summarize(ll, [rec]) == {"accuracy": 1.0, "reference_loglikelihood": -1.5}
 
     pope = T.load_task(task_file(tmp_path, {"kind": "yes_no"}, [  # POPE's own rows
         {"question_id": 1, "image": "china.jpg", "text": "Is there a dog in the image?", "label": "no"},

@@ -283,6 +283,8 @@ def summarize(task: Task, records: list[dict]) -> dict[str, float]:
     out = {"vqa_accuracy" if task.metric == "vqa_accuracy" else "accuracy": mean}
     if task.metric == "mc_letter":
         out["unparsed"] = float(sum(r["predicted"] is None for r in records))
+    if task.metric == "mc_loglikelihood":  # moves before the accuracy does: a smoother signal in training
+        out["reference_loglikelihood"] = sum(r["output"][r["reference"]] for r in records) / n if n else 0.0
     return out
 
 
