@@ -5,6 +5,9 @@ Importing this module changes nothing. Each fix is idempotent and a no-op where 
 
 from __future__ import annotations
 
+import functools
+import queue
+
 
 def fix_torch_adam_reshardable_load() -> None:
     """megatron-core 0.19.2 bug, without TE/apex only: loading the distributed optimizer's
@@ -66,7 +69,37 @@ def fix_torch_adam_step_on_empty_rank() -> None:
     dopt.DistributedOptimizer._solo_empty_rank_patched = True
 
 
+def fix_sync_save_spawns_a_manager() -> None:
+    """megatron-core 0.19.2: the synchronous torch_dist save (``TorchDistSaveShardedStrategy.save``, what
+    ``dist_checkpointing.save`` runs) goes through the async writer, whose ``prepare_write_data`` takes its
+    results queue from ``filesystem_async.get_write_results_queue()``: on a process's first save that starts
+    a ``spawn`` multiprocessing Manager, one more Python process per rank (it re-imports the rank's main
+    module) living until the rank exits, for results that the sync path writes and reads in this very
+    process (``AsyncRequest.execute_sync``). Give the sync save an in-process queue for its duration;
+    async saves, whose writer runs in another process, still get the Manager's queue."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    if not hasattr(filesystem_async, "_results_queue") or getattr(
+            TorchDistSaveShardedStrategy, "_solo_sync_queue_patched", False):
+        return
+    original = TorchDistSaveShardedStrategy.save
+
+    @functools.wraps(original)
+    def save(self, sharded_state_dict, checkpoint_dir):
+        held = filesystem_async._results_queue
+        filesystem_async._results_queue = queue.Queue()
+        try:
+            return original(self, sharded_state_dict, checkpoint_dir)
+        finally:
+            filesystem_async._results_queue = held
+
+    TorchDistSaveShardedStrategy.save = save
+    TorchDistSaveShardedStrategy._solo_sync_queue_patched = True
+
+
 def apply() -> None:
     """Every workaround this package needs from megatron-core 0.19.2."""
     fix_torch_adam_reshardable_load()
     fix_torch_adam_step_on_empty_rank()
+    fix_sync_save_spawns_a_manager()
