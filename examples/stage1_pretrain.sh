@@ -6,6 +6,8 @@
 # Checkpoints:
 #   STAGE1_CKPT (default checkpoints/stage1)  --save; resumed when it already holds a checkpoint
 #   INIT_CKPT (default: none)                 --load --finetune: the converted Mistral to start from
+#   BASE_HF (default: none)                   instead: a Hugging Face base of any family, converted once
+#                                             into BASE_CKPT; its architecture and SOLO tokenizer are used
 # Example (full scale; PRESET=tiny and a small DATA_PATH make it a CPU run of minutes):
 #   DATA_PATH="0.7 data/in21k 0.3 data/slimpajama" TOKENIZER_MODEL=tok/tokenizer.model \
 #   INIT_CKPT=checkpoints/mistral-init TRAIN_ITERS=... bash examples/stage1_pretrain.sh
@@ -44,7 +46,7 @@ EVAL_AND_LOGGING_ARGS=(
     --save-interval 500 --eval-interval 500 --eval-iters 10 --log-interval 1
     --exit-signal-handler                      # SIGTERM (preemption): save, then exit 0
 )
-SAVE_VAR=STAGE1_CKPT INIT_VAR=INIT_CKPT  # named in error lines
+SAVE_VAR=STAGE1_CKPT INIT_VAR=INIT_CKPT USE_BASE=1  # named in error lines; BASE_HF starts this phase
 init_ckpt=${INIT_CKPT:-}
-if [[ "${FROM_STAGE0:-0}" == 1 ]]; then init_ckpt=${STAGE0_CKPT:-checkpoints/stage0}; INIT_VAR=STAGE0_CKPT; fi
+if [[ "${FROM_STAGE0:-0}" == 1 ]]; then init_ckpt=${STAGE0_CKPT:-checkpoints/stage0}; INIT_VAR=STAGE0_CKPT USE_BASE=0; fi
 run_phase "stage 1 pre-training" "${STAGE1_CKPT:-checkpoints/stage1}" "$init_ckpt" "$@"

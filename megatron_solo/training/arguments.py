@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                       ("sliding-window", int), ("init-method-std", float)):
         g.add_argument(f"--{name}", type=typ, default=None, help=f"override the preset's {name.replace('-', '_')} (None: the preset's)")
     g.add_argument("--no-sliding-window", action="store_true", help="full causal attention")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="the architecture of the --load checkpoint (e.g. a converted base of any family) in "
+                        "place of --model's preset; the architecture flags still override it")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this x TP (Megatron's rule)")
 

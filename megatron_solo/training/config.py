@@ -404,7 +404,10 @@ def _model_args(a) -> SoloModelArgs:
     if a.num_attention_heads is not None and a.kv_channels is None and a.hidden_size is not None:
         overrides["kv_channels"] = a.hidden_size // a.num_attention_heads
     try:
-        m = SoloModelArgs.from_preset(a.model, **overrides)
+        if getattr(a, "use_checkpoint_args", False):  # Megatron-LM's flag: the --load checkpoint's architecture
+            m = SoloModelArgs(**{**_checkpoint_model_args(a.load), **overrides})
+        else:
+            m = SoloModelArgs.from_preset(a.model, **overrides)
     except (ValueError, TypeError) as e:
         raise ArgumentError(str(e)) from None
     tp, pp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size
@@ -420,6 +423,19 @@ def _model_args(a) -> SoloModelArgs:
     if a.seq_length > m.max_position_embeddings:
         raise ArgumentError(f"--seq-length {a.seq_length} exceeds max-position-embeddings {m.max_position_embeddings}")
     return m
+
+
+def _checkpoint_model_args(load: str | None) -> dict:
+    """The model_args recorded in the --load checkpoint (--use-checkpoint-args)."""
+    if not load or checkpoint.latest_iteration(load) is None:
+        raise ArgumentError(f"--use-checkpoint-args: no complete checkpoint under --load {load}")
+    try:
+        saved = checkpoint.read_checkpoint_info(load).get("model_args")
+    except (checkpoint.CheckpointError, OSError, ValueError) as e:
+        raise ArgumentError(f"--use-checkpoint-args: {e}") from None
+    if not saved:
+        raise ArgumentError(f"--use-checkpoint-args: {load} records no model architecture")
+    return saved
 
 
 def _virtual_pipeline(a, m: SoloModelArgs, num_microbatches: int) -> int | None:
