@@ -142,20 +142,23 @@ def test_entry_point_prints_one_line_on_rank_0_only(tmp_path):
 _TORCHRUN_LOG = re.compile(r"^[EWI]\d{4} [\d:.]+ +\d+ .*torch/distributed/")  # a line logged by torchrun's agent
 
 
-def test_torchrun_by_hand_a_user_mistake_is_one_line_and_torchruns_root_cause(tmp_path):
-    """``torchrun --nproc-per-node 2 -m megatron_solo.train`` with a data prefix that does not exist: the job's
-    one ``error:`` line (rank 0's; rank 1 found the same and stays quiet), no worker traceback, and the last
-    line from the workers. torchrun then always reports a failed worker with its own traceback and table
-    (torch/distributed/launcher/api.py raises ChildFailedError for any non-zero exit): the worker records its
-    line in torchrun's error file, so that table's root cause is the same line (not "To enable traceback see
-    ..."), and a worker's exit code 2 shows in it."""
-    missing = str(tmp_path / "missing")
-    p = _torchrun(2, ["--model", "tiny", "--seq-length", "128", "--train-iters", "2", "--data-path", missing])
-    out, _ = p.communicate(timeout=200)
+def test_torchrun_by_hand_a_user_mistake_is_one_line_and_torchruns_root_cause(digits_data):
+    """``torchrun --nproc-per-node 2 -m megatron_solo.train`` with a bad flag (a global batch size that DP=2
+    does not divide; the data are real): the job's one ``error:`` line, printed by rank 0 only (rank 1 found
+    the same and stays quiet), no worker traceback, and the last line from the workers. torchrun then always
+    reports a failed worker with its own traceback and table (torch/distributed/launcher/api.py raises
+    ChildFailedError for any non-zero exit): the worker records its line in torchrun's error file, so that
+    table's root cause is the same line (not "To enable traceback see ..."), and a worker's exit code 2
+    shows in it. (One run for both checks: each torchrun start-up costs ~25 s on 2 cores; the text of an
+    input error, a missing data prefix, is checked by test_entry_point_prints_one_line_on_rank_0_only.)"""
+    p = _torchrun(2, ["--model", "tiny", "--seq-length", "128", "--train-iters", "2",
+                      "--data-path", digits_data["pretrain"], "--global-batch-size", "3"])
+    out, _ = p.communicate(timeout=300)
     assert p.returncode != 0
     lines = out.splitlines()
     mine = [i for i, l in enumerate(lines) if l.startswith("error:")]
-    assert len(mine) == 1 and lines[mine[0]].startswith(f"error: data prefix {missing}: missing"), out[-4000:]
+    assert [lines[i] for i in mine] == [
+        "error: --global-batch-size 3 is not divisible by micro-batch-size (1) x data-parallel size (2)"], out[-4000:]
     report = next(i for i, l in enumerate(lines) if l.startswith("Traceback"))
     assert all(_TORCHRUN_LOG.match(l) for l in lines[mine[0] + 1:report]), out[-4000:]  # then torchrun only
     assert out.count("Traceback") == 1 and "ChildFailedError" in out[out.index("Traceback"):], out[-4000:]
