@@ -29,10 +29,10 @@ def main(argv=None) -> int:
         if global_rank() == 0:
             print(cfg.resume.nothing_to_do, flush=True)
         return 0
-    with faults.guarded_run(cfg):  # inputs checked, --save locked by rank 0 for the run's life
+    with faults.guarded_run(cfg) as vocab:  # inputs checked, --save locked by rank 0 for the run's life
         cpu_backend.ensure()  # megatron-core on CPU/gloo when CUDA is absent (a no-op otherwise)
         mcore_fixes.apply()
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, vocab)
         summary = trainer.train()
         trainer.close()
         parallel.destroy()

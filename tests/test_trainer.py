@@ -2,11 +2,14 @@
 --transformer-impl (TE reported present and absent), NaN/inf loss skipping, --exit-interval and
 --exit-duration-in-mins."""
 
+import json
+
 import pytest
 import torch
 
 from megatron_solo import cpu_backend
 from megatron_solo.model import config as model_config
+from megatron_solo.spec import MISTRAL_VOCAB
 from megatron_solo.training.arguments import build_parser
 from megatron_solo.training.config import build_train_config
 from megatron_solo.training.trainer import make_forward_step
@@ -89,7 +92,6 @@ def stop_runs(digits_data, tmp_path_factory):
 
 
 def _records(path):
-    import json
 
     with open(path) as f:
         return [r for r in map(json.loads, f) if r["kind"] == "train"]
@@ -120,6 +122,9 @@ def test_nan_loss_steps_are_skipped_then_the_run_stops_with_exit_2(stop_runs):
         last = checkpoint_tensors(f"{out}/nan/iter_0000003", optimizer=kind)
         assert first.keys() == last.keys() and first
         assert all(torch.equal(first[k], last[k]) for k in first), kind
+    # The run's checked vocabulary is recorded in each of its checkpoints (a run on another base's data saves that base's).
+    with open(f"{out}/nan/iter_0000003/solo_checkpoint.json") as f:
+        assert json.load(f)["vocab"] == MISTRAL_VOCAB.to_dict()
 
 
 def test_exit_interval_saves_and_stops(stop_runs):

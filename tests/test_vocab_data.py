@@ -153,8 +153,10 @@ def test_ids_of_one_base_are_refused_where_they_meet_another(prefixes, hf_tokeni
         json.dump(stats, f)
     assert prefix_vocab(legacy) == MISTRAL_VOCAB and SoloIndexedDataset(legacy).vocab == MISTRAL_VOCAB
     args = ["--model", "tiny", "--seq-length", "128", "--train-iters", "2", "--data-path", legacy]
-    faults.check_inputs(build_train_config(build_parser().parse_args(args + ["--tokenizer-model", solo_tokenizer])))
-    faults.check_inputs(build_train_config(build_parser().parse_args(args)))  # no tokenizer: the model's 33031 ids
+    # the checked vocabulary is the run's (the trainer counts images by it and saves it in every checkpoint)
+    assert faults.check_inputs(build_train_config(build_parser().parse_args(
+        args + ["--tokenizer-model", solo_tokenizer]))) == MISTRAL_VOCAB
+    assert faults.check_inputs(build_train_config(build_parser().parse_args(args))) == MISTRAL_VOCAB  # the model's 33031 ids
     with pytest.raises(InputError, match=f"^data prefix {legacy} has SOLO's vocabulary of 33031 ids "
                                          r"\(<vision>=32000 after a 32000-id base\), the model has 129288 ids"):
         check_prefix(legacy, 129288, prefixes["llama"][0].vocab)
@@ -180,3 +182,16 @@ def test_ids_of_one_base_are_refused_where_they_meet_another(prefixes, hf_tokeni
         merge_prefixes([mistral, prefixes["llama"][1]], str(tmp_path / "merged"))
     assert not os.path.exists(tmp_path / "merged-tokens.idx")
     assert merge_prefixes([mistral, legacy], str(tmp_path / "m2"))["documents"] == 4  # both Mistral's
+
+
+def test_images_are_counted_by_the_runs_own_vision_id(prefixes):
+    """The throughput line's image count takes the run's ``<vision>`` id (Qwen's 151669, not Mistral's 32000)."""
+    import torch
+
+    from megatron_solo.training.sampler import count_images
+
+    qwen = prefixes["qwen"][0].vocab
+    tokens = torch.tensor([[qwen.vision_start, qwen.vision_patch, qwen.vision_end, 5, qwen.vision_start]])
+    assert count_images([{"tokens": tokens}], qwen.vision_start) == 2
+    assert count_images([{"tokens": tokens}], MISTRAL_VOCAB.vision_start) == 0
+    assert count_images([{"tokens": tokens}], None) == 0

@@ -8,7 +8,6 @@ from megatron.core import parallel_state
 
 from megatron_solo.data import collate
 from megatron_solo.data.loader import WorkerBatchStream, micro_batch_indices
-from megatron_solo.spec import SOLO_IDS
 
 
 @dataclasses.dataclass
@@ -19,8 +18,11 @@ class GlobalBatch:
     images: int  # images in these micro-batches (one <vision_start> per image)
 
 
-def count_images(micro_batches: list[dict]) -> int:
-    return sum(int((b["tokens"] == SOLO_IDS.vision_start).sum()) for b in micro_batches)
+def count_images(micro_batches: list[dict], vision_start: int | None) -> int:
+    """One ``<vision>`` per image, at the run's own id (``None``: the vocabulary is unknown, counted as 0)."""
+    if vision_start is None:
+        return 0
+    return sum(int((b["tokens"] == vision_start).sum()) for b in micro_batches)
 
 
 class MicroBatchStream:
@@ -32,8 +34,9 @@ class MicroBatchStream:
     :class:`~megatron_solo.training.config.ScheduleSection`).
     """
 
-    def __init__(self, dataset, schedule, consumed: int, num_workers: int = 0):
+    def __init__(self, dataset, schedule, consumed: int, num_workers: int = 0, vision_start: int | None = None):
         self.dataset, self.schedule, self.consumed = dataset, schedule, consumed
+        self.vision_start = vision_start  # the run's <vision> id, for the image count
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self._workers = None
@@ -59,4 +62,4 @@ class MicroBatchStream:
     def next_batch(self) -> GlobalBatch:
         """:meth:`global_step` with its image count (the trainer's throughput line)."""
         micro_batches = self.global_step()
-        return GlobalBatch(micro_batches, count_images(micro_batches))
+        return GlobalBatch(micro_batches, count_images(micro_batches, self.vision_start))

@@ -29,6 +29,7 @@ from megatron_solo.data import build_train_valid_test_datasets, parse_data_path
 from megatron_solo.data.dataset import DataSplitError
 from megatron_solo.eval.in_loop import TaskEvaluator
 from megatron_solo.model import model_forward_kwargs, prepare_batch, solo_loss_func
+from megatron_solo.spec import SoloVocab
 from megatron_solo.training import faults, param_groups
 from megatron_solo.training.config import TrainConfig
 from megatron_solo.training.flops import flops_per_step
@@ -48,10 +49,15 @@ class StepResult:
 
 # ------------------------------------------------------------------------------------------- the run
 class Trainer:
-    """One phase's training state and its loop. ``Trainer(cfg).train()`` returns the run's summary."""
+    """One phase's training state and its loop. ``Trainer(cfg, vocab).train()`` returns the run's summary.
 
-    def __init__(self, cfg: TrainConfig):
+    ``vocab``: the run's SOLO vocabulary as the start-up input check decided it (``faults.check_inputs``):
+    images are counted by its ``<vision>`` id and every checkpoint records it. ``None`` (nothing said which
+    base the ids are of) falls back to the checkpoint's or Mistral's (``faults.inputs.run_vocab``)."""
+
+    def __init__(self, cfg: TrainConfig, vocab: SoloVocab | None = None):
         self.cfg = cfg
+        self.vocab = vocab if vocab is not None else faults.inputs.run_vocab(cfg)
         self.t_start = time.time()
         self.log = start_parallel_world(cfg)
         self.model_config = cfg.transformer_config()
@@ -62,7 +68,7 @@ class Trainer:
                              f"({counts['trainable']}M trainable)")
         self.optimizer, self.scheduler = build_optimizer_and_scheduler(cfg, self.model_chunks)
         wire_schedule(cfg, self.model_config, self.model_chunks, self.optimizer)
-        self.checkpointer = Checkpointer(cfg, self.model_chunks, self.optimizer, self.scheduler, self.log)
+        self.checkpointer = Checkpointer(cfg, self.model_chunks, self.optimizer, self.scheduler, self.log, self.vocab)
         self.forward_step = make_forward_step(cfg, self.model_config)
         self.task_evaluator = TaskEvaluator(cfg, self.log) if cfg.logging.eval_tasks else None
         self.iteration = 0
@@ -113,7 +119,11 @@ class Trainer:
     def build_data(self, consumed: int) -> None:
         """The train stream from ``consumed`` samples on, and the validation sets; data files watched."""
         train_ds, self.valid_sets = faults.watch_data_files(*build_datasets(self.cfg))
-        self.stream = MicroBatchStream(train_ds, self.cfg.schedule, consumed, num_workers=self.cfg.data.num_workers)
+        self.stream = MicroBatchStream(train_ds, self.cfg.schedule, consumed, num_workers=self.cfg.data.num_workers,
+                                       vision_start=self.vocab.vision_start if self.vocab is not None else None)
+        if self.vocab is None:
+            self.log.info("images/s is not counted: nothing says which base's ids the data has "
+                          "(pass --tokenizer-model)")
 
     def close(self) -> None:
         self.log.close()
@@ -270,8 +280,10 @@ def wire_schedule(cfg: TrainConfig, model_config, model_chunks, optimizer) -> No
 class Checkpointer:
     """The run's checkpoints: carries out the resume plan made with the config, and saves to ``--save``."""
 
-    def __init__(self, cfg: TrainConfig, model_chunks, optimizer, scheduler, log: TrainingLogger):
+    def __init__(self, cfg: TrainConfig, model_chunks, optimizer, scheduler, log: TrainingLogger,
+                 vocab: SoloVocab | None = None):
         self.cfg, self.model_chunks, self.optimizer, self.scheduler, self.log = cfg, model_chunks, optimizer, scheduler, log
+        self.vocab = vocab  # recorded in every checkpoint: the ids its model was trained with
 
     def load_start_state(self) -> tuple[int, int]:
         """Returns (iteration, consumed samples) to start from."""
@@ -302,7 +314,7 @@ class Checkpointer:
                 ck.save, iteration, self.model_chunks, None if ck.no_save_optim else self.optimizer, self.scheduler,
                 model_args=cfg.model.args, padded_vocab_size=cfg.model.padded_vocab_size,
                 consumed_train_samples=consumed, args=cfg.checkpoint_args(),
-                tokenizer_model=cfg.tokenizer_model_path, keep_last=ck.keep_last_checkpoints)
+                tokenizer_model=cfg.tokenizer_model_path, vocab=self.vocab, keep_last=ck.keep_last_checkpoints)
         self.log.info(f"saved checkpoint at iteration {iteration} to {ck.save} ({reason})")
 
 

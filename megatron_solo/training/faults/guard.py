@@ -20,17 +20,17 @@ from megatron_solo.training.faults.lock import SaveDirLock
 @contextlib.contextmanager
 def guarded_run(cfg):
     """The entry point's frame: inputs checked, the ``--save`` lock held by rank 0 (released on exit, and
-    by the parent watch)."""
+    by the parent watch). Yields the run's checked vocabulary (``None`` when nothing says which it is)."""
     lock = None
     try:
-        check_inputs(cfg, save_lock=False)
+        vocab = check_inputs(cfg, save_lock=False)
         if cfg.checkpoint.save and global_rank() == 0:
             lock = SaveDirLock(cfg.checkpoint.save)
             lock.acquire()
             parent.release_on_leave(lock)
             if lock.warning:
                 print(lock.warning, file=sys.stderr, flush=True)
-        yield
+        yield vocab
     finally:
         if lock is not None:
             parent.release_on_leave(None)

@@ -56,12 +56,13 @@ def check_save_dir(save: str) -> None:
         raise InputError(f"--save {save} is not writable ({e.strerror or e}); choose a writable directory") from None
 
 
-def check_inputs(cfg, *, save_lock: bool = True) -> None:
+def check_inputs(cfg, *, save_lock: bool = True) -> SoloVocab | None:
     """Every input of a run, checked in one process before megatron-core is initialised; raises
     :class:`InputError` (one line) for the first problem. ``cfg`` is a
     :class:`~megatron_solo.training.config.TrainConfig` (the resume plan has read ``--load``'s info).
     ``save_lock``: also refuse a ``--save`` whose lock is live (a launcher's pre-flight; inside a run,
-    rank 0 takes the lock instead, and the other ranks must not see their own run's lock as foreign)."""
+    rank 0 takes the lock instead, and the other ranks must not see their own run's lock as foreign).
+    Returns the run's checked vocabulary (:func:`run_vocab`), which the trainer counts images with and saves."""
     vocab_size = cfg.model.args.vocab_size
     tokenizer = check_tokenizer(cfg.data.tokenizer_model) if cfg.data.tokenizer_model else None
     if tokenizer is not None:
@@ -85,3 +86,4 @@ def check_inputs(cfg, *, save_lock: bool = True) -> None:
         check_save_dir(cfg.checkpoint.save)
         if save_lock:
             SaveDirLock(cfg.checkpoint.save).check_free()
+    return vocab
