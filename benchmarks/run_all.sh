@@ -18,5 +18,6 @@ run qwen3_step $PY benchmarks/qwen3_step.py --seq-length 128 --micro-batch-size 
 run loader $PY benchmarks/loader.py --samples 10000 --work "$OUT/loader"
 run preprocess $PY benchmarks/preprocess.py --docs 120 --rss-docs 100
 run convert $PY benchmarks/convert.py --work "$OUT/convert"
+run checkpoint_save $PY benchmarks/checkpoint_save.py --repeats 5
 run gpu_check_dry env OUT="$OUT/gpu_dry" bash benchmarks/gpu_check.sh --cpu-dry-run
 echo "== logs in $OUT/"

@@ -73,8 +73,9 @@ def fix_sync_save_spawns_a_manager() -> None:
     """megatron-core 0.19.2: the synchronous torch_dist save (``TorchDistSaveShardedStrategy.save``, what
     ``dist_checkpointing.save`` runs) goes through the async writer, whose ``prepare_write_data`` takes its
     results queue from ``filesystem_async.get_write_results_queue()``: on a process's first save that starts
-    a ``spawn`` multiprocessing Manager, one more Python process per rank (it re-imports the rank's main
-    module) living until the rank exits, for results that the sync path writes and reads in this very
+    a ``spawn`` multiprocessing Manager, one more Python process per rank living until the rank exits, which
+    imports torch to unpickle the write results put in it (~1.7 s of CPU, 2-3 s of the save's wall time on
+    2 cores: benchmarks/checkpoint_save.py), for results that the sync path writes and reads in this very
     process (``AsyncRequest.execute_sync``). Give the sync save an in-process queue for its duration;
     async saves, whose writer runs in another process, still get the Manager's queue."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
