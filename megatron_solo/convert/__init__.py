@@ -5,6 +5,7 @@
 * :mod:`megatron_solo.convert.safetensors_io`: safetensors shards read and written one tensor at a time.
 * :mod:`megatron_solo.convert.hf_export_files`: an export's config, tokenizer and remote-code files.
 * :mod:`megatron_solo.convert.megatron_io`: ``hf_to_megatron``, ``megatron_to_hf``, ``--verify``.
+* :mod:`megatron_solo.convert.full_model`: the model a conversion runs (TP=1, PP=1), in memory or on ``meta``.
 * :mod:`megatron_solo.convert.dcp_stream`: megatron-core's checkpoint format written one chunk at a time and
   read one parameter at a time (the conversion never holds a model).
 * ``hf_files/``: ``configuration_solo.py``, ``modeling_solo.py``, ``processing_solo.py``, copied into
@@ -22,6 +23,7 @@ _MEGATRON_API = ("hf_to_megatron", "megatron_to_hf", "verify_against_hf", "megat
 
 def __getattr__(name):
     if name in _MEGATRON_API:
+        # on first use: megatron_io loads megatron-core, and importing this package stays cheap
         from megatron_solo.convert import megatron_io
 
         return getattr(megatron_io, name)

@@ -44,24 +44,12 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_solo.meta_device import meta_device
+from megatron_solo.convert.full_model import build_meta_model
+from megatron_solo.convert.mapping import canonical_megatron_name
 
 #: produce(dict key of the parameter in the model's sharded state dict, offsets in the parameter, sizes)
 #: -> the tensor of that chunk (the parameter's dtype)
 ChunkProducer = Callable[[str, tuple[int, ...], tuple[int, ...]], torch.Tensor]
-
-
-def build_meta_model(model_args, padded_vocab_size: int, params_dtype: torch.dtype):
-    """The full TP=1/PP=1 SOLO model (local spec) on the meta device: its layout, no memory."""
-    from megatron_solo.convert.megatron_io import init_conversion_parallel
-    from megatron_solo.model import build_solo_model, build_transformer_config
-
-    init_conversion_parallel()
-    config = build_transformer_config(model_args, params_dtype=params_dtype, use_te=False,
-                                      perform_initialization=False)
-    with meta_device():
-        return build_solo_model(model_args, config, pre_process=True, post_process=True,
-                                padded_vocab_size=padded_vocab_size, use_te=False)
 
 
 def _chunk_index(sharded_state_dict) -> dict[tuple[str, tuple[int, ...]], tuple[str, int]]:
@@ -193,8 +181,6 @@ class CheckpointTensorReader:
     """
 
     def __init__(self, info: dict, model_args, padded_vocab_size: int):
-        from megatron_solo.convert.mapping import canonical_megatron_name
-
         self.path = info["path"]
         metadata = FileSystemReader(self.path).read_metadata()
         self._dtypes = {k: v.properties.dtype for k, v in metadata.state_dict_metadata.items()

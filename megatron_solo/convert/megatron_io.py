@@ -7,6 +7,9 @@ world takes part (the checkpoint writer is collective); on the command line that
 
 Memory: one model (the parameters are the only full copy) plus the HF tensors of one table row in
 flight; HF shards are read and written tensor by tensor (``convert/safetensors_io.py``).
+
+Importing this module loads megatron-core: the tools import it once their input is checked (and
+``cpu_backend.ensure()`` has run on a CPU machine); ``megatron_solo.convert`` imports it on first use.
 """
 
 from __future__ import annotations
@@ -19,19 +22,34 @@ import sys
 import tempfile
 
 import torch
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_solo import cpu_backend
+from megatron_solo.checkpoint import (
+    CheckpointError,
+    checkpoint_vocab,
+    latest_iteration,
+    load_model_weights,
+    read_checkpoint_info,
+    save_checkpoint,
+)
+from megatron_solo.convert.dcp_stream import CheckpointTensorReader, RowCache, StreamingSaveStrategy
 from megatron_solo.convert.errors import ConversionError, VerificationError
+from megatron_solo.convert.families import FAMILIES
+from megatron_solo.convert.full_model import build_full_model, build_meta_model
+from megatron_solo.convert.full_model import init_conversion_parallel  # noqa: F401  (part of this module's API)
 from megatron_solo.convert.hf_config import check_hf_checkpoint, conversion_shapes, hf_config_from_model_args
 from megatron_solo.convert.hf_export_files import copy_tokenizer, resolve_tokenizer, write_hf_support_files
-from megatron_solo.convert.safetensors_io import HFCheckpoint, StreamingSafetensorsWriter, parse_size
+from megatron_solo.convert.hf_files.processing_solo import normalize_patches
 from megatron_solo.convert.mapping import (
     bound_mappings,
     canonical_megatron_name,
+    init_extra_vocab_rows,
     patch_embed_init_std,
 )
-from megatron_solo.convert.families import FAMILIES
+from megatron_solo.convert.safetensors_io import HFCheckpoint, StreamingSafetensorsWriter, parse_size
 from megatron_solo.data.tokenizer import TokenizerError, check_tokenizer
+from megatron_solo.model import SoloModelArgs, packed_causal_mask
 from megatron_solo.spec import BASE_VOCAB_SIZE, MISTRAL_VOCAB, PATCH_DIM, SoloVocab, vocab_mismatch
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -56,31 +74,6 @@ def _progress(iterable=None, **kw):
     return tqdm(iterable, disable=not _rank0(), dynamic_ncols=True, **kw)
 
 
-def init_conversion_parallel() -> None:
-    """TP=1, PP=1 over the current world (a world of one when run from the command line)."""
-    from megatron.core import parallel_state
-
-    from megatron_solo.parallel import initialize_model_parallel
-
-    if (parallel_state.model_parallel_is_initialized()
-            and parallel_state.get_tensor_model_parallel_world_size() == 1
-            and parallel_state.get_pipeline_model_parallel_world_size() == 1):
-        return
-    initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-
-
-def build_full_model(model_args, padded_vocab_size: int, params_dtype=torch.float32, initialize: bool = False):
-    """The whole SOLO model in this process (TP=1, PP=1, local spec), parameters left uninitialised
-    unless ``initialize`` (conversion overwrites every one of them)."""
-    from megatron_solo.model import build_solo_model, build_transformer_config
-
-    init_conversion_parallel()
-    config = build_transformer_config(model_args, params_dtype=params_dtype, use_te=False,
-                                      perform_initialization=initialize)
-    return build_solo_model(model_args, config, pre_process=True, post_process=True,
-                            padded_vocab_size=padded_vocab_size, use_te=False)
-
-
 def model_parameters(model) -> dict[str, torch.nn.Parameter]:
     """Parameters by the table's (local-spec) names; checks that the table covers exactly these."""
     params = {canonical_megatron_name(n): p for n, p in model.named_parameters()}
@@ -90,8 +83,6 @@ def model_parameters(model) -> dict[str, torch.nn.Parameter]:
 def load_weights(model, info: dict) -> None:
     """The weights of the checkpoint ``info`` describes (read once, by :func:`read_checkpoint`) into
     ``model``, at any TP/PP layout; a missing weight is a :class:`ConversionError`."""
-    from megatron_solo.checkpoint import CheckpointError, load_model_weights
-
     try:
         load_model_weights([model], info)
     except CheckpointError as e:
@@ -142,10 +133,6 @@ def hf_to_megatron(
     at a time (see :func:`verify_tensors`); ``verify_logits`` (default: when the model fits in memory,
     :func:`logits_check_fits`) also compares logits. Returns a summary dict.
     """
-    from megatron_solo.checkpoint import read_checkpoint_info, save_checkpoint
-    from megatron_solo.convert.dcp_stream import RowCache, StreamingSaveStrategy, build_meta_model
-    from megatron_solo.model import SoloModelArgs
-
     kind, cfg, args, ckpt = check_hf_checkpoint(hf_dir)
     src_dtype = ckpt.torch_dtype_of("model.embed_tokens.weight")
     params_dtype = src_dtype if params_dtype is None else parse_dtype(params_dtype)
@@ -240,8 +227,6 @@ class HFRowConverter:
 
 def read_checkpoint(load_dir: str, iteration: int | None = None) -> dict:
     """The info of a megatron_solo checkpoint (its solo_checkpoint.json), or a :class:`ConversionError`."""
-    from megatron_solo.checkpoint import CheckpointError, latest_iteration, read_checkpoint_info
-
     if not os.path.isdir(load_dir):
         raise ConversionError(f"{load_dir}: no such checkpoint directory")
     if iteration is None:
@@ -263,8 +248,6 @@ def read_checkpoint(load_dir: str, iteration: int | None = None) -> dict:
 def _load_full_model(info: dict, params_dtype):
     """The whole model of the checkpoint ``info`` describes, in memory at ``params_dtype`` (the logits
     check only)."""
-    from megatron_solo.model import SoloModelArgs
-
     model_args = SoloModelArgs(**info["model_args"])
     padded = int(info["padded_vocab_size"])
     model = build_full_model(model_args, padded, params_dtype)
@@ -274,9 +257,6 @@ def _load_full_model(info: dict, params_dtype):
 
 def checkpoint_reader(info: dict):
     """A :class:`~megatron_solo.convert.dcp_stream.CheckpointTensorReader` for a checkpoint's info."""
-    from megatron_solo.convert.dcp_stream import CheckpointTensorReader
-    from megatron_solo.model import SoloModelArgs
-
     return CheckpointTensorReader(info, SoloModelArgs(**info["model_args"]), int(info["padded_vocab_size"]))
 
 
@@ -291,8 +271,6 @@ def _check_tokenizer_for_export(path: str | None, model_args, info: dict):
     if vocab.size != model_args.vocab_size:
         raise ConversionError(f"{path}: {vocab.size} pieces, the checkpoint's vocabulary is "
                               f"{model_args.vocab_size}")
-    from megatron_solo.checkpoint import checkpoint_vocab  # imports megatron-core: this module imports it on use
-
     stored = checkpoint_vocab(info)
     msg = stored and vocab_mismatch(vocab, stored, f"the tokenizer {path}", "the checkpoint")
     if msg:
@@ -322,8 +300,6 @@ def megatron_to_hf(
     max_shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     if os.path.exists(save_dir) and os.listdir(save_dir) and not overwrite:
         raise ConversionError(f"{save_dir} exists and is not empty (pass --overwrite to replace it)")
-    from megatron_solo.model import SoloModelArgs
-
     info = read_checkpoint(load_dir, iteration)
     iteration = info["iteration"]
     model_args = SoloModelArgs(**info["model_args"])
@@ -382,8 +358,6 @@ def megatron_to_hf(
 
 def verification_inputs(vocab_size: int, with_image: bool, seed: int = 0, ids: SoloVocab = MISTRAL_VOCAB):
     """A small fixed batch: text ids, and with an image block of 2x3 patches (random pixels)."""
-    from megatron_solo.convert.hf_files.processing_solo import normalize_patches
-
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(3, min(vocab_size, BASE_VOCAB_SIZE), (2, 12), generator=g)
     if not with_image:
@@ -405,10 +379,6 @@ def export_vocab(hf_dir: str) -> SoloVocab:
 
 def megatron_logits(model, input_ids: torch.Tensor, vision_patches: torch.Tensor | None = None) -> torch.Tensor:
     """Full-vocabulary logits [b, s, V_padded] of a (TP-sharded, PP=1) SOLO model on one document per row."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    from megatron_solo.model import packed_causal_mask
-
     b, s = input_ids.shape
     pos = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
     mask = packed_causal_mask(torch.full((b, 1), s), s, model.config.window_size)
@@ -427,6 +397,7 @@ def load_hf_model(hf_dir: str, kind: str, dtype=torch.float32):
         model = getattr(transformers, FAMILIES[kind].hf_class).from_pretrained(hf_dir, dtype=dtype)
     else:
         if not os.path.isfile(os.path.join(hf_dir, "modeling_solo.py")):
+            # transformers loads here, for the logits check only (a conversion without it never needs it)
             from megatron_solo.convert.hf_files.modeling_solo import SoloForCausalLM
 
             model = SoloForCausalLM.from_pretrained(hf_dir, dtype=dtype)
@@ -450,8 +421,6 @@ def verify_tensors(get_megatron, hf_dir: str, *, kind: str, model_args: dict, pa
     bit. From a base: the rows it has, and the rows past its tokenizer (``source_rows``, default: all
     of its embedding's rows) are the documented initialisation. Holds one row of each side at a time.
     Returns the number of HF tensors checked; raises :class:`VerificationError` naming the first mismatch."""
-    from megatron_solo.convert.mapping import init_extra_vocab_rows
-
     ckpt = HFCheckpoint(hf_dir)
     hf_rows = ckpt.header["model.embed_tokens.weight"][1][0]
     src_vocab = hf_rows if source_rows is None else source_rows
