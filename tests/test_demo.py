@@ -62,3 +62,30 @@ def test_quickstart_stops_with_the_failing_step_and_its_log(tmp_path):
     assert "step 'tokenizer' failed" in r.stderr, r.stderr
     assert f"full log: {out / 'logs' / '1_tokenizer.log'}" in r.stderr
     assert "[2/8]" not in r.stdout
+
+
+def test_quickstart_on_a_tiny_qwen3_base(tmp_path):
+    """`BASE=qwen3 make demo`, cheapest form: a tiny random Qwen3ForCausalLM with Qwen3's real tokenizer.json,
+    converted by the launcher (BASE_HF), trained from it with its own architecture (--use-checkpoint-args),
+    exported (verified) and asked through generate; the export keeps Qwen's tokenizer and stop ids."""
+    out = tmp_path / "demo"
+    env = dict(os.environ, PY=sys.executable, OUT=str(out), BASE="qwen3", STAGE1_ITERS="2", SFT_ITERS="1",
+               DEMO_SEQ_LENGTH="64", DEMO_MBS="4", DEMO_GBS="8", SFT_GBS="8", EVAL_LIMIT="2", PYTHONWARNINGS="ignore")
+    r = subprocess.run(["bash", "examples/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    assert "tiny random qwen3 base" in r.stdout and "== done in" in r.stdout
+    base = json.loads((out / "base" / "config.json").read_text())
+    assert base["architectures"] == ["Qwen3ForCausalLM"] and base["vocab_size"] == 151669
+    s1_log = (out / "logs" / "4_stage1.log").read_text()
+    assert f"converting BASE_HF={out / 'base'}" in s1_log and "weights only, --finetune" in s1_log
+    assert (out / "checkpoints" / "base" / "tokenizer" / "tokenizer.json").is_file()
+    assert (out / "checkpoints" / "sft" / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert "verify: logits max abs diff" in (out / "logs" / "6_export.log").read_text()
+    cfg = json.loads((out / "hf" / "config.json").read_text())
+    assert cfg["architectures"] == ["SoloQwen3ForCausalLM"] and cfg["vision_patch_token_id"] == 151669 + 1, cfg
+    assert (out / "hf" / "tokenizer.json").is_file() and not (out / "hf" / "tokenizer.model").exists()
+    gen = json.loads((out / "hf" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [151643, 151645]  # <|endoftext|>, <|im_end|>: Qwen's own, reused by SOLO
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["total"] == 2 and all(p["output"] or p["stopped"] for p in ev["predictions"])

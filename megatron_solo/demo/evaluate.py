@@ -43,9 +43,6 @@ def first_word(text: str) -> str:
     return m.group(0).lower() if m else ""
 
 
-STOP_IDS = (2, 33030)  # </s>, <|im_end|>: the export's generation_config.eos_token_id
-
-
 def parse_answer(text: str, prompt_format: str = "chat") -> str:
     """Chat: the whole answer (the model stopped by itself), stripped and lower-cased.
     Pretrain: a stage-1 model never learned to stop, so the next word may run on without a space
@@ -89,6 +86,9 @@ def evaluate(hf_dir: str, test_jsonl: str, image_root: str | None = None, *, bat
     P = load_export_processor(hf_dir)
     processor = P.SoloProcessor.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    # the export's own stop ids (its base's: </s> and <|im_end|> 33030 over Mistral, <|endoftext|> and <|im_end|> over Qwen)
+    stops = model.generation_config.eos_token_id
+    stop_ids = set(stops if isinstance(stops, list) else [stops])
     rows = task.samples
     t0 = time.time()
     predictions = []
@@ -110,7 +110,7 @@ def evaluate(hf_dir: str, test_jsonl: str, image_root: str | None = None, *, bat
             predictions.append({"image": os.path.relpath(r.image, image_root), "label": WORDS.index(r.references[0]),
                                 "answer": r.references[0], "output": text, "predicted": predicted,
                                 "correct": bool(score_sample(task, r, predicted)),
-                                "stopped": any(t in STOP_IDS for t in seq)})
+                                "stopped": bool(stop_ids.intersection(seq))})
         if progress:
             done = start + len(chunk)
             acc = sum(p["correct"] for p in predictions) / len(predictions)
