@@ -10,6 +10,12 @@ of time on other cores.
 from __future__ import annotations
 
 import itertools
+import signal
+import traceback
+
+from megatron_solo.data.allocator import keep_freed_memory
+from megatron_solo.data.dataset import collate
+from megatron_solo.data.errors import picklable
 
 
 def micro_batch_indices(start: int, m: int, micro_batch_size: int, dp: int, dp_rank: int, n: int) -> list[int]:
@@ -24,10 +30,6 @@ def _init_loader_worker(worker_id: int) -> None:
     then shuts them down; a worker killed by the signal sent to the whole process group would make
     the DataLoader fail that save. A worker whose parent died exits by itself (DataLoader's watchdog).
     A worker decodes images in a loop: it keeps freed memory for reuse (data/allocator.py)."""
-    import signal
-
-    from megatron_solo.data.allocator import keep_freed_memory
-
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep_freed_memory()
@@ -39,10 +41,6 @@ class _Raised:
     a one-line user error, e.g. a data file truncated during the run, must stay one line)."""
 
     def __init__(self, exc: BaseException):
-        import traceback
-
-        from megatron_solo.data.errors import picklable
-
         exc.add_note("raised in a DataLoader worker:\n" + "".join(traceback.format_exception(exc)))
         self.exc = picklable(exc)
 
@@ -62,8 +60,6 @@ class _CatchErrors:
 
 
 def _collate(samples):
-    from megatron_solo.data.dataset import collate
-
     return next((s for s in samples if isinstance(s, _Raised)), None) or collate(samples)
 
 

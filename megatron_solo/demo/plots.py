@@ -83,7 +83,7 @@ def plot_answers(predictions: list[dict], image_root: str, image_to_patches, loa
     answer (green right, red wrong) and, when wrong, the label; the figure's title gives the accuracy.
     Patch borders are ticks on the frame, so no line crosses a digit's ink. ``image_to_patches`` and
     ``load_image`` come from the export's processor."""
-    from megatron_solo.data.image import patch_grid
+    from megatron_solo.data.image import patch_grid  # PIL and numpy load here: `plots losses` needs neither
 
     plt = _pyplot()
     shown = representative_sample(predictions, n)

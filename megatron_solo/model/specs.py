@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from megatron_solo.model.attention import SDPAFlexAttention
 from megatron_solo.model.config import check_fp8, te_available, use_te_default
 
 
@@ -105,8 +106,6 @@ def get_layer_spec(config, use_te: Optional[bool] = None, core_attention: str = 
     if core_attention == "dot_product":
         sub.self_attention.submodules.core_attention = SoloDotProductAttention
     else:
-        from megatron_solo.model.attention import SDPAFlexAttention
-
         sub.self_attention.submodules.core_attention = SDPAFlexAttention
     return ModuleSpec(module=TransformerLayer, submodules=sub)
 

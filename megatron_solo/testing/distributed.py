@@ -17,6 +17,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+from megatron_solo import cpu_backend, mcore_fixes
 from megatron_solo.netutil import free_port
 
 
@@ -36,8 +37,6 @@ def _rank_main(fn, rank, world_size, port, env, cpu_backend_on, args, kwargs, re
     )
     try:
         if cpu_backend_on:
-            from megatron_solo import cpu_backend, mcore_fixes
-
             cpu_backend.ensure()
             mcore_fixes.apply()
         out = fn(*args, **kwargs)
