@@ -16,7 +16,7 @@ PYTHON=${PYTHON:-$REPO_ROOT/.venv/bin/python}
 LAUNCHER_VARS=(
   # VARIABLE        KIND     FLAG(S)                         TINY  WHAT
   "PRESET            value    --model                         -     solo-7b | tiny (tiny also sets the TINY column of common.sh)"
-  "BASE_HF           base     --load,--finetune,--use-checkpoint-args -  a Hugging Face base of any family (Mistral, Llama-3.x, Qwen2/2.5/3) to start from: converted once into BASE_CKPT (default checkpoints/base-<its name>), its architecture in place of PRESET, its tokenizer extended by SOLO's the default TOKENIZER_MODEL"
+  "BASE_HF           base     --load,--finetune,--use-checkpoint-args -  a Hugging Face base of any family (Mistral, Llama-3.x, Qwen2/2.5/3) to start stage 0/1 from: converted once into BASE_CKPT (default checkpoints/base-<its name>); every phase takes the architecture from its checkpoint, not PRESET; TOKENIZER_MODEL defaults to the converted base's SOLO tokenizer"
   "GPUS_PER_NODE     torchrun --nproc-per-node                2"
   "NNODES            torchrun --nnodes                        -     (SLURM: the job's nodes)"
   "NODE_RANK         torchrun --node-rank                     -     (SLURM: SLURM_NODEID)"
@@ -183,14 +183,14 @@ run_phase() {
   # base's SOLO tokenizer; the phases that start from the base (USE_BASE=1: stage 0, stage 1) start from it.
   local base_args=()
   if [[ -n "${BASE_HF:-}" ]]; then
-    base_start
-    if [[ "${USE_BASE:-0}" == 1 && ! -f "$save_dir/latest_checkpointed_iteration.txt" ]]; then
-      if [[ -n "$init_ckpt" ]]; then
-        echo "error: set BASE_HF or ${INIT_VAR:-INIT_CKPT}, not both (each chooses the checkpoint to start from)" >&2
-        exit 2
-      fi
-      init_ckpt=$BASE_START INIT_VAR=BASE_HF
+    local from_base=0
+    [[ "${USE_BASE:-0}" == 1 && ! -f "$save_dir/latest_checkpointed_iteration.txt" ]] && from_base=1
+    if ((from_base)) && [[ -n "$init_ckpt" ]]; then
+      echo "error: set BASE_HF or ${INIT_VAR:-INIT_CKPT}, not both (each chooses the checkpoint to start from)" >&2
+      exit 2
     fi
+    base_start
+    ((from_base)) && init_ckpt=$BASE_START INIT_VAR=BASE_HF
     base_args=(--use-checkpoint-args)
     UNSET=()  # TOKENIZER_MODEL may be set now: the recipe again
     apply_launcher_vars trainer "${MODEL_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${TRAINING_ARGS[@]}" \
