@@ -89,3 +89,14 @@ def test_quickstart_on_a_tiny_qwen3_base(tmp_path):
     assert gen["eos_token_id"] == [151643, 151645]  # <|endoftext|>, <|im_end|>: Qwen's own, reused by SOLO
     ev = json.loads((out / "eval.json").read_text())
     assert ev["total"] == 2 and all(p["output"] or p["stopped"] for p in ev["predictions"])
+
+    # The launcher variable's mistakes: one error: line naming it, exit 2, before anything is converted.
+    for extra, line in (({"BASE_HF": str(out / "base"), "INIT_CKPT": str(out / "checkpoints" / "base")},
+                         "error: set BASE_HF or INIT_CKPT, not both (each chooses the checkpoint to start from)"),
+                        ({"BASE_HF": str(out)}, f"error: BASE_HF={out}: not a Hugging Face model directory (no "
+                                                "config.json); set BASE_HF")):
+        e = dict(os.environ, PRESET="tiny", DATA_PATH="x", TOKENIZER_MODEL="y", BASE_CKPT=str(tmp_path / "no"),
+                 STAGE1_CKPT=str(tmp_path / "s1"), **extra)
+        r = subprocess.run(["bash", "examples/stage1_pretrain.sh"], cwd=ROOT, env=e, capture_output=True, text=True,
+                           timeout=60)
+        assert (r.returncode, r.stderr.strip()) == (2, line) and not (tmp_path / "no").exists()
