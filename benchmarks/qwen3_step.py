@@ -2,7 +2,7 @@
 """Training tokens/s of a tiny Qwen3 base (one process, CPU) against transformers' ``Qwen3ForCausalLM``
 (issue 22: goal >= 0.9x, same weights, same tokens, forward + backward + optimizer step, medians).
 
-    .venv/bin/python benchmarks/qwen3_step.py [--seq-length 256 --micro-batch-size 4 --repeats 5]
+    .venv/bin/python benchmarks/qwen3_step.py [--seq-length 256 --micro-batch-size 4 --repeats 5] [--profile]
 
 ours      a tiny random Qwen3ForCausalLM (q/k RMSNorm, head_dim 64 != hidden/heads 32, GQA, Qwen3's real
           tokenizer.json from ``.cache/``) saved as a Hugging Face base, converted with the library's
@@ -89,6 +89,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2, help="steps per timed window")
     ap.add_argument("--repeats", type=int, default=5, help="timed windows per side (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler tables of both steps")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -136,6 +137,9 @@ def main(argv=None):
             c.append(n_tok / cpu)
         print(f"  repeat {r + 1}: ours {t_ours[-1]:8.0f} tok/s ({c_ours[-1]:6.0f} per CPU-s)   HF {t_hf[-1]:8.0f} "
               f"tok/s ({c_hf[-1]:6.0f} per CPU-s)   ratio {t_ours[-1] / t_hf[-1]:.3f}", flush=True)
+    if a.profile:
+        train_step.profile_step(ours, batches[:3], "ours (megatron-core train_step)", rows=12)
+        train_step.profile_step(base_step, batches[:3], "HF Qwen3ForCausalLM, plain loop", rows=12)
     m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
     cm_ours, cm_hf = statistics.median(c_ours), statistics.median(c_hf)
     print(f"\nmedian tokens/s over {a.repeats} windows of {a.steps} steps: ours {m_ours:.0f}, "
