@@ -18,10 +18,8 @@ printed (equal: same model, same batch); ABAB timed windows; medians and their r
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 
@@ -82,15 +80,7 @@ def main(argv=None):
     from megatron_solo.convert.megatron_io import hf_to_megatron
 
     quiet.filter_known_warnings()  # megatron-core's and torch's import-time notes, as the tools do
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seq-length", type=int, default=256)
-    ap.add_argument("--micro-batch-size", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=2, help="steps per timed window")
-    ap.add_argument("--repeats", type=int, default=5, help="timed windows per side (median reported)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--profile", action="store_true", help="torch.profiler tables of both steps")
-    a = ap.parse_args(argv)
+    a = train_step.timing_parser(__doc__).parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
 
@@ -140,12 +130,7 @@ def main(argv=None):
     if a.profile:
         train_step.profile_step(ours, batches[:3], "ours (megatron-core train_step)", rows=12)
         train_step.profile_step(base_step, batches[:3], "HF Qwen3ForCausalLM, plain loop", rows=12)
-    m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
-    cm_ours, cm_hf = statistics.median(c_ours), statistics.median(c_hf)
-    print(f"\nmedian tokens/s over {a.repeats} windows of {a.steps} steps: ours {m_ours:.0f}, "
-          f"HF Qwen3ForCausalLM {m_hf:.0f}")
-    print(f"median tokens per process CPU-second: ours {cm_ours:.0f}, HF {cm_hf:.0f}, ratio {cm_ours / cm_hf:.3f}")
-    print(f"RATIO ours / HF = {m_ours / m_hf:.3f} tokens/s (goal >= 0.9)")
+    train_step.print_medians(t_ours, t_hf, c_ours, c_hf, a.steps, "Qwen3ForCausalLM")
     from megatron_solo import parallel
 
     parallel.destroy()

@@ -186,21 +186,37 @@ def profile_step(step, batches, label, rows=25):
     return prof
 
 
+def print_medians(t_ours, t_hf, c_ours, c_hf, steps, hf_name):
+    """The last lines of a step benchmark: medians of tokens/s (wall and per process CPU-second), the ratio."""
+    m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
+    per_repeat = statistics.median([x / y for x, y in zip(t_ours, t_hf)])
+    print(f"\nmedian tokens/s over {len(t_ours)} windows of {steps} steps: ours {m_ours:.0f}, HF {hf_name} {m_hf:.0f}")
+    cm_ours, cm_hf = statistics.median(c_ours), statistics.median(c_hf)
+    print(f"median tokens per process CPU-second: ours {cm_ours:.0f}, HF {cm_hf:.0f}, ratio {cm_ours / cm_hf:.3f}")
+    print(f"RATIO ours / HF = {m_ours / m_hf:.3f} tokens/s (median of per-window ratios {per_repeat:.3f}; goal >= 0.9)")
+
+
+def timing_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags every step benchmark shares (this one and qwen3_step.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq-length", type=int, default=256)
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="steps per timed window")
+    ap.add_argument("--repeats", type=int, default=5, help="timed windows per side (median reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler tables of both steps")
+    return ap
+
+
 def main(argv=None):
     from megatron_solo import quiet
 
     quiet.filter_known_warnings()  # megatron-core's and torch's import-time notes, as the tools do
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seq-length", type=int, default=256)
-    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap = timing_parser(__doc__)
     ap.add_argument("--num-microbatches", type=int, default=1)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=2, help="steps per timed window")
-    ap.add_argument("--repeats", type=int, default=5, help="timed windows per side (median reported)")
     ap.add_argument("--packed", action="store_true", help="several documents per row (HF gets a 4D mask)")
     ap.add_argument("--attention-backend", default="dot_product", choices=["dot_product", "sdpa_flex"])
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--profile", action="store_true", help="torch.profiler tables of both steps")
     ap.add_argument("--model", default="tiny")
     a = ap.parse_args(argv)
     if a.threads:
@@ -251,13 +267,7 @@ def main(argv=None):
         profile_step(ours, batches[:3], "ours (megatron-core train_step)")
         profile_step(base, batches[:3], "HF Mistral, plain loop")
 
-    m_ours, m_hf = statistics.median(t_ours), statistics.median(t_hf)
-    per_repeat = statistics.median([x / y for x, y in zip(t_ours, t_hf)])
-    print(f"\nmedian tokens/s over {a.repeats} windows of {a.steps} steps: ours {m_ours:.0f}, "
-          f"HF MistralForCausalLM {m_hf:.0f}")
-    cm_ours, cm_hf = statistics.median(c_ours), statistics.median(c_hf)
-    print(f"median tokens per process CPU-second: ours {cm_ours:.0f}, HF {cm_hf:.0f}, ratio {cm_ours / cm_hf:.3f}")
-    print(f"RATIO ours / HF = {m_ours / m_hf:.3f} tokens/s (median of per-window ratios {per_repeat:.3f}; goal >= 0.9)")
+    print_medians(t_ours, t_hf, c_ours, c_hf, a.steps, "MistralForCausalLM")
     from megatron_solo import parallel
 
     parallel.destroy()
