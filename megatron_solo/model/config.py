@@ -224,12 +224,13 @@ def build_transformer_config(
     hidden_dropout: float = 0.0,
     attention_dropout: float = 0.0,
     calculate_per_token_loss: bool = True,
-    use_te: Optional[bool] = None,
+    use_te: bool = False,
     **extra,
 ):
     """megatron-core ``TransformerConfig`` for a SOLO backbone of ``model_args.family``.
 
-    ``use_te`` (default: TE importable and a GPU present) only decides whether FP8 is possible; the
+    ``use_te`` is the caller's decision, never re-derived here (a run decides it once from
+    ``--transformer-impl``: ``training/config.py``; default: the local spec); it only decides whether FP8 is possible; the
     layer spec itself comes from :func:`megatron_solo.model.get_layer_spec`. On the CPU backend the
     fields of :func:`cpu_backend.cpu_config_overrides` are applied last. ``extra`` goes to
     ``TransformerConfig`` unchanged (e.g. ``variable_seq_lengths``, ``tp_comm_overlap``).
@@ -238,8 +239,6 @@ def build_transformer_config(
 
     if bf16 and fp16:
         raise ValueError("choose at most one of bf16 and fp16")
-    if use_te is None:
-        use_te = use_te_default()
     check_fp8(fp8, fp8_recipe, use_te)
     if sequence_parallel and tensor_model_parallel_size == 1:
         sequence_parallel = False  # megatron-core's rule: SP is meaningless without TP

@@ -118,7 +118,7 @@ def build_solo_model(
     vp_stage: Optional[int] = None,
     padded_vocab_size: Optional[int] = None,
     *,
-    use_te: Optional[bool] = None,
+    use_te: bool = False,
     core_attention: str = "dot_product",
 ) -> SoloModel:
     """Build this rank's part of a SOLO model (megatron-core's groups must be initialised).

@@ -21,7 +21,7 @@ import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_solo.model.attention import SDPAFlexAttention
-from megatron_solo.model.config import check_fp8, te_available, use_te_default
+from megatron_solo.model.config import check_fp8, te_available
 
 
 class SoloRMSNorm(torch.nn.RMSNorm):
@@ -63,10 +63,8 @@ class SoloDotProductAttention(DotProductAttention):
                                attention_bias=attention_bias, packed_seq_params=packed_seq_params)
 
 
-def resolve_use_te(config, use_te: Optional[bool] = None) -> bool:
-    """``use_te=None`` picks TE when it imports and a GPU is present. FP8 without TE is refused."""
-    if use_te is None:
-        use_te = use_te_default()
+def resolve_use_te(config, use_te: bool) -> bool:
+    """Check the caller's ``use_te`` decision (TE importable; FP8 only with TE) and return it."""
     if use_te and not te_available():
         raise ValueError("use_te=True, but Transformer Engine is not importable")
     check_fp8(getattr(config, "fp8", None), getattr(config, "fp8_recipe", None), use_te)
@@ -76,10 +74,10 @@ def resolve_use_te(config, use_te: Optional[bool] = None) -> bool:
 CORE_ATTENTION_CHOICES = ("dot_product", "sdpa_flex")
 
 
-def get_layer_spec(config, use_te: Optional[bool] = None, core_attention: str = "dot_product"):
+def get_layer_spec(config, use_te: bool = False, core_attention: str = "dot_product"):
     """The ``ModuleSpec`` of one SOLO transformer layer.
 
-    ``use_te=None``: TE when importable and a GPU is present, else local. ``core_attention`` selects
+    ``use_te``: the caller's decision (a run's, made once from ``--transformer-impl``); default local. ``core_attention`` selects
     the local path's attention ('dot_product': megatron's math, explicit masks; 'sdpa_flex': torch SDPA
     and FlexAttention, see ``attention.py``); the TE spec always uses ``TEDotProductAttention``.
     """
