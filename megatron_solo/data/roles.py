@@ -1,4 +1,4 @@
-"""Role codes per token and SOLO's loss-mask rule (``../shared/SOLO_SPEC.md``, "Documents, roles and loss").
+"""Role codes per token and SOLO's loss-mask rule (SOLO's release: documents, roles and loss).
 
 Roles are stored on disk as uint8, one per token. Every token of an image block (``<vision>``,
 ``<vpatch>``, ``<vrow_sep>``, ``<vframe_sep>``, ``</vision>``) has role IMAGE. A document's BOS takes the
