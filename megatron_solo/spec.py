@@ -1,5 +1,5 @@
-"""SOLO's fixed facts, in one place (SOLO's paper, arXiv 2407.06438, and its release ``Yangyi-Chen/SOLO``): token ids and pieces, vocabulary sizes
-and Megatron's padding rule, SOLO's vocabulary over any base (:class:`SoloVocab`; Mistral's is
+"""SOLO's fixed facts, in one place (SOLO's paper, arXiv 2407.06438, and its release
+``Yangyi-Chen/SOLO``): token ids and pieces, vocabulary sizes and Megatron's padding rule, SOLO's vocabulary over any base (:class:`SoloVocab`; Mistral's is
 :data:`MISTRAL_VOCAB`), patch geometry, the image size limit, ImageNet statistics, role codes, and
 the one pixel normalisation.
 
