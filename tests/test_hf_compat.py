@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, pip_target
+from megatron_solo.demo.base_tokenizers import pip_target
+from tests.conftest import ROOT
 
 PY = sys.executable
 # The oldest supported release and the tokenizers / huggingface-hub releases it accepts.
