@@ -14,6 +14,7 @@ import psutil
 import pytest
 import torch
 
+from tests.helpers_checkpoint import checkpoint_tensors
 from tests.test_training import _common, _losses, _run, _torchrun, _wait_for
 
 ITERS = 4
@@ -21,22 +22,6 @@ TP2_PP2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size"
            "--use-distributed-optimizer"]
 FROZEN = ["--freeze-lm", "--vision-lr", "5e-3", "--vision-weight-decay", "0.0"]
 VISION = "vision_patch_embed.weight"
-
-
-def checkpoint_tensors(path, optimizer=False):
-    """Every model tensor of a torch_dist checkpoint, whole, read in this process (``optimizer=True``: the
-    optimizer's keys; ``optimizer="values"``: the optimizer's tensors)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = dcp.FileSystemReader(str(path))
-    md = reader.read_metadata().state_dict_metadata
-    if optimizer is True:
-        return sorted(k for k in md if k.startswith("optimizer"))
-    sd = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in md.items()
-          if isinstance(m, TensorStorageMetadata) and k.startswith("optimizer") == bool(optimizer)}
-    dcp.load(sd, storage_reader=reader, no_dist=True)
-    return sd
 
 
 def _log_records(log_file, kind="train"):

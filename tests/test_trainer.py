@@ -13,6 +13,7 @@ from megatron_solo.spec import MISTRAL_VOCAB
 from megatron_solo.training.arguments import build_parser
 from megatron_solo.training.config import build_train_config
 from megatron_solo.training.trainer import make_forward_step
+from tests.helpers_checkpoint import checkpoint_tensors
 
 
 def _micro_batch():
@@ -103,8 +104,6 @@ def _tracker(path):
 
 
 def test_nan_loss_steps_are_skipped_then_the_run_stops_with_exit_2(stop_runs):
-    from tests.test_recipe_controls import checkpoint_tensors
-
     out, runs = stop_runs
     code, stdout = runs["nan"]
     assert code == 2, stdout[-3000:]
