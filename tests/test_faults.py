@@ -60,7 +60,10 @@ def test_check_inputs_one_line_per_mistake(digits_data, tmp_path, monkeypatch):
     faults.check_inputs(_cfg(monkeypatch, digits_data, good, "--save", str(tmp_path / "save")))  # all fine
 
     missing = str(tmp_path / "nope" / "p")
-    assert "missing p-tokens.idx" in _input_error(_cfg(monkeypatch, digits_data, missing))
+    assert f"the directory {tmp_path / 'nope'} does not exist" in _input_error(_cfg(monkeypatch, digits_data, missing))
+    partial = _copy_prefix(digits_data["pretrain"], str(tmp_path / "partial"))
+    os.remove(partial + "-roles.idx")
+    assert "missing p-roles.idx (write it again" in _input_error(_cfg(monkeypatch, digits_data, partial))
 
     short = _copy_prefix(digits_data["pretrain"], str(tmp_path / "short"))
     size = os.path.getsize(short + "-images.bin")  # the digits prefixes use the default, encoded storage
@@ -126,7 +129,7 @@ def test_load_with_another_model_shape_is_one_line(digits_data, tmp_path, monkey
 def test_entry_point_prints_one_line_on_rank_0_only(tmp_path):
     args = [PY, "-m", "megatron_solo.train", "--seq-length", "128", "--train-iters", "2",
             "--data-path", str(tmp_path / "missing")]
-    expected = {"0": [f"error: data prefix {tmp_path / 'missing'}: missing"], "1": []}
+    expected = {"0": [f"error: --data-path {tmp_path / 'missing'}: no dataset has this prefix"], "1": []}
     runs = {rank: subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore", RANK=rank,
                                                             WORLD_SIZE="1"),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -170,3 +170,89 @@ def test_the_known_third_party_lines_are_filtered_by_their_exact_text(capsys):
     finally:
         blend_log.removeHandler(handler)
     assert [r.getMessage() for r in records] == ["another blend warning"]
+
+
+# --------------------------------------------------------------------- the data side's messages (issue 26.3)
+def _tool(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_data_path_that_names_no_dataset_says_what_to_give(digits_data, monkeypatch, capsys):
+    """The launchers' pre-flight, in process, once per mistake: the exact line, exit 2, nothing else printed."""
+    from megatron_solo.training import preflight
+
+    data = os.path.dirname(digits_data["pretrain"])  # holds the prefixes pretrain and sft
+    monkeypatch.setenv("WORLD_SIZE", "1")  # the pre-flight sets torchrun's world; restored after the test
+    cases = [
+        (f"{data}/pretrain-tokens.bin", f"--data-path {data}/pretrain-tokens.bin is one file of the dataset "
+                                        f"{data}/pretrain; give the prefix: drop '-tokens.bin' (--data-path {data}/pretrain)"),
+        (f"{data}/pretrian", f"--data-path {data}/pretrian: no dataset has this prefix (no pretrian-tokens.idx in "
+                             f"{data}); did you mean {data}/pretrain?"),
+        (f"{data}/cc3m", f"--data-path {data}/cc3m: no dataset has this prefix (no cc3m-tokens.idx in {data}); the "
+                         f"prefixes there are pretrain, sft; or write it with tools/preprocess_data.py --output-prefix "
+                         f"{data}/cc3m"),
+        (data, f"--data-path {data} is a directory; give a dataset prefix in it ({data}/pretrain, {data}/sft)"),
+        (f"{data}/cc3m.shards", f"--data-path: shard list {data}/cc3m.shards does not exist (is the sharded "
+                                f"preprocessing finished?)"),
+    ]
+    for data_path, said in cases:
+        code = preflight.main(["--launcher-vars", "data-path=DATA_PATH tokenizer-model=TOKENIZER_MODEL", "--",
+                               "--model", "tiny", "--seq-length", "128", "--train-iters", "2", "--data-path", data_path,
+                               "--tokenizer-model", digits_data["tokenizer"]])
+        out = capsys.readouterr()
+        assert (code, out.out, out.err) == (2, "", f"error: {said} (launcher: set DATA_PATH)\n")
+
+
+def _records_with_images(digits_data, tmp_path, n):
+    """The first n records of the demo's pretraining corpus and their images, copied under tmp_path."""
+    import shutil
+
+    corpus = os.path.join(digits_data["root"], "corpus")
+    with open(os.path.join(corpus, "pretrain.jsonl")) as f:
+        lines = f.readlines()[:n]
+    (tmp_path / "images").mkdir()
+    for line in lines:
+        rel = json.loads(line)["messages"][0]["content"][0]["image_url"]["url"]
+        shutil.copy(os.path.join(corpus, rel), tmp_path / rel)
+    (tmp_path / "records.jsonl").write_text("".join(lines))
+    return str(tmp_path / "records.jsonl"), [json.loads(l)["messages"][0]["content"][0]["image_url"]["url"]
+                                             for l in lines]
+
+
+def test_preprocessing_without_image_root_says_so_once(digits_data, tmp_path, capsys, caplog):
+    """Relative image paths and no --image-root: every record is skipped; three warnings, not one per record,
+    and the error line names the first record, its path and the flag to add."""
+    records, images = _records_with_images(digits_data, tmp_path, 12)
+    argv = ["--input", records, "--output-prefix", str(tmp_path / "out"), "--tokenizer-model",
+            digits_data["tokenizer"], "--seq-length", "128", "--no-progress"]
+    with caplog.at_level("WARNING", logger="megatron_solo.preprocess"):
+        assert _tool("preprocess_data").main(argv) == 1  # run from the repository root: no images/ there
+    err = capsys.readouterr().err
+    assert err == (f'error: 12 of 12 records skipped (100.00% > --max-error-rate 1.00%); by reason: '
+                   f'{{"missing_image_file": 12}}; the first: {records}:1: missing_image_file ({images[0]}): relative '
+                   f'image paths are read from the current directory; pass --image-root, the directory they start '
+                   f'from; no prefix written\n')
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 3 and warned[-1].endswith("(further skips for this reason are counted, not shown)")
+    assert not any(f.name.startswith("out") for f in tmp_path.iterdir())
+
+
+def test_an_undecodable_image_is_named_by_its_file(digits_data, tmp_path, capsys, caplog):
+    records, images = _records_with_images(digits_data, tmp_path, 4)
+    (tmp_path / images[2]).write_bytes(b"<html>not found</html>")
+    argv = ["--input", records, "--output-prefix", str(tmp_path / "out"), "--tokenizer-model",
+            digits_data["tokenizer"], "--seq-length", "128", "--no-progress", "--image-root", str(tmp_path)]
+    for storage in ("encoded", "patches"):  # each storage decodes on its own path
+        with caplog.at_level("WARNING", logger="megatron_solo.preprocess"):
+            assert _tool("preprocess_data").main(argv + ["--image-storage", storage]) == 1
+        said = f"corrupt_image ({tmp_path / images[2]}: not an image format PIL reads (22 bytes))"
+        assert capsys.readouterr().err == (f'error: 1 of 4 records skipped (25.00% > --max-error-rate 1.00%); by '
+                                           f'reason: {{"corrupt_image": 1}}; the first: {records}:3: {said}; no prefix '
+                                           f'written\n')
+        assert [r.getMessage() for r in caplog.records] == [f"skip {records}:3: {said}"]
+        caplog.clear()

@@ -261,6 +261,16 @@ def read_image_source(src, image_root: str | None) -> bytes:
         raise SkipRecord("missing_image_file", f"{path}: {e}") from None
 
 
+def image_source_name(src, image_root: str | None) -> str:
+    """How a message names an image source: its path (under ``image_root``), or what kind of inline data."""
+    if isinstance(src, (bytes, bytearray)):
+        return "an image embedded in the record"
+    if src.startswith("data:"):
+        return "a data: URL image"
+    path = src[len("file://"):] if src.startswith("file://") else src
+    return os.path.join(image_root, path) if image_root and not os.path.isabs(path) else path
+
+
 # --------------------------------------------------------------------------------------- encoder
 @dataclass
 class EncodedDocument:
@@ -344,9 +354,12 @@ class DocumentEncoder:
     # images --------------------------------------------------------------------------------
     def load_patches(self, src):
         data = read_image_source(src, self.image_root)
-        if self.image_storage == "encoded":
-            return store_image(data, exif_transpose=self.exif_transpose, max_image_pixels=self.max_image_pixels)
-        img = load_image(data, exif_transpose=self.exif_transpose, max_image_pixels=self.max_image_pixels)
+        try:
+            if self.image_storage == "encoded":
+                return store_image(data, exif_transpose=self.exif_transpose, max_image_pixels=self.max_image_pixels)
+            img = load_image(data, exif_transpose=self.exif_transpose, max_image_pixels=self.max_image_pixels)
+        except SkipRecord as e:  # the decoder sees bytes only: name the file they came from
+            raise SkipRecord(e.reason, f"{image_source_name(src, self.image_root)}: {e.detail}") from None
         return image_to_patches(img)
 
     def _vision_block(self, kind, value, patches: list) -> tuple[np.ndarray, int]:

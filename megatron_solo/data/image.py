@@ -113,8 +113,8 @@ def decode_image(data: bytes, *, exif_transpose: bool = True,
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SkipRecord("decompression_bomb", str(e)) from None
-    except UnidentifiedImageError as e:
-        raise SkipRecord("corrupt_image", str(e)) from None
+    except UnidentifiedImageError:  # its text names PIL's BytesIO object, not the file (the caller names that)
+        raise SkipRecord("corrupt_image", f"not an image format PIL reads ({len(data)} bytes)") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as e:
         raise SkipRecord("corrupt_image", f"{type(e).__name__}: {e}") from None
 

@@ -13,8 +13,11 @@ all three ``.idx`` files exist (:func:`prefix_complete`).
 
 from __future__ import annotations
 
+import difflib
+import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -340,19 +343,60 @@ def sampled_token_id_range(bin_path: str, window_bytes: int = TOKEN_SAMPLE_BYTES
     return lo, hi
 
 
-def check_prefix(prefix: str, vocab_size: int, vocab: SoloVocab | None = None) -> None:
+_FILE_OF_PREFIX = re.compile(r"(-(%s)(\.(bin|idx))?|\.stats\.json)$" % "|".join(DTYPES))
+
+
+def complete_prefixes_in(directory: str) -> list[str]:
+    """The complete prefixes of ``directory`` (each has its ``P-tokens.idx``), sorted."""
+    found = (p[: -len("-tokens.idx")] for p in glob.glob(os.path.join(glob.escape(directory), "*-tokens.idx")))
+    return sorted(p for p in found if prefix_complete(p))
+
+
+def no_such_prefix_message(prefix: str, flag: str = "--data-path") -> str:
+    """One line for a prefix of which no file exists, naming the change: a file of a dataset given for its
+    prefix (drop the suffix), a near miss among the prefixes in its directory (did you mean), else how one
+    is written."""
+    stem = _FILE_OF_PREFIX.sub("", prefix)
+    if stem != prefix and prefix_complete(stem):
+        return (f"{flag} {prefix} is one file of the dataset {stem}; give the prefix: drop "
+                f"'{prefix[len(stem):]}' ({flag} {stem})")
+    if os.path.isdir(prefix):
+        present = complete_prefixes_in(prefix)
+        return (f"{flag} {prefix} is a directory; give a dataset prefix in it ("
+                + (f"{', '.join(present[:3])}{', ...' if len(present) > 3 else ''})" if present
+                   else "none is there: tools/preprocess_data.py --output-prefix DIR/NAME writes one)"))
+    directory = os.path.dirname(prefix) or "."
+    write = f"write it with tools/preprocess_data.py --output-prefix {prefix}"
+    if not os.path.isdir(directory):
+        return f"{flag} {prefix}: the directory {directory} does not exist; {write}"
+    present = complete_prefixes_in(directory)
+    said = f"{flag} {prefix}: no dataset has this prefix (no {os.path.basename(prefix)}-tokens.idx in {directory})"
+    if not present:
+        return f"{said}, and none is there; {write}"
+    close = difflib.get_close_matches(os.path.basename(prefix), [os.path.basename(p) for p in present], n=1)
+    if close:
+        return f"{said}; did you mean {os.path.join(directory, close[0])}?"
+    shown = ", ".join(os.path.basename(p) for p in present[:5]) + (f", ... ({len(present)} in all)"
+                                                                 if len(present) > 5 else "")
+    return f"{said}; the prefixes there are {shown}; or {write}"
+
+
+def check_prefix(prefix: str, vocab_size: int, vocab: SoloVocab | None = None, flag: str = "--data-path") -> None:
     """The datasets of a prefix exist, their indices read with megatron-core's reader and agree with
     each other and with their ``.bin`` lengths, its ids were made with SOLO's vocabulary ``vocab`` (the
     model's, when known; :func:`~megatron_solo.data.stats.prefix_vocab`), and a sample of token ids lies
     in the vocabulary; raises
-    :class:`~megatron_solo.errors.InputError` (one line) for the first problem. Training's start-up checks
+    :class:`~megatron_solo.errors.InputError` (one line) for the first problem. ``flag``: the flag that gave
+    the prefix, named by the line (a launcher's pre-flight adds its variable). Training's start-up checks
     and the launchers' pre-flight call it before anything is built."""
+    if not any(os.path.exists(component_prefix(prefix, n) + ext) for n in DTYPES for ext in (".idx", ".bin")):
+        raise InputError(no_such_prefix_message(prefix, flag))
     names = STORAGE_SUFFIXES[prefix_storage(prefix)]  # tokens, roles + patches or images, imageidx
     missing = [component_prefix(prefix, n) + ext for n in names for ext in (".idx", ".bin")
                if not os.path.isfile(component_prefix(prefix, n) + ext)]
-    if missing:
-        raise InputError(f"data prefix {prefix}: missing {', '.join(os.path.basename(m) for m in missing)} "
-                         f"(write it with tools/preprocess_data.py --output-prefix {prefix})")
+    if missing:  # some files of it are there: an interrupted or partly deleted prefix
+        raise InputError(f"{flag} {prefix}: missing {', '.join(os.path.basename(m) for m in missing)} "
+                         f"(write it again with tools/preprocess_data.py --output-prefix {prefix})")
     from megatron.core.datasets.indexed_dataset import _IndexReader  # megatron-core loads only when read
 
     counts = {}

@@ -186,6 +186,21 @@ def _ordered_results(records, cfg: PreprocessConfig, pool=None):
 
 
 # ------------------------------------------------------------------------------------- driver
+SHOWN_SKIPS_PER_REASON = 3  # a skipped record is logged up to this many times per reason, then only counted
+
+
+def first_skip_hint(cfg: PreprocessConfig, where: str, res: EncodedRecord) -> str:
+    """The part of the too-many-skips line that names the first skipped record and, for a missing image,
+    the flag to change (forgetting ``--image-root`` skips every record with an image)."""
+    said = f"; the first: {where}: {res.skip_reason}" + (f" ({res.skip_detail})" if res.skip_detail else "")
+    if res.skip_reason != "missing_image_file":
+        return said
+    if cfg.image_root is None:
+        return (f"{said}: relative image paths are read from the current directory; pass --image-root, the "
+                f"directory they start from")
+    return f"{said}: check --image-root {cfg.image_root}"
+
+
 def _raise_on_sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -223,6 +238,7 @@ def _preprocess_prefix(cfg: PreprocessConfig, records=None, pool=None) -> dict:
     packer = Packer(writer, cfg.seq_length)
     old_term = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _is_main_thread() else None
     bar = None
+    first_skip = None  # (where, EncodedRecord) of the first record skipped: the error line names it
     try:
         if cfg.progress:
             from tqdm import tqdm
@@ -235,7 +251,12 @@ def _preprocess_prefix(cfg: PreprocessConfig, records=None, pool=None) -> dict:
             stats.drop_images(res.images_dropped)
             if res.document is None:
                 stats.skip(res.skip_reason)
-                logger.warning("skip %s: %s%s", where, res.skip_reason, f" ({res.skip_detail})" if res.skip_detail else "")
+                first_skip = first_skip or (where, res)
+                if stats.skipped[res.skip_reason] <= SHOWN_SKIPS_PER_REASON:
+                    logger.warning("skip %s: %s%s%s", where, res.skip_reason,
+                                   f" ({res.skip_detail})" if res.skip_detail else "",
+                                   " (further skips for this reason are counted, not shown)"
+                                   if stats.skipped[res.skip_reason] == SHOWN_SKIPS_PER_REASON else "")
                 continue
             doc = res.document
             packer.add(doc.tokens, doc.roles, doc.patches)
@@ -252,8 +273,8 @@ def _preprocess_prefix(cfg: PreprocessConfig, records=None, pool=None) -> dict:
         if stats.records == 0 or stats.documents == 0 or rate > cfg.max_error_rate:
             raise TooManyErrors(
                 f"{stats.skipped_total} of {stats.records} records skipped ({rate:.2%} > --max-error-rate "
-                f"{cfg.max_error_rate:.2%}); by reason: {json.dumps(stats.skipped, sort_keys=True)}; "
-                f"no prefix written")
+                f"{cfg.max_error_rate:.2%}); by reason: {json.dumps(stats.skipped, sort_keys=True)}"
+                f"{first_skip_hint(cfg, *first_skip) if first_skip else ''}; no prefix written")
         # an interleaved document's unreadable images are left out, not the document: they have their own rate
         image_errors = {r: n for r, n in stats.images_dropped.items() if r != BELOW_MIN_SIMILARITY}
         image_rate = sum(image_errors.values()) / max(stats.images + sum(image_errors.values()), 1)

@@ -44,6 +44,14 @@ def run_vocab(cfg, tokenizer=None) -> SoloVocab | None:
     return tokenizer.vocab
 
 
+def _prefixes(data_path, flag: str) -> list[str]:
+    """The prefixes a data-path flag names (a shard set's shards); a shard set that is not there is one line."""
+    try:
+        return parse_data_path(list(data_path))[0]
+    except FileNotFoundError as e:  # an unfinished shard list, a glob matching no complete prefix
+        raise InputError(f"{flag}: {e}") from None
+
+
 def check_save_dir(save: str) -> None:
     """``--save`` can be created and written (a file created and removed there)."""
     try:
@@ -73,11 +81,12 @@ def check_inputs(cfg, *, save_lock: bool = True) -> SoloVocab | None:
         raise InputError(f"the model takes <vpatch> as id {patch_id}, its tokenizer and checkpoint as "
                          f"{vocab.vision_patch} (SOLO's vocabulary of {vocab.describe()}); build the model for "
                          "that base (its converted checkpoint, or the --model preset of its family)")
-    prefixes = list(parse_data_path(list(cfg.data.data_path))[0])
+    prefixes = {p: "--data-path" for p in _prefixes(cfg.data.data_path, "--data-path")}
     if cfg.data.valid_data_path:
-        prefixes += parse_data_path(list(cfg.data.valid_data_path))[0]
-    for prefix in dict.fromkeys(prefixes):
-        check_prefix(prefix, vocab_size, vocab)
+        prefixes.update({p: "--valid-data-path" for p in _prefixes(cfg.data.valid_data_path, "--valid-data-path")
+                         if p not in prefixes})
+    for prefix, flag in prefixes.items():
+        check_prefix(prefix, vocab_size, vocab, flag)
     if cfg.resume.info is not None:
         ck = cfg.checkpoint
         checkpoint.check_model_shape(cfg.resume.info, cfg.model.args,
