@@ -6,6 +6,8 @@ into a directory holding a run says what the flags change, and a finished run ha
 
 import json
 import os
+import subprocess
+import sys
 import pytest
 
 from megatron_solo import train
@@ -256,3 +258,63 @@ def test_an_undecodable_image_is_named_by_its_file(digits_data, tmp_path, capsys
                                            f'written\n')
         assert [r.getMessage() for r in caplog.records] == [f"skip {records}:3: {said}"]
         caplog.clear()
+
+
+# ------------------------------------------------------------------------ tools/generate.py (issue 26.5)
+@pytest.fixture(scope="module")
+def export_and_images(tmp_path_factory, digits_data):
+    import shutil
+
+    import torch
+
+    from tests.helpers_convert import make_random_solo
+
+    root = tmp_path_factory.mktemp("generate")
+    hf = make_random_solo(str(root / "hf"), dtype=torch.float32)
+    for i in (1, 2):
+        shutil.copy(os.path.join(digits_data["root"], "corpus", "images", f"digit_000{i}.png"), root / f"d{i}.png")
+    (root / "cut.png").write_bytes((root / "d1.png").read_bytes()[:60])  # a truncated download
+    return root, hf
+
+
+def test_generate_mistakes_are_one_line_before_torch_loads(export_and_images):
+    """Each mistake: the exact line, exit 2, and neither torch nor transformers imported (a quick answer)."""
+    root, hf = export_and_images
+    (root / "bad.jsonl").write_text('{"prompt": "Which digit?", "image": "d1.png"}\n{"prompt": "x", "image": "gone.png"}\n')
+    cases = [
+        (["--image", str(root / "gone.png"), "--prompt", "x"], f"--image {root}/gone.png does not exist; give an image file"),
+        (["--image", str(root / "cut.png"), "--prompt", "x"],
+         f"--image {root}/cut.png is not an image that can be read (corrupt_image: OSError: image file is truncated); "
+         "give an intact image file"),
+        (["--input", str(root / "bad.jsonl"), "--image-root", str(root)],
+         f"{root}/bad.jsonl:2: image {root}/gone.png does not exist; give an image file"),
+    ]
+    probe = ("import importlib.util, sys\n"
+             "spec = importlib.util.spec_from_file_location('generate', 'tools/generate.py')\n"
+             "gen = importlib.util.module_from_spec(spec); spec.loader.exec_module(gen)\n"
+             f"for argv in {[['--hf-dir', hf, *argv] for argv, _ in cases]!r}:\n"
+             "    print('EXIT', gen.main(argv), file=sys.stderr)\n"
+             "print('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules), file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    expected = [line for _, said in cases for line in (f"error: {said}", "EXIT 2")] + ["HEAVY []"]
+    assert (r.returncode, r.stdout, r.stderr.splitlines()) == (0, "", expected), r.stderr[-3000:]
+
+
+def test_generate_answers_a_jsonl_with_the_model_loaded_once(export_and_images, capsys):
+    """The batch's answers are the answers each question gets alone (--prompt/--image: the reference)."""
+    root, hf = export_and_images
+    gen = _tool("generate")
+    records = [{"prompt": "Which digit?", "image": "d1.png", "id": 7}, {"prompt": "Say a number."},
+               {"prompt": "And this one?", "image": str(root / "d2.png")}]
+    (root / "q.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    common = ["--hf-dir", hf, "--max-new-tokens", "3"]
+    assert gen.main(common + ["--input", str(root / "q.jsonl"), "--image-root", str(root),
+                              "--output", str(root / "a.jsonl")]) == 0
+    answers = [json.loads(line) for line in (root / "a.jsonl").read_text().splitlines()]
+    assert "3 of 3 answers reached --max-new-tokens 3" in capsys.readouterr().err  # a random model never stops
+    assert [{k: v for k, v in a.items() if k not in ("answer", "stopped")} for a in answers] == records
+    for rec, got in zip(records, answers):
+        image = ["--image", os.path.join(root, rec["image"])] if "image" in rec else []
+        assert gen.main(common + ["--prompt", rec["prompt"], *image]) == 0
+        assert capsys.readouterr().out == got["answer"] + "\n" and got["stopped"] is False
+    assert len({a["answer"] for a in answers}) == 3  # the images and prompts reached the model
