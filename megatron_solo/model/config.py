@@ -18,6 +18,8 @@ from megatron_solo import cpu_backend
 from megatron_solo.convert.families import FAMILIES
 from megatron_solo.spec import MAKE_VOCAB_SIZE_DIVISIBLE_BY, PATCH_DIM, SOLO_IDS, SOLO_VOCAB_SIZE, pad_vocab_size
 
+VISION_EXPERTS_CHOICES = ("none", "ffn", "full")
+
 
 @dataclass
 class SoloModelArgs:
@@ -52,6 +54,9 @@ class SoloModelArgs:
     # <vpatch>'s id in SOLO's vocabulary over the base (SoloVocab.vision_patch; Mistral's 32001): the
     # positions the patch embedding is added at.
     vision_patch_id: int = SOLO_IDS.vision_patch
+    # Modality-specific weights for the image tokens (model/vision_experts.py): "none" (SOLO's dense
+    # layer), "ffn" (own pre-MLP norm and MLP) or "full" (also own input norm, QKV and output projection).
+    vision_experts: str = "none"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -65,6 +70,8 @@ class SoloModelArgs:
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
+        if self.vision_experts not in VISION_EXPERTS_CHOICES:
+            raise ValueError(f"vision_experts must be one of {VISION_EXPERTS_CHOICES}, got {self.vision_experts!r}")
         if self.patch_dim != PATCH_DIM:
             raise ValueError(f"SOLO patches are 3x32x32 = {PATCH_DIM} values, got patch_dim={self.patch_dim}")
 

@@ -37,8 +37,11 @@ class SoloModel(GPTModel):
                  pre_process: bool = True, post_process: bool = True, rotary_base: int = 10000,
                  vp_stage: Optional[int] = None, real_vocab_size: Optional[int] = None,
                  share_embeddings_and_output_weights: bool = False, vision_patch_id: int = SOLO_IDS.vision_patch,
-                 **kwargs):
+                 vision_experts: str = "none", **kwargs):
         self.real_vocab_size = real_vocab_size  # the tokenizer's vocabulary; rows beyond it are padding
+        self.vision_patch_id = vision_patch_id
+        # The layers route by modality (model/vision_experts.py): they need the image-token mask.
+        self.routes_by_modality = vision_experts != "none"
         super().__init__(
             config=config,
             transformer_layer_spec=transformer_layer_spec,
@@ -74,12 +77,21 @@ class SoloModel(GPTModel):
         [n, 3072]), needed on the first stage only."""
         if decoder_input is None and self.pre_process:
             decoder_input = self.embed_inputs(input_ids, position_ids, vision_patches)
+        if self.routes_by_modality:
+            # megatron-core's per-call [b, s] channel to every layer (vision_experts.py says why this one).
+            kwargs["padding_mask"] = self.image_token_mask(input_ids)
         return super().forward(
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
             inference_context=inference_context, packed_seq_params=packed_seq_params,
             extra_block_kwargs=extra_block_kwargs, runtime_gather_output=runtime_gather_output,
             loss_mask=loss_mask, **kwargs,
         )
+
+    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[b, s] True at the image tokens: the ``<vpatch>`` positions (docs/MODEL.md, vision experts)."""
+        if input_ids is None:
+            raise ValueError("a model with vision experts needs input_ids on every pipeline stage (the image-token mask)")
+        return input_ids == self.vision_patch_id
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
                     packed_seq_params=None, padding_mask=None):
@@ -137,7 +149,8 @@ def build_solo_model(
     if padded_vocab_size < model_args.vocab_size or padded_vocab_size % tp:
         raise ValueError(f"padded_vocab_size {padded_vocab_size} must be >= {model_args.vocab_size} "
                          f"and divisible by TP={tp}")
-    layer_spec = get_layer_spec(config, use_te=use_te, core_attention=core_attention)
+    layer_spec = get_layer_spec(config, use_te=use_te, core_attention=core_attention,
+                                vision_experts=model_args.vision_experts)
     return SoloModel(
         config=config,
         transformer_layer_spec=get_block_spec(config, layer_spec, vp_stage=vp_stage),
@@ -152,4 +165,5 @@ def build_solo_model(
         rope_scaling=model_args.rope_scaling == "llama3",
         rope_scaling_factor=model_args.rope_scaling_factor,
         vision_patch_id=model_args.vision_patch_id,
+        vision_experts=model_args.vision_experts,
     )

@@ -22,6 +22,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_solo.model.attention import SDPAFlexAttention
 from megatron_solo.model.config import check_fp8, te_available
+from megatron_solo.model.vision_experts import vision_expert_layer_spec
 
 
 class SoloRMSNorm(torch.nn.RMSNorm):
@@ -74,8 +75,11 @@ def resolve_use_te(config, use_te: bool) -> bool:
 CORE_ATTENTION_CHOICES = ("dot_product", "sdpa_flex")
 
 
-def get_layer_spec(config, use_te: bool = False, core_attention: str = "dot_product"):
+def get_layer_spec(config, use_te: bool = False, core_attention: str = "dot_product", vision_experts: str = "none"):
     """The ``ModuleSpec`` of one SOLO transformer layer.
+
+    ``vision_experts`` ('none', 'ffn', 'full'): the dense layer, or ``vision_experts.py``'s layers routed
+    by modality, built from the same local submodules (they need the local spec).
 
     ``use_te``: the caller's decision (a run's, made once from ``--transformer-impl``); default local. ``core_attention`` selects
     the local path's attention ('dot_product': megatron's math, explicit masks; 'sdpa_flex': torch SDPA
@@ -90,6 +94,9 @@ def get_layer_spec(config, use_te: bool = False, core_attention: str = "dot_prod
 
     qk_layernorm = bool(getattr(config, "qk_layernorm", False))
     if resolve_use_te(config, use_te):
+        if vision_experts != "none":
+            raise ValueError(f"vision_experts={vision_experts!r} is built on the local layer spec; "
+                             "Transformer Engine's fused norm+linear cannot route tokens by modality")
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     if core_attention not in CORE_ATTENTION_CHOICES:
         raise ValueError(f"core_attention must be one of {CORE_ATTENTION_CHOICES}, got {core_attention!r}")
@@ -105,6 +112,8 @@ def get_layer_spec(config, use_te: bool = False, core_attention: str = "dot_prod
         sub.self_attention.submodules.core_attention = SoloDotProductAttention
     else:
         sub.self_attention.submodules.core_attention = SDPAFlexAttention
+    if vision_experts != "none":
+        return vision_expert_layer_spec(sub, vision_experts)
     return ModuleSpec(module=TransformerLayer, submodules=sub)
 
 

@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="the architecture of the --load checkpoint (e.g. a converted base of any family) in "
                         "place of --model's preset; the architecture flags still override it")
+    g.add_argument("--vision-experts", choices=("none", "ffn", "full"), default=None,
+                   help="image tokens' own weights in every layer (docs/MODEL.md): none (SOLO), ffn (own MLP "
+                        "and its norm) or full (also own input norm, QKV and output projection); None: the "
+                        "preset's or checkpoint's")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this x TP (Megatron's rule)")
 

@@ -28,7 +28,7 @@ from megatron_solo.training.arguments import ArgumentError, fail, validate_args
 # The architecture flags that override a preset's field of the same name.
 MODEL_OVERRIDE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                         "kv_channels", "max_position_embeddings", "rotary_base", "norm_epsilon", "sliding_window",
-                        "init_method_std", "make_vocab_size_divisible_by")
+                        "init_method_std", "make_vocab_size_divisible_by", "vision_experts")
 
 
 # The learning-rate schedule's flags: what the scheduler's state holds and Megatron-LM's
@@ -468,6 +468,9 @@ def build_train_config(args) -> TrainConfig:
     model_args = _model_args(a)
     vpp = _virtual_pipeline(a, model_args, sizes["num_microbatches"])
     use_te = decide_use_te(a.transformer_impl)
+    if use_te and model_args.vision_experts != "none":
+        raise ArgumentError(f"--vision-experts {model_args.vision_experts} runs on the local layer spec: "
+                            "add --transformer-impl local")
     if a.fp8_format and not a.dry_run:  # a dry run plans FP8 without TE
         try:
             check_fp8(a.fp8_format, a.fp8_recipe, use_te)
