@@ -120,6 +120,17 @@ def checkpoint_vocab(info: dict) -> SoloVocab | None:
     return MISTRAL_VOCAB if (info.get("model_args") or {}).get("vocab_size") == MISTRAL_VOCAB.size else None
 
 
+def checkpoint_row_separator(info: dict) -> bool | None:
+    """The image layout of the data a checkpoint's model saw (``args``' ``row_separator``: True, row
+    separators, SOLO's; False, none). A trained checkpoint saved before the layout was recorded saw SOLO's
+    layout, the only one there was; a conversion records a SOLO export's own and nothing for a base (it saw
+    no image): None."""
+    args = info.get("args") or {}
+    if "row_separator" in args:
+        return bool(args["row_separator"])
+    return None if "converted_from" in args else True
+
+
 def _layout() -> dict:
     return {
         "tp": parallel_state.get_tensor_model_parallel_world_size(),

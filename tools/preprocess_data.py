@@ -57,6 +57,10 @@ def main(argv=None) -> int:
     p.add_argument("--image-storage", choices=IMAGE_STORAGES, default="encoded",
                    help="encoded: keep each image's encoded bytes, patches made while training (DataLoader "
                         "workers, --num-workers); patches: uint8 patches, 3072 bytes each (docs/DATA_FORMAT.md)")
+    p.add_argument("--row-separator", choices=("on", "off"), default="on",
+                   help="on: a <vrow_sep> between rows of an image's patches (SOLO); off: the patches row-major "
+                        "with no separator (SAIL's layout; needs --image-storage encoded). Recorded in P.stats.json; "
+                        "a training blend takes one layout")
     p.add_argument("--parquet-layout", choices=LAYOUTS, default="auto",
                    help=".parquet inputs: llava (conversations + image), chat (messages + images), caption "
                         "(image + text), interleaved (texts + images, OBELICS-style web documents); auto detects "
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
         max_error_rate=a.max_error_rate, overwrite=a.overwrite, progress=not a.no_progress,
         use_cpp=not a.python_writer, chat_template=a.chat_template,
         allow_image_mismatch=a.allow_image_placeholder_mismatch, image_storage=a.image_storage,
-        shard_size=a.shard_size,
+        shard_size=a.shard_size, row_separator=a.row_separator == "on",
         interleaved=InterleavedOptions(a.min_image_similarity, load_url_map(a.image_url_map) if a.image_url_map
                                        else None),
         parquet=ParquetColumns(a.parquet_layout, a.image_column, a.text_column, a.messages_column))
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
         print(f"{a.output_prefix} is complete; nothing to do (--overwrite to rebuild)")
         return 0
     summary = {k: stats.get(k) for k in ("records", "documents", "packs", "tokens", "image_tokens", "images",
-                                     "patches", "skipped_total", "time_s", "image_storage",
+                                     "patches", "skipped_total", "time_s", "image_storage", "row_separator",
                                      "bytes_per_image", "bytes_per_token", "images_dropped_total",
                                      "documents_all_images_dropped")}
     if a.shard_size:

@@ -129,11 +129,14 @@ def _rope_parameters(a: dict) -> dict:
     return rope
 
 
-def hf_config_from_model_args(model_args: dict, *, torch_dtype: str = "bfloat16", vocab: SoloVocab = MISTRAL_VOCAB) -> dict:
+def hf_config_from_model_args(model_args: dict, *, torch_dtype: str = "bfloat16", vocab: SoloVocab = MISTRAL_VOCAB,
+                              row_separator: bool = True) -> dict:
     """config.json of an exported SOLO checkpoint: the base family's fields + SOLO's (``vocab``: its ids).
 
     A Mistral-based export is SOLO-7B's layout exactly; another family's names its base in
-    ``solo_family`` and its classes (``Solo<Family>*``, ``hf_files/``) in ``auto_map``."""
+    ``solo_family`` and its classes (``Solo<Family>*``, ``hf_files/``) in ``auto_map``. ``row_separator``:
+    the image layout of the model's data; SOLO's (True) is the config's default and is not written, so a
+    SOLO-layout export stays as it was; False writes ``vision_row_separator: false``."""
     a = model_args
     family = FAMILIES[a.get("family", "mistral")]
     prefix = family.hf_class[: -len("ForCausalLM")]
@@ -173,6 +176,8 @@ def hf_config_from_model_args(model_args: dict, *, torch_dtype: str = "bfloat16"
         "vision_end_token_id": vocab.vision_end,
         "dtype": torch_dtype,
     }
+    if not row_separator:
+        cfg["vision_row_separator"] = False
     if family.name != "mistral":
         cfg["solo_family"] = family.name
         cfg["solo_vocab"] = vocab.to_dict()

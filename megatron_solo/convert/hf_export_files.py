@@ -162,9 +162,10 @@ def write_tokenizer_files(out_dir: str, tokenizer_model: str) -> None:
 
 
 def write_hf_support_files(out_dir: str, hf_config: dict, tokenizer_model: str,
-                           vocab: SoloVocab = MISTRAL_VOCAB) -> None:
+                           vocab: SoloVocab = MISTRAL_VOCAB, row_separator: bool = True) -> None:
     """config.json, generation_config.json (generation stops at EOS and at the chat template's turn end,
-    ``<|im_end|>``), the remote-code files and the tokenizer."""
+    ``<|im_end|>``), the remote-code files, the tokenizer and the processor's config (its image layout:
+    ``row_separator``, the model's data's)."""
     for fname in ("configuration_solo.py", "modeling_solo.py", "processing_solo.py"):
         shutil.copyfile(os.path.join(HF_FILES_DIR, fname), os.path.join(out_dir, fname))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -175,7 +176,7 @@ def write_hf_support_files(out_dir: str, hf_config: dict, tokenizer_model: str,
     write_tokenizer_files(out_dir, tokenizer_model)
     # AutoProcessor.from_pretrained(export, trust_remote_code=True) -> processing_solo.SoloProcessor
     with open(os.path.join(out_dir, "processor_config.json"), "w") as f:
-        json.dump(processor_config(None if vocab == MISTRAL_VOCAB else vocab.to_dict()), f, indent=2)
+        json.dump(processor_config(None if vocab == MISTRAL_VOCAB else vocab.to_dict(), row_separator), f, indent=2)
 
 
 def load_export_processor(hf_dir: str):

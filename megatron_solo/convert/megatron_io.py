@@ -27,6 +27,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron_solo import cpu_backend
 from megatron_solo.checkpoint import (
     CheckpointError,
+    checkpoint_row_separator,
     checkpoint_vocab,
     latest_iteration,
     load_model_weights,
@@ -177,7 +178,10 @@ def hf_to_megatron(
     save_checkpoint(save_dir, iteration, [model], model_args=model_args, padded_vocab_size=padded,
                     tokenizer_model=tok_path, sharded_strategy=StreamingSaveStrategy(cache.chunk),
                     vocab=vocab, args={"converted_from": os.path.abspath(hf_dir), "source_kind": kind,
-                                       "params_dtype": str(params_dtype).replace("torch.", "")})
+                                       "params_dtype": str(params_dtype).replace("torch.", ""),
+                                       # a SOLO export's image layout; a base saw no image (none recorded)
+                                       **({"row_separator": cfg.get("vision_row_separator", True) is not False}
+                                          if kind == "solo" else {})})
     progress.close()
     if _rank0() and rows.done != len(rows.mappings):
         raise ConversionError(f"only {rows.done} of {len(rows.mappings)} tensors were written")
@@ -333,8 +337,10 @@ def megatron_to_hf(
                 del full
         if rank0:
             writer.close()
+            row_separator = checkpoint_row_separator(info) is not False  # unknown (a base): SOLO's
             write_hf_support_files(tmp, hf_config_from_model_args(model_args.to_dict(), torch_dtype=summary["dtype"],
-                                                                  vocab=vocab), tok_path, vocab)
+                                                                  vocab=vocab, row_separator=row_separator),
+                                   tok_path, vocab, row_separator=row_separator)
             if os.path.exists(save_dir):
                 shutil.rmtree(save_dir)
             os.replace(tmp, save_dir)

@@ -10,6 +10,7 @@ One sample is one pack of a prefix (see :mod:`megatron_solo.data.indexed`), cut 
     doc_lengths    int32 [d]      document lengths in this sample (+ one for trailing padding), sum s
     image_doc_mask bool [s]       token's document (as it appears in the sample) holds an image token
     patches        uint8 [n, 3072] the patches of the sample's <vpatch> tokens, in order
+    patch_coords   int64 [n, 2]   each patch's (row, col) inside its image, aligned with patches
 
 :func:`collate` makes a micro-batch with the keys/dtypes/shapes of docs/ARCHITECTURE.md.
 
@@ -34,12 +35,15 @@ from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split, get_blend_from_list
 
 from megatron_solo.data.indexed import SoloIndexedDataset
+from megatron_solo.data.patch_coords import coords_from_tokens
+from megatron_solo.data.stats import blend_row_separator
 from megatron_solo.data.roles import label_loss_mask, trained_roles
 from megatron_solo.spec import IMAGE, MISTRAL_VOCAB, PATCH_DIM, SoloVocab
 
 logger = logging.getLogger(__name__)
 
-BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "doc_lengths", "image_doc_mask", "patches")
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "doc_lengths", "image_doc_mask", "patches",
+              "patch_coords")
 
 
 @dataclass
@@ -56,12 +60,15 @@ class SoloDatasetConfig(BlendedMegatronDatasetConfig):
 def build_sample(segments, seq_length: int, loss_role: str = "assistant", vocab: SoloVocab = MISTRAL_VOCAB) -> dict:
     """One training sample from a pack's segments (as :meth:`SoloIndexedDataset.pack` returns them,
     read up to ``seq_length + 1`` tokens so the last input has its label). ``vocab``: the ids the
-    prefix was made with (:attr:`SoloIndexedDataset.vocab`): its padding, ``<vpatch>`` and control ids."""
+    prefix was made with (:attr:`SoloIndexedDataset.vocab`): its padding, ``<vpatch>`` and control ids.
+    A segment is (tokens, roles, patches, patch coordinates) (``pack(..., with_coords=True)``), or without
+    the coordinates: then it is a whole document laid out with row separators and they are counted from
+    its tokens (:func:`~megatron_solo.data.patch_coords.coords_from_tokens`)."""
     s = seq_length
-    toks = [t for t, _, _ in segments]
+    toks = [seg[0] for seg in segments]
     m = sum(len(t) for t in toks)
     tokens_all = np.concatenate(toks).astype(np.int64) if toks else np.zeros(0, np.int64)
-    roles_all = np.concatenate([r for _, r, _ in segments]) if toks else np.zeros(0, np.uint8)
+    roles_all = np.concatenate([seg[1] for seg in segments]) if toks else np.zeros(0, np.uint8)
     lens_all = np.array([len(t) for t in toks], dtype=np.int64)
     seg_all = np.repeat(np.arange(len(toks)), lens_all)
     n = min(m, s)
@@ -103,10 +110,12 @@ def build_sample(segments, seq_length: int, loss_role: str = "assistant", vocab:
         image_doc_mask[n:] = False
 
     n_patches = int(np.count_nonzero(tokens[:n] == vocab.vision_patch))
-    patch_list = [p for _, _, p in segments if len(p)]
+    patch_list = [seg[2] for seg in segments if len(seg[2])]
     patches = np.concatenate(patch_list)[:n_patches] if patch_list else np.zeros((0, PATCH_DIM), np.uint8)
     if patches.shape[0] != n_patches:
         raise ValueError(f"pack holds {patches.shape[0]} patches for {n_patches} <vpatch> tokens")
+    coord_list = [seg[3] if len(seg) > 3 else coords_from_tokens(seg[0], vocab) for seg in segments]
+    coords = np.concatenate(coord_list)[:n_patches] if coord_list else np.zeros((0, 2), np.int64)
     return {
         "tokens": torch.from_numpy(tokens),
         "labels": torch.from_numpy(labels),
@@ -115,6 +124,7 @@ def build_sample(segments, seq_length: int, loss_role: str = "assistant", vocab:
         "doc_lengths": torch.from_numpy(doc_lengths),
         "image_doc_mask": torch.from_numpy(image_doc_mask),
         "patches": torch.from_numpy(np.ascontiguousarray(patches)),
+        "patch_coords": torch.from_numpy(np.ascontiguousarray(coords, dtype=np.int64)),
     }
 
 
@@ -138,6 +148,9 @@ def collate(samples: Sequence[dict]) -> dict:
     batch["doc_lengths"] = doc_lengths
     patches = [torch.as_tensor(x["patches"], dtype=torch.uint8).reshape(-1, PATCH_DIM) for x in samples]
     batch["patches"] = torch.cat(patches, 0) if patches else torch.zeros(0, PATCH_DIM, dtype=torch.uint8)
+    if all("patch_coords" in x for x in samples):  # every sample of a SoloDataset has them
+        coords = [torch.as_tensor(x["patch_coords"], dtype=torch.int64).reshape(-1, 2) for x in samples]
+        batch["patch_coords"] = torch.cat(coords, 0)
     return batch
 
 
@@ -183,7 +196,7 @@ class SoloDataset(MegatronDataset):
 
     def __getitem__(self, idx: int) -> dict:
         pack = int(self.sample_index[idx])
-        segments = self.dataset.pack(pack, max_tokens=self.config.sequence_length + 1)
+        segments = self.dataset.pack(pack, max_tokens=self.config.sequence_length + 1, with_coords=True)
         return build_sample(segments, self.config.sequence_length, self.loss_role, self.dataset.vocab)
 
 
@@ -236,6 +249,13 @@ def parse_data_path(data_path) -> Optional[tuple[list[str], Optional[list[float]
     return expand_blend(get_blend_from_list(words))
 
 
+def data_row_separator(*data_paths) -> bool:
+    """The image layout (``--row-separator``) of every prefix of the given ``--data-path``-style blends, read
+    by one model (:func:`~megatron_solo.data.stats.blend_row_separator`: a mixed one is refused, one line)."""
+    prefixes = [p for d in data_paths if d for p in (parse_data_path(d) or ([], None))[0]]
+    return blend_row_separator(dict.fromkeys(prefixes), "the run's data")
+
+
 def build_train_valid_test_datasets(
     data_path,
     split: str = "969,30,1",
@@ -265,6 +285,7 @@ def build_train_valid_test_datasets(
     blend = parse_data_path(data_path)
     if blend is None:
         raise ValueError("data_path is empty")
+    data_row_separator(data_path, valid_data_path, test_data_path)  # one image layout for the one model
     kwargs = dict(random_seed=seed, sequence_length=seq_length, path_to_cache=path_to_cache,
                   mmap_bin_files=mmap, loss_role=loss_role, mid_level_dataset_surplus=mid_level_dataset_surplus)
     if valid_data_path is not None or test_data_path is not None:

@@ -8,7 +8,11 @@ the issue (bare list, ``{"messages"}``, ``{"conversations"}``, a single message,
 
 Layout of one image of R x C patches (:func:`image_block_tokens`)::
 
-    <vision> (<vpatch> x C <vrow_sep>) x (R-1)  <vpatch> x C </vision>
+    <vision> (<vpatch> x C <vrow_sep>) x (R-1)  <vpatch> x C </vision>      --row-separator on (SOLO)
+    <vision> <vpatch> x (R*C) </vision>                                     --row-separator off (SAIL)
+
+With separators off the grid is not in the tokens: a patch's (row, col) comes from its image
+(``patch_coords``, :mod:`megatron_solo.data.patch_coords`).
 
 A video is one block whose frames are separated by ``<vframe_sep>`` (:func:`video_block_tokens`)::
 
@@ -60,20 +64,24 @@ _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
                 "system": "system"}
 
 
-def image_block_tokens(n_rows: int, n_cols: int, ids=SOLO_IDS) -> np.ndarray:
-    """``<vision>`` + rows of ``<vpatch>`` separated by ``<vrow_sep>`` + ``</vision>`` (int32)."""
-    return np.concatenate(([ids.vision_start], _grid_tokens(n_rows, n_cols, ids), [ids.vision_end])).astype(np.int32)
+def image_block_tokens(n_rows: int, n_cols: int, ids=SOLO_IDS, row_separator: bool = True) -> np.ndarray:
+    """``<vision>`` + rows of ``<vpatch>`` (separated by ``<vrow_sep>`` when ``row_separator``) +
+    ``</vision>`` (int32)."""
+    return np.concatenate(([ids.vision_start], _grid_tokens(n_rows, n_cols, ids, row_separator),
+                           [ids.vision_end])).astype(np.int32)
 
 
-def _grid_tokens(n_rows: int, n_cols: int, ids=SOLO_IDS) -> np.ndarray:
+def _grid_tokens(n_rows: int, n_cols: int, ids=SOLO_IDS, row_separator: bool = True) -> np.ndarray:
     if n_rows < 1 or n_cols < 1:
         raise ValueError(f"an image needs at least one patch, got {n_rows}x{n_cols}")
+    if not row_separator:
+        return np.full(n_rows * n_cols, ids.vision_patch, dtype=np.int32)
     row = np.full(n_cols + 1, ids.vision_patch, dtype=np.int32)
     row[-1] = ids.vision_row_sep
     return np.tile(row, n_rows)[:-1]
 
 
-def video_block_tokens(grids: list[tuple[int, int]], ids=SOLO_IDS) -> np.ndarray:
+def video_block_tokens(grids: list[tuple[int, int]], ids=SOLO_IDS, row_separator: bool = True) -> np.ndarray:
     """One ``<vision>`` block for video frames of the given (n_rows, n_cols), ``<vframe_sep>`` between."""
     if not grids:
         raise ValueError("a video needs at least one frame")
@@ -81,13 +89,13 @@ def video_block_tokens(grids: list[tuple[int, int]], ids=SOLO_IDS) -> np.ndarray
     for i, (r, c) in enumerate(grids):
         if i:
             parts.append(np.array([ids.vision_frame_sep], np.int32))
-        parts.append(_grid_tokens(r, c, ids))
+        parts.append(_grid_tokens(r, c, ids, row_separator))
     parts.append(np.array([ids.vision_end], np.int32))
     return np.concatenate(parts)
 
 
-def image_block_length(n_rows: int, n_cols: int) -> int:
-    return n_rows * n_cols + (n_rows - 1) + 2
+def image_block_length(n_rows: int, n_cols: int, row_separator: bool = True) -> int:
+    return n_rows * n_cols + (n_rows - 1 if row_separator else 0) + 2
 
 
 # --------------------------------------------------------------------------------------- messages
@@ -325,6 +333,7 @@ class DocumentEncoder:
     allow_image_mismatch: bool = False
     image_storage: str = "patches"  # "encoded": patches are ImageRefs (megatron_solo.data.image_storage)
     ids: SoloVocab | SoloTokenIds | None = None
+    row_separator: bool = True  # --row-separator: <vrow_sep> between rows of patches (SOLO) or none (SAIL)
     template: ChatTemplate = field(init=False)
     _space_id: int = field(init=False, default=-1)
 
@@ -367,13 +376,13 @@ class DocumentEncoder:
         if kind in ("image", "image?"):
             p, r, c = self.load_patches(value)
             patches.append(p)
-            return image_block_tokens(r, c, self.ids), 1
+            return image_block_tokens(r, c, self.ids, self.row_separator), 1
         grids = []
         for frame in value:
             p, r, c = self.load_patches(frame)
             patches.append(p)
             grids.append((r, c))
-        return video_block_tokens(grids, self.ids), len(grids)
+        return video_block_tokens(grids, self.ids, self.row_separator), len(grids)
 
     # documents -----------------------------------------------------------------------------
     def encode(self, messages: list[Message], where: str = "") -> EncodedDocument:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_solo.data.image import PATCH_DIM, PATCH_SIZE, decode_image, image_to_patches, load_image, target_size
+from megatron_solo.data.patch_coords import grid_coords
 
 IMAGE_STORAGES = ("patches", "encoded")
 FLAG_EXIF = 1
@@ -103,27 +104,32 @@ def store_image(data: bytes, *, exif_transpose: bool, max_image_pixels) -> tuple
     return ImageRefs([ImageRef(stored, flags, 0, n_rows * n_cols)]), n_rows, n_cols
 
 
-def decode_patches(data, flags: int, start: int, end: int) -> np.ndarray:
-    """One stored image -> its patches ``start:end`` (uint8 [end - start, 3072])."""
+def decode_patches(data, flags: int, start: int, end: int) -> tuple[np.ndarray, int]:
+    """One stored image -> its patches ``start:end`` (uint8 [end - start, 3072]) and its grid's width."""
     img = load_image(bytes(data), exif_transpose=bool(flags & FLAG_EXIF), max_image_pixels=None)
-    patches, _, _ = image_to_patches(img)
+    patches, _, n_cols = image_to_patches(img)
     if end > patches.shape[0]:
         raise ValueError(f"stored image has {patches.shape[0]} patches, the index asks for {start}:{end}")
-    return patches[start:end]
+    return patches[start:end], n_cols
 
 
-def decode_segment(images: np.ndarray, idx: np.ndarray, n_patches: int) -> np.ndarray:
+def decode_segment(images: np.ndarray, idx: np.ndarray, n_patches: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``n_patches`` patches of one segment from its ``P-images`` and ``P-imageidx`` items
-    (images past those patches are not decoded)."""
+    (images past those patches are not decoded), and their (row, col) in their images (int64 [n, 2],
+    :func:`~megatron_solo.data.patch_coords.grid_coords`)."""
     rows = np.asarray(idx, dtype=np.int64).reshape(-1, IDX_FIELDS)
-    out, have, offset = [], 0, 0
+    out, coords, have, offset = [], [], 0, 0
     for n_bytes, flags, start, end in rows.tolist():
         if have >= n_patches:
             break
         take = min(end - start, n_patches - have)
-        out.append(decode_patches(images[offset:offset + n_bytes], flags, start, start + take))
+        p, n_cols = decode_patches(images[offset:offset + n_bytes], flags, start, start + take)
+        out.append(p)
+        coords.append(grid_coords(start, start + take, n_cols))
         have += take
         offset += n_bytes
     if have < n_patches:
         raise ValueError(f"segment stores {have} patches, {n_patches} were asked for")
-    return np.concatenate(out) if out else np.zeros((0, PATCH_DIM), np.uint8)
+    if not out:
+        return np.zeros((0, PATCH_DIM), np.uint8), np.zeros((0, 2), np.int64)
+    return np.concatenate(out), np.concatenate(coords)

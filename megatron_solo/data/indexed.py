@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_solo.data.image_storage import decode_segment
-from megatron_solo.data.stats import prefix_vocab
+from megatron_solo.data.patch_coords import coords_from_tokens, end_state, starts_inside_image
+from megatron_solo.data.stats import prefix_row_separator, prefix_vocab
 from megatron_solo.errors import InputError
 from megatron_solo.spec import MISTRAL_VOCAB, PATCH_DIM, SoloVocab, vocab_mismatch
 
@@ -255,6 +256,7 @@ class SoloIndexedDataset:
         self.roles = IndexedDataset(component_prefix(self.prefix, "roles"), mmap=self.mmap)
         self.storage = prefix_storage(self.prefix)
         self.vocab = prefix_vocab(self.prefix)  # the ids its tokenizer gave (Mistral's for older prefixes)
+        self.row_separator = prefix_row_separator(self.prefix)  # its image layout (SOLO's for older prefixes)
         others = []
         for name in STORAGE_SUFFIXES[self.storage][2:]:
             pp = component_prefix(self.prefix, name)
@@ -280,11 +282,12 @@ class SoloIndexedDataset:
         a, b = self.pack_bounds[i], self.pack_bounds[i + 1]
         return int(self.segment_lengths[a:b].sum())
 
-    def pack(self, i: int, max_tokens: int | None = None):
+    def pack(self, i: int, max_tokens: int | None = None, with_coords: bool = False):
         """Segments of pack ``i``: list of (tokens int32, roles uint8, patches uint8 [n, 3072]).
 
         With ``max_tokens``, reading stops after that many tokens, and only the patches of the
-        ``<vpatch>`` tokens that were read are returned.
+        ``<vpatch>`` tokens that were read are returned. ``with_coords``: each segment also has its
+        patches' (row, col) in their images, int64 [n, 2] (:mod:`megatron_solo.data.patch_coords`).
         """
         a, b = int(self.pack_bounds[i]), int(self.pack_bounds[i + 1])
         out = []
@@ -300,14 +303,37 @@ class SoloIndexedDataset:
             t = np.array(self.tokens.get(s, 0, length))
             r = np.array(self.roles.get(s, 0, length))
             n_p = int(np.count_nonzero(t == self.vocab.vision_patch))
+            c = np.zeros((0, 2), np.int64)
             if n_p and self.storage == "encoded":  # decoded here: in the DataLoader's worker processes
-                p = decode_segment(self.images[s], self.imageidx[s], n_p)
+                p, c = decode_segment(self.images[s], self.imageidx[s], n_p)
             elif n_p:
                 p = np.array(self.patches.get(s, 0, n_p * PATCH_DIM)).reshape(n_p, PATCH_DIM)
+                if with_coords:
+                    c = self._coords_from_tokens(s, t)
             else:
                 p = np.zeros((0, PATCH_DIM), np.uint8)
-            out.append((t, r, p))
+            out.append((t, r, p, c) if with_coords else (t, r, p))
         return out
+
+    def _coords_from_tokens(self, s: int, tokens: np.ndarray) -> np.ndarray:
+        """Patch coordinates of segment ``s`` (``patches`` storage) from its tokens; a segment that starts
+        inside an image continues the count of the document's segments before it, back to the image's
+        ``<vision>``."""
+        if not self.row_separator:
+            raise ValueError(f"{self.prefix}: images without row separators in patches storage: their grids are "
+                             "not stored; preprocess with --image-storage encoded")
+        start = (0, 0)
+        if starts_inside_image(tokens, self.vocab):
+            chain, j = [], s - 1
+            while j >= 0:
+                prev = np.array(self.tokens[j])
+                chain.append(prev)
+                if np.isin(prev, (self.vocab.vision_start, self.vocab.vision_frame_sep)).any():
+                    break
+                j -= 1
+            for prev in reversed(chain):
+                start = end_state(prev, self.vocab, start) or (0, 0)
+        return coords_from_tokens(tokens, self.vocab, start)
 
 
 # ------------------------------------------------------------------------------ checking a prefix

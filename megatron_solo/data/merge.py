@@ -1,5 +1,6 @@
 """Merging complete prefixes into one (``tools/merge_datasets.py``): packs concatenated in order,
-published atomically, stats summed (:meth:`PrefixStats.total`)."""
+published atomically, stats summed (:meth:`PrefixStats.total`). Inputs must share the image storage, the
+tokenizer and the image layout (``--row-separator``; text-only inputs take any)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from megatron_solo.data.indexed import (
     publish_prefix,
     remove_prefix,
 )
-from megatron_solo.data.stats import PrefixStats, prefix_vocab
+from megatron_solo.data.stats import PrefixStats, blend_row_separator, prefix_vocab
 from megatron_solo.errors import InputError
 from megatron_solo.spec import vocab_mismatch
 
@@ -43,6 +44,7 @@ def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) ->
         if problem:
             raise MergeInputError(f"cannot merge prefixes made with different tokenizers: {problem}; preprocess them "
                                   "with one")
+    row_separator = blend_row_separator(inputs, "the merge")  # one image layout (a text-only input takes any)
     suffixes = STORAGE_SUFFIXES[storages[0]]
     remove_prefix(output_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
@@ -62,6 +64,7 @@ def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) ->
                 continue
         totals = PrefixStats.total(parts)
         totals.image_storage = storages[0]
+        totals.row_separator = row_separator
         out = {**totals.as_dict(), "merged_from": list(inputs)}
         publish_prefix(output_prefix, out, suffixes)
         return out

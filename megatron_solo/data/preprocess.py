@@ -68,6 +68,7 @@ class PreprocessConfig:
     interleaved: Optional[InterleavedOptions] = None  # --min-image-similarity, --image-url-map (web documents)
     shard_size: Optional[int] = None  # input records per shard PREFIX_00000, ... (megatron_solo.data.shards)
     vocab: Optional[SoloVocab] = None  # the tokenizer's, set by preprocess(); every prefix's stats keep it
+    row_separator: bool = True  # --row-separator on (SOLO) | off (SAIL); every prefix's stats keep it
 
 
 class TooManyErrors(UserError):
@@ -90,6 +91,14 @@ class InputNotFound(InputError):
     """An ``--input`` file that does not exist (checked before anything is started or written)."""
 
 
+def check_layout(cfg: PreprocessConfig) -> None:
+    """``--row-separator off`` needs ``--image-storage encoded``: without separators a patch's (row, col)
+    comes from its image's grid, which only the encoded storage keeps (``P-patches`` holds pixels only)."""
+    if not cfg.row_separator and cfg.image_storage != "encoded":
+        raise InputError("--row-separator off needs --image-storage encoded (patches storage keeps no image "
+                         "grids, and without row separators the tokens do not hold them either)")
+
+
 # ------------------------------------------------------------------------------------- workers
 _ENCODER: Optional[DocumentEncoder] = None
 _INTERLEAVED = InterleavedOptions()
@@ -106,7 +115,7 @@ class EncodedRecord:
 
 
 def _init_worker(tokenizer_model, fmt, image_root, exif_transpose, max_image_pixels, chat_template="chatml",
-                 allow_image_mismatch=False, image_storage="patches", interleaved=None):
+                 allow_image_mismatch=False, image_storage="patches", interleaved=None, row_separator=True):
     global _ENCODER, _INTERLEAVED
     _INTERLEAVED = interleaved or InterleavedOptions()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what an interrupt means
@@ -115,7 +124,8 @@ def _init_worker(tokenizer_model, fmt, image_root, exif_transpose, max_image_pix
     tok.check_solo_ids()
     _ENCODER = DocumentEncoder(tok, fmt, image_root=image_root, exif_transpose=exif_transpose,
                                max_image_pixels=max_image_pixels, chat_template=chat_template,
-                               allow_image_mismatch=allow_image_mismatch, image_storage=image_storage)
+                               allow_image_mismatch=allow_image_mismatch, image_storage=image_storage,
+                               row_separator=row_separator)
 
 
 def _init_worker_process(*init_args):
@@ -151,7 +161,7 @@ def _chunks(it, n):
 
 def _init_args(cfg: PreprocessConfig) -> tuple:
     return (cfg.tokenizer_model, cfg.fmt, cfg.image_root, cfg.exif_transpose, cfg.max_image_pixels,
-            cfg.chat_template, cfg.allow_image_mismatch, cfg.image_storage, cfg.interleaved)
+            cfg.chat_template, cfg.allow_image_mismatch, cfg.image_storage, cfg.interleaved, cfg.row_separator)
 
 
 def encoder_pool(cfg: PreprocessConfig):
@@ -216,6 +226,7 @@ def preprocess(cfg: PreprocessConfig, records=None) -> dict:
     for p in cfg.inputs:
         if not os.path.isfile(p):
             raise InputNotFound(f"--input {p} does not exist")
+    check_layout(cfg)
     # here, once: not as a traceback from every worker
     cfg = replace(cfg, vocab=check_tokenizer(cfg.tokenizer_model).vocab)
     if cfg.shard_size:
@@ -233,7 +244,7 @@ def _preprocess_prefix(cfg: PreprocessConfig, records=None, pool=None) -> dict:
     prefix = cfg.output_prefix
     remove_prefix(prefix)  # a stale incomplete prefix, or the old one with --overwrite
     t0 = time.time()
-    stats = PrefixStats(vocab=cfg.vocab.to_dict())
+    stats = PrefixStats(vocab=cfg.vocab.to_dict(), row_separator=cfg.row_separator)
     writer = SoloPrefixWriter(prefix, use_cpp=cfg.use_cpp, image_storage=cfg.image_storage, vocab=cfg.vocab)
     packer = Packer(writer, cfg.seq_length)
     old_term = signal.signal(signal.SIGTERM, _raise_on_sigterm) if _is_main_thread() else None

@@ -3,6 +3,10 @@
 One rule for a sum, used by a sharded run's totals and by a merge: the counts add up, the skip
 counts add up by reason, the ratios (``bytes_per_image``, ``bytes_per_token``) are derived again from
 the sums, and the run's settings (format, ``--seq-length``, ``--workers``, ...) are not summed.
+
+The image layout (``row_separator``: ``--row-separator on|off``) is the one setting every reader must
+agree on: :func:`prefix_row_separator` reads it (a prefix written before it was recorded has separators,
+SOLO's layout), :func:`blend_row_separator` refuses prefixes of both layouts in one blend or merge.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Iterable, Optional
 
+from megatron_solo.errors import InputError
 from megatron_solo.spec import MISTRAL_VOCAB, SoloVocab
 
 
@@ -37,6 +42,9 @@ class PrefixStats:
     image_bytes: int = 0  # bytes written to P-patches or P-images + P-imageidx
     data_bytes: int = 0  # bytes of all .bin data: int32 tokens + uint8 roles + images
     vocab: Optional[dict] = None  # SoloVocab.to_dict() of the tokenizer that made the ids (prefix_vocab)
+    # --row-separator: images laid out with <vrow_sep> between rows (SOLO) or without (SAIL); a stats file
+    # written before the layout was recorded lacks it: those prefixes have separators
+    row_separator: Optional[bool] = True
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -78,10 +86,10 @@ class PrefixStats:
     def total(cls, parts: Iterable["PrefixStats"]) -> "PrefixStats":
         """The sum of several prefixes' stats (the image storage: theirs, when they all share one)."""
         out = cls()
-        storages, vocabs = set(), []
+        storages, vocabs, layouts = set(), [], set()
         for p in parts:
             for f in fields(cls):
-                if f.name in ("skipped", "images_dropped", "image_storage", "vocab"):
+                if f.name in ("skipped", "images_dropped", "image_storage", "vocab", "row_separator"):
                     continue
                 setattr(out, f.name, getattr(out, f.name) + getattr(p, f.name))
             for by_reason, part in ((out.skipped, p.skipped), (out.images_dropped, p.images_dropped)):
@@ -89,19 +97,58 @@ class PrefixStats:
                     by_reason[reason] = by_reason.get(reason, 0) + n
             storages.add(p.image_storage)
             vocabs.append(p.vocab)
+            if p.images:  # a text-only part has no layout to disagree with
+                layouts.add(p.row_separator)
         out.time_s = round(out.time_s, 3)
         out.vocab = vocabs[0] if vocabs and all(v == vocabs[0] for v in vocabs) else None
         storages.discard(None)
         out.image_storage = storages.pop() if len(storages) == 1 else None
+        out.row_separator = layouts.pop() if len(layouts) == 1 else (True if not layouts else None)
         return out
+
+
+def read_stats(prefix: str) -> dict:
+    """``P.stats.json`` as written (empty for a prefix without one: written by other tools)."""
+    path = prefix + ".stats.json"
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def prefix_vocab(prefix: str) -> SoloVocab:
     """SOLO's vocabulary a prefix's ids were made with (``P.stats.json``'s ``vocab``). A prefix made before
     vocabularies were stored, or without stats, was made with Mistral's, the only one there was."""
-    path = prefix + ".stats.json"
-    stored = None
-    if os.path.isfile(path):
-        with open(path) as f:
-            stored = json.load(f).get("vocab")
+    stored = read_stats(prefix).get("vocab")
     return SoloVocab.from_dict(stored) if stored else MISTRAL_VOCAB
+
+
+def prefix_row_separator(prefix: str) -> bool:
+    """Whether a prefix's images are laid out with ``<vrow_sep>`` (``P.stats.json``'s ``row_separator``;
+    a prefix written before the layout was recorded, or without stats, has them: SOLO's layout)."""
+    return read_stats(prefix).get("row_separator", True) is not False
+
+
+def layout_name(row_separator: bool) -> str:
+    """The layout as ``--row-separator`` spells it."""
+    return "on" if row_separator else "off"
+
+
+class LayoutMismatch(InputError, ValueError):
+    """Prefixes of both image layouts (``--row-separator on`` and ``off``) where one model reads them (exit 2)."""
+
+
+def blend_row_separator(prefixes: Iterable[str], what: str = "a blend") -> bool:
+    """The one image layout of ``prefixes`` (read together: a blend, a merge). Prefixes without images
+    take any layout; two image-bearing prefixes of different layouts raise :class:`LayoutMismatch`."""
+    seen: dict[bool, str] = {}
+    for p in prefixes:
+        stats = read_stats(p)
+        if stats and not stats.get("images", 1):
+            continue
+        seen.setdefault(prefix_row_separator(p), p)
+    if len(seen) > 1:
+        raise LayoutMismatch(f"{what} mixes image layouts: {seen[True]} has row separators (--row-separator on), "
+                             f"{seen[False]} has none (--row-separator off); preprocess them with one "
+                             "--row-separator")
+    return next(iter(seen), True)

@@ -21,6 +21,8 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 
 from megatron_solo import checkpoint
+from megatron_solo.data.dataset import data_row_separator
+from megatron_solo.data.stats import layout_name
 from megatron_solo.model.config import PRESETS, SoloModelArgs, build_transformer_config, check_fp8, use_te_default
 from megatron_solo.training import param_groups
 from megatron_solo.training.arguments import ArgumentError, fail, validate_args
@@ -147,6 +149,9 @@ class DataSection:
     tokenizer_model: str | None
     loss_role: str
     seed: int
+    # the image layout of every prefix the run reads (--row-separator at preprocessing; one per run):
+    # recorded in each checkpoint, so that its export lays images out the same way
+    row_separator: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +258,7 @@ class TrainConfig:
             num_microbatches=s.num_microbatches, train_iters=s.train_iters,
             virtual_pipeline_model_parallel_size=par.virtual_pipeline, recompute_method=p.recompute_method,
             recompute_num_layers=p.recompute_num_layers, use_te=self.model.use_te, params_dtype=p.params_dtype,
-            padded_vocab_size=self.model.padded_vocab_size)
+            padded_vocab_size=self.model.padded_vocab_size, row_separator=self.data.row_separator)
         # The schedule the run follows (the checkpoint's, unless --override-opt_param-scheduler), not the flags.
         schedule = {f: getattr(self.optimizer, f) for f in SCHEDULE_FLAGS}
         return {**self.flags, **derived, **schedule}
@@ -360,6 +365,24 @@ def decide_schedule(flags, plan: ResumePlan, train_iters: int) -> ResumePlan:
     if said:
         new = dataclasses.replace(new, note=f"{plan.note}; {said}" if plan.note else said)
     return new
+
+
+def decide_row_separator(a, plan: ResumePlan) -> tuple[bool, ResumePlan]:
+    """The data's image layout (one for all of the run's prefixes: a mixed blend is one error line) against
+    the checkpoint's: a resume onto data of the other layout is refused (the run would change what its model
+    reads halfway without saying so); ``--finetune`` from it says so."""
+    row_separator = data_row_separator(a.data_path, a.valid_data_path)
+    saved = checkpoint.checkpoint_row_separator(plan.info) if plan.info is not None else None
+    if saved is None or saved == row_separator:
+        return row_separator, plan
+    data, ck = layout_name(row_separator), layout_name(saved)
+    if not plan.finetune:
+        raise ArgumentError(f"the data is laid out with --row-separator {data}, the run in {plan.load_dir} trained "
+                            f"on --row-separator {ck}: resume it on data preprocessed with --row-separator {ck}, "
+                            f"or start a new phase from it with --finetune")
+    said = (f"the data is laid out with --row-separator {data}; the checkpoint {plan.load_dir} was trained on "
+            f"--row-separator {ck}")
+    return row_separator, dataclasses.replace(plan, note=f"{plan.note}; {said}" if plan.note else said)
 
 
 def padded_vocab_size(model_args: SoloModelArgs, tp: int, resume: ResumePlan) -> int:
@@ -484,6 +507,7 @@ def build_train_config(args) -> TrainConfig:
     resume_flags = types.SimpleNamespace(**{**vars(a), "global_batch_size": sizes["global_batch_size"],
                                             "train_iters": sizes["train_iters"]})
     resume = decide_schedule(a, decide_resume(resume_flags), sizes["train_iters"])
+    row_separator, resume = decide_row_separator(a, resume)
     sched = resume.schedule or _schedule_values(vars(a), sizes["train_iters"])  # the one the run follows
     param_groups.check_resume(a, resume, fail)  # the optimizer state fits only its own trainable set and groups
     tp = a.tensor_model_parallel_size
@@ -519,7 +543,8 @@ def build_train_config(args) -> TrainConfig:
         data=DataSection(data_path=tuple(a.data_path or ()),
                          valid_data_path=tuple(a.valid_data_path) if a.valid_data_path else None,
                          split=a.split, data_cache_path=a.data_cache_path, num_workers=a.num_workers,
-                         tokenizer_model=a.tokenizer_model, loss_role=a.loss_role, seed=a.seed),
+                         tokenizer_model=a.tokenizer_model, loss_role=a.loss_role, seed=a.seed,
+                         row_separator=row_separator),
         checkpoint=CheckpointSection(save=a.save, load=a.load, save_interval=a.save_interval, finetune=a.finetune,
                                      no_load_optim=a.no_load_optim, no_load_rng=a.no_load_rng, ckpt_step=a.ckpt_step,
                                      keep_last_checkpoints=a.keep_last_checkpoints, no_save_optim=a.no_save_optim),

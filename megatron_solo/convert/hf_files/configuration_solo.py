@@ -20,6 +20,9 @@ class _VisionFields:
     vision_patch_token_id: int = 32001
     vision_row_sep_token_id: int = 32002
     vision_end_token_id: int = 32004
+    # the image layout of the model's training data: a <vrow_sep> between rows of patches (SOLO's); an
+    # export of a model trained without them writes false (SAIL's layout), and its processor follows it
+    vision_row_separator: bool = True
 
     @property
     def vision_patch_dim(self) -> int:
@@ -49,6 +52,9 @@ class SoloConfig(_VisionFields, MistralConfig):
         Side of a square RGB image patch; one patch is ``3 * vision_patch_size**2`` values (channel-major).
     vision_start_token_id / vision_patch_token_id / vision_row_sep_token_id / vision_end_token_id (`int`):
         Ids of ``<vision>``, ``<vpatch>``, ``<vrow_sep>`` and ``</vision>`` in the extended tokenizer.
+    vision_row_separator (`bool`, defaults to True):
+        Whether the model's images were laid out with ``<vrow_sep>`` between rows of patches (SOLO) or
+        without (SAIL); the processor lays images out the same way.
     """
 
     model_type = "solo"

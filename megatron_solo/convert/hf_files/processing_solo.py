@@ -1,4 +1,5 @@
-"""Turn images and text into SOLO's inputs: ``input_ids``, ``vision_patches``, ``vision_patch_indices``.
+"""Turn images and text into SOLO's inputs: ``input_ids``, ``vision_patches``, ``vision_patch_indices``,
+``vision_patch_coords``.
 
 Self-contained (PIL, numpy, torch, sentencepiece) and shipped in every exported SOLO checkpoint. It
 implements SOLO's image rules (arXiv 2407.06438; this project's SOLO_SPEC):
@@ -12,7 +13,12 @@ implements SOLO's image rules (arXiv 2407.06438; this project's SOLO_SPEC):
 5. cut into 32x32 patches, row-major; each patch is flattened channel-major (3, 32, 32) -> 3072.
 
 An image of R x C patches becomes the tokens ``<vision>``, then per row ``<vpatch>`` x C with one
-``<vrow_sep>`` between rows, then ``</vision>``.
+``<vrow_sep>`` between rows, then ``</vision>`` (SOLO's layout). A model trained on data without row
+separators (``vision_row_separator: false`` in its config.json; SAIL's layout) gets ``<vision>``, the
+R*C ``<vpatch>`` row-major, ``</vision>``. ``vision_patch_coords`` (LongTensor [n, 2]) is each patch's
+(row, col) inside its image, in the order of ``vision_patches``: returned when asked
+(``return_patch_coords=True`` per call, or ``return_patch_coords: true`` in ``processor_config.json``, which
+an export whose model takes 2D positions writes); a model that does not take it would refuse it in ``generate``.
 
 Control ids only by construction: text is always encoded by the tokenizer's 32000-piece base model,
 so ``<vpatch>``, ``<|im_end|>``, ``<loc_5>``, ``<s>`` typed in a prompt stay plain text; image blocks and
@@ -122,6 +128,12 @@ def image_to_patches(image) -> tuple[np.ndarray, int, int]:
     return np.ascontiguousarray(patches.reshape(rows * cols, 3 * PATCH_SIZE * PATCH_SIZE)), rows, cols
 
 
+def grid_coords(rows: int, cols: int) -> np.ndarray:
+    """(row, col) of each patch of a rows x cols grid, row-major (int64 [rows * cols, 2])."""
+    k = np.arange(rows * cols, dtype=np.int64)
+    return np.stack((k // cols, k % cols), axis=1)
+
+
 def normalize_patches(patches) -> torch.Tensor:
     """uint8 [n, 3072] -> float32 [n, 3072]: (x / 255 - mean[c]) / std[c], c = channel of the value."""
     x = torch.as_tensor(np.asarray(patches)).to(torch.float32) / 255.0
@@ -170,11 +182,14 @@ class SoloProcessor:
 
     chat_template = CHATML_TEMPLATE
 
-    def __init__(self, tokenizer_model: str, vocab: dict | None = None):
+    def __init__(self, tokenizer_model: str, vocab: dict | None = None, row_separator: bool = True,
+                 return_patch_coords: bool = False):
         if not os.path.isfile(tokenizer_model):
             raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}")
         self.tokenizer_model = tokenizer_model
         self.vocab = dict(MISTRAL_IDS if vocab is None else vocab)
+        self.row_separator = bool(row_separator)  # the image layout of the model's training data
+        self.return_patch_coords = bool(return_patch_coords)  # the default of each call
         self.kind = "hf" if tokenizer_model.endswith(".json") else "sentencepiece"
         if self.kind == "hf":
             from tokenizers import Tokenizer
@@ -205,17 +220,18 @@ class SoloProcessor:
     def from_pretrained(cls, path: str, **kwargs) -> "SoloProcessor":
         """The processor of an export (or of a ``save_pretrained`` directory). ``kwargs`` (what
         ``AutoProcessor`` passes: ``trust_remote_code``, ...) are accepted and unused."""
-        vocab = None
-        for name in (PROCESSOR_CONFIG, "config.json"):
+        vocab, row_separator, coords = None, True, False
+        for name in ("config.json", PROCESSOR_CONFIG):  # the processor's own config wins
             f = os.path.join(path, name)
             if os.path.isfile(f):
                 with open(f) as fh:
-                    vocab = json.load(fh).get("solo_vocab")
-                if vocab is not None:
-                    break
+                    cfg = json.load(fh)
+                vocab = cfg.get("solo_vocab", vocab)
+                row_separator = cfg.get("vision_row_separator", row_separator)
+                coords = cfg.get("return_patch_coords", coords)
         for name in ("tokenizer.model", "tokenizer.json"):
             if os.path.isfile(os.path.join(path, name)):
-                return cls(os.path.join(path, name), vocab)
+                return cls(os.path.join(path, name), vocab, row_separator, coords)
         raise FileNotFoundError(f"{path} holds no tokenizer.model or tokenizer.json")
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
@@ -232,7 +248,8 @@ class SoloProcessor:
                 if os.path.abspath(dst) != os.path.abspath(os.path.join(src_dir, name)):
                     shutil.copyfile(os.path.join(src_dir, name), dst)
         with open(os.path.join(save_directory, PROCESSOR_CONFIG), "w") as f:
-            json.dump(processor_config(None if self.vocab == MISTRAL_IDS else self.vocab), f, indent=2)
+            json.dump(processor_config(None if self.vocab == MISTRAL_IDS else self.vocab, self.row_separator,
+                                       self.return_patch_coords), f, indent=2)
         here = os.path.abspath(__file__)
         if os.path.abspath(os.path.join(save_directory, "processing_solo.py")) != here:
             shutil.copyfile(here, os.path.join(save_directory, "processing_solo.py"))
@@ -240,7 +257,7 @@ class SoloProcessor:
     def image_token_ids(self, rows: int, cols: int) -> list[int]:
         ids = [self.ids[VISION_START]]
         for r in range(rows):
-            if r:
+            if r and self.row_separator:
                 ids.append(self.ids[VISION_ROW_SEP])
             ids.extend([self.ids[VISION_PATCH]] * cols)
         ids.append(self.ids[VISION_END])
@@ -262,8 +279,8 @@ class SoloProcessor:
 
     def encode_parts(self, parts, prefix_ids=(), after_control: bool = False):
         """Text, PIL images and ``{"type": "loc", "loc": N}`` parts, in order -> (token ids, uint8 patch
-        arrays). Consecutive text forms one run, as in the training documents."""
-        ids, patches, pending = list(prefix_ids), [], ""
+        arrays, their (row, col) arrays). Consecutive text forms one run, as in the training documents."""
+        ids, patches, coords, pending = list(prefix_ids), [], [], ""
         for part in parts:
             if isinstance(part, str):
                 pending += part
@@ -281,27 +298,32 @@ class SoloProcessor:
             p, rows, cols = image_to_patches(part)
             ids.extend(self.image_token_ids(rows, cols))
             patches.append(p)
+            coords.append(grid_coords(rows, cols))
             after_control = False
         ids.extend(self.encode_text(pending, after_control))
-        return ids, patches
+        return ids, patches, coords
 
     def _bos(self) -> list[int]:
         return [] if self.vocab["bos"] is None else [self.vocab["bos"]]
 
-    def _pack(self, ids, patches) -> dict[str, torch.Tensor]:
+    def _pack(self, ids, patches, coords, return_patch_coords: bool | None = None) -> dict[str, torch.Tensor]:
         input_ids = torch.tensor([ids], dtype=torch.long)
         out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
         if patches:
             out["vision_patches"] = normalize_patches(np.concatenate(patches, axis=0))
+            if self.return_patch_coords if return_patch_coords is None else return_patch_coords:
+                out["vision_patch_coords"] = torch.from_numpy(np.concatenate(coords, axis=0))
             is_patch = input_ids == self.ids[VISION_PATCH]
             order = torch.cumsum(is_patch.reshape(-1).long(), 0).reshape(input_ids.shape) - 1
             out["vision_patch_indices"] = torch.where(is_patch, order, torch.full_like(order, -1))
         return out
 
-    def __call__(self, parts=None, add_bos: bool = True, *, text=None, images=None, **kwargs) -> dict[str, torch.Tensor]:
+    def __call__(self, parts=None, add_bos: bool = True, *, text=None, images=None, return_patch_coords=None,
+                 **kwargs) -> dict[str, torch.Tensor]:
         """Pre-training format: BOS (where the base has one) then each part (text or PIL image) in order;
         batch of one. Hugging Face's form ``processor(text=..., images=...)`` (or a string first) puts the
-        images, in order, where the text says ``<image>``; images that no ``<image>`` places are an error."""
+        images, in order, where the text says ``<image>``; images that no ``<image>`` places are an error.
+        ``return_patch_coords``: add ``vision_patch_coords`` (default: the processor's setting)."""
         if isinstance(parts, str) and images is None and text is None:
             parts = [parts]  # a plain string: text, whatever it spells
         elif isinstance(parts, str):
@@ -310,22 +332,24 @@ class SoloProcessor:
             parts = place_images(text or "", images)
         elif images is not None:
             raise ValueError("pass images inside the parts list, or as images= with text=; not both")
-        ids, patches = self.encode_parts(parts)
-        return self._pack((self._bos() if add_bos else []) + ids, patches)
+        ids, patches, coords = self.encode_parts(parts)
+        return self._pack((self._bos() if add_bos else []) + ids, patches, coords, return_patch_coords)
 
     def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = True,
-                            return_dict: bool = False, template: str = "chatml", **kwargs):
+                            return_dict: bool = False, template: str = "chatml", return_patch_coords=None, **kwargs):
         """Hugging Face's chat call: ``content`` a string, or a list of ``{"type": "text", "text": ...}``
         and ``{"type": "image", "image": <PIL image>}`` items (or this processor's parts). Returns the
         ids of :meth:`chat` (``return_dict``: all of its inputs), or with ``tokenize=False`` their text."""
         messages = [{"role": m["role"], "content": _parts_of(m["content"])} for m in conversation]
-        out = self.chat(messages, add_generation_prompt=add_generation_prompt, template=template)
+        out = self.chat(messages, add_generation_prompt=add_generation_prompt, template=template,
+                        return_patch_coords=return_patch_coords)
         if return_dict:
             return out
         ids = out["input_ids"][0].tolist()
         return ids if tokenize else self.decode(ids, skip_special_tokens=False)
 
-    def chat(self, messages, add_generation_prompt: bool = True, template: str = "chatml") -> dict[str, torch.Tensor]:
+    def chat(self, messages, add_generation_prompt: bool = True, template: str = "chatml",
+             return_patch_coords: bool | None = None) -> dict[str, torch.Tensor]:
         """Chat turns -> model inputs, token for token as the training data of ``template`` was made.
 
         ``content`` is a string or a list of parts (text or PIL images). With ``add_generation_prompt``
@@ -337,24 +361,25 @@ class SoloProcessor:
         if template == "solo-inst":
             if self.kind == "hf":
                 raise ValueError("solo-inst is SOLO-7B's (Mistral's) format; this base's template is chatml")
-            return self._pack(*self._solo_inst(messages))
+            return self._pack(*self._solo_inst(messages), return_patch_coords)
         im_start, im_end = self.vocab["im_start"], self.vocab["im_end"]
-        ids, patches = self._bos(), []
+        ids, patches, coords = self._bos(), [], []
         for m in messages:
             content = m["content"] if isinstance(m["content"], list) else [m["content"]]
-            turn_ids, turn_patches = self.encode_parts([f"{m['role']}\n", *content], prefix_ids=[im_start],
-                                                       after_control=True)
+            turn_ids, turn_patches, turn_coords = self.encode_parts([f"{m['role']}\n", *content],
+                                                                    prefix_ids=[im_start], after_control=True)
             ids.extend(turn_ids + [im_end] + self.encode_text("\n", after_control=True))
             patches.extend(turn_patches)
+            coords.extend(turn_coords)
         if add_generation_prompt:
             ids.extend([im_start] + self.encode_text("assistant\n", after_control=True))
-        return self._pack(ids, patches)
+        return self._pack(ids, patches, coords, return_patch_coords)
 
     def _solo_inst(self, messages):
         """SOLO's released instruction format (see the module docstring). An image's adjacent newline
         (the one after it, else the one before it) is removed; a system message's text opens the first
         user turn, followed by a blank line."""
-        blocks, patches, turns, system = [], [], [], []
+        blocks, patches, coords, turns, system = [], [], [], [], []
         for m in messages:
             parts = list(m["content"]) if isinstance(m["content"], list) else [m["content"]]
             texts = []
@@ -367,6 +392,7 @@ class SoloProcessor:
                 p, rows, cols = image_to_patches(part)
                 blocks.extend(self.image_token_ids(rows, cols)[:-1] + [VISION_START_ID])
                 patches.append(p)
+                coords.append(grid_coords(rows, cols))
                 if i + 1 < len(parts) and isinstance(parts[i + 1], str) and parts[i + 1].startswith("\n"):
                     parts[i + 1] = parts[i + 1][1:]
                 elif texts and texts[-1].endswith("\n"):
@@ -384,7 +410,7 @@ class SoloProcessor:
                 ids.extend(self._text[True].encode(f"[INST] {text.strip()} [/INST]"))
             else:
                 ids.extend(self._text[True].encode(text) + [EOS_ID])
-        return ids, patches
+        return ids, patches, coords
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
@@ -430,11 +456,16 @@ def place_images(text: str, images) -> list:
     return [p for p in parts if not (isinstance(p, str) and not p)]
 
 
-def processor_config(vocab: dict | None) -> dict:
-    """``processor_config.json``: what makes ``AutoProcessor`` return :class:`SoloProcessor`."""
+def processor_config(vocab: dict | None, row_separator: bool = True, return_patch_coords: bool = False) -> dict:
+    """``processor_config.json``: what makes ``AutoProcessor`` return :class:`SoloProcessor`, SOLO's ids of
+    another base, the image layout when it is not SOLO's, and whether calls return ``vision_patch_coords``."""
     cfg = {"processor_class": "SoloProcessor", "auto_map": {"AutoProcessor": "processing_solo.SoloProcessor"}}
     if vocab is not None:
         cfg["solo_vocab"] = vocab
+    if not row_separator:
+        cfg["vision_row_separator"] = False
+    if return_patch_coords:
+        cfg["return_patch_coords"] = True
     return cfg
 
 
