@@ -371,7 +371,10 @@ def decide_row_separator(a, plan: ResumePlan) -> tuple[bool, ResumePlan]:
     """The data's image layout (one for all of the run's prefixes: a mixed blend is one error line) against
     the checkpoint's: a resume onto data of the other layout is refused (the run would change what its model
     reads halfway without saying so); ``--finetune`` from it says so."""
-    row_separator = data_row_separator(a.data_path, a.valid_data_path)
+    try:
+        row_separator = data_row_separator(a.data_path, a.valid_data_path)
+    except FileNotFoundError:  # a shard set that is not there: the input check says so in its one line
+        return True, plan
     saved = checkpoint.checkpoint_row_separator(plan.info) if plan.info is not None else None
     if saved is None or saved == row_separator:
         return row_separator, plan
