@@ -14,7 +14,13 @@ from megatron_solo.training.arguments import build_parser
 
 @entry_point  # a user error from here on (a bad flag, an input, a fault of the run): one error: line, its exit code
 def main(argv=None) -> int:
-    # Imported here, not at the top: --help (parsed before main) answers before torch and megatron-core load.
+    args = build_parser().parse_args(argv)
+    # here: numpy (under the data checks) adds warning filters when imported, and importing this module changes
+    # nothing
+    from megatron_solo.training.early_checks import check_before_imports
+
+    check_before_imports(args)  # a bad flag, a missing tokenizer or data prefix: said before torch loads
+    # Imported here, not at the top: --help and the checks above answer before torch and megatron-core load.
     from megatron_solo import cpu_backend, mcore_fixes, parallel
     from megatron_solo.training import faults
     from megatron_solo.training.config import build_train_config
@@ -22,7 +28,7 @@ def main(argv=None) -> int:
     from megatron_solo.training.trainer import Trainer
 
     faults.watch_parent()  # a torchrun worker exits (no save) when its agent dies
-    cfg = build_train_config(build_parser().parse_args(argv))  # a bad flag: ArgumentError, before anything is built
+    cfg = build_train_config(args)  # a bad flag: ArgumentError, before anything is built
     if cfg.dry_run.enabled:  # plan only: no data, no GPU, no process group
         return run_dry_run(cfg)
     if cfg.resume.nothing_to_do:  # a finished run relaunched: said once, nothing built, loaded or saved

@@ -93,21 +93,22 @@ def test_a_resume_says_which_recorded_arguments_the_flags_change(recorded_run):
         f"iteration, and each step from here takes 4 samples")
 
 
-def test_a_finished_run_relaunched_has_nothing_to_do_and_saves_nothing(tmp_path, monkeypatch, capsys):
+def test_a_finished_run_relaunched_has_nothing_to_do_and_saves_nothing(tmp_path, monkeypatch, capsys, digits_data):
     root = tmp_path / "ck"
     _fake_complete_checkpoint(root, 6, gbs=8)
     before = sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*"))
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert train.main([*FLAGS, "--save", str(root), "--load", str(root)]) == 0
+    flags = [*FLAGS, "--data-path", digits_data["pretrain"]]  # the data is there (the early checks look)
+    assert train.main([*flags, "--save", str(root), "--load", str(root)]) == 0
     assert capsys.readouterr().out.splitlines() == [
         f"nothing to do: {root} already holds iteration 6 and --train-iters is 6; raise --train-iters to train on "
         f"(nothing was saved)"]
     assert sorted((str(p), p.stat().st_mtime_ns) for p in root.rglob("*")) == before
 
 
-def test_launcher_mistakes_name_the_file_and_the_variable(tmp_path):
+def test_launcher_mistakes_name_the_file_and_the_variable(tmp_path, digits_data):
     """Each: the whole output one `error:` line, exit 2, no traceback, before torchrun (the launcher's pre-flight)."""
-    base = dict(DATA_PATH=str(tmp_path / "x"), TRAIN_ITERS="2", TOKENIZER_MODEL=os.path.join(ROOT, "README.md"))
+    base = dict(DATA_PATH=digits_data["pretrain"], TRAIN_ITERS="2", TOKENIZER_MODEL=os.path.join(ROOT, "README.md"))
     line = _one_error_line(_launch("stage1_pretrain.sh", **base, PRESET="small"))
     assert line == ("error: --model small: unknown preset; choose one of llama3.1-8b, qwen2.5-7b, qwen3-1.7b, "
                     "qwen3-8b, solo-7b, tiny (launcher: set PRESET)")
@@ -318,3 +319,37 @@ def test_generate_answers_a_jsonl_with_the_model_loaded_once(export_and_images, 
         assert gen.main(common + ["--prompt", rec["prompt"], *image]) == 0
         assert capsys.readouterr().out == got["answer"] + "\n" and got["stopped"] is False
     assert len({a["answer"] for a in answers}) == 3  # the images and prompts reached the model
+
+
+# ------------------------------------------------------------------ quick answers (issue 26.6)
+def test_early_checks_read_the_data_path_as_the_dataset_builder_does(digits_data, tmp_path):
+    """blend_prefixes (no megatron-core) against parse_data_path (megatron-core's get_blend_from_list)."""
+    from megatron_solo.data.dataset import parse_data_path
+    from megatron_solo.training.early_checks import blend_prefixes
+
+    a, b = digits_data["pretrain"], digits_data["sft"]
+    shard_list = tmp_path / "set.shards"
+    shard_list.write_text(f"{a}\n{b}\n")
+    for words in ([a], [a, b], [f"{a} {b}"], ["0.3", a, "0.7", b], [f"1 {a} 2 {b}"], ["1e-1", a, "2", b],
+                  [a, "2", b], [str(shard_list)], ["1", str(shard_list), "1", a],
+                  [os.path.join(os.path.dirname(a), "*")]):
+        assert blend_prefixes(words) == parse_data_path(words)[0], words
+
+
+def test_a_launch_mistake_answers_before_torch_loads(digits_data):
+    """The pre-flight and the trainer themselves, in a fresh interpreter: a mistyped prefix is said with
+    neither torch nor megatron-core imported (the ~5 s they take is what made such answers slow)."""
+    data = os.path.dirname(digits_data["pretrain"])
+    flags = ["--model", "tiny", "--seq-length", "128", "--train-iters", "2", "--data-path", f"{data}/pretrian",
+             "--tokenizer-model", digits_data["tokenizer"]]
+    probe = ("import sys\n"
+             "from megatron_solo import train\n"
+             "from megatron_solo.training import preflight\n"
+             f"print('EXIT', preflight.main(['--launcher-vars', 'data-path=DATA_PATH', '--', *{flags!r}]), file=sys.stderr)\n"
+             f"print('EXIT', train.main({flags!r}), file=sys.stderr)\n"
+             "print('HEAVY', sorted(m for m in ('torch', 'megatron.core', 'transformers') if m in sys.modules), "
+             "file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    said = f"error: --data-path {data}/pretrian: no dataset has this prefix (no pretrian-tokens.idx in {data}); did you mean {data}/pretrain?"
+    assert (r.returncode, r.stderr.splitlines()) == (0, [f"{said} (launcher: set DATA_PATH)", "EXIT 2", said, "EXIT 2",
+                                                         "HEAVY []"]), r.stderr[-3000:]

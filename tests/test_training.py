@@ -221,10 +221,10 @@ def test_bad_flag_combinations_fail_with_one_line(extra, message, monkeypatch):
     assert "\n" not in str(exc.value)
 
 
-def test_bad_flags_exit_2_with_a_single_stderr_line():
+def test_bad_flags_exit_2_with_a_single_stderr_line(digits_data):
     env = dict(os.environ, PYTHONWARNINGS="ignore", WORLD_SIZE="2")
     r = subprocess.run([PY, "-m", "megatron_solo.train", "--seq-length", "128", "--train-iters", "2",
-                        "--data-path", "x", "--global-batch-size", "3"], cwd=ROOT, env=env,
+                        "--data-path", digits_data["pretrain"], "--global-batch-size", "3"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]

@@ -407,14 +407,10 @@ def no_such_prefix_message(prefix: str, flag: str = "--data-path") -> str:
     return f"{said}; the prefixes there are {shown}; or {write}"
 
 
-def check_prefix(prefix: str, vocab_size: int, vocab: SoloVocab | None = None, flag: str = "--data-path") -> None:
-    """The datasets of a prefix exist, their indices read with megatron-core's reader and agree with
-    each other and with their ``.bin`` lengths, its ids were made with SOLO's vocabulary ``vocab`` (the
-    model's, when known; :func:`~megatron_solo.data.stats.prefix_vocab`), and a sample of token ids lies
-    in the vocabulary; raises
-    :class:`~megatron_solo.errors.InputError` (one line) for the first problem. ``flag``: the flag that gave
-    the prefix, named by the line (a launcher's pre-flight adds its variable). Training's start-up checks
-    and the launchers' pre-flight call it before anything is built."""
+def check_prefix_files(prefix: str, flag: str = "--data-path") -> None:
+    """The first of :func:`check_prefix`'s checks, which needs nothing but the file system (the start-up's
+    quick checks make it before torch loads): every file of the prefix is there; else one line saying what
+    to give instead (:func:`no_such_prefix_message`) or which files are missing."""
     if not any(os.path.exists(component_prefix(prefix, n) + ext) for n in DTYPES for ext in (".idx", ".bin")):
         raise InputError(no_such_prefix_message(prefix, flag))
     names = STORAGE_SUFFIXES[prefix_storage(prefix)]  # tokens, roles + patches or images, imageidx
@@ -423,6 +419,18 @@ def check_prefix(prefix: str, vocab_size: int, vocab: SoloVocab | None = None, f
     if missing:  # some files of it are there: an interrupted or partly deleted prefix
         raise InputError(f"{flag} {prefix}: missing {', '.join(os.path.basename(m) for m in missing)} "
                          f"(write it again with tools/preprocess_data.py --output-prefix {prefix})")
+
+
+def check_prefix(prefix: str, vocab_size: int, vocab: SoloVocab | None = None, flag: str = "--data-path") -> None:
+    """The datasets of a prefix exist, their indices read with megatron-core's reader and agree with
+    each other and with their ``.bin`` lengths, its ids were made with SOLO's vocabulary ``vocab`` (the
+    model's, when known; :func:`~megatron_solo.data.stats.prefix_vocab`), and a sample of token ids lies
+    in the vocabulary; raises
+    :class:`~megatron_solo.errors.InputError` (one line) for the first problem. ``flag``: the flag that gave
+    the prefix, named by the line (a launcher's pre-flight adds its variable). Training's start-up checks
+    and the launchers' pre-flight call it before anything is built."""
+    check_prefix_files(prefix, flag)
+    names = STORAGE_SUFFIXES[prefix_storage(prefix)]  # tokens, roles + patches or images, imageidx
     from megatron.core.datasets.indexed_dataset import _IndexReader  # megatron-core loads only when read
 
     counts = {}

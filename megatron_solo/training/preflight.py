@@ -5,7 +5,8 @@
 mistake is one ``error:`` line, printed once, naming the launcher variable to change, and no process
 group, torchrun agent or traceback is ever started. ``--launcher-vars`` comes from the launchers' table of
 variables (``LAUNCHER_VARS`` in common.sh, the one place a variable is tied to its flag; torchrun's
-``nproc-per-node``/``nnodes`` included). The checks are the trainer's own:
+``nproc-per-node``/``nnodes`` included). The checks are the trainer's own, those that need no torch first
+(:mod:`megatron_solo.training.early_checks`: a mistake there answers in about a second):
 
 1. the flags and every decision derived from them (:func:`megatron_solo.training.config.build_train_config`:
    ``validate_args``, the sizes, the resume plan), with the world size torchrun would make;
@@ -79,18 +80,24 @@ def _with_launcher_names(msg: str, names: dict[str, str]) -> str:
 
 def run(nproc_per_node: int, nnodes: int, train_argv: list[str]) -> None:
     """All pre-flight checks; a mistake raises a UserError (ArgumentError, InputError, PreflightError: one line)."""
-    # Imported here, not at the top: they load torch and megatron-core, and `--help` answers without them.
-    from megatron_solo.data.dataset import DataSplitError, check_split_sizes
-    from megatron_solo.training import config, faults
-
     parser = build_parser()
 
     def parser_error(message):  # argparse's own errors (a missing or malformed flag), as one line
         raise ArgumentError(message)
 
     parser.error = parser_error
+    args = parser.parse_args(train_argv)
+    # here: numpy (under the data checks) adds warning filters when imported, and importing this module changes
+    # nothing
+    from megatron_solo.training.early_checks import check_before_imports
+
+    check_before_imports(args)  # a bad flag, a missing tokenizer or data prefix: said before torch loads
+    # Imported here, not at the top: they load torch and megatron-core (seconds), and the checks above need neither.
+    from megatron_solo.data.dataset import DataSplitError, check_split_sizes
+    from megatron_solo.training import config, faults
+
     os.environ["WORLD_SIZE"] = str(nproc_per_node * nnodes)  # torchrun's world: the config divides it by TP x PP x CP
-    cfg = config.build_train_config(parser.parse_args(train_argv))
+    cfg = config.build_train_config(args)
     check_fits(cfg, nproc_per_node)
     faults.check_inputs(cfg)
     if not cfg.data.valid_data_path:
