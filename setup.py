@@ -39,6 +39,10 @@ setup(
         "psutil",
         "tensorboard",
     ],
+    entry_points={
+        # lmms-eval's plugin group: `lmms-eval --model megatron_solo` (docs/EVALUATION.md); only lmms-eval loads it.
+        "lmms_eval.models": ["megatron_solo = megatron_solo.eval.lmms_eval_model:manifest"],
+    },
     extras_require={
         # GPU-only: neither installs on a CPU machine (TE's torch extension builds against CUDA).
         "gpu": ["transformer-engine[pytorch]>=2.0", "apex"],

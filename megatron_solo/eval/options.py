@@ -20,9 +20,13 @@ class OptionEncoder:
         self.encoder = DocumentEncoder(self.tokenizer, fmt="chat")
 
     def encode(self, sample: Sample, text: str) -> EncodedDocument:
+        return self.encode_answer([sample.image], sample.prompt, text)
+
+    def encode_answer(self, images: list[str], prompt: str, text: str) -> EncodedDocument:
+        """``text`` as the answer to a user turn of ``images`` (paths or ``data:`` URLs), then ``prompt``."""
         record = {"messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": sample.image}},
-                                         {"type": "text", "text": sample.prompt}]},
+            {"role": "user", "content": [*({"type": "image_url", "image_url": {"url": url}} for url in images),
+                                         {"type": "text", "text": prompt}]},
             {"role": "assistant", "content": text}]}
         return self.encoder.encode(normalize_messages(record))
 

@@ -23,9 +23,10 @@ from megatron_solo.eval.options import OptionEncoder
 
 
 class HFExport:
-    """An exported SOLO directory used as a user of the export would: its remote code and processor."""
+    """An exported SOLO directory used as a user of the export would: its remote code and processor.
+    tools/evaluate.py and lmms-eval's ``megatron_solo`` model (lmms_eval_model.py) both answer through it."""
 
-    def __init__(self, hf_dir: str, dtype: str = "float32"):
+    def __init__(self, hf_dir: str, dtype: str = "float32", device: str = "cpu"):
         from transformers import AutoModelForCausalLM  # transformers loads only when an export is evaluated
 
         try:
@@ -33,8 +34,9 @@ class HFExport:
         except FileNotFoundError as e:
             raise UserError(str(e)) from None
         self.processor = self.P.SoloProcessor.from_pretrained(hf_dir)
+        self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True,
-                                                          dtype=getattr(torch, dtype)).eval()
+                                                          dtype=getattr(torch, dtype)).eval().to(self.device)
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         self.options = OptionEncoder(hf_dir)  # the export's own tokenizer file
 
@@ -42,12 +44,22 @@ class HFExport:
         image = self.P.load_image(sample.image)
         if task.prompt_format == "pretrain":
             return self.processor([image])
-        return self.processor.chat([{"role": "user", "content": [image, sample.prompt]}])
+        return self.encode_user_turn([image, sample.prompt])
+
+    def encode_user_turn(self, parts: list) -> dict:
+        """A chat prompt: one user turn of ``parts`` (PIL images and text, in order), the answer's turn opened."""
+        return self.processor.chat([{"role": "user", "content": list(parts)}])
+
+    def fits(self, encoded: dict, new_tokens: int) -> bool:
+        return encoded["input_ids"].shape[1] + new_tokens <= self.max_positions
 
     def _batch(self, encoded: list[dict]) -> dict:
-        ids = torch.cat([e["input_ids"] for e in encoded])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "vision_patches": torch.cat([e["vision_patches"] for e in encoded]).to(self.model.dtype)}
+        ids = torch.cat([e["input_ids"] for e in encoded]).to(self.device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        patches = [e["vision_patches"] for e in encoded if "vision_patches" in e]  # none in a text-only prompt
+        if patches:  # the k-th <vpatch> of the batch takes the k-th patch, across its rows
+            batch["vision_patches"] = torch.cat(patches).to(self.device, self.model.dtype)
+        return batch
 
     @torch.no_grad()
     def generate(self, encoded: list[dict], max_new_tokens: int) -> list[str]:
@@ -58,20 +70,39 @@ class HFExport:
         n = inputs["input_ids"].shape[1]
         return [self.processor.decode(seq) for seq in out[:, n:].tolist()]
 
+    def generate_grouped(self, encoded: dict, max_new_tokens: int, batch_size: int, progress=None) -> dict:
+        """Greedy answers of ``encoded`` (key -> prompt inputs): prompts of one length go together, at most
+        ``batch_size`` per ``generate`` call. ``progress(done, total)`` after each call."""
+        by_length = collections.defaultdict(list)
+        for key, e in encoded.items():
+            by_length[e["input_ids"].shape[1]].append(key)
+        outputs = {}
+        for keys in by_length.values():
+            for start in range(0, len(keys), batch_size):
+                chunk = keys[start:start + batch_size]
+                outputs.update(zip(chunk, self.generate([encoded[k] for k in chunk], max_new_tokens)))
+                if progress:
+                    progress(len(outputs), len(encoded))
+        return outputs
+
     @torch.no_grad()
+    def answer_loglikelihood(self, images: list[str], prompt: str, text: str) -> tuple[float, bool]:
+        """``text``'s log-likelihood as the assistant's answer to ``images`` (paths or ``data:`` URLs) and
+        ``prompt``: the summed log-probabilities of the tokens training counts (options.py, the definition
+        the training loop uses too); and whether greedy decoding would give those tokens."""
+        doc = self.options.encode_answer(images, prompt, text)
+        s = self.options.sample(doc, len(doc.tokens) - 1)  # inputs and their next-token labels
+        ids = s["tokens"][None].to(self.device)
+        patches = self.P.normalize_patches(s["patches"].numpy()).to(self.device, self.model.dtype)
+        logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), vision_patches=patches).logits
+        logp = torch.log_softmax(logits[0].float(), dim=-1).cpu()
+        greedy = bool((logp.argmax(-1) == s["labels"])[s["loss_mask"].bool()].all())
+        return float((logp.gather(-1, s["labels"][:, None])[:, 0] * s["loss_mask"]).sum()), greedy
+
     def option_loglikelihoods(self, sample: T.Sample) -> dict[str, float]:
-        """Each option's log-likelihood as the assistant's answer: the summed log-probabilities of the
-        tokens training counts (options.py, the definition the training loop uses too)."""
-        out = {}
-        for letter, text in sample.options.items():
-            doc = self.options.encode(sample, text)
-            s = self.options.sample(doc, len(doc.tokens) - 1)  # inputs and their next-token labels
-            ids = s["tokens"][None]
-            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                vision_patches=self.P.normalize_patches(s["patches"].numpy()).to(self.model.dtype)).logits
-            logp = torch.log_softmax(logits[0].float(), dim=-1).gather(-1, s["labels"][:, None])[:, 0]
-            out[letter] = float((logp * s["loss_mask"]).sum())
-        return out
+        """Each option's log-likelihood as the assistant's answer (:meth:`answer_loglikelihood`)."""
+        return {letter: self.answer_loglikelihood([sample.image], sample.prompt, text)[0]
+                for letter, text in sample.options.items()}
 
 
 def run_task(backend: HFExport, task: T.Task, batch_size: int = 16, progress=None) -> tuple[list[dict], dict]:
@@ -86,26 +117,16 @@ def run_task(backend: HFExport, task: T.Task, batch_size: int = 16, progress=Non
             continue
         extra = max((len(backend.processor.encode_text(o, after_control=True)) for o in s.options.values()),
                     default=0) if task.scored_by_loglikelihood else task.max_new_tokens
-        if e["input_ids"].shape[1] + extra > backend.max_positions:
+        if not backend.fits(e, extra):
             skipped.setdefault("too_long", []).append(s.id)
             continue
         encoded[i] = e
-    outputs = {}
     t0 = time.time()
     if task.scored_by_loglikelihood:
-        for i in encoded:
-            outputs[i] = backend.option_loglikelihoods(task.samples[i])
+        outputs = {i: backend.option_loglikelihoods(task.samples[i]) for i in encoded}
     else:
-        by_length = collections.defaultdict(list)
-        for i, e in encoded.items():
-            by_length[e["input_ids"].shape[1]].append(i)
-        for idx in by_length.values():
-            for start in range(0, len(idx), batch_size):
-                chunk = idx[start:start + batch_size]
-                for i, text in zip(chunk, backend.generate([encoded[i] for i in chunk], task.max_new_tokens)):
-                    outputs[i] = text
-                if progress:
-                    progress(f"{task.name}: {len(outputs)}/{len(encoded)}")
+        report = (lambda done, total: progress(f"{task.name}: {done}/{total}")) if progress else None
+        outputs = backend.generate_grouped(encoded, task.max_new_tokens, batch_size, report)
     records = [{"task": task.name, **T.record(task, task.samples[i], outputs[i])} for i in sorted(outputs)]
     summary = {"metrics": T.summarize(task, records), "scored": len(records),
                "skipped": {reason: len(ids) for reason, ids in sorted(skipped.items())},
