@@ -3,7 +3,7 @@ plugin entry point, and gets tools/evaluate.py's answers and scores on the same 
 
 The released lmms-eval (0.7.3) is installed once per clone into ``.cache/`` (gitignored) with pip's
 ``--target --no-deps``, with exactly the packages its command line imports to run a local task
-(:data:`LMMS_EVAL`); the rest (torch, transformers, numpy, PIL, ...) comes from the venv. Its command line
+(``requirements-lmms-eval.txt``, what docs/EVALUATION.md installs); the rest (torch, transformers, numpy, PIL, ...) comes from the venv. Its command line
 runs in a subprocess with that folder first on ``PYTHONPATH``, offline (no hub).
 
 The tasks are lmms-eval task YAMLs over local JSONL files (real photos cut from scikit-learn's sample
@@ -30,15 +30,8 @@ from tests.conftest import ROOT
 
 PY = sys.executable
 PHOTOS = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
-# The released lmms-eval and what its command line imports to evaluate a local task (found by running it);
-# filelock 3.x: lmms-eval 0.7.3 patches filelock._api, which filelock 4 no longer has.
-LMMS_EVAL = ["lmms-eval==0.7.3", "accelerate==1.16.0", "loguru==0.7.3", "datasets==5.2.0", "evaluate==0.4.6",
-             "dill==0.4.1", "multiprocess==0.70.19", "xxhash==4.1.0", "pandas==3.1.1", "pytz==2026.6",
-             "aiohttp==3.14.5", "aiohappyeyeballs==2.7.1", "aiosignal==1.4.0", "frozenlist==1.8.0",
-             "multidict==7.2.1", "yarl==1.25.1", "propcache==0.5.4", "sacrebleu==2.6.0", "portalocker==4.4.2",
-             "tabulate==0.10.0", "colorama==0.4.6", "lxml==6.2.0", "tenacity==9.2.1", "filelock==3.32.7",
-             "pytablewriter==1.2.1", "DataProperty==1.1.1", "typepy==2.0.0", "mbstrdecoder==1.1.5",
-             "tabledata==1.3.5", "tcolorpy==0.1.7", "pathvalidate==3.3.1", "chardet==7.7.0"]
+# The released lmms-eval and what its command line imports to evaluate a local task (found by running it).
+REQUIREMENTS = os.path.join(ROOT, "requirements-lmms-eval.txt")
 VQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."  # lmms-eval's VQAv2 post_prompt
 MC_PROMPT = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
 
@@ -104,7 +97,8 @@ metric_list:
 
 
 def _lmms_eval_target() -> str:
-    return pip_target("lmms-eval-0.7.3", LMMS_EVAL, os.path.join("lmms_eval", "__main__.py"))
+    pins = [line.split("#")[0].strip() for line in open(REQUIREMENTS)]
+    return pip_target("lmms-eval-0.7.3", [p for p in pins if p], os.path.join("lmms_eval", "__main__.py"))
 
 
 def _jsonl(path, rows):

@@ -33,7 +33,7 @@ from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from loguru import logger as eval_logger  # lmms-eval's logger: our lines appear among its own
 
-from megatron_solo.eval.runner import HFExport
+from megatron_solo import quiet
 
 MODEL_ID = "megatron_solo"
 IMAGE_PLACEHOLDER = "<image>"
@@ -74,6 +74,10 @@ class SoloExportModel(lmms):
                              f"dtype, device, batch_size, max_new_tokens")
         if int(torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1) > 1:
             raise ValueError(f"{MODEL_ID}: run lmms-eval in one process (no data-parallel launch)")
+        quiet.filter_known_warnings()  # megatron-core's import notes (TE/apex absent) ask nothing of the user
+        # Imported after the filter: the runner loads megatron-core (preprocessing's sample builder).
+        from megatron_solo.eval.runner import HFExport
+
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.backend = HFExport(pretrained, dtype, device)
         self.batch_size = 16 if str(batch_size) == "auto" else int(batch_size)
