@@ -16,7 +16,7 @@ PYTHON=${PYTHON:-$REPO_ROOT/.venv/bin/python}
 LAUNCHER_VARS=(
   # VARIABLE        KIND     FLAG(S)                         TINY  WHAT
   "PRESET            value    --model                         -     solo-7b | tiny (tiny also sets the TINY column of common.sh)"
-  "BASE_HF           base     --load,--finetune,--use-checkpoint-args -  a Hugging Face base of any family (Mistral, Llama-3.x, Qwen2/2.5/3) to start stage 0/1 from: converted once into BASE_CKPT (default checkpoints/base-<its name>); every phase takes the architecture from its checkpoint, not PRESET; TOKENIZER_MODEL defaults to the converted base's SOLO tokenizer"
+  "BASE_HF           base     --load,--finetune               -  a Hugging Face base of any family (Mistral, Llama-3.x, Qwen2/2.5/3) to start stage 0/1 from: converted once into BASE_CKPT (default checkpoints/base-<its name>); every phase takes the architecture from the checkpoint it starts from (no --model), not PRESET; TOKENIZER_MODEL defaults to the converted base's SOLO tokenizer"
   "GPUS_PER_NODE     torchrun --nproc-per-node                2"
   "NNODES            torchrun --nnodes                        -     (SLURM: the job's nodes)"
   "NODE_RANK         torchrun --node-rank                     -     (SLURM: SLURM_NODEID)"
@@ -179,9 +179,8 @@ run_phase() {
   apply_launcher_vars trainer "${MODEL_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${TRAINING_ARGS[@]}" \
     "${DATA_ARGS[@]}" "${EVAL_AND_LOGGING_ARGS[@]}"
   case "${1:-}" in -h|--help) launcher_help; exit 0 ;; esac
-  # With BASE_HF, every phase takes the architecture from the checkpoint it starts from or resumes, and the
-  # base's SOLO tokenizer; the phases that start from the base (USE_BASE=1: stage 0, stage 1) start from it.
-  local base_args=()
+  # With BASE_HF, every phase takes the architecture from the checkpoint it starts from or resumes (below),
+  # and the base's SOLO tokenizer; the phases that start from the base (USE_BASE=1: stage 0, stage 1) start from it.
   if [[ -n "${BASE_HF:-}" ]]; then
     local from_base=0
     [[ "${USE_BASE:-0}" == 1 && ! -f "$save_dir/latest_checkpointed_iteration.txt" ]] && from_base=1
@@ -191,7 +190,6 @@ run_phase() {
     fi
     base_start
     ((from_base)) && init_ckpt=$BASE_START INIT_VAR=BASE_HF
-    base_args=(--use-checkpoint-args)
     UNSET=()  # TOKENIZER_MODEL may be set now: the recipe again
     apply_launcher_vars trainer "${MODEL_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${TRAINING_ARGS[@]}" \
       "${DATA_ARGS[@]}" "${EVAL_AND_LOGGING_ARGS[@]}"
@@ -209,9 +207,17 @@ run_phase() {
   elif [[ -n "$init_ckpt" ]] && [[ "$DRY_RUN" != 1 || -d "$init_ckpt" ]]; then
     load_args=(--load "$init_ckpt" --finetune)
   fi
-  ((${#load_args[@]})) || base_args=()  # nothing to take the architecture from: the preset's (a dry run)
+  if [[ -n "${BASE_HF:-}" ]] && ((${#load_args[@]})); then
+    # The trainer takes the architecture from the checkpoint it starts from when no --model names one
+    # (without a checkpoint, a dry run, the preset's stays).
+    local kept=() i
+    for ((i = 0; i < ${#recipe[@]}; i++)); do
+      if [[ ${recipe[i]} == --model ]]; then ((++i)); else kept+=("${recipe[i]}"); fi
+    done
+    recipe=("${kept[@]}")
+  fi
   # shellcheck disable=SC2206  # EXTRA_ARGS is flags as given
-  local train_args=("${recipe[@]}" --save "$save_dir" "${load_args[@]}" "${base_args[@]}" "$@" $EXTRA_ARGS)
+  local train_args=("${recipe[@]}" --save "$save_dir" "${load_args[@]}" "$@" $EXTRA_ARGS)
   local gpus=${NOW[GPUS_PER_NODE]} nnodes=${NOW[NNODES]}
   if [[ "$DRY_RUN" == 1 ]]; then  # torchrun's world size, one process: megatron_solo/training/dry_run.py
     WORLD_SIZE=$((gpus * nnodes)) exec "$PYTHON" -m megatron_solo.train "${train_args[@]}" --dry-run
@@ -226,7 +232,9 @@ run_phase() {
   names+=(${SAVE_VAR:+save=$SAVE_VAR} ${load_var:+load=$load_var finetune=$load_var})
   "$PYTHON" -m megatron_solo.training.preflight --nproc-per-node "$gpus" --nnodes "$nnodes" \
     --launcher-vars "${names[*]}" -- "${train_args[@]}" || exit $?
-  echo "== $name: $nnodes node(s) x $gpus process(es), TP=${NOW[TP]} PP=${NOW[PP]}, preset ${NOW[PRESET]}," \
+  local arch="preset ${NOW[PRESET]}"
+  [[ -n "${BASE_HF:-}" ]] && ((${#load_args[@]})) && arch="the architecture of ${load_args[1]}"
+  echo "== $name: $nnodes node(s) x $gpus process(es), TP=${NOW[TP]} PP=${NOW[PP]}, $arch," \
     "save $save_dir" >&2
   exec "$PYTHON" -m torch.distributed.run "${torchrun_args[@]}" -m megatron_solo.train "${train_args[@]}"
 }

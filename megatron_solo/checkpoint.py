@@ -32,7 +32,6 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_solo import cpu_backend
-from megatron_solo.errors import InputError
 from megatron_solo.spec import MISTRAL_VOCAB, SoloVocab
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -93,20 +92,16 @@ def read_checkpoint_info(root: str, iteration: int | None = None) -> dict:
     return info
 
 
+# The architecture fields a checkpoint's tensors depend on: a model that differs in one cannot load it.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                "kv_channels", "vocab_size", "patch_dim")
+                "kv_channels", "vocab_size", "patch_dim", "qkv_bias", "qk_layernorm", "tie_word_embeddings")
 
 
-def check_model_shape(info: dict, model_args, flag: str = "--load") -> None:
-    """The checkpoint's model shape (``solo_checkpoint.json``'s ``model_args``) is the one the flags build;
-    else one :class:`~megatron_solo.errors.InputError` line naming the fields that differ (checked at
-    start-up, before megatron-core would refuse the tensors one by one)."""
-    saved = info.get("model_args") or {}
+def shape_differences(saved: dict, model_args) -> list[str]:
+    """The SHAPE_FIELDS in which ``model_args`` differs from a checkpoint's recorded ``model_args``
+    (``solo_checkpoint.json``; a field it does not record is not compared)."""
     want = dataclasses.asdict(model_args)
-    diff = [f"{k} {saved.get(k)} (flags: {want[k]})" for k in SHAPE_FIELDS if k in saved and saved[k] != want[k]]
-    if diff:
-        raise InputError(f"{flag} {info['path']} holds a model with {', '.join(diff)}; pass the checkpoint's "
-                         f"--model/--num-layers/--hidden-size ... or another {flag}")
+    return [k for k in SHAPE_FIELDS if k in saved and saved[k] != want[k]]
 
 
 def checkpoint_vocab(info: dict) -> SoloVocab | None:

@@ -66,7 +66,8 @@ def test_quickstart_stops_with_the_failing_step_and_its_log(tmp_path):
 
 def test_quickstart_on_a_tiny_qwen3_base(tmp_path):
     """`BASE=qwen3 make demo`, cheapest form: a tiny random Qwen3ForCausalLM with Qwen3's real tokenizer.json,
-    converted by the launcher (BASE_HF), trained from it with its own architecture (--use-checkpoint-args),
+    converted by the launcher (BASE_HF), trained from it with its own architecture (no --model: the trainer's
+    default when it starts from a checkpoint),
     exported (verified) and asked through generate; the export keeps Qwen's tokenizer and stop ids."""
     out = tmp_path / "demo"
     env = dict(os.environ, PY=sys.executable, OUT=str(out), BASE="qwen3", STAGE1_ITERS="2", SFT_ITERS="1",
@@ -79,6 +80,7 @@ def test_quickstart_on_a_tiny_qwen3_base(tmp_path):
     assert base["architectures"] == ["Qwen3ForCausalLM"] and base["vocab_size"] == 151669
     s1_log = (out / "logs" / "4_stage1.log").read_text()
     assert f"converting BASE_HF={out / 'base'}" in s1_log and "weights only, --finetune" in s1_log
+    assert f"architecture: the checkpoint's in {out / 'checkpoints' / 'base'} (qwen3, 4 layers, hidden 128, " in s1_log
     assert (out / "checkpoints" / "base" / "tokenizer" / "tokenizer.json").is_file()
     assert (out / "checkpoints" / "sft" / "latest_checkpointed_iteration.txt").read_text() == "1"
     assert "verify: logits max abs diff" in (out / "logs" / "6_export.log").read_text()

@@ -304,6 +304,60 @@ def test_preset_dry_run_counts_the_family_model_plus_solo_additions(preset, monk
     assert p["parameters_without_padding"] == want
 
 
+def test_training_takes_the_architecture_of_the_checkpoint_it_starts_from(world, tmp_path, monkeypatch):
+    """Started from a converted base (and resumed from a run of it) without --model or shape flags, the run
+    builds the checkpoint's architecture and says so in one line; --use-checkpoint-args (Megatron-LM's
+    explicit form) does so over a --model; a preset or shape flag that disagrees is one error naming both
+    ways out. (A real training run from a converted base without architecture flags: the BASE=qwen3
+    quickstart, tests/test_demo.py.)"""
+    import shutil
+
+    from megatron_solo.training.arguments import ArgumentError, build_parser
+    from megatron_solo.training.config import build_train_config
+
+    paths, out = world
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    ck = paths["qwen3_ckpt"]
+
+    def cfg(*flags):
+        return build_train_config(build_parser().parse_args(
+            ["--seq-length", "64", "--train-iters", "2", "--data-path", "x", *flags]))
+
+    def refused(*flags):
+        with pytest.raises(ArgumentError) as e:
+            cfg(*flags)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    started = cfg("--load", ck, "--finetune")
+    assert started.model.args.to_dict() == out["qwen3_args"] and started.model.preset is None
+    assert started.model.source_note == (f"architecture: the checkpoint's in {ck} (qwen3, 2 layers, hidden 64, "
+                                         f"vocabulary {out['qwen3_args']['vocab_size']})")
+    assert started.model.padded_vocab_size == 152704  # the checkpoint's own padding
+    # a run resumed from its own --save (a restarted stage: --finetune of the base ignored)
+    save = tmp_path / "run"
+    shutil.copytree(ck, save)
+    resumed = cfg("--load", ck, "--finetune", "--save", str(save))
+    assert resumed.model.args == started.model.args and resumed.resume.load_dir == str(save)
+    assert resumed.model.source_note.startswith(f"architecture: the checkpoint's in {save} (qwen3")
+    over = cfg("--load", ck, "--finetune", "--use-checkpoint-args", "--model", "tiny", "--rotary-base", "5000")
+    assert over.model.args.to_dict() == {**out["qwen3_args"], "rotary_base": 5000}
+    assert over.model.source_note.endswith(" with --rotary-base 5000 (--use-checkpoint-args)")
+    assert cfg("--model", "tiny").model.source_note is None  # no checkpoint: the preset, nothing to say
+    assert refused("--load", ck, "--finetune", "--model", "tiny") == (
+        f"--model tiny builds a model with num_layers 4, hidden_size 128, ffn_hidden_size 352, num_attention_heads "
+        f"4, kv_channels 32, vocab_size 33031, qk_layernorm False, tie_word_embeddings False, but --load {ck} holds "
+        f"num_layers 2, hidden_size 64, ffn_hidden_size 96, num_attention_heads 6, kv_channels 16, vocab_size "
+        f"{out['qwen3_args']['vocab_size']}, qk_layernorm True, tie_word_embeddings True: drop --model tiny to train "
+        f"the checkpoint's architecture, or start from a checkpoint of that shape (another --load)")
+    assert refused("--load", ck, "--finetune", "--save", str(save), "--hidden-size", "128") == (
+        f"--hidden-size 128 builds a model with hidden_size 128, but --save {save} holds hidden_size 64: drop "
+        f"--hidden-size 128 to train the checkpoint's architecture, or start from a checkpoint of that shape "
+        f"(another --save)")
+    assert refused("--use-checkpoint-args").startswith("--use-checkpoint-args takes the architecture of the --load "
+                                                       "checkpoint, but no --load is given: drop")
+
+
 def test_the_base_directory_tokenizer_is_the_one_used(world, hf_tokenizers, tmp_path, capsys):
     """A --tokenizer-model of another base than the directory's is refused (as a new user would try: a
     Llama checkpoint with Mistral's tokenizer); the same tokenizer (base or SOLO-extended) is accepted; a

@@ -116,14 +116,16 @@ def test_load_with_another_model_shape_is_one_line(digits_data, tmp_path, monkey
     from dataclasses import asdict
 
     from megatron_solo.model.config import SoloModelArgs
+    from megatron_solo.training.arguments import ArgumentError
 
     wide = asdict(SoloModelArgs.from_preset("tiny", hidden_size=256, kv_channels=64))
     (it / "solo_checkpoint.json").write_text(json.dumps({"iteration": 5, "consumed_train_samples": 40,
-                                                         "model_args": wide, "padded_vocab_size": 32128}))
+                                                         "model_args": wide, "padded_vocab_size": 33152}))
     (tmp_path / "ck" / "latest_checkpointed_iteration.txt").write_text("5")
-    cfg = _cfg(monkeypatch, digits_data, digits_data["pretrain"], "--load", str(tmp_path / "ck"))
-    msg = _input_error(cfg)
-    assert msg.startswith(f"--load {it} holds a model with hidden_size 256 (flags: 128), kv_channels 64 (flags: 32)")
+    with pytest.raises(ArgumentError) as e:  # --model tiny (_cfg) names a narrower preset
+        _cfg(monkeypatch, digits_data, digits_data["pretrain"], "--load", str(tmp_path / "ck"))
+    assert str(e.value).startswith(f"--model tiny builds a model with hidden_size 128, kv_channels 32, but --load "
+                                   f"{tmp_path / 'ck'} holds hidden_size 256, kv_channels 64: drop --model tiny")
 
 
 def test_entry_point_prints_one_line_on_rank_0_only(tmp_path):

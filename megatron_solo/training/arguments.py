@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help="preset: solo-7b | tiny (see megatron_solo.model.PRESETS)")
+    g.add_argument("--model", default=None,
+                   help="preset (megatron_solo.model.PRESETS: solo-7b, tiny, qwen3-8b, ...); default: the architecture "
+                        "of the checkpoint the run starts from (--load, or --save when resuming), else tiny")
     for name, typ in (("num-layers", int), ("hidden-size", int), ("ffn-hidden-size", int),
                       ("num-attention-heads", int), ("num-query-groups", int), ("kv-channels", int),
                       ("max-position-embeddings", int), ("rotary-base", int), ("norm-epsilon", float),
@@ -43,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{name}", type=typ, default=None, help=f"override the preset's {name.replace('-', '_')} (None: the preset's)")
     g.add_argument("--no-sliding-window", action="store_true", help="full causal attention")
     g.add_argument("--use-checkpoint-args", action="store_true",
-                   help="the architecture of the --load checkpoint (e.g. a converted base of any family) in "
-                        "place of --model's preset; the architecture flags still override it")
+                   help="the architecture of the --load checkpoint (e.g. a converted base of any family) even when "
+                        "--model is given (Megatron-LM's flag; without --model that is the default)")
     g.add_argument("--vision-experts", choices=("none", "ffn", "full"), default=None,
                    help="image tokens' own weights in every layer (docs/MODEL.md): none (SOLO), ffn (own MLP "
                         "and its norm) or full (also own input norm, QKV and output projection); None: the "

@@ -56,12 +56,13 @@ class ResumePlan:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    preset: str                     # --model
-    args: SoloModelArgs             # the preset with the architecture flags applied
+    preset: str | None              # --model's preset; None: the architecture is the checkpoint's
+    args: SoloModelArgs             # the preset or the checkpoint's, with the architecture flags applied
     padded_vocab_size: int
     use_te: bool                    # the one layer-spec decision: Transformer Engine's, else the local spec
     thd_batches: bool               # batches re-laid out as THD (the TE spec's packed form); follows use_te
     attention_backend: str          # core attention of the local spec
+    source_note: str | None = None  # said at start-up: the checkpoint the architecture came from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +281,8 @@ def _recorded_differences(flags, saved: dict) -> str | None:
         return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
     changed = [f"--{f.replace('_', '-')} {shown(getattr(flags, f))} (checkpoint: {shown(saved[f])})"
-               for f in RECORDED_FLAGS if f in saved and shown(saved[f]) != shown(getattr(flags, f))]
+               for f in RECORDED_FLAGS  # a flag not given (None: --model) keeps the checkpoint's
+               if f in saved and getattr(flags, f) is not None and shown(saved[f]) != shown(getattr(flags, f))]
     return "; ".join(changed) if changed else None
 
 
@@ -420,22 +422,67 @@ def _sizes(a) -> dict:
                 train_iters=train_iters)
 
 
-def _model_args(a) -> SoloModelArgs:
-    """The preset with the architecture flags applied, checked against the parallel layout."""
-    if a.model not in PRESETS:  # named by its flag, so a launcher adds the variable that sets it
-        raise ArgumentError(f"--model {a.model}: unknown preset; choose one of {', '.join(sorted(PRESETS))}")
+def _architecture_flags(a) -> dict:
+    """The architecture flags given on the command line, as SoloModelArgs fields."""
     overrides = {f: getattr(a, f) for f in MODEL_OVERRIDE_FLAGS if getattr(a, f) is not None}
     if a.no_sliding_window:
         overrides["sliding_window"] = None
     if a.num_attention_heads is not None and a.kv_channels is None and a.hidden_size is not None:
         overrides["kv_channels"] = a.hidden_size // a.num_attention_heads
+    return overrides
+
+
+def _flag(field: str, value) -> str:
+    """The flag that set ``field`` to ``value``, as typed."""
+    return "--no-sliding-window" if value is None else f"--{field.replace('_', '-')} {value}"
+
+
+def decide_architecture(a, resume: ResumePlan) -> tuple[SoloModelArgs, str | None]:
+    """The run's architecture, decided once. A run that starts from a checkpoint (a converted base, a
+    resumed or fine-tuned run) takes the checkpoint's, unless --model names a preset (then the preset must
+    build the checkpoint's tensors); the architecture flags apply on top of either and must too. Without a
+    checkpoint: --model's preset (default tiny). --use-checkpoint-args (Megatron-LM's explicit form) takes
+    the checkpoint's even when --model is given. Returns the model args and, when they are the
+    checkpoint's, the start-up line that says so."""
+    if a.model is not None and a.model not in PRESETS:  # named by its flag, so a launcher adds the variable
+        raise ArgumentError(f"--model {a.model}: unknown preset; choose one of {', '.join(sorted(PRESETS))}")
+    flags = _architecture_flags(a)
+    saved = (resume.info or {}).get("model_args")
+    if a.use_checkpoint_args and not saved:
+        raise ArgumentError("--use-checkpoint-args takes the architecture of the --load checkpoint, but "
+                            + ("no --load is given" if not a.load else f"{a.load} holds no complete checkpoint"
+                               if resume.info is None else f"{resume.load_dir} records no architecture")
+                            + ": drop --use-checkpoint-args (--model's preset) or pass --load")
+    from_checkpoint = bool(saved) and (a.use_checkpoint_args or a.model is None)
     try:
-        if getattr(a, "use_checkpoint_args", False):  # Megatron-LM's flag: the --load checkpoint's architecture
-            m = SoloModelArgs(**{**_checkpoint_model_args(a.load), **overrides})
+        if from_checkpoint:
+            m = SoloModelArgs(**{**saved, **flags})
         else:
-            m = SoloModelArgs.from_preset(a.model, **overrides)
+            m = SoloModelArgs.from_preset(a.model or "tiny", **flags)
     except (ValueError, TypeError) as e:
         raise ArgumentError(str(e)) from None
+    if not saved:
+        return m, None
+    which = "--save" if resume.load_dir == a.save and a.load != a.save else "--load"
+    diff = checkpoint.shape_differences(saved, m)
+    if diff:
+        given = ([] if from_checkpoint else [f"--model {a.model}"]) + [_flag(f, flags[f]) for f in flags if f in diff]
+        raise ArgumentError(
+            f"{' and '.join(given)} build{'s' if len(given) == 1 else ''} a model with "
+            f"{', '.join(f'{k} {getattr(m, k)}' for k in diff)}, but {which} {resume.load_dir} holds "
+            f"{', '.join(f'{k} {saved[k]}' for k in diff)}: drop {' and '.join(given)} to train the "
+            f"checkpoint's architecture, or start from a checkpoint of that shape (another {which})")
+    if not from_checkpoint:
+        return m, None
+    changed = [_flag(f, flags[f]) for f in flags if saved.get(f) != flags[f]]
+    note = (f"architecture: the checkpoint's in {resume.load_dir} ({m.family}, {m.num_layers} layers, hidden "
+            f"{m.hidden_size}, vocabulary {m.vocab_size})" + (f" with {' '.join(changed)}" if changed else "")
+            + (" (--use-checkpoint-args)" if a.use_checkpoint_args else ""))
+    return m, note
+
+
+def _check_layout(a, m: SoloModelArgs) -> None:
+    """The architecture against the parallel layout and the sequence length."""
     tp, pp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size
     if m.num_attention_heads % tp:
         raise ArgumentError(f"--tensor-model-parallel-size {tp} does not divide the {m.num_attention_heads} "
@@ -448,20 +495,6 @@ def _model_args(a) -> SoloModelArgs:
         raise ArgumentError(f"--pipeline-model-parallel-size {pp} does not divide the {m.num_layers} layers")
     if a.seq_length > m.max_position_embeddings:
         raise ArgumentError(f"--seq-length {a.seq_length} exceeds max-position-embeddings {m.max_position_embeddings}")
-    return m
-
-
-def _checkpoint_model_args(load: str | None) -> dict:
-    """The model_args recorded in the --load checkpoint (--use-checkpoint-args)."""
-    if not load or checkpoint.latest_iteration(load) is None:
-        raise ArgumentError(f"--use-checkpoint-args: no complete checkpoint under --load {load}")
-    try:
-        saved = checkpoint.read_checkpoint_info(load).get("model_args")
-    except (checkpoint.CheckpointError, OSError, ValueError) as e:
-        raise ArgumentError(f"--use-checkpoint-args: {e}") from None
-    if not saved:
-        raise ArgumentError(f"--use-checkpoint-args: {load} records no model architecture")
-    return saved
 
 
 def _virtual_pipeline(a, m: SoloModelArgs, num_microbatches: int) -> int | None:
@@ -491,7 +524,12 @@ def build_train_config(args) -> TrainConfig:
     a = args
     validate_args(a)
     sizes = _sizes(a)
-    model_args = _model_args(a)
+    resume_flags = types.SimpleNamespace(**{**vars(a), "global_batch_size": sizes["global_batch_size"],
+                                            "train_iters": sizes["train_iters"]})
+    resume = decide_schedule(a, decide_resume(resume_flags), sizes["train_iters"])
+    row_separator, resume = decide_row_separator(a, resume)
+    model_args, source_note = decide_architecture(a, resume)
+    _check_layout(a, model_args)
     vpp = _virtual_pipeline(a, model_args, sizes["num_microbatches"])
     use_te = decide_use_te(a.transformer_impl)
     if use_te and model_args.vision_experts != "none":
@@ -507,17 +545,14 @@ def build_train_config(args) -> TrainConfig:
     if a.recompute_granularity == "full" and not recompute_method:
         recompute_method = "uniform"
         recompute_num_layers = 1 if recompute_num_layers is None else recompute_num_layers
-    resume_flags = types.SimpleNamespace(**{**vars(a), "global_batch_size": sizes["global_batch_size"],
-                                            "train_iters": sizes["train_iters"]})
-    resume = decide_schedule(a, decide_resume(resume_flags), sizes["train_iters"])
-    row_separator, resume = decide_row_separator(a, resume)
     sched = resume.schedule or _schedule_values(vars(a), sizes["train_iters"])  # the one the run follows
     param_groups.check_resume(a, resume, fail)  # the optimizer state fits only its own trainable set and groups
     tp = a.tensor_model_parallel_size
     return TrainConfig(
-        model=ModelSection(preset=a.model, args=model_args,
+        model=ModelSection(preset=None if source_note else a.model or "tiny", args=model_args,
                            padded_vocab_size=padded_vocab_size(model_args, tp, resume),
-                           use_te=use_te, thd_batches=use_te, attention_backend=a.attention_backend),
+                           use_te=use_te, thd_batches=use_te, attention_backend=a.attention_backend,
+                           source_note=source_note),
         parallel=ParallelSection(world_size=sizes["world_size"], tensor=tp, pipeline=a.pipeline_model_parallel_size,
                                  virtual_pipeline=vpp, context=a.context_parallel_size, data=sizes["data"],
                                  sequence_parallel=a.sequence_parallel,

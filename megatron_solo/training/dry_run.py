@@ -304,6 +304,6 @@ def run_dry_run(cfg) -> int:
     cpu_backend.ensure()
     mcore_fixes.apply()
     p = plan(cfg)
-    lines = report(p, cfg.model.args).split("\n")
+    lines = ([cfg.model.source_note] if cfg.model.source_note else []) + report(p, cfg.model.args).split("\n")
     print("\n".join(lines[:-1] + fit_advice(cfg, p) + lines[-1:]), flush=True)  # the JSON line stays last
     return 0

@@ -54,8 +54,9 @@ def check_fits(cfg, nproc_per_node: int) -> None:
 
         have_gib = psutil.virtual_memory().total / 2**30
         if need_gib > 0.8 * have_gib:
+            the_model = f"--model {cfg.model.preset}" if cfg.model.preset else "the checkpoint's model"
             raise PreflightError(
-                f"this machine has no GPU, and --model {cfg.model.preset} ({params / 1e9:.1f}B parameters) needs about "
+                f"this machine has no GPU, and {the_model} ({params / 1e9:.1f}B parameters) needs about "
                 f"{need_gib:.0f} GiB of training state for {nproc_per_node} CPU processes; it has {have_gib:.0f} "
                 f"GiB of RAM: set PRESET=tiny for a CPU run")
         return

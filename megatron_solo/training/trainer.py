@@ -64,7 +64,9 @@ class Trainer:
         self.model_chunks = build_trained_chunks(cfg, self.model_config)
         counts = over_ranks({"all": count_parameters(self.model_chunks) / 1e6,
                              "trainable": count_parameters(self.model_chunks, trainable_only=True) / 1e6}, ".2f")
-        self.log.memory_line(f"model {cfg.model.preset}: {counts['all']}M parameters per rank "
+        if cfg.model.source_note:
+            self.log.info(cfg.model.source_note)
+        self.log.memory_line(f"model {cfg.model.preset or cfg.model.args.family}: {counts['all']}M parameters per rank "
                              f"({counts['trainable']}M trainable)")
         self.optimizer, self.scheduler = build_optimizer_and_scheduler(cfg, self.model_chunks)
         wire_schedule(cfg, self.model_config, self.model_chunks, self.optimizer)

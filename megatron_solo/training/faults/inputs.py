@@ -1,11 +1,11 @@
 """Every input of a run checked in one process, before anything is built.
 
-A wrong tokenizer, a missing or damaged data prefix, a checkpoint of another model shape or an unwritable
-``--save`` found after megatron-core's initialisation would be a traceback on every rank, minutes in; here
-each is one :class:`~megatron_solo.errors.InputError` line at start-up (the launchers' pre-flight calls
+A wrong tokenizer, a missing or damaged data prefix or an unwritable ``--save`` found after megatron-core's
+initialisation would be a traceback on every rank, minutes in; here each is one
+:class:`~megatron_solo.errors.InputError` line at start-up (the launchers' pre-flight calls
 :func:`check_inputs` too, before torchrun). The format checks live with their formats: a data prefix in
-:func:`megatron_solo.data.indexed.check_prefix`, a checkpoint's model shape in
-:func:`megatron_solo.checkpoint.check_model_shape`.
+:func:`megatron_solo.data.indexed.check_prefix`. A checkpoint of another model shape is refused earlier, where
+the architecture is decided (:func:`megatron_solo.training.config.decide_architecture`).
 """
 
 from __future__ import annotations
@@ -87,10 +87,6 @@ def check_inputs(cfg, *, save_lock: bool = True) -> SoloVocab | None:
                          if p not in prefixes})
     for prefix, flag in prefixes.items():
         check_prefix(prefix, vocab_size, vocab, flag)
-    if cfg.resume.info is not None:
-        ck = cfg.checkpoint
-        checkpoint.check_model_shape(cfg.resume.info, cfg.model.args,
-                                     "--save" if cfg.resume.load_dir == ck.save and ck.load != ck.save else "--load")
     if cfg.checkpoint.save:
         check_save_dir(cfg.checkpoint.save)
         if save_lock:
