@@ -353,3 +353,26 @@ def test_a_launch_mistake_answers_before_torch_loads(digits_data):
     said = f"error: --data-path {data}/pretrian: no dataset has this prefix (no pretrian-tokens.idx in {data}); did you mean {data}/pretrain?"
     assert (r.returncode, r.stderr.splitlines()) == (0, [f"{said} (launcher: set DATA_PATH)", "EXIT 2", said, "EXIT 2",
                                                          "HEAVY []"]), r.stderr[-3000:]
+
+
+# -------------------------------------------------------------- docs that stand alone (issue 26.8)
+def test_inspect_and_visualize_name_the_pack_alike(digits_data, tmp_path, capsys):
+    """Both tools take --pack (--index, inspect_data's former name, still read) and say a missing prefix and a
+    pack out of range in the same words."""
+    from megatron_solo.data.indexed import SoloIndexedDataset
+
+    inspect, visualize = _tool("inspect_data"), _tool("visualize_patches")
+    p, png = digits_data["pretrain"], str(tmp_path / "pack.png")
+    assert inspect.main(["--prefix", p, "--pack", "1", "--json"]) == 0
+    by_pack = json.loads(capsys.readouterr().out)
+    assert inspect.main(["--prefix", p, "--index", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == by_pack and by_pack["pack"] == 1
+    assert visualize.main(["--prefix", p, "--index", "1", "--tokenizer-model", digits_data["tokenizer"], "--out", png]) == 0
+    assert "--- document 0" in capsys.readouterr().out and os.path.getsize(png) > 0
+    n = len(SoloIndexedDataset(p))
+    for tool, extra in ((inspect, ["--json"]), (visualize, ["--tokenizer-model", digits_data["tokenizer"], "--out", png])):
+        assert tool.main(["--prefix", p, "--pack", str(n), *extra]) == 2
+        assert capsys.readouterr().err == f"error: --pack {n} is out of range: {p} holds {n} packs (0 .. {n - 1})\n"
+        assert tool.main(["--prefix", p + "-tokens.bin", *extra]) == 2
+        assert capsys.readouterr().err == (f"error: --prefix {p}-tokens.bin is one file of the dataset {p}; give the "
+                                           f"prefix: drop '-tokens.bin' (--prefix {p})\n")

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """See what the model is trained on: one pack of a preprocessed prefix, token by token, with the loss mask.
 
-    .venv/bin/python tools/inspect_data.py --prefix out/sft --index 0 --tokenizer-model tok/tokenizer.model
-    .venv/bin/python tools/inspect_data.py --prefix out/sft --index 0 --json          # one JSON object
-    .venv/bin/python tools/inspect_data.py --prefix out/sft --index 0 --dump dir/     # .npy arrays
+    .venv/bin/python tools/inspect_data.py --prefix out/sft --pack 0 --tokenizer-model tok/tokenizer.model
+    .venv/bin/python tools/inspect_data.py --prefix out/sft --pack 0 --json          # one JSON object
+    .venv/bin/python tools/inspect_data.py --prefix out/sft --pack 0 --dump dir/     # .npy arrays
 
 The loss mask is the training one: the pack goes through the training sample builder
 (``megatron_solo.data.dataset.build_sample``, which calls ``roles.label_loss_mask``). It is shown per
@@ -30,7 +30,7 @@ def sample(prefix: str, index: int, loss_role: str, seq_length: int | None):
 
     ds = SoloIndexedDataset(prefix, mmap=False)
     if not 0 <= index < len(ds):
-        raise IndexError(f"--index {index} is out of range: {prefix} holds {len(ds)} packs")
+        raise IndexError(f"--pack {index} is out of range: {prefix} holds {len(ds)} packs (0 .. {len(ds) - 1})")
     n = ds.pack_length(index) if seq_length is None else min(seq_length, ds.pack_length(index))
     segments = ds.pack(index, max_tokens=n if seq_length is None else n + 1)
     s = build_sample(segments, n, loss_role, ds.vocab)
@@ -81,7 +81,9 @@ def render_text(tok, tokens, mask, doc_lengths) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefix", required=True, help="a prefix of tools/preprocess_data.py (P-tokens/-roles/-patches)")
-    ap.add_argument("--index", type=int, default=0, help="which pack (one training sample); default 0")
+    ap.add_argument("--pack", "--index", dest="pack", type=int, default=0,
+                    help="which pack (one training sample); default 0. --index: its former name, still read "
+                         "(tools/visualize_patches.py names it --pack too)")
     ap.add_argument("--loss-role", default="assistant", help="as the trainer's --loss-role (default assistant)")
     ap.add_argument("--seq-length", type=int, default=None,
                     help="cut the pack as training with this --seq-length would (default: the whole pack)")
@@ -95,13 +97,11 @@ def main(argv=None) -> int:
     quiet.filter_known_warnings()  # megatron-core's import-time notes that ask nothing of the user
     if not a.json and not a.dump and not a.tokenizer_model:
         ap.error("the text view needs --tokenizer-model (or use --json / --dump)")
-    from megatron_solo.data.indexed import prefix_complete
+    from megatron_solo.data.indexed import check_prefix_files
 
-    if not prefix_complete(a.prefix):
-        raise InputError(f"{a.prefix} is not a complete prefix (no {a.prefix}-tokens.idx ...); "
-                         "make one with tools/preprocess_data.py")
+    check_prefix_files(a.prefix, "--prefix")  # what to give instead: drop a file suffix, did you mean ...
     try:
-        tokens, mask, roles, patches, doc_lengths = sample(a.prefix, a.index, a.loss_role, a.seq_length)
+        tokens, mask, roles, patches, doc_lengths = sample(a.prefix, a.pack, a.loss_role, a.seq_length)
     except (IndexError, ValueError) as e:
         raise InputError(str(e)) from None
     if a.dump:
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         np.save(os.path.join(a.dump, "loss_mask.npy"), mask)
         np.save(os.path.join(a.dump, "patches.npy"), patches)
     if a.json:
-        print(json.dumps({"prefix": a.prefix, "index": a.index, "tokens": tokens.tolist(),
+        print(json.dumps({"prefix": a.prefix, "pack": a.pack, "tokens": tokens.tolist(),
                           "loss_mask": mask.tolist(), "roles": roles.tolist(), "num_patches": int(len(patches)),
                           "doc_lengths": doc_lengths.tolist()}))
     elif a.tokenizer_model:

@@ -7,6 +7,8 @@
 import argparse
 import sys
 
+from megatron_solo.errors import InputError, entry_point
+
 
 def render(tokens, patches, gap: int = 2, ids=None):
     """Images of a token stream -> list of [H, W, 3] uint8 patch grids (``gap`` px of white between patches).
@@ -113,10 +115,13 @@ def labelled_sheet(images, labels, min_width: int = 720):
     return sheet
 
 
+@entry_point  # a missing prefix or a pack out of range is one error: line, exit 2
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefix", required=True, help="dataset prefix (tools/preprocess_data.py --output-prefix)")
-    ap.add_argument("--pack", type=int, default=0, help="which pack of the prefix to show")
+    ap.add_argument("--pack", "--index", dest="pack", type=int, default=0,
+                    help="which pack (one training sample) of the prefix to show; default 0 (--index: the same, "
+                         "as tools/inspect_data.py used to name it)")
     ap.add_argument("--tokenizer-model", required=True, help="SOLO's tokenizer.model or tokenizer.json")
     ap.add_argument("--out", required=True,
                     help="PNG path: one labelled panel per image (grid size, image index, the text around it)")
@@ -127,11 +132,14 @@ def main(argv=None) -> int:
     from megatron_solo import quiet
 
     quiet.filter_known_warnings()
-    from megatron_solo.data.indexed import SoloIndexedDataset
+    from megatron_solo.data.indexed import SoloIndexedDataset, check_prefix_files
     from megatron_solo.data.tokenizer import load_tokenizer
     from megatron_solo.spec import PATCH_DIM
 
+    check_prefix_files(a.prefix, "--prefix")
     ds = SoloIndexedDataset(a.prefix)
+    if not 0 <= a.pack < len(ds):
+        raise InputError(f"--pack {a.pack} is out of range: {a.prefix} holds {len(ds)} packs (0 .. {len(ds) - 1})")
     tok = load_tokenizer(a.tokenizer_model)
     segs = ds.pack(a.pack)
     tokens = np.concatenate([t for t, _, _ in segs])
