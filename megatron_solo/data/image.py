@@ -1,4 +1,4 @@
-"""Image -> SOLO patches, step by step as ``SOLO_SPEC.md`` ("Image to patches") says.
+"""Image -> SOLO patches, step by step as SOLO does it (arXiv 2407.06438, its released code).
 
 1. decode, convert to RGB (:func:`load_image`);
 2. target size (:func:`target_size`);

@@ -2,7 +2,7 @@
 ``vision_patch_coords``.
 
 Self-contained (PIL, numpy, torch, sentencepiece) and shipped in every exported SOLO checkpoint. It
-implements SOLO's image rules (arXiv 2407.06438; this project's SOLO_SPEC):
+implements SOLO's image rules (arXiv 2407.06438 and SOLO's released code):
 
 1. decode, convert to RGB;
 2. target size for width W, height H: L = max(W, H), S = min(W, H),
