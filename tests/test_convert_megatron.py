@@ -5,7 +5,9 @@ One world of 4 gloo ranks runs every Megatron-side step (re-initialising megatro
 layouts), so the process start-up is paid once; the parent compares against transformers.
 """
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -93,6 +95,9 @@ def _world(paths):
     init_conversion_parallel()
     megatron_to_hf(paths["ckpt_rt"], paths["hf_rt"], iteration=7, dtype="bfloat16", max_shard_size=2**20)
     out["export_summary"] = megatron_to_hf(paths["ckpt_rt"], paths["hf_trained"], dtype="bfloat16", verify=True)
+    # a SOLO export of a model trained without row separators: the layout survives import and export
+    hf_to_megatron(paths["solo_off"], paths["ckpt_off"])
+    megatron_to_hf(paths["ckpt_off"], paths["hf_off"])
 
     # 6. --verify fails loudly on a mismatch: one weight of the Megatron model off by a little.
     with torch.no_grad():
@@ -110,9 +115,15 @@ def world(tmp_path_factory):
     from tests.helpers_convert import make_random_mistral, make_random_solo
 
     root = tmp_path_factory.mktemp("convert")
-    paths = {k: str(root / k) for k in ("mistral", "solo", "ckpt_m", "ckpt_s", "ckpt_rt", "hf_rt", "hf_trained")}
+    paths = {k: str(root / k) for k in ("mistral", "solo", "ckpt_m", "ckpt_s", "ckpt_rt", "hf_rt", "hf_trained",
+                                        "solo_off", "ckpt_off", "hf_off")}
     make_random_mistral(paths["mistral"], seed=1)
     make_random_solo(paths["solo"], seed=2, dtype=torch.bfloat16)
+    shutil.copytree(paths["solo"], paths["solo_off"])
+    with open(os.path.join(paths["solo_off"], "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(paths["solo_off"], "config.json"), "w") as f:
+        json.dump({**cfg, "vision_row_separator": False}, f)
     out = run_distributed(_world, 4, paths, timeout=600)[0]
     return paths, out
 
@@ -178,6 +189,24 @@ def test_export_parity_logits_and_greedy_generation(world):
     assert type(proc).__name__ == "SoloProcessor" and proc.kind == "sentencepiece"
     img = Image.new("RGB", (96, 64), (200, 30, 30))
     assert torch.equal(proc(text="A <image> photo", images=img)["input_ids"], proc(["A ", img, " photo"])["input_ids"])
+
+
+def test_export_lays_images_out_as_the_checkpoint_data(world):
+    """--row-separator off travels SOLO export -> checkpoint -> export (config.json, the processor); SOLO's
+    layout writes nothing new (a default export's config.json is as before)."""
+    from megatron_solo.checkpoint import checkpoint_row_separator, read_checkpoint_info
+    from megatron_solo.convert.hf_files.processing_solo import SoloProcessor
+
+    paths, _ = world
+    assert checkpoint_row_separator(read_checkpoint_info(paths["ckpt_off"])) is False
+    assert checkpoint_row_separator(read_checkpoint_info(paths["ckpt_s"])) is True
+    for name in ("config.json", "processor_config.json"):
+        with open(os.path.join(paths["hf_off"], name)) as f:
+            assert json.load(f)["vision_row_separator"] is False
+        with open(os.path.join(paths["hf_rt"], name)) as f:
+            assert "vision_row_separator" not in json.load(f)
+    assert SoloProcessor.from_pretrained(paths["hf_off"]).row_separator is False
+    assert SoloProcessor.from_pretrained(paths["hf_rt"]).row_separator is True
 
 
 def test_verify_fails_on_mismatch(world):

@@ -180,7 +180,8 @@ def test_layout_in_stats_merges_and_blends(corpus, tmp_path, capsys):
     rc = train.main(["--model", "tiny", "--seq-length", str(SEQ), "--train-iters", "1", "--global-batch-size", "1",
                      "--data-path", on, "--valid-data-path", off, "--tokenizer-model", solo_tokenizer_path()])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: the run's data mixes image layouts"), err
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("error: the run's data (--data-path, --valid-data-path) mixes image layouts"), err
     with pytest.raises(LayoutMismatch):
         build_train_valid_test_datasets(f"0.5 {on} 0.5 {off}", "1,0,0", SEQ, 2, 0, 0)
     # preprocessing refuses SAIL's layout in patches storage (its tokens could not give the grids back)

@@ -253,7 +253,7 @@ def data_row_separator(*data_paths) -> bool:
     """The image layout (``--row-separator``) of every prefix of the given ``--data-path``-style blends, read
     by one model (:func:`~megatron_solo.data.stats.blend_row_separator`: a mixed one is refused, one line)."""
     prefixes = [p for d in data_paths if d for p in (parse_data_path(d) or ([], None))[0]]
-    return blend_row_separator(dict.fromkeys(prefixes), "the run's data")
+    return blend_row_separator(dict.fromkeys(prefixes), "the run's data (--data-path, --valid-data-path)")
 
 
 def build_train_valid_test_datasets(
