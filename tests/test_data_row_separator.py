@@ -135,6 +135,21 @@ def test_patch_coords_follow_the_grids_across_packs_in_both_storages_and_loaders
             n = s["patches"].shape[0]
             assert s["patch_coords"].shape == (n, 2)
             assert torch.equal(s["patch_coords"], torch.from_numpy(np.concatenate([c for *_, c in pack])[:n]))
+    # tools/visualize_patches.py puts SAIL's rows back from the coordinates: SOLO's token stream again
+    from tests.test_data_tools import _tool
+
+    vis = _tool("visualize_patches")
+    on_ds, off_ds = SoloIndexedDataset(corpus["enc_on"]), SoloIndexedDataset(corpus["enc_off"])
+    marked = [vis.rows_marked(t, c, V) for i in range(len(off_ds)) for t, _, _, c in off_ds.pack(i, with_coords=True)]
+    assert np.array_equal(np.concatenate(marked), np.concatenate([t for i in range(len(on_ds)) for t, *_ in on_ds.pack(i)]))
+    shapes = []
+    for i in range(len(off_ds)):
+        assert vis.main(["--prefix", corpus["enc_off"], "--pack", str(i), "--tokenizer-model", solo_tokenizer_path(),
+                         "--out", str(corpus["dir"] / f"v{i}.png")]) == 0
+        segs = off_ds.pack(i, with_coords=True)
+        shapes += [im.shape for im in vis.render(np.concatenate([vis.rows_marked(t, c, V) for t, _, _, c in segs]),
+                                                 np.concatenate([p for _, _, p, _ in segs]), gap=0)]
+    assert (96, 128, 3) in shapes and (96, 64, 3) in shapes  # the 3x4 and 3x2 images as grids, not one row
     # the DataLoader workers give the in-process batches (SAIL's layout; SOLO's: tests/test_data_storage.py)
     off = build_train_valid_test_datasets(corpus["enc_off"], "1,0,0", SEQ, 8, 0, 0)[0]
     stream = WorkerBatchStream(off, global_batch_size=2, micro_batch_size=2, num_microbatches=1, dp=1, dp_rank=0,

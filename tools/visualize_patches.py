@@ -34,12 +34,25 @@ def render(tokens, patches, gap: int = 2, ids=None):
             if row_len:
                 rows.append(row_len)
             row_len = 0
-            inside = inside and not closes
-            if closes and rows:
+            opened_here, inside = inside, inside and not closes
+            if closes and rows and opened_here:  # an image the pack opens inside (packing cut it) is left out
                 if len(set(rows)) != 1:
                     raise ValueError(f"an image block has rows of {sorted(set(rows))} patches; expected equal rows")
                 images.append(patch_grid(patches[start:k], len(rows), rows[0], gap=gap, fill=255))
     return images
+
+
+def rows_marked(tokens, coords, ids):
+    """Tokens of a prefix without row separators (``--row-separator off``) with a ``<vrow_sep>`` put back
+    before each patch that starts a new row of its image (``coords``: the patches' (row, col), as
+    ``SoloIndexedDataset.pack(..., with_coords=True)`` gives them), so its grids read as SOLO's layout does."""
+    import numpy as np
+
+    tokens = np.asarray(tokens)
+    coords = np.asarray(coords).reshape(-1, 2)
+    patch_at = np.flatnonzero(tokens == ids.vision_patch)
+    starts_row = patch_at[(coords[:, 1] == 0) & (coords[:, 0] > 0)]
+    return np.insert(tokens, starts_row, ids.vision_row_sep)
 
 
 def _document_elements(tokens, tok, ids=None):
@@ -61,9 +74,9 @@ def _document_elements(tokens, tok, ids=None):
             if row_len:
                 rows.append(row_len)
             row_len = 0
-            if closes:
-                inside = False
+            if closes and inside:  # as render(): an image the pack opens inside is not one of its images
                 out.append(("image", (len(rows), rows[0] if rows else 0)))
+            inside = inside and not closes
         elif ids.vision_start < x <= ids.vision_frame_sep:
             pass
         else:
@@ -141,13 +154,15 @@ def main(argv=None) -> int:
     if not 0 <= a.pack < len(ds):
         raise InputError(f"--pack {a.pack} is out of range: {a.prefix} holds {len(ds)} packs (0 .. {len(ds) - 1})")
     tok = load_tokenizer(a.tokenizer_model)
-    segs = ds.pack(a.pack)
+    segs = ds.pack(a.pack, with_coords=not ds.row_separator)
+    if not ds.row_separator:  # SAIL's layout: the rows come from the patches' coordinates
+        segs = [(rows_marked(t, c, ds.vocab), r, p) for t, r, p, c in segs]
     tokens = np.concatenate([t for t, _, _ in segs])
     patches = np.concatenate([p for _, _, p in segs]) if segs else np.zeros((0, PATCH_DIM), np.uint8)
     labels = []
     for i, (t, r, _) in enumerate(segs):
         elements = _document_elements(t, tok, ds.vocab)
-        print(f"--- document {i} ({len(t)} tokens, roles {sorted(set(r.tolist()))}) ---")
+        print(f"--- document {i} ({len(r)} tokens, roles {sorted(set(r.tolist()))}) ---")
         print("".join(v if kind == "text" else "[IMAGE ]" for kind, v in elements))
         for j, (kind, v) in enumerate(elements):
             if kind == "image":
