@@ -32,6 +32,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_solo import cpu_backend
+from megatron_solo.model.config import is_vision_expert_parameter, text_twin_name
 from megatron_solo.spec import MISTRAL_VOCAB, SoloVocab
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -346,11 +347,22 @@ def load_checkpoint(
         print(f" > {path}: saved at TP={info['layout']['tp']} PP={info['layout']['pp']}, loading at "
               f"TP={_layout()['tp']} PP={_layout()['pp']}: RNG state restarts from the seed", flush=True)
     sd = _sharded_state(model_chunks, optimizer, include_optimizer=want_optim, include_rng=want_rng, is_loading=True)
+    copy_experts = _experts_to_copy(model_chunks, info, finetune)
+    n = len(model_chunks)
+    if copy_experts:  # not in the checkpoint: each is copied from its text twin after the load
+        for i in range(n):
+            sd[_model_key(i, n)] = {k: v for k, v in sd[_model_key(i, n)].items() if not is_vision_expert_parameter(k)}
     state = dist_checkpointing.load(sd, path, strict="raise_unexpected" if strict else "log_unexpected")
     # Keys we did not ask for (e.g. the optimizer under --finetune) are fine; keys we need must exist.
-    n = len(model_chunks)
     for i, chunk in enumerate(model_chunks):
-        _unwrap(chunk).load_state_dict(state[_model_key(i, n)], strict=strict)
+        missing, unexpected = _unwrap(chunk).load_state_dict(state[_model_key(i, n)], strict=strict and not copy_experts)
+        if strict and (unexpected or any(not is_vision_expert_parameter(k) for k in missing)):
+            raise CheckpointError(f"{path}: state does not match the model (missing {missing}, unexpected {unexpected})")
+    if copy_experts:
+        copied = sum(copy_text_twins(_unwrap(chunk)) for chunk in model_chunks)
+        if torch.distributed.get_rank() == 0:
+            print(f" > {path} has no vision experts: each of the model's ({copied} tensors on rank 0) starts as a "
+                  "copy of its text twin", flush=True)
     if want_optim:
         if schedule_from_flags:
             _take_current_group_schedule(optimizer, state["optimizer"])
@@ -364,6 +376,31 @@ def load_checkpoint(
     if finetune:
         info = dict(info, iteration=0, consumed_train_samples=0)
     return info
+
+
+def _experts_to_copy(model_chunks, info: dict, finetune: bool) -> bool:
+    """Whether the model has vision experts the checkpoint lacks (their start: copies of the text twins,
+    as EVEv2 and Mono-InternVL begin; a new stage only, ``--finetune``)."""
+    has_experts = any(is_vision_expert_parameter(n) for c in model_chunks for n, _ in _unwrap(c).named_parameters())
+    saved = (info.get("model_args") or {}).get("vision_experts", "none")
+    if not has_experts or saved != "none":
+        return False
+    if not finetune:
+        raise CheckpointError(f"{info['path']} has no vision experts: start a model with experts from it with "
+                              "--finetune (each expert then starts as a copy of its text twin)")
+    return True
+
+
+def copy_text_twins(model) -> int:
+    """Copy every vision expert's text twin into it (same shape and TP shard); returns the count."""
+    params = dict(model.named_parameters())
+    n = 0
+    with torch.no_grad():
+        for name, p in params.items():
+            if is_vision_expert_parameter(name):
+                p.copy_(params[text_twin_name(name)])
+                n += 1
+    return n
 
 
 def load_model_weights(model_chunks, info: dict) -> dict:

@@ -202,7 +202,52 @@ def _recompute(**cfg):
     return logits.detach().clone(), _grads(model)
 
 
-def _worker():
+def _conversion(paths: dict) -> dict:
+    """A Mistral base converted with ``full`` experts and without; the expert model trained a little
+    (every weight perturbed), exported with --verify, and converted back with --verify."""
+    from megatron_solo.checkpoint import save_checkpoint
+    from megatron_solo.convert.megatron_io import (
+        hf_to_megatron,
+        init_conversion_parallel,
+        megatron_logits,
+        megatron_to_hf,
+        verification_inputs,
+    )
+    from tests.test_convert_megatron import _load
+
+    out = {}
+    init_conversion_parallel()
+    out["full_summary"] = hf_to_megatron(paths["base"], paths["ckpt_full"], tokenizer_model="mistral-common",
+                                         vision_experts="full", verify=True, verify_logits=True)
+    hf_to_megatron(paths["base"], paths["ckpt_dense"], tokenizer_model="mistral-common")
+    ids, patches = verification_inputs(33031, with_image=True, seed=4)
+    out["ids"], out["patches"] = ids, patches
+    dense, _, _ = _load(paths["ckpt_dense"], 1, 1)
+    out["dense_logits"] = megatron_logits(dense, ids, patches)
+    model, model_args, info = _load(paths["ckpt_full"], 1, 1)
+    out["full_logits"] = megatron_logits(model, ids, patches)
+    out["model_args"] = model_args.to_dict()
+
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():  # experts now differ from their twins
+            p.add_(0.02 * torch.randn(p.shape, generator=g).to(p.dtype))
+    save_checkpoint(paths["ckpt_full"], 1, [model], model_args=model_args, padded_vocab_size=info["padded_vocab_size"],
+                    tokenizer_model=info["tokenizer_model"])
+    out["trained_logits"] = megatron_logits(model, ids, patches)[..., :33031]
+    gen = ids[:1]
+    for _ in range(4):
+        nxt = megatron_logits(model, gen, patches[:6])[:, -1, :33031].argmax(-1, keepdim=True)
+        gen = torch.cat([gen, nxt], dim=1)
+    out["megatron_generation"] = gen
+    init_conversion_parallel()
+    out["export_summary"] = megatron_to_hf(paths["ckpt_full"], paths["hf_full"], dtype="float32", verify=True,
+                                           verify_logits=True)
+    out["back_summary"] = hf_to_megatron(paths["hf_full"], paths["ckpt_back"], verify=True, verify_logits=True)
+    return out
+
+
+def _worker(paths):
     from megatron_solo.parallel import initialize_model_parallel
 
     initialize_model_parallel()
@@ -214,12 +259,18 @@ def _worker():
     }
     out["tp2_sp"] = _full_tp_layout(2, True)
     out["tp1"] = _full_tp_layout(1, False)
+    out["conversion"] = _conversion(paths)
     return out
 
 
 @pytest.fixture(scope="module")
-def world():
-    return [from_bytes(r) for r in run_distributed(as_bytes, 2, _worker, timeout=600)]
+def world(tmp_path_factory):
+    from tests.helpers_convert import make_random_mistral
+
+    root = tmp_path_factory.mktemp("experts")
+    paths = {k: str(root / k) for k in ("base", "ckpt_full", "ckpt_dense", "hf_full", "ckpt_back")}
+    make_random_mistral(paths["base"], seed=1)
+    return [from_bytes(r) for r in run_distributed(as_bytes, 2, _worker, paths, timeout=900)], paths
 
 
 def _rel(a, b):
@@ -233,7 +284,7 @@ def _assert_close(got, want, what):
 
 @pytest.mark.parametrize("experts", ["ffn", "full"])
 def test_expert_model_equals_per_token_selection_of_text_and_expert_weights(world, experts):
-    r = world[0][experts]
+    r = world[0][0][experts]
     assert r["experts_differ"] and r["n_image"] > 0
     (logits, grads), (ref_logits, ref_grads) = r["model"], r["reference"]
     _assert_close(logits, ref_logits, "logits")
@@ -245,8 +296,8 @@ def test_expert_model_equals_per_token_selection_of_text_and_expert_weights(worl
 
 
 def test_full_tp2_sequence_parallel_equals_tp1(world):
-    logits1, grads1 = world[0]["tp1"]
-    for rank in world:
+    logits1, grads1 = world[0][0]["tp1"]
+    for rank in world[0]:
         logits2, grads2 = rank["tp2_sp"]
         _assert_close(logits2, logits1, "logits")
         for name, g in grads1.items():
@@ -255,9 +306,104 @@ def test_full_tp2_sequence_parallel_equals_tp1(world):
 
 @pytest.mark.parametrize("kind", ["full", "selective"])
 def test_full_with_activation_recompute_gives_the_same_logits_and_grads(world, kind):
-    logits, grads = world[0]["recompute"]["none"]
-    logits_r, grads_r = world[0]["recompute"][kind]
+    logits, grads = world[0][0]["recompute"]["none"]
+    logits_r, grads_r = world[0][0]["recompute"][kind]
     _assert_close(logits_r, logits, "logits")
     assert set(grads_r) == set(grads)
     for name, g in grads.items():
         _assert_close(grads_r[name], g, name)
+
+
+def test_full_converted_from_a_base_computes_exactly_what_the_base_does(world):
+    c = world[0][0]["conversion"]
+    assert c["model_args"]["vision_experts"] == "full"
+    # --verify: every expert tensor bit-identical to its twin in the base; text logits = Mistral's own.
+    # (the base's 21 HF tensors; each layer's expert reads 9: norm, q/k/v, o, norm, gate/up, down)
+    assert c["full_summary"]["verify"]["tensors_checked"] == 21 + 2 * 9
+    assert c["full_summary"]["verify"]["max_abs_logit_diff"] <= 1e-4
+    # On images too: the same base converted without experts gives the same logits.
+    _assert_close(c["full_logits"], c["dense_logits"], "logits with images")
+
+
+@pytest.mark.usefixtures("plain_torch")
+def test_export_routes_like_megatron_and_round_trips_bit_identically(world):
+    import json
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    out, paths = world
+    c = out[0]["conversion"]
+    cfg = json.load(open(os.path.join(paths["hf_full"], "config.json")))
+    assert cfg["vision_experts"] == "full"
+    # The export's --verify: 40 tensors bit-identical, logits with an image equal the Megatron model's;
+    # converting the export back: bit-identical again.
+    assert c["export_summary"]["verify"]["tensors_checked"] == 22 + 2 * 9
+    assert c["back_summary"]["verify"]["tensors_checked"] == 22 + 2 * 9
+    hf = AutoModelForCausalLM.from_pretrained(paths["hf_full"], trust_remote_code=True, dtype=torch.float32).eval()
+    layer = hf.model.layers[0]
+    assert not torch.equal(layer.vision_mlp.down_proj.weight, layer.mlp.down_proj.weight)
+    with torch.no_grad():
+        logits = hf(input_ids=c["ids"], vision_patches=c["patches"]).logits
+    torch.testing.assert_close(logits, c["trained_logits"], rtol=1e-5, atol=1e-5)
+    gen = hf.generate(input_ids=c["ids"][:1], vision_patches=c["patches"][:6], max_new_tokens=4, do_sample=False)
+    assert torch.equal(gen, c["megatron_generation"])
+
+
+def test_a_dense_export_config_is_unchanged():
+    from megatron_solo.convert.hf_config import hf_config_from_model_args
+    from megatron_solo.model import SoloModelArgs
+
+    dense = hf_config_from_model_args(SoloModelArgs.from_preset("tiny").to_dict())
+    assert "vision_experts" not in dense
+    assert hf_config_from_model_args(SoloModelArgs.from_preset("tiny", vision_experts="ffn").to_dict())[
+        "vision_experts"] == "ffn"
+
+
+# ------------------------------------------------------------------------------------ the recipe
+@pytest.fixture(scope="module")
+def delta_tuning_run(world, digits_data, tmp_path_factory):
+    """Mono-InternVL's recipe through the trainer: a stage with ``full`` experts starts (--finetune) from the
+    dense checkpoint converted above and trains 3 iterations with --freeze-lm (distributed optimizer)."""
+    from tests.test_training import _common, _run
+
+    _, paths = world
+    out = tmp_path_factory.mktemp("delta")
+    log = _run(1, _common(digits_data, str(out), "--use-checkpoint-args", "--load", paths["ckpt_dense"], "--finetune",
+                          "--vision-experts", "full", "--freeze-lm", "--use-distributed-optimizer",
+                          "--transformer-impl", "local", "--train-iters", "3", "--save", str(out / "ck"),
+                          "--save-interval", "1"))
+    return out, log, paths
+
+
+def test_finetune_from_a_dense_checkpoint_copies_the_twins_and_freeze_lm_trains_only_the_image_side(delta_tuning_run):
+    import json
+
+    from megatron_solo.model.config import is_vision_expert_parameter, text_twin_name
+    from tests.helpers_checkpoint import checkpoint_tensors
+
+    out, log, paths = delta_tuning_run
+    assert "has no vision experts: each of the model's" in log and "starts as a copy of its text twin" in log
+    info = json.load(open(out / "ck" / "iter_0000003" / "solo_checkpoint.json"))
+    assert info["model_args"]["vision_experts"] == "full"  # the checkpoint records the choice
+    dense = checkpoint_tensors(paths["ckpt_dense"] + "/iter_0000000")
+    first, last = (checkpoint_tensors(out / "ck" / f"iter_{i:07d}") for i in (1, 3))
+    image_side = {n for n in last if n == "vision_patch_embed.weight" or is_vision_expert_parameter(n)}
+    assert len(image_side) == 1 + 6  # the patch embedding; the layers' (stacked): norm, QKV, proj, norm, fc1, fc2
+    for name in last:
+        if name in image_side:
+            assert not torch.equal(first[name], last[name]), f"{name} did not train"
+        else:  # every text weight bit-identical to the dense start, after 3 iterations
+            assert torch.equal(dense[name], last[name]), f"{name} moved under --freeze-lm"
+    # The experts started as copies of their twins: after one Adam step (lr 2e-3, weight decay 0.1) each
+    # element is within ~lr of its twin (independently initialised weights differ by ~0.05).
+    # (megatron-core's local spec stores the text norms under TE's fused names)
+    stored = {"decoder.layers.input_layernorm.weight": "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+              "decoder.layers.pre_mlp_layernorm.weight": "decoder.layers.mlp.linear_fc1.layer_norm_weight"}
+    for name in image_side - {"vision_patch_embed.weight"}:
+        twin = stored.get(text_twin_name(name), text_twin_name(name))
+        assert (first[name] - dense[twin]).abs().max() <= 3e-3, name
+    # The optimizer state (fp32 main copy, Adam moments) holds the trainable tensors only.
+    opt_keys = checkpoint_tensors(out / "ck" / "iter_0000003", optimizer=True)
+    held = {k.split(".", 3)[3] for k in opt_keys}
+    assert opt_keys and held == image_side, sorted(held ^ image_side)

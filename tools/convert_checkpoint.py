@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="dtype of the written model tensors (default: the source's own, e.g. bf16 stays bf16)")
     h.add_argument("--iteration", type=int, default=0, help="iteration number of the written checkpoint")
     h.add_argument("--seed", type=int, default=1234, help="seed of the new patch embedding (base source)")
+    h.add_argument("--vision-experts", choices=("none", "ffn", "full"), default=None,
+                   help="give image tokens their own weights (docs/MODEL.md), each a copy of its text twin; "
+                        "default: the source's (none for a base)")
     h.add_argument("--verify", action="store_true",
                    help="re-read the written checkpoint tensor by tensor and check it against the source (bit for "
                         "bit), plus a logits check when both models fit in memory")
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
                 target_tensor_parallel_size=args.target_tensor_parallel_size,
                 padded_vocab_size=args.padded_vocab_size, params_dtype=args.params_dtype,
                 iteration=args.iteration, seed=args.seed, verify=args.verify or args.verify_logits,
-                verify_logits=True if args.verify_logits else None,
+                verify_logits=True if args.verify_logits else None, vision_experts=args.vision_experts,
             )
         else:
             cpu_backend.ensure()

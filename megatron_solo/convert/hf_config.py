@@ -111,6 +111,7 @@ def model_args_from_hf_config(cfg: dict, vocab_size: int | None = None) -> dict:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # a SOLO export's own; a base's is set by the conversion from SOLO's vocabulary over its tokenizer
             vision_patch_id=int(cfg.get("vision_patch_token_id", MISTRAL_VOCAB.vision_patch)),
+            vision_experts=str(cfg.get("vision_experts", "none")),  # a SOLO export's; a base has none
             **_rope(cfg, family),
         )
     except KeyError as e:
@@ -178,6 +179,8 @@ def hf_config_from_model_args(model_args: dict, *, torch_dtype: str = "bfloat16"
     }
     if not row_separator:
         cfg["vision_row_separator"] = False
+    if a.get("vision_experts", "none") != "none":  # absent from a dense export: SOLO-7B's config exactly
+        cfg["vision_experts"] = a["vision_experts"]
     if family.name != "mistral":
         cfg["solo_family"] = family.name
         cfg["solo_vocab"] = vocab.to_dict()
@@ -203,6 +206,7 @@ def conversion_shapes(model_args: dict, padded_vocab_size: int, vocab_size: int 
         qkv_bias=bool(a.get("qkv_bias", False)),
         qk_layernorm=bool(a.get("qk_layernorm", False)),
         tie_word_embeddings=bool(a.get("tie_word_embeddings", False)),
+        vision_experts=str(a.get("vision_experts", "none")),
     )
 
 

@@ -24,8 +24,12 @@ transform              what it does
 =====================  =====================================================================
 
 Rows that exist only for some architectures name the switch they need (``when``: ``qkv_bias``,
-``qk_layernorm``, ``untied``), a field of :class:`ConversionShapes` set from the model's arguments;
-the family itself never appears here.
+``qk_layernorm``, ``untied``, ``ffn_experts``, ``full_experts``), a field of :class:`ConversionShapes`
+set from the model's arguments; the family itself never appears here.
+
+The vision experts' rows (``--vision-experts ffn|full``, docs/MODEL.md) name their text twin's HF
+tensors (``copies``): a source without the expert tensors (a base, a dense SOLO export) gives each
+expert a copy of its twin, which is how EVEv2 and Mono-InternVL initialise them.
 
 Nothing here imports megatron: the table and transforms are plain torch, so HF-side tools (and
 tests) use them without paying megatron's import.
@@ -58,6 +62,7 @@ class ConversionShapes:
     qkv_bias: bool = False
     qk_layernorm: bool = False
     tie_word_embeddings: bool = False
+    vision_experts: str = "none"  # "none", "ffn" or "full" (SoloModelArgs.vision_experts)
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:
@@ -75,6 +80,20 @@ class ConversionShapes:
     @property
     def untied(self) -> bool:
         return not self.tie_word_embeddings
+
+    @property
+    def ffn_experts(self) -> bool:
+        """The image tokens' own pre-MLP norm and MLP (``ffn`` and ``full``)."""
+        return self.vision_experts in ("ffn", "full")
+
+    @property
+    def full_experts(self) -> bool:
+        """Also their own input norm, QKV and output projection (``full``)."""
+        return self.vision_experts == "full"
+
+    @property
+    def full_experts_qkv_bias(self) -> bool:
+        return self.full_experts and self.qkv_bias
 
     @property
     def heads_per_group(self) -> int:
@@ -188,8 +207,11 @@ class Mapping:
     hf_shapes: Callable[[ConversionShapes], tuple[tuple[int, ...], ...]]
     # Present only in SOLO checkpoints (absent from a base): created at import from a base.
     solo_only: bool = False
-    # The ConversionShapes switch this row needs ("qkv_bias", "qk_layernorm", "untied"); None: always.
+    # The ConversionShapes switch this row needs ("qkv_bias", "qk_layernorm", "untied", ...); None: always.
     when: str | None = None
+    # A vision expert's text twin (its HF names, same transform and shapes): what a source without the
+    # expert's own tensors gives it.
+    copies: tuple[str, ...] = ()
 
     def applies(self, shapes: "ConversionShapes | None") -> bool:
         return self.when is None or bool(getattr(shapes if shapes is not None else _MISTRAL_SWITCHES, self.when))
@@ -202,7 +224,8 @@ class Mapping:
         if self.per_layer != (layer is not None):
             raise ValueError(f"{self.megatron}: layer index {layer!r}")
         fmt = (lambda n: n.format(i=layer)) if self.per_layer else (lambda n: n)
-        return BoundMapping(self, fmt(self.megatron), tuple(fmt(n) for n in self.hf))
+        return BoundMapping(self, fmt(self.megatron), tuple(fmt(n) for n in self.hf),
+                            tuple(fmt(n) for n in self.copies))
 
 
 @dataclass(frozen=True)
@@ -212,6 +235,18 @@ class BoundMapping:
     rule: Mapping
     megatron: str
     hf: tuple[str, ...]
+    copies: tuple[str, ...] = ()
+
+    def source_names(self, available) -> tuple[str, ...]:
+        """The HF tensors this row is read from in a source holding ``available`` names: its own, or,
+        for a vision expert the source lacks, its text twin's."""
+        if self.copies and not all(n in available for n in self.hf):
+            return self.copies
+        return self.hf
+
+    def to_megatron_from(self, tensors: dict[str, torch.Tensor], names: tuple[str, ...],
+                         shapes: ConversionShapes) -> torch.Tensor:
+        return self.rule.transform.to_megatron(tuple(tensors[n] for n in names), shapes)
 
     def to_hf(self, tensor: torch.Tensor, shapes: ConversionShapes) -> dict[str, torch.Tensor]:
         out = self.rule.transform.to_hf(tensor, shapes)
@@ -270,6 +305,37 @@ MAPPINGS: tuple[Mapping, ...] = (
             lambda s: ((s.ffn_hidden_size, s.hidden_size), (s.ffn_hidden_size, s.hidden_size))),
     Mapping(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), IDENTITY,
             lambda s: (s.hidden_size, s.ffn_hidden_size), lambda s: ((s.hidden_size, s.ffn_hidden_size),)),
+    # Vision experts (docs/MODEL.md): the image tokens' own weights, each a copy of its text twin at import.
+    Mapping(L + "vision_input_layernorm.weight", (H + "vision_input_layernorm.weight",), IDENTITY,
+            lambda s: (s.hidden_size,), lambda s: ((s.hidden_size,),), when="full_experts",
+            copies=(H + "input_layernorm.weight",)),
+    Mapping(L + "self_attention.vision_linear_qkv.weight",
+            (H + "self_attn.vision_q_proj.weight", H + "self_attn.vision_k_proj.weight",
+             H + "self_attn.vision_v_proj.weight"), QKV_GQA,
+            lambda s: (_qkv_rows(s), s.hidden_size),
+            lambda s: ((s.num_attention_heads * s.head_dim, s.hidden_size),
+                       (s.num_query_groups * s.head_dim, s.hidden_size),
+                       (s.num_query_groups * s.head_dim, s.hidden_size)), when="full_experts",
+            copies=(H + "self_attn.q_proj.weight", H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight")),
+    Mapping(L + "self_attention.vision_linear_qkv.bias",
+            (H + "self_attn.vision_q_proj.bias", H + "self_attn.vision_k_proj.bias",
+             H + "self_attn.vision_v_proj.bias"), QKV_GQA,
+            lambda s: (_qkv_rows(s),), _bias_shapes, when="full_experts_qkv_bias",
+            copies=(H + "self_attn.q_proj.bias", H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias")),
+    Mapping(L + "self_attention.vision_linear_proj.weight", (H + "self_attn.vision_o_proj.weight",), IDENTITY,
+            lambda s: (s.hidden_size, s.num_attention_heads * s.head_dim),
+            lambda s: ((s.hidden_size, s.num_attention_heads * s.head_dim),), when="full_experts",
+            copies=(H + "self_attn.o_proj.weight",)),
+    Mapping(L + "vision_pre_mlp_layernorm.weight", (H + "vision_post_attention_layernorm.weight",), IDENTITY,
+            lambda s: (s.hidden_size,), lambda s: ((s.hidden_size,),), when="ffn_experts",
+            copies=(H + "post_attention_layernorm.weight",)),
+    Mapping(L + "vision_mlp.linear_fc1.weight", (H + "vision_mlp.gate_proj.weight", H + "vision_mlp.up_proj.weight"),
+            GATED_MLP, lambda s: (2 * s.ffn_hidden_size, s.hidden_size),
+            lambda s: ((s.ffn_hidden_size, s.hidden_size), (s.ffn_hidden_size, s.hidden_size)), when="ffn_experts",
+            copies=(H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight")),
+    Mapping(L + "vision_mlp.linear_fc2.weight", (H + "vision_mlp.down_proj.weight",), IDENTITY,
+            lambda s: (s.hidden_size, s.ffn_hidden_size), lambda s: ((s.hidden_size, s.ffn_hidden_size),),
+            when="ffn_experts", copies=(H + "mlp.down_proj.weight",)),
     Mapping("decoder.final_layernorm.weight", ("model.norm.weight",), IDENTITY,
             lambda s: (s.hidden_size,), lambda s: ((s.hidden_size,),)),
     # Tied bases (Llama-3.2-1B/3B, small Qwens) store no lm_head, and megatron-core's model has no

@@ -115,6 +115,7 @@ def hf_to_megatron(
     seed: int = 1234,
     verify: bool = False,
     verify_logits: bool | None = None,
+    vision_experts: str | None = None,
 ) -> dict:
     """Write a megatron_solo checkpoint (``save_dir/iter_XXXXXXX``) from a HF base (any family of
     ``convert/families.py``) or SOLO checkpoint.
@@ -132,7 +133,10 @@ def hf_to_megatron(
     checkpoint writer reaches it (:mod:`megatron_solo.convert.dcp_stream`), in ``params_dtype`` (default:
     the source's own dtype, so bf16 stays bf16). ``verify`` re-reads the written checkpoint one tensor
     at a time (see :func:`verify_tensors`); ``verify_logits`` (default: when the model fits in memory,
-    :func:`logits_check_fits`) also compares logits. Returns a summary dict.
+    :func:`logits_check_fits`) also compares logits. ``vision_experts`` ('none', 'ffn', 'full'; default:
+    the source's, none for a base) adds the image tokens' own weights, each a copy of its text twin
+    (the table's ``copies``), so the converted model computes exactly what the source does. Returns a
+    summary dict.
     """
     kind, cfg, args, ckpt = check_hf_checkpoint(hf_dir)
     src_dtype = ckpt.torch_dtype_of("model.embed_tokens.weight")
@@ -164,7 +168,16 @@ def hf_to_megatron(
     if source_rows > int(cfg["vocab_size"]):
         raise ConversionError(f"{hf_dir}: the tokenizer has {source_rows} tokens, the model's embedding only "
                               f"{cfg['vocab_size']} rows")
-    model_args = SoloModelArgs(**dict(args, vocab_size=solo_size, vision_patch_id=vocab.vision_patch))
+    source_experts = args.get("vision_experts", "none")
+    experts = source_experts if vision_experts is None else vision_experts
+    if source_experts != "none" and experts != source_experts:
+        raise ConversionError(f"{hf_dir} has vision experts '{source_experts}'; converting them to '{experts}' is "
+                              f"not supported (leave out --vision-experts to keep them)")
+    try:
+        model_args = SoloModelArgs(**dict(args, vocab_size=solo_size, vision_patch_id=vocab.vision_patch,
+                                          vision_experts=experts))
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     padded = padded_vocab_size or model_args.padded_vocab_size(target_tensor_parallel_size)
     if padded < solo_size or padded % target_tensor_parallel_size:
         raise ConversionError(f"padded vocab size {padded} must be >= {solo_size} and divisible by "
@@ -213,8 +226,9 @@ class HFRowConverter:
             std = patch_embed_init_std(self.ckpt.get("model.embed_tokens.weight"))
             g = torch.Generator().manual_seed(self.seed)
             full = (torch.randn(bm.megatron_shape(self.shapes), generator=g, dtype=torch.float32) * std)
-        else:
-            full = bm.to_megatron({n: self.ckpt.get(n) for n in bm.hf}, self.shapes)
+        else:  # a vision expert the source lacks: its text twin's tensors (mapping.py's ``copies``)
+            names = bm.source_names(self.ckpt.header)
+            full = bm.to_megatron_from({n: self.ckpt.get(n) for n in names}, names, self.shapes)
         if tuple(full.shape) != bm.megatron_shape(self.shapes):
             raise ConversionError(f"{name}: converted shape {list(full.shape)} != model's "
                                   f"{list(bm.megatron_shape(self.shapes))}")
@@ -437,7 +451,9 @@ def verify_tensors(get_megatron, hf_dir: str, *, kind: str, model_args: dict, pa
         for bm in _progress(bound_mappings(shapes, include_solo_only=(kind == "solo")), desc="verify",
                             unit="tensor"):
             p = get_megatron(bm.megatron)
-            for name, t in bm.to_hf(p, shapes).items():
+            # A vision expert the HF side lacks (converted from a base) must equal its text twin there.
+            names = bm.source_names(ckpt.header)
+            for name, t in zip(names, bm.rule.transform.to_hf(p, shapes), strict=True):
                 ref = ckpt.get(name)[: t.shape[0]] if bm.rule.transform.name == "vocab_pad" else ckpt.get(name)
                 if not torch.equal(t.to(ref.dtype), ref):
                     diff = (t.float() - ref.float()).abs().max().item()

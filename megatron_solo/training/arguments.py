@@ -127,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoupled-min-lr", type=float, default=None,
                    help="final learning rate of the word embedding and output layer (default: None, --min-lr)")
     g.add_argument("--freeze-lm", action="store_true",
-                   help="train only the patch embedding; every other weight stays as loaded, with no gradient "
-                        "buffer and no optimizer state (the alignment stage; default: off)")
+                   help="train only the patch embedding (and the vision experts, with --vision-experts); every "
+                        "other weight stays as loaded, with no gradient buffer and no optimizer state (the "
+                        "alignment stage; default: off)")
     g.add_argument("--freeze-vision", action="store_true",
-                   help="train everything except the patch embedding (default: off)")
+                   help="train everything except the patch embedding (and the vision experts) (default: off)")
 
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true",

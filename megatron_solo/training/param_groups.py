@@ -11,7 +11,8 @@ inside a pretrained LLM. Two controls let a recipe treat it differently from the
   one scheduler (warm-up, decay style, decay steps) between its own peak and final learning rate.
 * **Freezing**: :func:`apply_freezing` sets ``requires_grad=False`` on the frozen parameters *before* the
   DDP wrap, so megatron-core gives them no gradient buffer, no fp32 main copy and no optimizer state.
-  ``--freeze-lm`` trains only the patch embedding; ``--freeze-vision`` everything but it.
+  ``--freeze-lm`` trains only the image side: the patch embedding and, in a model with vision experts
+  (``--vision-experts``), the experts (Mono-InternVL's "delta tuning"); ``--freeze-vision`` everything but it.
 
 Checkpoints keep every weight (frozen ones included); the optimizer part holds the trainable ones
 only, so resuming with a different set of trainable parameters or groups needs ``--finetune`` (weights
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import fnmatch
 from typing import Callable
+
+from megatron_solo.model.config import is_vision_expert_parameter
 
 VISION_PARAM_PATTERN = "*vision_patch_embed.*"  # matches with or without the DDP wrapper's "module." prefix
 GROUP_KEY = "group_name"  # our tag in a ParamGroupOverride; megatron-core copies it into the param group
@@ -35,6 +38,11 @@ def is_vision_parameter(name: str) -> bool:
     return fnmatch.fnmatch(name, VISION_PARAM_PATTERN) or name.startswith("vision_patch_embed.")
 
 
+def is_image_side_parameter(name: str) -> bool:
+    """The patch embedding and the vision experts: what ``--freeze-lm`` trains and ``--freeze-vision`` freezes."""
+    return is_vision_parameter(name) or is_vision_expert_parameter(name)
+
+
 def trainable_parameter_filter(cfg) -> Callable[[str], bool]:
     """``name -> True`` when the parameter trains under this run's ``--freeze-*`` flags.
 
@@ -44,7 +52,7 @@ def trainable_parameter_filter(cfg) -> Callable[[str], bool]:
     freeze_lm, freeze_vision = bool(getattr(cfg, "freeze_lm", False)), bool(getattr(cfg, "freeze_vision", False))
 
     def trains(name: str) -> bool:
-        return not (freeze_vision if is_vision_parameter(name) else freeze_lm)
+        return not (freeze_vision if is_image_side_parameter(name) else freeze_lm)
 
     return trains
 

@@ -23,6 +23,7 @@ class _VisionFields:
     # the image layout of the model's training data: a <vrow_sep> between rows of patches (SOLO's); an
     # export of a model trained without them writes false (SAIL's layout), and its processor follows it
     vision_row_separator: bool = True
+    vision_experts: str = "none"  # "ffn" / "full": image tokens' own modules in every layer (modeling_solo.py)
 
     @property
     def vision_patch_dim(self) -> int:

@@ -17,6 +17,14 @@ Inputs (besides Mistral's):
 
 Generation uses the key-value cache; image inputs are consumed by the prefill step only.
 
+Vision experts (``vision_experts`` in config.json: "ffn" or "full"; absent: none): the image tokens
+(the ``<vpatch>`` positions of ``input_ids``) go through their own copies of some modules of every
+decoder layer, ``vision_post_attention_layernorm`` and ``vision_mlp`` ("ffn"), and also
+``vision_input_layernorm`` and ``self_attn.vision_{q,k,v,o}_proj`` ("full"); attention itself is joint
+over all tokens. Each token is computed once: the rows of each modality go through their own module
+and are put back in place. Such a model needs ``input_ids`` (the routing is read from them), in
+``forward`` and in every ``generate`` step.
+
 Supported transformers releases: 4.45 to 5.24 (tests/test_hf_compat.py generates with 4.45.2 and the
 pinned release and compares). What differs between them is found by looking, not by version numbers:
 the cache keyword (``cache`` in 5.x, ``past_key_values`` before; both are accepted), whether Mistral's
@@ -24,6 +32,8 @@ config knows ``rope_parameters``, whether ``generate`` says which step is the fi
 model has a ``loss_function``.
 """
 
+import contextvars
+import copy
 import importlib
 import inspect
 
@@ -72,6 +82,56 @@ def vision_patch_indices_from_ids(input_ids: torch.LongTensor, vision_patch_toke
     return torch.where(is_patch, order, torch.full_like(order, -1))
 
 
+# The image-token mask ([batch, seq] bool) of the forward pass in progress, set by SoloModel.forward for the
+# length of its call and read by the routed modules of a model with vision experts.
+_IMAGE_MASK = contextvars.ContextVar("solo_image_mask", default=None)
+
+# The modules of a decoder layer that image tokens have their own copy of, per ``vision_experts``; the
+# copy of ``a.b`` is ``a.vision_b``.
+VISION_EXPERT_MODULES = {
+    "none": (),
+    "ffn": ("post_attention_layernorm", "mlp"),
+    "full": ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "post_attention_layernorm", "mlp"),
+}
+
+
+class _ByModality:
+    """Stands in for a text module's ``forward``: its text rows through the module itself, its image rows
+    through the vision twin, each row once, put back in place."""
+
+    def __init__(self, text_forward, vision: nn.Module):
+        self.text_forward = text_forward
+        self.vision = vision.forward  # a plain reference: the twin is registered once, beside the text module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        image = _IMAGE_MASK.get()
+        if image is None or image.shape != x.shape[:-1]:
+            raise RuntimeError("a SOLO model with vision experts routes tokens by input_ids: call it with input_ids "
+                               f"(mask {None if image is None else tuple(image.shape)}, hidden {tuple(x.shape)})")
+        text_out = self.text_forward(x[~image])
+        image_out = self.vision(x[image])
+        out = text_out.new_empty(*image.shape, text_out.shape[-1])
+        out[~image] = text_out
+        out[image] = image_out.to(text_out.dtype)
+        return out
+
+
+def add_vision_experts(layers, vision_experts: str) -> None:
+    """Give every decoder layer the image tokens' modules (copies of their text twins; the weights are
+    then loaded or initialised as usual) and route each text module's calls by modality."""
+    for layer in layers:
+        for path in VISION_EXPERT_MODULES[vision_experts]:
+            *parents, name = path.split(".")
+            owner = layer
+            for p in parents:
+                owner = getattr(owner, p)
+            text = getattr(owner, name)
+            vision = copy.deepcopy(text)
+            owner.add_module(f"vision_{name}", vision)
+            text.forward = _ByModality(text.forward, vision)
+
+
 def _solo_classes(config_cls, pretrained_base, model_base, causal_lm_base, names, tied_weights_keys):
     """SOLO's three classes over one base family's transformers classes (the family's decoder, its
     RoPE, norms and attention; SOLO adds the patch embedding and the vision inputs). ``names``: the
@@ -89,6 +149,7 @@ def _solo_classes(config_cls, pretrained_base, model_base, causal_lm_base, names
             _legacy_rope(config)
             super().__init__(config)
             self.embed_vision_patch = nn.Linear(config.vision_patch_dim, config.hidden_size, bias=False)
+            add_vision_experts(self.layers, getattr(config, "vision_experts", "none"))
             self.post_init()
 
         def embed_inputs(
@@ -126,12 +187,20 @@ def _solo_classes(config_cls, pretrained_base, model_base, causal_lm_base, names
             inputs_embeds: torch.Tensor | None = None,
             **kwargs,
         ) -> BaseModelOutputWithPast:
-            if vision_patches is not None:
-                if inputs_embeds is not None:
-                    raise ValueError("pass vision_patches with input_ids, not with inputs_embeds")
-                inputs_embeds = self.embed_inputs(input_ids, vision_patches, vision_patch_indices)
-                input_ids = None
-            return model_base.forward(self, input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+            routed = getattr(self.config, "vision_experts", "none") != "none"
+            if routed and input_ids is None:
+                raise ValueError("a SOLO model with vision experts routes tokens by input_ids: pass input_ids")
+            image = _IMAGE_MASK.set(input_ids == self.config.vision_patch_token_id) if routed else None
+            try:
+                if vision_patches is not None:
+                    if inputs_embeds is not None:
+                        raise ValueError("pass vision_patches with input_ids, not with inputs_embeds")
+                    inputs_embeds = self.embed_inputs(input_ids, vision_patches, vision_patch_indices)
+                    input_ids = None
+                return model_base.forward(self, input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+            finally:
+                if image is not None:
+                    _IMAGE_MASK.reset(image)
 
     class SoloForCausalLM(SoloPreTrainedModel, GenerationMixin):
         _tied_weights_keys = tied_weights_keys
