@@ -407,3 +407,21 @@ def test_finetune_from_a_dense_checkpoint_copies_the_twins_and_freeze_lm_trains_
     opt_keys = checkpoint_tensors(out / "ck" / "iter_0000003", optimizer=True)
     held = {k.split(".", 3)[3] for k in opt_keys}
     assert opt_keys and held == image_side, sorted(held ^ image_side)
+
+
+def test_a_resume_cannot_add_or_drop_experts(world, digits_data, tmp_path):
+    from megatron_solo.training.arguments import build_parser
+    from megatron_solo.training.config import ArgumentError, build_train_config
+    from tests.test_training import _common
+
+    _, paths = world
+    flags = _common(digits_data, str(tmp_path), "--use-checkpoint-args", "--load", paths["ckpt_dense"],
+                    "--vision-experts", "full")
+    with pytest.raises(ArgumentError) as exc:
+        build_train_config(build_parser().parse_args(flags))
+    assert "add --finetune" in str(exc.value) and "\n" not in str(exc.value)
+    assert build_train_config(build_parser().parse_args(flags + ["--finetune"])).model.args.vision_experts == "full"
+    with pytest.raises(ArgumentError) as exc:
+        build_train_config(build_parser().parse_args(_common(digits_data, str(tmp_path), "--use-checkpoint-args",
+                                                             "--load", paths["ckpt_full"], "--vision-experts", "ffn")))
+    assert "drop --vision-experts" in str(exc.value)

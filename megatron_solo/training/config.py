@@ -472,6 +472,12 @@ def decide_architecture(a, resume: ResumePlan) -> tuple[SoloModelArgs, str | Non
             f"{', '.join(f'{k} {getattr(m, k)}' for k in diff)}, but {which} {resume.load_dir} holds "
             f"{', '.join(f'{k} {saved[k]}' for k in diff)}: drop {' and '.join(given)} to train the "
             f"checkpoint's architecture, or start from a checkpoint of that shape (another {which})")
+    saved_experts = saved.get("vision_experts", "none")
+    if m.vision_experts != saved_experts and not (saved_experts == "none" and resume.finetune):
+        raise ArgumentError(
+            f"--vision-experts {m.vision_experts}: {which} {resume.load_dir} holds vision_experts {saved_experts}: "
+            + ("add --finetune to start a stage with experts from it (each starts as a copy of its text twin)"
+               if saved_experts == "none" else "drop --vision-experts (a model keeps the experts it was trained with)"))
     if not from_checkpoint:
         return m, None
     changed = [_flag(f, flags[f]) for f in flags if saved.get(f) != flags[f]]
