@@ -8,10 +8,13 @@ counts there (``loss_mask``: the answer and its end of turn), so both places sco
 
 from __future__ import annotations
 
+import numpy as np
+
 from megatron_solo.data.dataset import build_sample
 from megatron_solo.data.encode import DocumentEncoder, EncodedDocument, normalize_messages
 from megatron_solo.data.tokenizer import load_tokenizer
 from megatron_solo.eval.tasks import Sample
+from megatron_solo.spec import ASSISTANT
 
 
 class OptionEncoder:
@@ -33,3 +36,23 @@ class OptionEncoder:
     def sample(self, doc: EncodedDocument, seq_length: int) -> dict:
         """The training sample (tokens, labels, loss_mask, patches ...) of ``doc``, padded to ``seq_length``."""
         return build_sample([(doc.tokens, doc.roles, doc.patches)], seq_length, "assistant", self.tokenizer.vocab)
+
+    # ---- generation (the training loop's greedy decoding, in_loop.py) ----
+    def generation_prompt(self, sample: Sample) -> EncodedDocument:
+        """The chat prompt with the assistant's turn opened, as the export's processor lays it out: the
+        document of an empty answer up to that answer's end of turn (the last ``<|im_end|>``)."""
+        doc = self.encode(sample, "")
+        n = int(np.flatnonzero(doc.tokens == self.tokenizer.vocab.im_end)[-1])
+        return EncodedDocument(doc.tokens[:n], doc.roles[:n], doc.patches)
+
+    def continued(self, prompt: EncodedDocument, answer: list[int], seq_length: int) -> dict:
+        """The training sample of ``prompt`` followed by the answer so far (its next token is predicted
+        at the last input position, ``len(prompt.tokens) + len(answer) - 1``)."""
+        tokens = np.concatenate([prompt.tokens, np.asarray(answer, prompt.tokens.dtype)])
+        roles = np.concatenate([prompt.roles, np.full(len(answer), ASSISTANT, prompt.roles.dtype)])
+        return build_sample([(tokens, roles, prompt.patches)], seq_length, "assistant", self.tokenizer.vocab)
+
+    def decode_answer(self, ids: list[int]) -> str:
+        """An answer's text as the export's processor decodes it: control ids and padding rows dropped."""
+        v = self.tokenizer.vocab
+        return self.tokenizer.decode([i for i in ids if i < v.base_size and i not in v.control_ids])

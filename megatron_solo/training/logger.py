@@ -167,6 +167,13 @@ class TrainingLogger:
         print(f" eval task {name} at iteration {iteration} | {body} |", flush=True)
         self._record("eval", iteration, {f"eval/{name}/{k}": v for k, v in metrics.items()})
 
+    def eval_samples(self, iteration: int, name: str, records: list[dict]) -> None:
+        """An evaluation task's per-sample records (as tools/evaluate.py's samples.jsonl), in the log file."""
+        if self.is_logging_rank and self.jsonl:
+            self.jsonl.write(json.dumps({"kind": "eval_samples", "iteration": iteration, "task": name,
+                                         "samples": records}) + "\n")
+            self.jsonl.flush()
+
     def close(self) -> None:
         if self.writer:
             self.writer.close()
