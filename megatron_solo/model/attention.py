@@ -13,7 +13,8 @@ spec (``get_layer_spec(config, use_te=False, core_attention="sdpa_flex")``): sam
 The mask may be given as megatron-core's dense boolean mask [b, 1, s, s] (True = masked; what
 ``model_forward_kwargs`` builds), or, cheaper, as integer document ids [b, s]
 (``model_forward_kwargs(..., document_ids_mask=True)``), from which the block mask is built without any
-[s, s] tensor. Attention dropout is not supported by FlexAttention; SOLO trains without it.
+[s, s] tensor; under bidirectional image attention the integer form is [2, b, s] (document ids, image
+block ids: ``model/image_blocks.py``) and the ``mask_mod`` also admits "same image block". Attention dropout is not supported by FlexAttention; SOLO trains without it.
 
 FlexAttention has no CPU backward (torch 2.14). On the CPU, when gradients are needed, the same mask is
 materialised densely and given to SDPA instead, so the module still trains there (slowly); forward-only
@@ -31,6 +32,8 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from megatron_solo.model.image_blocks import attention_allowed
+
 _COMPILED_FLEX = None
 
 
@@ -45,22 +48,28 @@ def _flex(q, k, v, block_mask, scale):
 
 
 def document_block_mask(doc_ids: Optional[torch.Tensor], batch: int, sq: int, sk: int,
-                        window_left: Optional[int], device, dense_mask: Optional[torch.Tensor] = None):
-    """``BlockMask`` for: same document (if ``doc_ids`` [b, s]), causal, ``q - kv <= window_left``.
+                        window_left: Optional[int], device, dense_mask: Optional[torch.Tensor] = None,
+                        block_ids: Optional[torch.Tensor] = None):
+    """``BlockMask`` for: same document (if ``doc_ids`` [b, s]), causal, ``q - kv <= window_left``; or,
+    with ``block_ids`` [b, s] (0: no image), the same image block.
 
-    ``dense_mask`` (bool [b, 1, sq, sk], True = masked) may be given instead of ``doc_ids``.
+    ``dense_mask`` (bool [b, 1, sq, sk], True = masked) may be given instead of ``doc_ids``: it is then the
+    whole rule (``model_forward_kwargs`` folds causality and the window into it).
     """
     offset = sk - sq  # queries are the last sq positions (sq == sk in training)
 
     def mask_mod(b, h, q_idx, kv_idx):
+        if dense_mask is not None:  # the caller's complete rule (it may admit later keys: image blocks)
+            return ~dense_mask[b, 0, q_idx, kv_idx]
         q_pos = q_idx + offset
         ok = kv_idx <= q_pos
         if window_left is not None:
             ok = ok & (q_pos - kv_idx <= window_left)
         if doc_ids is not None:
             ok = ok & (doc_ids[b, q_pos] == doc_ids[b, kv_idx])
-        if dense_mask is not None:
-            ok = ok & ~dense_mask[b, 0, q_idx, kv_idx]
+        if block_ids is not None:
+            bq = block_ids[b, q_pos]
+            ok = ok | ((bq == block_ids[b, kv_idx]) & (bq > 0))
         return ok
 
     return create_block_mask(mask_mod, batch, None, sq, sk, device=device)
@@ -106,9 +115,11 @@ class SDPAFlexAttention(MegatronModule):
         ok = ok[None, None].expand(b, 1, sq, sk)
         if attention_mask is None:
             return ok
-        if attention_mask.dtype == torch.bool:
-            return ok & ~attention_mask
+        if attention_mask.dtype == torch.bool:  # the caller's complete rule (see document_block_mask)
+            return ~attention_mask.expand(b, 1, sq, sk)
         ids = attention_mask.to(device)
+        if ids.dim() == 3:  # [2, b, s]: document ids, image block ids
+            return attention_allowed(ids[0], ids[1], self.window_left, q_offset=sk - sq).unsqueeze(1)
         same = ids[:, sk - sq:, None] == ids[:, None, :]
         return ok & same[:, None]
 
@@ -119,6 +130,9 @@ class SDPAFlexAttention(MegatronModule):
             bm = document_block_mask(None, b, sq, sk, self.window_left, device)
         elif attention_mask.dtype == torch.bool:
             bm = document_block_mask(None, b, sq, sk, self.window_left, device, dense_mask=attention_mask)
+        elif attention_mask.dim() == 3:  # [2, b, s]: document ids, image block ids
+            bm = document_block_mask(attention_mask[0], b, sq, sk, self.window_left, device,
+                                     block_ids=attention_mask[1])
         else:
             bm = document_block_mask(attention_mask, b, sq, sk, self.window_left, device)
         self._cache = (attention_mask, bm)

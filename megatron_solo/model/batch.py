@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from megatron_solo.model.config import fp8_thd_pad_multiple
+from megatron_solo.model.image_blocks import attention_allowed, image_block_ids, mrope_position_ids
 
 
 def document_ids(doc_lengths: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -140,7 +141,7 @@ def packed_seq_params_from_batch(batch: dict):
     )
 
 
-def model_forward_kwargs(batch: dict, config, *, document_ids_mask: bool = False) -> dict:
+def model_forward_kwargs(batch: dict, config, *, document_ids_mask: bool = False, model_args=None) -> dict:
     """Keyword arguments of ``SoloModel.forward`` for a (prepared) micro-batch.
 
     A THD batch (from :func:`prepare_batch` on the TE path) gives ``packed_seq_params``; a [b, s]
@@ -148,7 +149,15 @@ def model_forward_kwargs(batch: dict, config, *, document_ids_mask: bool = False
     ``document_ids_mask=True`` (only for the ``core_attention="sdpa_flex"`` spec), the [b, s] document
     ids from which FlexAttention builds its block mask without an [s, s] tensor. Keys missing from the
     batch (e.g. tokens on a middle pipeline stage) are passed as None.
+
+    ``model_args`` (:class:`SoloModelArgs`; None: SOLO's choices) carries the image choices
+    (``model/image_blocks.py``): under ``image_attention='bidirectional'`` the mask also lets the tokens
+    of each image block see each other (the integer form is then [2, b, s]: document ids, block ids);
+    under ``image_positions='mrope'`` ``position_ids`` are the [3, b, s] multimodal positions, made from
+    the tokens and the batch's ``patch_coords``.
     """
+    bidirectional = model_args is not None and model_args.image_attention == "bidirectional"
+    mrope = model_args is not None and model_args.image_positions == "mrope"
     kwargs = dict(
         input_ids=batch.get("tokens"),
         position_ids=batch.get("position_ids"),
@@ -158,16 +167,34 @@ def model_forward_kwargs(batch: dict, config, *, document_ids_mask: bool = False
         packed_seq_params=None,
     )
     if "cu_seqlens" in batch:
+        if bidirectional or mrope:  # refused at start-up (training/config.py); a direct caller learns it here
+            raise ValueError("THD batches (the TE spec) take neither bidirectional image attention nor mrope "
+                             "positions; use the local spec")
         kwargs["packed_seq_params"] = packed_seq_params_from_batch(batch)
-    elif batch.get("doc_lengths") is not None:
-        seq_length = batch["doc_lengths"].sum(dim=1)[0].item() if batch.get("tokens") is None \
-            else batch["tokens"].size(1)
-        if document_ids_mask:
-            ids = document_ids(batch["doc_lengths"], int(seq_length))
-            kwargs["attention_mask"] = ids if batch.get("tokens") is None else ids.to(batch["tokens"].device)
-            return kwargs
-        kwargs["attention_mask"] = packed_causal_mask(batch["doc_lengths"], int(seq_length),
-                                                      getattr(config, "window_size", None))
-        if batch.get("tokens") is not None:
-            kwargs["attention_mask"] = kwargs["attention_mask"].to(batch["tokens"].device)
+        return kwargs
+    tokens = batch.get("tokens")
+    if (bidirectional or mrope) and tokens is None:
+        raise ValueError("the image choices need the batch's tokens on every pipeline stage")
+    seq_length = None
+    if batch.get("doc_lengths") is not None:
+        seq_length = int(batch["doc_lengths"].sum(dim=1)[0].item()) if tokens is None else tokens.size(1)
+        doc = document_ids(batch["doc_lengths"], seq_length)
+    elif tokens is not None:
+        doc = torch.zeros_like(tokens)
+    if tokens is not None:
+        doc = doc.to(tokens.device)
+    blocks = image_block_ids(tokens, doc, model_args.image_tokens) if bidirectional else None
+    if mrope:
+        kwargs["position_ids"] = mrope_position_ids(tokens, batch.get("patch_coords"), doc, model_args.image_tokens)
+    if seq_length is None and blocks is None:
+        return kwargs  # one document per row, causal: the layers' own causal mask
+    if document_ids_mask:
+        kwargs["attention_mask"] = doc if blocks is None else torch.stack([doc, blocks])
+        return kwargs
+    window = getattr(config, "window_size", None)
+    if blocks is None:
+        kwargs["attention_mask"] = packed_causal_mask(batch["doc_lengths"], seq_length, window).to(doc.device)
+    else:
+        window_left = window[0] if window is not None and window[0] >= 0 else None
+        kwargs["attention_mask"] = ~attention_allowed(doc, blocks, window_left).unsqueeze(1)
     return kwargs

@@ -17,6 +17,12 @@ import torch
 
 from megatron_solo import cpu_backend
 from megatron_solo.convert.families import FAMILIES
+from megatron_solo.model.image_blocks import (
+    IMAGE_ATTENTION_CHOICES,
+    IMAGE_POSITIONS_CHOICES,
+    ImageTokens,
+    mrope_section,
+)
 from megatron_solo.spec import MAKE_VOCAB_SIZE_DIVISIBLE_BY, PATCH_DIM, SOLO_IDS, SOLO_VOCAB_SIZE, pad_vocab_size
 
 VISION_EXPERTS_CHOICES = ("none", "ffn", "full")
@@ -75,6 +81,10 @@ class SoloModelArgs:
     # Modality-specific weights for the image tokens (model/vision_experts.py): "none" (SOLO's dense
     # layer), "ffn" (own pre-MLP norm and MLP) or "full" (also own input norm, QKV and output projection).
     vision_experts: str = "none"
+    # The SOLO line's image choices (model/image_blocks.py, docs/MODEL.md); SOLO's are the defaults, which
+    # is also what a checkpoint saved before they existed restores as.
+    image_attention: str = "causal"  # or "bidirectional": the tokens of one image block see each other
+    image_positions: str = "1d"  # or "mrope": megatron-core's multimodal RoPE (temporal, row, column)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -90,6 +100,13 @@ class SoloModelArgs:
             raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
         if self.vision_experts not in VISION_EXPERTS_CHOICES:
             raise ValueError(f"vision_experts must be one of {VISION_EXPERTS_CHOICES}, got {self.vision_experts!r}")
+        if self.image_attention not in IMAGE_ATTENTION_CHOICES:
+            raise ValueError(f"image_attention must be one of {IMAGE_ATTENTION_CHOICES}, got {self.image_attention!r}")
+        if self.image_positions not in IMAGE_POSITIONS_CHOICES:
+            raise ValueError(f"image_positions must be one of {IMAGE_POSITIONS_CHOICES}, got {self.image_positions!r}")
+        if self.image_positions == "mrope" and self.rope_scaling is not None:
+            raise ValueError(f"image positions 'mrope' (megatron-core's MultimodalRotaryEmbedding) have no "
+                             f"{self.rope_scaling} RoPE scaling; use image positions '1d' with this base")
         if self.patch_dim != PATCH_DIM:
             raise ValueError(f"SOLO patches are 3x32x32 = {PATCH_DIM} values, got patch_dim={self.patch_dim}")
 
@@ -110,6 +127,15 @@ class SoloModelArgs:
     def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
         """Megatron's rule: a multiple of ``make_vocab_size_divisible_by * TP``."""
         return pad_vocab_size(self.vocab_size, tensor_model_parallel_size, self.make_vocab_size_divisible_by)
+
+    @property
+    def image_tokens(self) -> ImageTokens:
+        return ImageTokens.from_patch_id(self.vision_patch_id)
+
+    @property
+    def mrope_section(self) -> Optional[list[int]]:
+        """megatron-core's ``mrope_section`` under image positions 'mrope', else None."""
+        return mrope_section(self.kv_channels) if self.image_positions == "mrope" else None
 
     @property
     def window_size(self) -> Optional[tuple[int, int]]:
@@ -304,6 +330,8 @@ def build_transformer_config(
         recompute_method=recompute_method,
         recompute_num_layers=recompute_num_layers,
     )
+    if model_args.mrope_section is not None:
+        kw["mrope_section"] = model_args.mrope_section
     if recompute_modules is not None:
         kw["recompute_modules"] = list(recompute_modules)
     if fp8 is not None:

@@ -37,7 +37,7 @@ class SoloModel(GPTModel):
                  pre_process: bool = True, post_process: bool = True, rotary_base: int = 10000,
                  vp_stage: Optional[int] = None, real_vocab_size: Optional[int] = None,
                  share_embeddings_and_output_weights: bool = False, vision_patch_id: int = SOLO_IDS.vision_patch,
-                 vision_experts: str = "none", **kwargs):
+                 vision_experts: str = "none", position_embedding_type: str = "rope", **kwargs):
         self.real_vocab_size = real_vocab_size  # the tokenizer's vocabulary; rows beyond it are padding
         self.vision_patch_id = vision_patch_id
         # The layers route by modality (model/vision_experts.py): they need the image-token mask.
@@ -50,7 +50,7 @@ class SoloModel(GPTModel):
             pre_process=pre_process,
             post_process=post_process,
             share_embeddings_and_output_weights=share_embeddings_and_output_weights,
-            position_embedding_type="rope",
+            position_embedding_type=position_embedding_type,  # "mrope": image positions 'mrope'
             rotary_base=rotary_base,
             # The patches must be added to the *full* sequence; SoloModel scatters afterwards.
             scatter_embedding_sequence_parallel=False,
@@ -100,6 +100,7 @@ class SoloModel(GPTModel):
                                   padding_mask=padding_mask)
         if (
             out[1] is not None
+            and self.position_embedding_type == "rope"  # mrope: megatron-core's own, from [3, b, s] positions
             and position_ids is not None
             and packed_seq_params is None
             and inference_context is None
@@ -166,4 +167,5 @@ def build_solo_model(
         rope_scaling_factor=model_args.rope_scaling_factor,
         vision_patch_id=model_args.vision_patch_id,
         vision_experts=model_args.vision_experts,
+        position_embedding_type="mrope" if model_args.image_positions == "mrope" else "rope",
     )

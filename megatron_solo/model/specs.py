@@ -8,8 +8,9 @@ substitutions:
   marking its weight ``sequence_parallel``, so ``finalize_model_grads`` all-reduces its gradient over
   TP, as it does for TE's and Apex's norms; megatron-core's ``WrappedTorchNorm`` refuses SP);
 * the core attention is :class:`SoloDotProductAttention` (megatron-core's ``DotProductAttention``
-  that applies the sliding window *on top of* an explicit attention mask; the parent class replaces
-  the mask by the window mask, which would let packed documents see each other), or, on request,
+  that takes an explicit attention mask as the whole rule, the window folded in by
+  ``model_forward_kwargs``, and builds the window mask only when none is given; the parent class
+  replaces a given mask by the window mask, which would let packed documents see each other), or, on request,
   :class:`megatron_solo.model.attention.SDPAFlexAttention`.
 """
 
@@ -47,7 +48,8 @@ def sliding_window_causal_mask(sq: int, sk: int, window_size: tuple[int, int], d
 
 
 class SoloDotProductAttention(DotProductAttention):
-    """``DotProductAttention`` whose sliding window combines with the given mask (True = masked)."""
+    """``DotProductAttention`` that keeps a given mask (True = masked) as the whole rule; the sliding window
+    mask only when no mask is given."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -57,9 +59,11 @@ class SoloDotProductAttention(DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if self.sliding_window_size is not None:
-            window = sliding_window_causal_mask(query.size(0), key.size(0), self.sliding_window_size, query.device)
-            attention_mask = window if attention_mask is None else (attention_mask.bool() | window)
+        # A given mask is the whole rule (``model_forward_kwargs`` folds the window into it; under
+        # bidirectional image attention it admits later keys, which the causal window would take away).
+        if self.sliding_window_size is not None and attention_mask is None:
+            attention_mask = sliding_window_causal_mask(query.size(0), key.size(0), self.sliding_window_size,
+                                                        query.device)
         return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                attention_bias=attention_bias, packed_seq_params=packed_seq_params)
 
