@@ -38,6 +38,19 @@ SOLO_SPECIAL_PIECES: tuple[str, ...] = (
 )
 SOLO_VOCAB_SIZE = BASE_VOCAB_SIZE + len(SOLO_SPECIAL_PIECES)  # 33031
 
+# The SOLO line's image choices (megatron_solo/model/image_blocks.py); the first of each is SOLO's own.
+IMAGE_ATTENTION_CHOICES = ("causal", "bidirectional")
+IMAGE_POSITIONS_CHOICES = ("1d", "mrope")
+
+
+def mrope_section(kv_channels: int) -> list[int]:
+    """Rotary channel pairs per multimodal position component (temporal, row, column), summing to
+    ``kv_channels // 2``: Qwen2-VL's split (16, 24, 24 of 64) for every head size, 3/8 to rows and to
+    columns, the rest to time."""
+    half = kv_channels // 2
+    hw = (3 * half) // 8
+    return [half - 2 * hw, hw, hw]
+
 
 @dataclass(frozen=True)
 class SoloTokenIds:

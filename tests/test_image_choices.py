@@ -285,3 +285,190 @@ def test_each_choice_changes_the_logits(world):
     ref = world[("causal", "1d", "dot_product", False)]["logits"]
     for case in CASES[1:]:
         assert not torch.allclose(world[(*case, "dot_product", False)]["logits"], ref, atol=1e-3), case
+
+
+# ------------------------------------------------------------------- the run's decision (point 5)
+def _flags(*extra):
+    from megatron_solo.training.arguments import build_parser
+
+    return build_parser().parse_args(["--seq-length", "128", "--train-iters", "2", "--data-path", "x", *extra])
+
+
+def _plan(choices: dict | None, finetune=False):
+    from megatron_solo.model import SoloModelArgs
+    from megatron_solo.training.config import ResumePlan
+
+    if choices is None:
+        return ResumePlan(None, False, None)
+    args = SoloModelArgs.from_preset("tiny").to_dict()
+    args.update(choices)
+    return ResumePlan("/ckpt", finetune, {"model_args": args, "iteration": 5})
+
+
+def test_the_run_decides_the_choices_once_and_says_a_change():
+    from megatron_solo.model import SoloModelArgs
+    from megatron_solo.training.arguments import ArgumentError
+    from megatron_solo.training.config import decide_image_choices
+
+    tiny = SoloModelArgs.from_preset("tiny")
+    decide = lambda flags, plan, te=False: decide_image_choices(flags, tiny, plan, te)  # noqa: E731
+    # defaults: SOLO's; a flag alone: the flag
+    m, note = decide(_flags(), _plan(None))
+    assert (m.image_attention, m.image_positions, note) == ("causal", "1d", None)
+    m, _ = decide(_flags("--image-attention", "bidirectional", "--image-positions", "mrope"), _plan(None))
+    assert (m.image_attention, m.image_positions) == ("bidirectional", "mrope")
+    # a resume without the flags keeps the checkpoint's record; one saved before the choices existed is SOLO's
+    m, note = decide(_flags(), _plan({"image_attention": "bidirectional", "image_positions": "mrope"}))
+    assert (m.image_attention, m.image_positions, note) == ("bidirectional", "mrope", None)
+    old = _plan({})
+    old.info["model_args"].pop("image_attention")
+    assert decide(_flags(), old)[0].image_attention == "causal"
+    # a resume that would change it: refused, one line naming the way out
+    with pytest.raises(ArgumentError) as e:
+        decide(_flags("--image-attention", "bidirectional"), _plan({"image_attention": "causal"}))
+    assert "\n" not in str(e.value) and "--finetune" in str(e.value) and "drop --image-attention" in str(e.value)
+    # --finetune may change it, and says so
+    m, note = decide(_flags("--image-positions", "mrope"), _plan({"image_positions": "1d"}, finetune=True))
+    assert m.image_positions == "mrope" and note == "--finetune from /ckpt changes the checkpoint's image positions 1d -> mrope"
+    # Transformer Engine on THD batches: refused at start-up, naming the flag that works; SOLO's choices pass
+    with pytest.raises(ArgumentError, match="add --transformer-impl local"):
+        decide(_flags("--image-attention", "bidirectional"), _plan(None), te=True)
+    assert decide(_flags(), _plan(None), te=True)[0].image_attention == "causal"
+    # llama3 RoPE scaling has no multimodal form in megatron-core
+    with pytest.raises(ArgumentError, match="--image-positions 1d"):
+        decide_image_choices(_flags("--image-positions", "mrope"), SoloModelArgs.from_preset("llama3.1-8b"),
+                             _plan(None), False)
+
+
+def test_the_choices_are_recorded_with_the_model_args():
+    from megatron_solo.model import SoloModelArgs
+
+    a = SoloModelArgs.from_preset("tiny", image_attention="bidirectional", image_positions="mrope")
+    assert SoloModelArgs(**a.to_dict()) == a
+    assert a.mrope_section == [4, 6, 6] and sum(a.mrope_section) == a.kv_channels // 2
+    with pytest.raises(ValueError, match="image_attention"):
+        SoloModelArgs.from_preset("tiny", image_attention="full")
+
+
+def test_dry_run_plans_the_local_attention_and_its_mask_under_an_image_choice():
+    """TE's THD batches cannot run an image choice, so the plan is the local spec's, mask included."""
+    from megatron_solo.training.dry_run import plan
+    from tests.test_dry_run import _config
+
+    base = ["--seq-length", "2048"]
+    solo = plan(_config(base))
+    bidi = plan(_config(base + ["--image-attention", "bidirectional"]))
+    flex = plan(_config(base + ["--image-attention", "bidirectional", "--attention-backend", "sdpa_flex"]))
+    assert solo["attention"].startswith("fused") and solo["mask_bytes_per_microbatch"] == 0
+    assert bidi["attention"].startswith("dot-product") and bidi["mask_bytes_per_microbatch"] == 2048 ** 2
+    assert flex["attention"].startswith("FlexAttention") and 0 < flex["mask_bytes_per_microbatch"] < 2048 ** 2 / 100
+    act = lambda p: p["stages"][0]["memory_bytes"]["activations"]  # noqa: E731
+    assert act(bidi) > act(flex) > act(solo)  # the s x s scores and the dense mask; the block mask
+
+
+# --------------------------------------------------------------------- the export (point 4)
+GEN_STEPS = 4
+
+
+def _prompt():
+    """Two rows: text, a 2x3 image, text, a 1x2 image, text (SOLO's row-separator layout)."""
+    from megatron_solo.spec import normalize_patches
+
+    rows, patches = [], []
+    for seed in (11, 12):
+        toks, _, p, _ = _doc([("text", 3), ("image", 2, 3), ("text", 4), ("image", 1, 2), ("text", 2)], seed)
+        rows.append(toks)
+        patches.append(p)
+    return torch.tensor(rows), normalize_patches(torch.from_numpy(np.concatenate(patches)))
+
+
+def _export_world(paths):
+    import dataclasses
+
+    from megatron_solo.checkpoint import save_checkpoint
+    from megatron_solo.convert.megatron_io import megatron_logits, megatron_to_hf
+    from megatron_solo.model import build_solo_model, build_transformer_config
+    from megatron_solo.parallel import initialize_model_parallel, set_seed
+    from tests.test_model_parallel import model_args
+
+    initialize_model_parallel()
+    a = dataclasses.replace(model_args(), image_attention="bidirectional", image_positions="mrope")
+    set_seed(7)
+    torch.manual_seed(7)
+    model = build_solo_model(a, build_transformer_config(a))
+    save_checkpoint(paths["ckpt"], 1, [model], model_args=a, padded_vocab_size=a.padded_vocab_size(1),
+                    tokenizer_model=paths["tokenizer"])
+    out = {"export": megatron_to_hf(paths["ckpt"], paths["hf"], verify=True, verify_logits=True)}
+    ids, patches = _prompt()
+    out["ids"], out["patches"] = ids, patches
+    out["logits"] = megatron_logits(model, ids, patches, model_args=a)[..., :a.vocab_size]
+    gen, n_patches = ids[:1], 8  # the first row's 2x3 + 1x2 patches
+    for _ in range(GEN_STEPS):
+        nxt = megatron_logits(model, gen, patches[:n_patches], model_args=a)[:, -1, :a.vocab_size].argmax(-1, keepdim=True)
+        gen = torch.cat([gen, nxt], dim=1)
+    out["generation"] = gen
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, solo_tokenizer):
+    root = tmp_path_factory.mktemp("choices_export")
+    paths = {"ckpt": str(root / "ckpt"), "hf": str(root / "hf"), "tokenizer": solo_tokenizer}
+    (out,) = run_distributed(_export_world, 1, paths, timeout=600)
+    return paths, out
+
+
+@pytest.mark.usefixtures("plain_torch")
+def test_export_with_every_choice_matches_megatron_and_generates_alike_with_and_without_cache(exported):
+    import json
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from megatron_solo.model.image_blocks import ImageTokens, patch_coords_from_row_separators
+
+    paths, out = exported
+    cfg = json.load(open(os.path.join(paths["hf"], "config.json")))
+    assert (cfg["image_attention"], cfg["image_positions"], cfg["mrope_section"]) == ("bidirectional", "mrope", [4, 6, 6])
+    assert out["export"]["verify"]["max_abs_logit_diff"] <= out["export"]["verify"]["tolerance"]
+    hf = AutoModelForCausalLM.from_pretrained(paths["hf"], trust_remote_code=True, dtype=torch.float32).eval()
+    ids, patches = out["ids"], out["patches"]
+    coords = patch_coords_from_row_separators(ids, ImageTokens.from_patch_id(IDS.vision_patch))
+    with torch.no_grad():
+        logits = hf(input_ids=ids, vision_patches=patches, vision_patch_coords=coords).logits
+    torch.testing.assert_close(logits, out["logits"], rtol=1e-5, atol=1e-5)
+    kw = dict(input_ids=ids[:1], vision_patches=patches[:8], vision_patch_coords=coords[:8],
+              max_new_tokens=GEN_STEPS, do_sample=False)
+    cached = hf.generate(**kw)
+    recomputed = hf.generate(**kw, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    assert torch.equal(cached, out["generation"])
+    # The HF file's own copies of the rules give the library's positions and blocks.
+    from megatron_solo.model.batch import document_ids
+    from megatron_solo.model.image_blocks import image_block_ids, mrope_position_ids
+
+    modeling = type(hf).__module__
+    import sys
+
+    mod = sys.modules[modeling]
+    batch = choices_batch()
+    doc = document_ids(batch["doc_lengths"], SEQ)
+    tok = ImageTokens.from_patch_id(IDS.vision_patch)
+    assert torch.equal(mod.mrope_position_ids(batch["tokens"], batch["patch_coords"], doc, hf.config),
+                       mrope_position_ids(batch["tokens"], batch["patch_coords"], doc, tok))
+    assert torch.equal(mod.image_block_ids(batch["tokens"], doc, hf.config), image_block_ids(batch["tokens"], doc, tok))
+
+
+def test_a_default_choice_export_config_is_as_before():
+    """SOLO's choices add nothing to config.json (the export's bytes stay those of the previous release)."""
+    from megatron_solo.convert.hf_config import hf_config_from_model_args, model_args_from_hf_config
+    from megatron_solo.model import SoloModelArgs
+
+    default = hf_config_from_model_args(SoloModelArgs.from_preset("tiny").to_dict())
+    assert not {"image_attention", "image_positions", "mrope_section", "vision_frame_sep_token_id"} & set(default)
+    chosen = hf_config_from_model_args(SoloModelArgs.from_preset("tiny", image_positions="mrope").to_dict())
+    assert {k: chosen[k] for k in set(chosen) - set(default)} == {
+        "image_attention": "causal", "image_positions": "mrope", "mrope_section": [4, 6, 6],
+        "vision_frame_sep_token_id": IDS.vision_frame_sep}
+    assert model_args_from_hf_config(chosen)["image_positions"] == "mrope"
+    assert model_args_from_hf_config(default)["image_positions"] == "1d"

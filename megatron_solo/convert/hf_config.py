@@ -13,7 +13,16 @@ from megatron_solo.convert.errors import ConversionError
 from megatron_solo.convert.mapping import ConversionShapes, expected_hf_shapes
 from megatron_solo.convert.safetensors_io import HFCheckpoint
 from megatron_solo.convert.families import FAMILIES, Family, family_of_hf_config
-from megatron_solo.spec import BASE_VOCAB_SIZE, MISTRAL_VOCAB, PATCH_SIZE, SOLO_VOCAB_SIZE, SoloVocab
+from megatron_solo.spec import (
+    BASE_VOCAB_SIZE,
+    IMAGE_ATTENTION_CHOICES,
+    IMAGE_POSITIONS_CHOICES,
+    MISTRAL_VOCAB,
+    PATCH_SIZE,
+    SOLO_VOCAB_SIZE,
+    SoloVocab,
+    mrope_section,
+)
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -116,10 +125,37 @@ def model_args_from_hf_config(cfg: dict, vocab_size: int | None = None) -> dict:
         )
     except KeyError as e:
         raise ConversionError(f"config.json lacks {e.args[0]!r}") from None
+    args.update(_image_choices(cfg, args["kv_channels"]))
     if args["num_attention_heads"] % args["num_query_groups"]:
         raise ConversionError(f"num_attention_heads={heads} is not a multiple of "
                               f"num_key_value_heads={args['num_query_groups']}")
     return args
+
+
+def _image_choices(cfg: dict, kv_channels: int) -> dict:
+    """A SOLO export's image choices (absent: SOLO's), checked against what this stack can build."""
+    attention = cfg.get("image_attention", IMAGE_ATTENTION_CHOICES[0])
+    positions = cfg.get("image_positions", IMAGE_POSITIONS_CHOICES[0])
+    if attention not in IMAGE_ATTENTION_CHOICES or positions not in IMAGE_POSITIONS_CHOICES:
+        raise ConversionError(f"image_attention={attention!r}, image_positions={positions!r}: expected one of "
+                              f"{IMAGE_ATTENTION_CHOICES} and one of {IMAGE_POSITIONS_CHOICES}")
+    if positions == "mrope" and cfg.get("mrope_section") != mrope_section(kv_channels):
+        raise ConversionError(f"mrope_section {cfg.get('mrope_section')}: this stack's multimodal RoPE splits a "
+                              f"head of {kv_channels} as {mrope_section(kv_channels)}")
+    return dict(image_attention=attention, image_positions=positions)
+
+
+def _image_choices_fields(a: dict, vocab: SoloVocab) -> dict:
+    """config.json's image-choice fields: none for SOLO's choices (such an export is as before)."""
+    attention = a.get("image_attention", IMAGE_ATTENTION_CHOICES[0])
+    positions = a.get("image_positions", IMAGE_POSITIONS_CHOICES[0])
+    if (attention, positions) == (IMAGE_ATTENTION_CHOICES[0], IMAGE_POSITIONS_CHOICES[0]):
+        return {}
+    out = {"image_attention": attention, "image_positions": positions,
+           "vision_frame_sep_token_id": vocab.vision_frame_sep}
+    if positions == "mrope":
+        out["mrope_section"] = mrope_section(int(a["kv_channels"]))
+    return out
 
 
 def _rope_parameters(a: dict) -> dict:
@@ -175,6 +211,7 @@ def hf_config_from_model_args(model_args: dict, *, torch_dtype: str = "bfloat16"
         "vision_patch_token_id": vocab.vision_patch,
         "vision_row_sep_token_id": vocab.vision_row_sep,
         "vision_end_token_id": vocab.vision_end,
+        **_image_choices_fields(a, vocab),
         "dtype": torch_dtype,
     }
     if not row_separator:

@@ -50,7 +50,8 @@ from megatron_solo.convert.mapping import (
 )
 from megatron_solo.convert.safetensors_io import HFCheckpoint, StreamingSafetensorsWriter, parse_size
 from megatron_solo.data.tokenizer import TokenizerError, check_tokenizer
-from megatron_solo.model import SoloModelArgs, packed_causal_mask
+from megatron_solo.model import SoloModelArgs, model_forward_kwargs
+from megatron_solo.model.image_blocks import patch_coords_from_row_separators
 from megatron_solo.spec import BASE_VOCAB_SIZE, MISTRAL_VOCAB, PATCH_DIM, SoloVocab, vocab_mismatch
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -397,13 +398,19 @@ def export_vocab(hf_dir: str) -> SoloVocab:
     return MISTRAL_VOCAB if d is None else SoloVocab.from_dict(d)
 
 
-def megatron_logits(model, input_ids: torch.Tensor, vision_patches: torch.Tensor | None = None) -> torch.Tensor:
-    """Full-vocabulary logits [b, s, V_padded] of a (TP-sharded, PP=1) SOLO model on one document per row."""
+def megatron_logits(model, input_ids: torch.Tensor, vision_patches: torch.Tensor | None = None,
+                    model_args: SoloModelArgs | None = None) -> torch.Tensor:
+    """Full-vocabulary logits [b, s, V_padded] of a (TP-sharded, PP=1) SOLO model on one document per row.
+
+    ``model_args``: the model's image choices (None: SOLO's); the patches' grid is read from the row
+    separators (the layout of :func:`verification_inputs`)."""
     b, s = input_ids.shape
-    pos = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
-    mask = packed_causal_mask(torch.full((b, 1), s), s, model.config.window_size)
+    batch = dict(tokens=input_ids, position_ids=torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
+                 doc_lengths=torch.full((b, 1), s), patches=vision_patches)
+    if model_args is not None and model_args.image_positions != "1d":
+        batch["patch_coords"] = patch_coords_from_row_separators(input_ids, model_args.image_tokens)
     with torch.no_grad():
-        out = model(input_ids, pos, mask, vision_patches=vision_patches)
+        out = model(**model_forward_kwargs(batch, model.config, model_args=model_args))
     return gather_from_tensor_model_parallel_region(out).float()
 
 
@@ -494,13 +501,14 @@ def verify_checkpoint_against_hf(info: dict, hf_dir: str, *, kind: str, logits: 
             with torch.no_grad():
                 for p in model.parameters():
                     p.copy_(p.to(round_to).to(p.dtype))
-        out.update(verify_logits(model, hf_dir, kind=kind, source_rows=source_rows))
+        out.update(verify_logits(model, hf_dir, kind=kind, source_rows=source_rows,
+                                 model_args=SoloModelArgs(**info["model_args"])))
         del model
     return out
 
 
 def verify_logits(model, hf_dir: str, *, kind: str, atol: float = 1e-4, rtol: float = 1e-4,
-                  source_rows: int | None = None) -> dict:
+                  source_rows: int | None = None, model_args: SoloModelArgs | None = None) -> dict:
     """Logits of a TP=1 Megatron model and of the HF model on a small batch (text; plus an image for
     SOLO) agree within fp32 tolerance, over the HF vocabulary's first ``source_rows`` (default: all; a
     Qwen base's rows past its tokenizer are not tokens), a half-precision Megatron model: bf16-level
@@ -510,9 +518,11 @@ def verify_logits(model, hf_dir: str, *, kind: str, atol: float = 1e-4, rtol: fl
     with cpu_backend.suspended(), torch.no_grad():  # the reference runs on plain torch, not on the CPU backend
         hf_model = load_hf_model(hf_dir, kind)
         kw = {} if patches is None else {"vision_patches": patches}
+        if patches is not None and model_args is not None and model_args.image_positions != "1d":
+            kw["vision_patch_coords"] = patch_coords_from_row_separators(ids, model_args.image_tokens)
         ref = hf_model(input_ids=ids, **kw).logits.float()[..., :src_vocab]
         del hf_model
-    got = megatron_logits(model, ids, patches)[..., :src_vocab]
+    got = megatron_logits(model, ids, patches, model_args=model_args)[..., :src_vocab]
     diff = (got - ref).abs().max().item()
     if next(model.parameters()).dtype != torch.float32:
         atol, rtol = max(atol, 5e-2), max(rtol, 5e-2)

@@ -32,17 +32,17 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_solo.spec import (
+from megatron_solo.spec import (  # noqa: F401 (the choices are re-exported: the model's names for them)
+    IMAGE_ATTENTION_CHOICES,
+    IMAGE_POSITIONS_CHOICES,
     SOLO_SPECIAL_PIECES,
     VISION_END,
     VISION_FRAME_SEP,
     VISION_PATCH,
     VISION_ROW_SEP,
     VISION_START,
+    mrope_section,
 )
-
-IMAGE_ATTENTION_CHOICES = ("causal", "bidirectional")
-IMAGE_POSITIONS_CHOICES = ("1d", "mrope")
 
 
 @dataclass(frozen=True)
@@ -160,9 +160,18 @@ def mrope_position_ids(tokens: torch.Tensor, patch_coords: torch.Tensor | None, 
     return torch.stack([base + frame, base + row, base + col])
 
 
-def mrope_section(kv_channels: int) -> list[int]:
-    """Rotary channel pairs per component (temporal, row, column), summing to ``kv_channels // 2``:
-    Qwen2-VL's split (16, 24, 24 of 64) for every head size, 3/8 to rows and to columns."""
-    half = kv_channels // 2
-    hw = (3 * half) // 8
-    return [half - 2 * hw, hw, hw]
+def patch_coords_from_row_separators(tokens: torch.Tensor, ids: ImageTokens) -> torch.Tensor:
+    """(row, col) of each ``<vpatch>`` in row-major [b, s] order, read from SOLO's row-separator layout
+    (a row ends at ``<vrow_sep>``, an image or frame at ``</vision>`` / ``<vframe_sep>``). Only for data laid
+    out with row separators (the verification batch of a conversion); without them the grid is not in
+    the tokens."""
+    coords, row, col = [], 0, 0
+    for t in tokens.reshape(-1).tolist():
+        if t == ids.patch:
+            coords.append((row, col))
+            col += 1
+        elif t == ids.row_sep:
+            row, col = row + 1, 0
+        elif t in (ids.start, ids.end, ids.frame_sep):
+            row, col = 0, 0
+    return torch.tensor(coords, dtype=torch.long).reshape(-1, 2)

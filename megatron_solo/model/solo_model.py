@@ -9,7 +9,9 @@ What differs from ``GPTModel`` is only the input side:
   untied output layer, vocab-parallel cross-entropy) is megatron-core's.
 * RoPE follows ``position_ids`` (restarting at 0 for each packed document, as SOLO and Hugging Face
   Mistral do) when there is no ``PackedSeqParams``; with THD ``PackedSeqParams`` (TE path) megatron-core
-  already restarts the rotation at each ``cu_seqlens`` boundary.
+  already restarts the rotation at each ``cu_seqlens`` boundary. Under ``image_positions='mrope'`` the
+  model is built with megatron-core's ``position_embedding_type="mrope"`` (``MultimodalRotaryEmbedding``)
+  and ``position_ids`` are the [3, b, s] positions of ``model/image_blocks.py``.
 * The logits of the padded vocabulary rows (ids >= the tokenizer's vocabulary) are masked out
   (``_scale_logits``), so padding changes neither the loss nor generation.
 """

@@ -12,6 +12,7 @@ import argparse
 import os
 
 from megatron_solo.errors import InputError
+from megatron_solo.spec import IMAGE_ATTENTION_CHOICES, IMAGE_POSITIONS_CHOICES
 from megatron_solo.training import param_groups
 
 
@@ -53,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "preset's or checkpoint's")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this x TP (Megatron's rule)")
+    g.add_argument("--image-attention", default=None, choices=IMAGE_ATTENTION_CHOICES,
+                   help="causal (SOLO) or bidirectional: the tokens of one image block, <vision> to </vision>, "
+                        "see each other (docs/MODEL.md); needs the local spec (default: the --load "
+                        "checkpoint's, else causal)")
+    g.add_argument("--image-positions", default=None, choices=IMAGE_POSITIONS_CHOICES,
+                   help="1d (SOLO) or mrope: megatron-core's multimodal RoPE, patches at (temporal, row, column) "
+                        "(docs/MODEL.md); needs the local spec (default: the --load checkpoint's, else 1d)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1,

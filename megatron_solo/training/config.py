@@ -519,6 +519,41 @@ def _virtual_pipeline(a, m: SoloModelArgs, num_microbatches: int) -> int | None:
     return per_stage // per_virtual
 
 
+# The image choices (flag, SoloModelArgs field, SOLO's value): model/image_blocks.py, docs/MODEL.md.
+IMAGE_CHOICE_FLAGS = (("image_attention", "causal"), ("image_positions", "1d"))
+
+
+def decide_image_choices(a, model_args: SoloModelArgs, resume: ResumePlan, use_te: bool):
+    """The run's image choices, once: the flag when given, else the loaded checkpoint's record, else SOLO's.
+
+    A resume keeps what its checkpoint trained with (a flag that differs is refused: the change would be
+    silent in the curves); ``--finetune`` may change it, said in the returned note. Transformer Engine's
+    fused attention on packed THD batches expresses neither choice: refused, naming the flag that works.
+    Returns (model args with the choices, note or None)."""
+    saved = ((resume.info or {}).get("model_args") or {}) if resume.load_dir else {}
+    chosen, changes = {}, []
+    for field, solo in IMAGE_CHOICE_FLAGS:
+        given, flag = getattr(a, field, None), "--" + field.replace("_", "-")
+        recorded = saved.get(field, solo) if resume.info is not None else None
+        chosen[field] = given if given is not None else recorded if recorded is not None else solo
+        if given is not None and recorded is not None and given != recorded:
+            if not resume.finetune:
+                raise ArgumentError(f"{flag} {given}: the run in {resume.load_dir} trained with {recorded} (its "
+                                    f"checkpoint records it) and a resume keeps it; drop {flag}, or start a new "
+                                    f"stage from it with --finetune")
+            changes.append(f"{field.replace('_', ' ')} {recorded} -> {given}")
+    if chosen["image_positions"] == "mrope" and model_args.rope_scaling is not None:
+        raise ArgumentError(f"--image-positions mrope: megatron-core's multimodal RoPE has no {model_args.rope_scaling} "
+                            f"RoPE scaling (this base's); use --image-positions 1d")
+    off_solo = [f"--{f.replace('_', '-')} {chosen[f]}" for f, solo in IMAGE_CHOICE_FLAGS if chosen[f] != solo]
+    if use_te and off_solo:
+        raise ArgumentError(f"{' and '.join(off_solo)}: Transformer Engine's fused attention on packed (THD) batches "
+                            f"cannot express it; add --transformer-impl local (and --attention-backend sdpa_flex "
+                            f"for FlexAttention on a GPU)")
+    note = (f"--finetune from {resume.load_dir} changes the checkpoint's {', '.join(changes)}" if changes else None)
+    return dataclasses.replace(model_args, **chosen), note
+
+
 def decide_use_te(transformer_impl: str | None) -> bool:
     """The run's one layer-spec decision: --transformer-impl when given, else TE when it imports on a GPU."""
     return use_te_default() if transformer_impl is None else transformer_impl == "transformer_engine"
@@ -553,6 +588,9 @@ def build_train_config(args) -> TrainConfig:
         recompute_num_layers = 1 if recompute_num_layers is None else recompute_num_layers
     sched = resume.schedule or _schedule_values(vars(a), sizes["train_iters"])  # the one the run follows
     param_groups.check_resume(a, resume, fail)  # the optimizer state fits only its own trainable set and groups
+    model_args, image_note = decide_image_choices(a, model_args, resume, use_te)
+    if image_note:
+        resume = dataclasses.replace(resume, note=f"{resume.note}; {image_note}" if resume.note else image_note)
     tp = a.tensor_model_parallel_size
     return TrainConfig(
         model=ModelSection(preset=None if source_note else a.model or "tiny", args=model_args,

@@ -22,7 +22,10 @@ Per rank it reports (formulas below; what they assume is printed with them):
   ``8sbh`` (the inputs of both norms and of the QKV and fc1 projections; divided by TP only with
   sequence parallelism) ``+ (4sbh + 4sbgd + 6sbf)/TP`` (Q, the attention output, K and V, fc1's output
   and SwiGLU's output); a fused/flash attention keeps no ``s x s`` matrix (the dot-product attention of
-  the local spec adds ``4bns^2/TP`` unless ``--recompute-granularity selective``). Full recompute keeps
+  the local spec adds ``4bns^2/TP`` unless ``--recompute-granularity selective``; the local spec's mask,
+  per micro-batch and stage: ``bs^2`` bytes for the dot product's explicit mask, FlexAttention's block
+  mask a few KiB; the local spec is planned under ``--transformer-impl local`` and under an image choice
+  other than SOLO's, which TE's THD batches cannot express). Full recompute keeps
   only each recomputed layer's input (``2sbh``, /TP with SP), plus one layer's full activations while
   that layer is recomputed in the backward pass. Stage ``p`` of a 1F1B pipeline holds
   ``min(PP - p, micro-batches)`` micro-batches in flight; interleaving multiplies the first stage's by
@@ -111,11 +114,40 @@ def build_rank_chunks(cfg, rank: int):
         return build_model_chunks(cfg, cfg.transformer_config(meta_plan=True), use_te=False)
 
 
+def local_attention(cfg) -> bool:
+    """Whether the planned job runs the local spec's attention: ``--transformer-impl local``, or an image
+    choice that TE's fused attention on THD batches cannot express (the run refuses TE for it). The
+    default on GPUs is Transformer Engine's fused (flash) attention, whatever this planning machine has."""
+    m = cfg.model.args
+    return (cfg.dry_run.transformer_impl == "local" or m.image_attention != "causal"
+            or m.image_positions != "1d")
+
+
 def dot_product_attention(cfg) -> bool:
-    """Whether the planned job keeps the s x s attention matrix: only with ``--transformer-impl local`` and
-    megatron's dot-product attention. The default on GPUs is Transformer Engine's fused (flash) attention,
-    whatever this planning machine has."""
-    return cfg.dry_run.transformer_impl == "local" and cfg.model.attention_backend == "dot_product"
+    """Whether the planned job keeps the s x s attention matrix: the local spec with megatron's dot product."""
+    return local_attention(cfg) and cfg.model.attention_backend == "dot_product"
+
+
+def mask_bytes(cfg) -> float:
+    """The attention mask of one micro-batch (built once, shared by the layers, kept until its backward):
+    the local dot product's explicit bool [b, 1, s, s]; FlexAttention's block mask (int32 counts and
+    indices of 128 x 128 blocks, full and partial) and the [2, b, s] int64 ids it is made from; nothing
+    on TE's THD path (cu_seqlens)."""
+    s, b = cfg.schedule.seq_length // cfg.parallel.context, cfg.schedule.micro_batch_size
+    if not local_attention(cfg):
+        return 0.0
+    if cfg.model.attention_backend == "dot_product":
+        return float(b * s * s)
+    blocks = -(-s // 128)
+    return float(2 * 2 * 4 * b * blocks * (blocks + 1) + 2 * 8 * b * s)
+
+
+def attention_kind(cfg) -> str:
+    if not local_attention(cfg):
+        return "fused/flash (Transformer Engine)"
+    if dot_product_attention(cfg):
+        return "dot-product (s x s kept)"
+    return "FlexAttention block mask (local spec, sdpa_flex)"
 
 
 def _activation_bytes(cfg, stage: int, layers: int, first: bool, last: bool) -> dict:
@@ -137,7 +169,7 @@ def _activation_bytes(cfg, stage: int, layers: int, first: bool, last: bool) -> 
         # (+ one layer's activations, recomputed during its backward: counted once per stage below)
     else:
         per_layer_stage = layers * per_layer
-    extra = 0.0
+    extra = mask_bytes(cfg)  # every stage builds the micro-batch's mask
     if first:
         extra += 2 * sbh / (tp if sp else 1)  # embedding output (+ patch embedding's, same size)
     if last:
@@ -208,7 +240,7 @@ def plan(cfg) -> dict:
         "parameters_total": total, "parameters_without_padding": total_real, "padding_parameters": padding_rows,
         "stages": stages, "flops_per_step": step_flops, "gpu": gpu, "peak_tflops": peak / 1e12,
         "mfu": mfu, "step_seconds": step_s,
-        "attention": "dot-product (s x s kept)" if dot_product_attention(cfg) else "fused/flash (Transformer Engine)",
+        "attention": attention_kind(cfg), "mask_bytes_per_microbatch": mask_bytes(cfg),
         "tokens_per_second": sched.global_batch_size * sched.seq_length / step_s,
     }
 
@@ -224,7 +256,9 @@ def report(p: dict, model_args) -> str:
         + (f", recompute {p['recompute']}" if p["recompute"] else "") + f", {p['params_dtype']} weights"
         + (f", FP8 {p['fp8']}" if p["fp8"] else ""),
         f"  batch: micro {p['micro_batch_size']} x seq {p['seq_length']}, global {p['global_batch_size']} "
-        f"({p['num_microbatches']} micro-batches per DP rank); attention {p['attention']}",
+        f"({p['num_microbatches']} micro-batches per DP rank); attention {p['attention']}"
+        + (f", mask {p['mask_bytes_per_microbatch'] / 2**20:.1f} MiB per micro-batch"
+           if p["mask_bytes_per_microbatch"] else ""),
         f"  parameters: {p['parameters_total']:,} ({p['parameters_without_padding']:,} without the "
         f"{p['padding_parameters']:,} of vocabulary padding to {p['padded_vocab_size']} rows)",
     ]

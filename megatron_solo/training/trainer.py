@@ -221,7 +221,8 @@ def make_forward_step(cfg: TrainConfig, model_config):
 
     def forward_step(data_iterator, model):
         prepared = prepare_batch(next(data_iterator), model_config, thd=thd)
-        output = model(**model_forward_kwargs(prepared, model_config, document_ids_mask=document_ids_mask))
+        output = model(**model_forward_kwargs(prepared, model_config, document_ids_mask=document_ids_mask,
+                                              model_args=cfg.model.args))
         return output, partial(solo_loss_func, prepared)
 
     return forward_step

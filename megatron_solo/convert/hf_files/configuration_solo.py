@@ -24,6 +24,13 @@ class _VisionFields:
     # export of a model trained without them writes false (SAIL's layout), and its processor follows it
     vision_row_separator: bool = True
     vision_experts: str = "none"  # "ffn" / "full": image tokens' own modules in every layer (modeling_solo.py)
+    # The SOLO line's image choices (SOLO's by default; an export with others names them in config.json):
+    # "causal" | "bidirectional" (the tokens of one <vision>...</vision> block see each other), "1d" |
+    # "mrope" (multimodal RoPE: (temporal, row, column) positions, ``mrope_section`` channel pairs each).
+    image_attention: str = "causal"
+    image_positions: str = "1d"
+    mrope_section: list | None = None
+    vision_frame_sep_token_id: int = 32003
 
     @property
     def vision_patch_dim(self) -> int:
@@ -51,11 +58,15 @@ class SoloConfig(_VisionFields, MistralConfig):
     r"""
     vision_patch_size (`int`, defaults to 32):
         Side of a square RGB image patch; one patch is ``3 * vision_patch_size**2`` values (channel-major).
-    vision_start_token_id / vision_patch_token_id / vision_row_sep_token_id / vision_end_token_id (`int`):
-        Ids of ``<vision>``, ``<vpatch>``, ``<vrow_sep>`` and ``</vision>`` in the extended tokenizer.
     vision_row_separator (`bool`, defaults to True):
         Whether the model's images were laid out with ``<vrow_sep>`` between rows of patches (SOLO) or
         without (SAIL); the processor lays images out the same way.
+    vision_start_token_id / vision_patch_token_id / vision_row_sep_token_id / vision_frame_sep_token_id /
+    vision_end_token_id (`int`):
+        Ids of ``<vision>``, ``<vpatch>``, ``<vrow_sep>``, ``<vframe_sep>`` and ``</vision>`` in the extended tokenizer.
+    image_attention (`str`, defaults to "causal"): "bidirectional" lets the tokens of one image block see each other.
+    image_positions (`str`, defaults to "1d"): "mrope" gives patches (temporal, row, column) rotary positions,
+        split over the rotary channels by ``mrope_section``.
     """
 
     model_type = "solo"
