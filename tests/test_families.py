@@ -7,7 +7,9 @@ class and shipped with the real base tokenizers (Llama-3.2's, Qwen3's; tests/hel
 * the export loads with AutoModelForCausalLM (trust_remote_code), generates, and stops at the chat
   template's turn end (<|im_end|>); export -> import -> export is bit-identical;
 * from the one converted checkpoint, two training steps at TP=2+SP, PP=2 and DP=2 give TP=1's losses, and
-  a tied model's output layer on the last stage stays equal to the first stage's embedding at PP=2.
+  a tied model's output layer on the last stage stays equal to the first stage's embedding at PP=2; for
+  Qwen3 also with the successors' choices together (bidirectional image attention, mrope positions,
+  images laid out without row separators: ``CHOICES``).
 
 One spawned process (a world of one) runs every single-process Megatron step for all three (the TP=1
 reference included), one world of two every parallel layout; the parent runs transformers.
@@ -64,12 +66,21 @@ def _world(paths):
         hf_to_megatron(p["hf"], p["ckpt2"])
         megatron_to_hf(p["ckpt2"], p["hf2"])
         out[f"{fam}_train_tp1"] = _train(info, 1, 1, False)["losses"]
+        if fam == CHOICES_FAMILY:
+            out[f"{fam}_choices_train_tp1"] = _train(info, 1, 1, False, choices=True)["losses"]
     return out
 
 
-def _batch(vocab: dict, seed: int) -> dict:
+# The image choices of SOLO's successors, all together (docs/MODEL.md), trained at every layout from
+# Qwen3's converted checkpoint: bidirectional image blocks, multimodal RoPE, no row separators.
+CHOICES_FAMILY = "qwen3"
+CHOICES = dict(image_attention="bidirectional", image_positions="mrope")
+
+
+def _batch(vocab: dict, seed: int, row_separator: bool = True) -> dict:
     """A micro-batch (2 rows of 64) at this vocabulary's ids: an image document (2x3 patches, caption) and
-    a chat per row. Words are ids 3..31999: text under every base's vocabulary (and Mistral's loss rule)."""
+    a chat per row, with each patch's (row, col). Words are ids 3..31999: text under every base's
+    vocabulary (and Mistral's loss rule)."""
     from megatron_solo.spec import ASSISTANT, IMAGE, USER
     from tests.test_model_parallel import pack
 
@@ -79,7 +90,7 @@ def _batch(vocab: dict, seed: int) -> dict:
         return [int(x) for x in g.integers(3, 32000, n)]
 
     bos = [] if vocab["bos"] is None else [vocab["bos"]]
-    img = ([vocab["vision_start"]] + [vocab["vision_patch"]] * 3 + [vocab["vision_row_sep"]]
+    img = ([vocab["vision_start"]] + [vocab["vision_patch"]] * 3 + [vocab["vision_row_sep"]] * row_separator
            + [vocab["vision_patch"]] * 3 + [vocab["vision_end"]])
     rows = []
     for _ in range(2):
@@ -88,13 +99,18 @@ def _batch(vocab: dict, seed: int) -> dict:
         chat = bos + [vocab["im_start"]] + words(6) + [vocab["im_end"], vocab["im_start"]] + words(8) + [vocab["im_end"]]
         doc2 = (chat, [USER] * (len(bos) + 8) + [ASSISTANT] * 10, np.zeros((0, 3072), np.uint8))
         rows.append([doc1, doc2])
-    return pack(rows)
+    batch = pack(rows)
+    batch["patch_coords"] = torch.tensor([(r, c) for r in range(2) for c in range(3)] * 2)
+    return batch
 
 
-def _train(info: dict, tp: int, pp: int, sp: bool, steps: int = 2) -> dict:
+def _train(info: dict, tp: int, pp: int, sp: bool, steps: int = 2, choices: bool = False) -> dict:
     """``steps`` steps of DDP + Adam from the checkpoint ``info`` at TP x PP (DP = the rest of the world),
     4 micro-batches per step split over DP; the global loss of each step, and at PP > 1 with tied
-    embeddings the first stage's embedding and the last stage's output layer after training."""
+    embeddings the first stage's embedding and the last stage's output layer after training. ``choices``:
+    the model with ``CHOICES``, on batches without row separators."""
+    import dataclasses
+
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -107,6 +123,8 @@ def _train(info: dict, tp: int, pp: int, sp: bool, steps: int = 2) -> dict:
 
     initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     model_args = SoloModelArgs(**info["model_args"])
+    if choices:
+        model_args = dataclasses.replace(model_args, **CHOICES)
     config = build_transformer_config(model_args, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                       sequence_parallel=sp, use_te=False)
     model = build_solo_model(model_args, config, padded_vocab_size=int(info["padded_vocab_size"]), use_te=False)
@@ -121,7 +139,8 @@ def _train(info: dict, tp: int, pp: int, sp: bool, steps: int = 2) -> dict:
     for step in range(steps):
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        reports = run_schedule([ddp], config, [_batch(vocab, step * 4 + dp_rank * (4 // dp) + j) for j in range(4 // dp)])
+        batches = [_batch(vocab, step * 4 + dp_rank * (4 // dp) + j, row_separator=not choices) for j in range(4 // dp)]
+        reports = run_schedule([ddp], config, batches, model_args=model_args)
         ok, _, _ = opt.step()
         assert ok
         if reports is not None:
@@ -143,6 +162,8 @@ def _parallel_world(paths):
         info = read_checkpoint(paths[f"{fam}_ckpt"])
         for name, (tp, pp, sp) in LAYOUTS.items():
             out[f"{fam}_{name}"] = _train(info, tp, pp, sp)
+            if fam == CHOICES_FAMILY:
+                out[f"{fam}_choices_{name}"] = _train(info, tp, pp, sp, choices=True)
     return as_bytes(out)
 
 
@@ -187,6 +208,13 @@ def test_parallel_layouts_train_like_tp1_from_the_converted_checkpoint(world, pa
     for name in LAYOUTS:
         got = next(r[f"{family}_{name}"]["losses"] for r in parallel if r[f"{family}_{name}"]["losses"])
         np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=f"{family} {name}")
+    if family == CHOICES_FAMILY:  # the successors' choices together, every layout against their TP=1
+        ref_choices = out[f"{family}_choices_train_tp1"]
+        assert len(ref_choices) == 2 and all(np.isfinite(ref_choices))
+        for name in LAYOUTS:
+            got = next(r[f"{family}_choices_{name}"]["losses"] for r in parallel
+                       if r[f"{family}_choices_{name}"]["losses"])
+            np.testing.assert_allclose(got, ref_choices, rtol=1e-5, err_msg=f"{family} choices {name}")
     by_stage = {r[f"{family}_pp2"]["stage"]: r[f"{family}_pp2"] for r in parallel}
     if out[f"{family}_args"]["tie_word_embeddings"]:  # llama, qwen3: the last stage's copy stayed equal
         assert torch.equal(by_stage[0]["tied"], by_stage[1]["tied"])
