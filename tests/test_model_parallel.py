@@ -193,8 +193,9 @@ def loss_and_grads(model, config, batch):
     )
 
 
-def run_schedule(model, config, batches, forward_only=False):
-    """megatron-core's schedule (1F1B when PP > 1); returns the per-micro-batch [sum, count] reports."""
+def run_schedule(model, config, batches, forward_only=False, model_args=None):
+    """megatron-core's schedule (1F1B when PP > 1); returns the per-micro-batch [sum, count] reports.
+    ``model_args``: the model's image choices (None: SOLO's)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -204,7 +205,7 @@ def run_schedule(model, config, batches, forward_only=False):
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        out = model(**model_forward_kwargs(batch, config))
+        out = model(**model_forward_kwargs(batch, config, model_args=model_args))
         return out, lambda output: solo_loss_func(batch, output)
 
     reports = get_forward_backward_func()(
