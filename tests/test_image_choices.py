@@ -179,15 +179,14 @@ def reference_forward(P, a, batch, allowed, pos3, section):
 # ------------------------------------------------------------------------------------------ world
 CASES = [("causal", "1d"), ("bidirectional", "1d"), ("causal", "mrope"), ("bidirectional", "mrope")]
 # (backend, FlexAttention's integer mask form) per case: megatron's dot product for every case; the
-# sdpa_flex spec (dense mask, and document + block ids) where the mask changes (positions are the
-# same code on both).
+# sdpa_flex spec (dense mask, and document + block ids) with both choices on (the positions are the same
+# code on every backend).
 BACKENDS = {case: [("dot_product", False)] for case in CASES}
-BACKENDS[("bidirectional", "1d")] += [("sdpa_flex", True)]
 BACKENDS[("bidirectional", "mrope")] += [("sdpa_flex", False), ("sdpa_flex", True)]
 RUNS = [(*case, *backend) for case in CASES for backend in BACKENDS[case]]
 
 
-def _world():
+def _world(paths):
     import dataclasses
 
     from megatron_solo.model import build_solo_model, build_transformer_config, model_forward_kwargs, solo_loss_func
@@ -208,17 +207,18 @@ def _world():
             model = build_solo_model(a, config, core_attention=core)
             kw = model_forward_kwargs(batch, config, document_ids_mask=ids_mask, model_args=a)
             r = {}
-            if ids_mask:  # FlexAttention's block mask runs forward-only on the CPU
+            if ids_mask:  # FlexAttention's block mask runs forward-only on the CPU (backward: dense SDPA)
                 with torch.no_grad():
-                    r["flex_logits"] = model(**dict(kw, labels=None)).detach().clone()
+                    r["logits"] = model(**dict(kw, labels=None)).detach().clone()
             losses = model(**kw)
             loss_sum, n, _ = solo_loss_func(batch, losses)
             (loss_sum / n).backward()
             r["losses"] = losses.detach().clone()
             params = dict(model.named_parameters())
             r["grads"] = {k: p.grad.detach().clone() for k, p in params.items()}
-            with torch.no_grad():
-                r["logits"] = model(**dict(kw, labels=None)).detach().clone()
+            if not ids_mask:  # (with ids, the logits compared are FlexAttention's)
+                with torch.no_grad():
+                    r["logits"] = model(**dict(kw, labels=None)).detach().clone()
             out[(attention, positions, core, ids_mask)] = r
         # The reference, once per case, on copies of the same weights (one seed: every backend's).
         section = a.mrope_section or [a.kv_channels // 2, 0, 0]
@@ -233,17 +233,21 @@ def _world():
         out[(attention, positions, "reference")] = dict(
             logits=logits.detach(), losses=ref_losses.detach(),
             grads={k: p.grad.detach().clone() for k, p in ref_params.items()})
+    out["export"] = _export(paths)  # in the same process: one start of megatron-core for the module
     return out
 
 
 @pytest.fixture(scope="module")
-def world():
-    (r,) = run_distributed(as_bytes, 1, _world, timeout=600)
-    return from_bytes(r)
+def world(tmp_path_factory, solo_tokenizer):
+    root = tmp_path_factory.mktemp("choices_export")
+    paths = {"ckpt": str(root / "ckpt"), "hf": str(root / "hf"), "tokenizer": solo_tokenizer}
+    (r,) = run_distributed(as_bytes, 1, _world, paths, timeout=600)
+    return paths, from_bytes(r)
 
 
 def test_reference_scan_and_library_agree_on_blocks_and_positions(world):
     """The library's vectorised rule (model/image_blocks.py) equals the token-by-token scan."""
+    world = world[1]
     from megatron_solo.model.batch import document_ids
     from megatron_solo.model.image_blocks import ImageTokens, image_block_ids, mrope_position_ids
 
@@ -267,12 +271,11 @@ def test_reference_scan_and_library_agree_on_blocks_and_positions(world):
 
 @pytest.mark.parametrize("run", RUNS, ids=lambda r: "-".join(map(str, r[:3])) + ("-ids" if r[3] else ""))
 def test_choice_equals_plain_reference_logits_loss_and_grads(world, run):
+    world = world[1]
     r, ref = world[run], world[(*run[:2], "reference")]
     valid = torch.isfinite(ref["logits"])  # the padded vocabulary's rows: masked out in both
     assert not valid.all() and bool((r["logits"][~valid] <= torch.finfo(torch.float32).min / 2).all())
     torch.testing.assert_close(r["logits"][valid], ref["logits"][valid], rtol=1e-5, atol=1e-5)
-    if "flex_logits" in r:
-        torch.testing.assert_close(r["flex_logits"][valid], ref["logits"][valid], rtol=1e-5, atol=1e-5)
     mask = world["batch"]["loss_mask"] > 0
     torch.testing.assert_close(r["losses"][mask], ref["losses"][mask], rtol=1e-5, atol=1e-5)
     assert r["grads"].keys() == ref["grads"].keys()
@@ -282,6 +285,7 @@ def test_choice_equals_plain_reference_logits_loss_and_grads(world, run):
 
 def test_each_choice_changes_the_logits(world):
     """So that the comparisons above can fail: every switch moves the image documents' logits."""
+    world = world[1]
     ref = world[("causal", "1d", "dot_product", False)]["logits"]
     for case in CASES[1:]:
         assert not torch.allclose(world[(*case, "dot_product", False)]["logits"], ref, atol=1e-3), case
@@ -382,16 +386,17 @@ def _prompt():
     return torch.tensor(rows), normalize_patches(torch.from_numpy(np.concatenate(patches)))
 
 
-def _export_world(paths):
+def _export(paths):
+    """A model with every choice, saved, exported (with --verify's logits check); its logits and greedy
+    generation on a two-image prompt."""
     import dataclasses
 
     from megatron_solo.checkpoint import save_checkpoint
     from megatron_solo.convert.megatron_io import megatron_logits, megatron_to_hf
     from megatron_solo.model import build_solo_model, build_transformer_config
-    from megatron_solo.parallel import initialize_model_parallel, set_seed
+    from megatron_solo.parallel import set_seed
     from tests.test_model_parallel import model_args
 
-    initialize_model_parallel()
     a = dataclasses.replace(model_args(), image_attention="bidirectional", image_positions="mrope")
     set_seed(7)
     torch.manual_seed(7)
@@ -410,16 +415,8 @@ def _export_world(paths):
     return out
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, solo_tokenizer):
-    root = tmp_path_factory.mktemp("choices_export")
-    paths = {"ckpt": str(root / "ckpt"), "hf": str(root / "hf"), "tokenizer": solo_tokenizer}
-    (out,) = run_distributed(_export_world, 1, paths, timeout=600)
-    return paths, out
-
-
 @pytest.mark.usefixtures("plain_torch")
-def test_export_with_every_choice_matches_megatron_and_generates_alike_with_and_without_cache(exported):
+def test_export_with_every_choice_matches_megatron_and_generates_alike_with_and_without_cache(world):
     import json
     import os
 
@@ -427,7 +424,7 @@ def test_export_with_every_choice_matches_megatron_and_generates_alike_with_and_
 
     from megatron_solo.model.image_blocks import ImageTokens, patch_coords_from_row_separators
 
-    paths, out = exported
+    paths, out = world[0], world[1]["export"]
     cfg = json.load(open(os.path.join(paths["hf"], "config.json")))
     assert (cfg["image_attention"], cfg["image_positions"], cfg["mrope_section"]) == ("bidirectional", "mrope", [4, 6, 6])
     assert out["export"]["verify"]["max_abs_logit_diff"] <= out["export"]["verify"]["tolerance"]
