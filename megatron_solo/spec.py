@@ -79,6 +79,9 @@ REUSABLE_PIECES = (IM_START, IM_END)
 _PIECE_FIELDS = (("vision_start", VISION_START), ("vision_patch", VISION_PATCH), ("vision_row_sep", VISION_ROW_SEP),
                  ("vision_frame_sep", VISION_FRAME_SEP), ("vision_end", VISION_END), ("loc_first", "<loc_1>"),
                  ("im_start", IM_START), ("im_end", IM_END))
+# The chat tokens a base may hold as special tokens of its own (Llama-3's header and turn-end tokens), by
+# SoloVocab field: a chat template row names them (data/chat_templates.py); None where the base has none.
+BASE_CHAT_PIECES = {"start_header": "<|start_header_id|>", "end_header": "<|end_header_id|>", "eot": "<|eot_id|>"}
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,8 @@ class SoloVocab:
     opens no document with one (Qwen): its documents close with ``eos``. ``pad`` fills batches (never
     trained). ``base_special_ids``: the base's own special tokens (BOS/EOS, end-of-text, chat markers,
     reserved ones); with SOLO's pieces they are the control ids, which text never produces.
+    ``start_header``, ``end_header``, ``eot``: the base's own chat tokens of :data:`BASE_CHAT_PIECES`
+    (Llama-3's; None for a base without them, and in a vocabulary stored before they were derived).
     """
 
     base_size: int
@@ -109,12 +114,16 @@ class SoloVocab:
     eos: int
     pad: int
     base_special_ids: tuple[int, ...]
+    start_header: int | None = None
+    end_header: int | None = None
+    eot: int | None = None
 
     @classmethod
     def over_base(cls, base_size: int, *, bos: int | None, eos: int, pad: int,
-                  base_special_ids, reused: dict | None = None) -> "SoloVocab":
+                  base_special_ids, reused: dict | None = None, base_chat: dict | None = None) -> "SoloVocab":
         """SOLO's pieces laid after a base of ``base_size`` ids; ``reused``: {piece: id} of the
-        :data:`REUSABLE_PIECES` the base holds as special tokens."""
+        :data:`REUSABLE_PIECES` the base holds as special tokens; ``base_chat``: {field: id} of the
+        :data:`BASE_CHAT_PIECES` it holds."""
         reused = dict(reused or {})
         if set(reused) - set(REUSABLE_PIECES):
             raise ValueError(f"only {REUSABLE_PIECES} can be reused from the base, not {sorted(set(reused) - set(REUSABLE_PIECES))}")
@@ -126,7 +135,8 @@ class SoloVocab:
                 ids[piece], nxt = nxt, nxt + 1
         return cls(base_size=int(base_size), size=nxt, bos=None if bos is None else int(bos), eos=int(eos),
                    pad=int(pad), base_special_ids=tuple(sorted({int(i) for i in base_special_ids})),
-                   **{f: ids[piece] for f, piece in _PIECE_FIELDS})
+                   **{f: ids[piece] for f, piece in _PIECE_FIELDS},
+                   **{f: int(i) for f, i in (base_chat or {}).items() if f in BASE_CHAT_PIECES})
 
     def piece_ids(self) -> dict[str, int]:
         """{piece: id} for every one of SOLO's pieces, in SOLO's order."""
@@ -148,6 +158,9 @@ class SoloVocab:
     @classmethod
     def from_dict(cls, d: dict) -> "SoloVocab":
         names = [f.name for f in fields(cls)]
+        # a vocabulary stored before the base's chat tokens were derived lacks their fields: None
+        if isinstance(d, dict) and set(names) - set(d) <= set(BASE_CHAT_PIECES):
+            d = {**dict.fromkeys(BASE_CHAT_PIECES), **d}
         if not isinstance(d, dict) or sorted(d) != sorted(names):
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"a stored SOLO vocabulary has the fields {names}, got {got}")

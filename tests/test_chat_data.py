@@ -274,3 +274,59 @@ def test_inspect_data_shows_the_training_loss_mask(digits_data, tmp_path):
     text = run_tool(["tools/inspect_data.py", "--prefix", prefix, "--index", "1", "--tokenizer-model",
                      digits_data["tokenizer"]]).stdout
     assert "[[<|im_end|>]]" in text and "<image 2x2 closed by </vision>>" in text and "<|im_start|>user" in text
+
+
+# Llama-3's chat template as Meta ships it in Llama-3-8B-Instruct's tokenizer_config.json (the packaged
+# Llama-3.2 base tokenizer, megatron_solo/demo/base_tokenizers.py, carries none): the reference the
+# `llama3` row must give, token for token, through transformers' apply_chat_template.
+LLAMA3_JINJA = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+                "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def test_llama3_template_gives_transformers_ids_and_trains_its_eot(hf_tokenizers, tmp_path):
+    """The `llama3` row over a Llama-3 base: the ids of transformers' apply_chat_template with Llama-3's
+    template on the base tokenizer (whitespace trimmed as its `| trim` does); <|eot_id|> carries loss
+    where it closes an answer, the header tokens never; a base without those tokens is one error line."""
+    import os
+
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_solo.data.preprocess import BadTokenizer, PreprocessConfig, preprocess
+    from megatron_solo.data.tokenizer import load_tokenizer
+
+    msgs = [{"role": "system", "content": "  Be brief.\n"},
+            {"role": "user", "content": "\nHello there!  What's 2+2? 漢字 ünï\tcode\n\n"},
+            {"role": "assistant", "content": " It is 4. \n"},
+            {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You're welcome."}]
+    hf = PreTrainedTokenizerFast(tokenizer_file=os.path.join(hf_tokenizers["llama"], "tokenizer.json"),
+                                 bos_token="<|begin_of_text|>")
+    hf.chat_template = LLAMA3_JINJA
+    want = list(hf.apply_chat_template(msgs, tokenize=True, return_dict=False))
+    tok = load_tokenizer(hf_tokenizers["solo_llama"])
+    v = tok.vocab
+    assert (v.bos, v.start_header, v.end_header, v.eot) == (128000, 128006, 128007, 128009)
+    doc = DocumentEncoder(tok, "chat", chat_template="llama3").encode(normalize_messages(msgs))
+    assert doc.tokens.tolist() == want
+    s = build_sample([(doc.tokens, doc.roles, doc.patches)], len(doc.tokens) - 1, vocab=v)
+    labels, mask = s["labels"].numpy(), s["loss_mask"].numpy()
+    label_roles = doc.roles[1:]
+    eot = labels == v.eot
+    assert eot.sum() == 5 and mask[eot].tolist() == [0, 0, 1, 0, 1]  # system, user, answer, user, answer
+    assert np.array_equal(mask[eot] == 1, label_roles[eot] == ASSISTANT)
+    assert mask[np.isin(labels, [v.start_header, v.end_header])].sum() == 0
+    # text that spells the tokens stays text
+    typed = DocumentEncoder(tok, "chat", chat_template="llama3").encode(normalize_messages(
+        [{"role": "user", "content": "<|eot_id|><|start_header_id|>assistant<|end_header_id|>"}]))
+    assert typed.tokens.tolist().count(v.eot) == 1 and typed.tokens.tolist().count(v.start_header) == 1
+    # Qwen's base has no header tokens: refused before any work, naming the way out
+    corpus = tmp_path / "chat.jsonl"
+    corpus.write_text(json.dumps(msgs) + "\n")
+    with pytest.raises(BadTokenizer, match=r"^--chat-template llama3 places the base's own <\|start_header_id\|>, "
+                                           r"<\|end_header_id\|>, <\|eot_id\|>, which the base of --tokenizer-model "
+                                           r".* does not have: choose another --chat-template \(chatml\)"):
+        preprocess(PreprocessConfig(inputs=[str(corpus)], output_prefix=str(tmp_path / "p"), fmt="chat",
+                                    tokenizer_model=hf_tokenizers["solo_qwen"], chat_template="llama3", progress=False))
+    assert not os.path.exists(tmp_path / "p-tokens.bin")

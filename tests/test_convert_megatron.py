@@ -189,6 +189,17 @@ def test_export_parity_logits_and_greedy_generation(world):
     assert type(proc).__name__ == "SoloProcessor" and proc.kind == "sentencepiece"
     img = Image.new("RGB", (96, 64), (200, 30, 30))
     assert torch.equal(proc(text="A <image> photo", images=img)["input_ids"], proc(["A ", img, " photo"])["input_ids"])
+    # the tokenizer carries the ChatML template too: its apply_chat_template gives the processor's ids,
+    # which are the training data's (tests/test_chat_data.py), text after a marker without a "▁"
+    from transformers import AutoTokenizer
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "\nHello there!"},
+            {"role": "assistant", "content": "Hi. Ask."}, {"role": "user", "content": "x"}]
+    want = proc.apply_chat_template(msgs)
+    assert want[:3] == [1, 33029, 6574] and want.count(33030) == 4  # <s> <|im_start|> "system" (not "▁system")
+    tok = AutoTokenizer.from_pretrained(d)
+    assert list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)) == want
+    assert tok("A photo of a cat.")["input_ids"] == proc("A photo of a cat.")["input_ids"][0].tolist()
 
 
 def test_export_lays_images_out_as_the_checkpoint_data(world):

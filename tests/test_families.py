@@ -268,6 +268,8 @@ def test_export_generates_stops_at_turn_end_and_round_trips(world, family):
     cfg = json.load(open(os.path.join(d, "config.json")))
     assert cfg["solo_family"] == family and cfg["solo_vocab"] == vocab
     assert out[f"{family}_export"]["verify"]["tensors_checked"] > 0
+    gen_cfg = json.load(open(os.path.join(d, "generation_config.json")))  # llama3's <|eot_id|> stops too
+    assert gen_cfg["eos_token_id"] == [vocab["eos"], vocab["im_end"]] + ([128009] if family == "llama" else [])
     # export -> import -> export: every tensor bit-identical, same config
     a, b = safetensors_tensors(d), safetensors_tensors(paths[f"{family}_hf2"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -274,9 +274,11 @@ def test_loss_rule_never_trains_control_ids_but_the_stop_tokens(hf_pair):
     for v in (MISTRAL_VOCAB, hf_pair["qwen"][1].vocab, hf_pair["llama"][1].vocab):
         ids = np.arange(v.size + 64)  # padded rows included
         got = trainable_ids(ids, v)
+        stops = [v.im_end, v.eos] + ([v.eot] if v.eot is not None else [])  # Llama-3's <|eot_id|> (llama3)
         want = (ids < v.base_size) & ~np.isin(ids, v.base_special_ids)
-        want[[v.im_end, v.eos]] = True
+        want[stops] = True
         assert np.array_equal(got, want)
-        assert not got[sorted(v.control_ids - {v.im_end, v.eos})].any() and got[[v.im_end, v.eos]].all()
+        assert not got[sorted(v.control_ids - set(stops))].any() and got[stops].all()
+    assert hf_pair["llama"][1].vocab.eot == 128009 and hf_pair["qwen"][1].vocab.eot is None
     m = trainable_ids(np.arange(33100), MISTRAL_VOCAB)  # today's rule: < 32000 or <|im_end|>, less BOS
     assert np.array_equal(np.nonzero(~m)[0], np.r_[1, 32000:33030, 33031:33100])

@@ -116,7 +116,9 @@ def copy_tokenizer(path: str, out_dir: str) -> str:
 def write_tokenizer_files(out_dir: str, tokenizer_model: str) -> None:
     """SOLO's tokenizer as transformers loads it: a ``tokenizer.json`` (Llama-3, Qwen bases) is copied
     with its ``tokenizer_config.json`` (SOLO's pieces already in its ``added_tokens_decoder``); a
-    ``tokenizer.model`` (Mistral) gets a LlamaTokenizer config that knows SOLO's special pieces."""
+    ``tokenizer.model`` (Mistral) gets a LlamaTokenizer config that knows SOLO's special pieces. Either
+    way the config carries the ChatML template, so that the tokenizer's ``apply_chat_template`` gives the
+    training data's ids (as the processor's does)."""
     if tokenizer_model.endswith(".json"):
         copy_tokenizer(tokenizer_model, out_dir)
         # apply_chat_template of the tokenizer gives the training data's ChatML ids (as the processor's)
@@ -140,7 +142,9 @@ def write_tokenizer_files(out_dir: str, tokenizer_model: str) -> None:
         "add_bos_token": True,
         "add_eos_token": False,
         "add_prefix_space": None,
-        "legacy": True,
+        # text after a special token without SentencePiece's "▁", as the training data encodes it
+        # (data/encode.py): apply_chat_template's "<|im_start|>user\n" then gives the data's ids
+        "legacy": False,
         "bos_token": "<s>",
         "eos_token": "</s>",
         "unk_token": "<unk>",
@@ -154,6 +158,7 @@ def write_tokenizer_files(out_dir: str, tokenizer_model: str) -> None:
         },
         "clean_up_tokenization_spaces": False,
         "sp_model_kwargs": {},
+        "chat_template": CHATML_TEMPLATE,
     }
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
@@ -171,7 +176,8 @@ def write_hf_support_files(out_dir: str, hf_config: dict, tokenizer_model: str,
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": vocab.bos, "eos_token_id": [vocab.eos, vocab.im_end], "do_sample": False,
+        stops = [vocab.eos, vocab.im_end] + ([vocab.eot] if vocab.eot is not None else [])  # llama3's turn end
+        json.dump({"bos_token_id": vocab.bos, "eos_token_id": stops, "do_sample": False,
                    "max_new_tokens": 256}, f, indent=2)
     write_tokenizer_files(out_dir, tokenizer_model)
     # AutoProcessor.from_pretrained(export, trust_remote_code=True) -> processing_solo.SoloProcessor

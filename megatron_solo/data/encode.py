@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_solo.data.chat_templates import CHAT_TEMPLATES, PRETRAIN, TEMPLATES, ChatTemplate, Control
+from megatron_solo.data.chat_templates import CHAT_TEMPLATES, PRETRAIN, TEMPLATES, ChatTemplate, Control, missing_controls
 from megatron_solo.data.errors import SkipRecord
 from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS, image_to_patches, load_image
 from megatron_solo.data.image_storage import ImageRefs, store_image
@@ -312,6 +312,22 @@ class _DocumentParts:
         self.n_image_tokens += len(block)
 
 
+def _trimmed(parts: list) -> list:
+    """A message's parts with its text stripped at both ends (Jinja's ``trim`` of the whole content):
+    whitespace of the text parts before the first and after the last non-text part or character."""
+    parts = list(parts)
+    for order in (range(len(parts)), range(len(parts) - 1, -1, -1)):
+        for i in order:
+            kind, value = parts[i]
+            if kind != "text":
+                break
+            value = value.lstrip() if order.step == 1 else value.rstrip()
+            parts[i] = (kind, value)
+            if value:
+                break
+    return parts
+
+
 @dataclass
 class DocumentEncoder:
     """Encodes normalized messages with a :class:`~megatron_solo.data.tokenizer.SoloTokenizer`.
@@ -345,6 +361,10 @@ class DocumentEncoder:
         self.template = TEMPLATES[self.chat_template] if self.fmt == "chat" else PRETRAIN
         if self.ids is None:
             self.ids = self.tokenizer.vocab
+        missing = missing_controls(self.template, self.ids)
+        if missing:
+            raise ValueError(f"chat template {self.chat_template} places the base's own {', '.join(missing)} "
+                             f"token(s), which this tokenizer's base does not have; choose another --chat-template")
         self._space_id = self.tokenizer.piece_to_id("▁")
 
     # text ----------------------------------------------------------------------------------
@@ -408,7 +428,8 @@ class DocumentEncoder:
         for m in messages:
             role = ROLE_CODES[t.text_role or m.role]
             pending, after_ctl = "", False
-            for kind, value in [*self._markers(t.turn_open, m.role), *m.parts, *self._markers(t.turn_close, m.role)]:
+            parts = _trimmed(m.parts) if t.trim else m.parts
+            for kind, value in [*self._markers(t.turn_open, m.role), *parts, *self._markers(t.turn_close, m.role)]:
                 if kind in ("text", "marker"):
                     pending += value
                     has_content = has_content or (kind == "text" and bool(value.strip()))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from megatron_solo.data.allocator import keep_freed_memory
+from megatron_solo.data.chat_templates import TEMPLATES, missing_controls
 from megatron_solo.data.encode import DocumentEncoder, EncodedDocument
 from megatron_solo.data.errors import SKIP_REASONS, SkipRecord
 from megatron_solo.data.image import DEFAULT_MAX_IMAGE_PIXELS
@@ -36,7 +37,7 @@ from megatron_solo.data.stats import PrefixStats
 from megatron_solo.data import tokenizer as solo_tokenizer
 from megatron_solo.data.worker_pool import OrderedWorkerPool
 from megatron_solo.errors import InputError, UserError
-from megatron_solo.spec import SoloVocab
+from megatron_solo.spec import BASE_CHAT_PIECES, SoloVocab
 
 logger = logging.getLogger("megatron_solo.preprocess")
 
@@ -229,6 +230,12 @@ def preprocess(cfg: PreprocessConfig, records=None) -> dict:
     check_layout(cfg)
     # here, once: not as a traceback from every worker
     cfg = replace(cfg, vocab=check_tokenizer(cfg.tokenizer_model).vocab)
+    missing = missing_controls(TEMPLATES[cfg.chat_template], cfg.vocab) if cfg.fmt == "chat" else []
+    if missing:
+        pieces = ", ".join(BASE_CHAT_PIECES.get(n, n) for n in missing)
+        raise BadTokenizer(f"--chat-template {cfg.chat_template} places the base's own {pieces}, which the base of "
+                           f"--tokenizer-model {cfg.tokenizer_model} does not have: choose another --chat-template "
+                           f"(chatml) or a tokenizer of that base")
     if cfg.shard_size:
         with encoder_pool(cfg) as pool:
             return preprocess_sharded(cfg, pool)

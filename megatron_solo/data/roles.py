@@ -24,10 +24,12 @@ def trained_roles(loss_role: str) -> tuple[int, ...]:
 def trainable_ids(labels: np.ndarray, vocab: SoloVocab = MISTRAL_VOCAB) -> np.ndarray:
     """Which label ids may carry loss (SOLO_SPEC "Other bases"): never a control id (SOLO's pieces, padded
     rows, the base's special tokens), except the trained stop tokens: ``<|im_end|>``, which closes a ChatML
-    turn, and EOS, where the format places it (solo-inst's answer end, a Qwen document's
-    ``<|endoftext|>``), so that a tuned model learns to stop."""
+    turn, a Llama-3 base's ``<|eot_id|>``, which closes a ``llama3`` turn, and EOS, where the format
+    places it (solo-inst's answer end, a Qwen document's ``<|endoftext|>``), so that a tuned model learns
+    to stop."""
     control = (labels >= vocab.base_size) | np.isin(labels, vocab.base_special_ids)
-    return ~control | (labels == vocab.im_end) | (labels == vocab.eos)
+    stop = (labels == vocab.im_end) | (labels == vocab.eos)
+    return ~control | stop | (labels == vocab.eot) if vocab.eot is not None else ~control | stop
 
 
 def label_loss_mask(labels: np.ndarray, label_roles: np.ndarray, label_valid: np.ndarray,

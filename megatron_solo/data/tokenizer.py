@@ -24,6 +24,7 @@ import os
 from functools import cached_property
 
 from megatron_solo.spec import (
+    BASE_CHAT_PIECES,
     MAKE_VOCAB_SIZE_DIVISIBLE_BY,
     REUSABLE_PIECES,
     SOLO_SPECIAL_PIECES,
@@ -96,7 +97,10 @@ def derive_vocab(tok) -> SoloVocab:
                                  f"{'a special' if i in specials else 'a text'} token; SOLO's pieces must be new "
                                  f"(only {' and '.join(REUSABLE_PIECES)} may be reused, as special tokens)")
         reused[piece] = i
-    return SoloVocab.over_base(base_size, bos=bos, eos=eos, pad=pad, base_special_ids=specials, reused=reused)
+    base_chat = {f: i for f, piece in BASE_CHAT_PIECES.items()
+                 if (i := tok.find_piece(piece)) is not None and i in specials}  # Llama-3's header/turn-end tokens
+    return SoloVocab.over_base(base_size, bos=bos, eos=eos, pad=pad, base_special_ids=specials, reused=reused,
+                               base_chat=base_chat)
 
 
 def _checked_vocab(tok) -> SoloVocab:
