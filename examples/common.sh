@@ -236,5 +236,6 @@ run_phase() {
   [[ -n "${BASE_HF:-}" ]] && ((${#load_args[@]})) && arch="the architecture of ${load_args[1]}"
   echo "== $name: $nnodes node(s) x $gpus process(es), TP=${NOW[TP]} PP=${NOW[PP]}, $arch," \
     "save $save_dir" >&2
-  exec "$PYTHON" -m torch.distributed.run "${torchrun_args[@]}" -m megatron_solo.train "${train_args[@]}"
+  # torchrun itself, but Ctrl-C (or a SIGTERM) ends with the workers' save line and how to resume, no traceback
+  exec "$PYTHON" -m megatron_solo.training.torchrun "${torchrun_args[@]}" -m megatron_solo.train "${train_args[@]}"
 }

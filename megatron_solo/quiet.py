@@ -46,6 +46,9 @@ KNOWN_LOG_RECORDS = (
     ("megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision", "without Transformer Engine"),
     ("megatron.core.distributed.fsdp.src.megatron_fsdp.param_and_grad_buffer", "using Megatron-FSDP with Megatron"),
     ("megatron.core.distributed.fsdp.src.megatron_fsdp.megatron_fsdp", "using Megatron-FSDP with Megatron"),
+    # torchrun's agent on Ctrl-C/SIGTERM: megatron_solo/training/torchrun.py says the outcome in one line instead
+    ("torch.distributed.elastic.agent.server.api", "death signal, shutting down workers"),
+    ("torch.distributed.elastic.multiprocessing.api", "closing signal SIG"),
 )
 
 

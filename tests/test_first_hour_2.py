@@ -376,3 +376,22 @@ def test_inspect_and_visualize_name_the_pack_alike(digits_data, tmp_path, capsys
         assert tool.main(["--prefix", p + "-tokens.bin", *extra]) == 2
         assert capsys.readouterr().err == (f"error: --prefix {p}-tokens.bin is one file of the dataset {p}; give the "
                                            f"prefix: drop '-tokens.bin' (--prefix {p})\n")
+
+
+# ---------------------------------------------------------------- quiet, one-time output (issue 26.7)
+def test_a_log_line_is_cut_at_its_separators_to_fit_160_columns():
+    """Megatron's iteration line (330 columns at a GPU run's parts) as lines of at most 160, every part whole
+    and in order, a group starting a line; the real run's output is checked in test_training (Ctrl-C run)."""
+    from megatron_solo.training.logger import fit_width
+
+    progress = [" [2026-12-03 12:33:57] iteration        1/     200", "consumed samples:            2",
+                "elapsed time per iteration (ms): 5860.2"]
+    step = ["learning rate: 4.999692E-05", "vision learning rate: 1.000000E-04", "global batch size:     2",
+            "lm loss: 1.055923E+01", "image-doc loss: 1.055923E+01", "text-doc loss: 1.055923E+01",
+            "grad norm: 9.711"]
+    rate = ["number of skipped iterations:   0", "tokens/s: 43.7", "images/s: 4.78", "TFLOP/s/GPU: 400.1",
+            "MFU: 45.0%"]
+    lines = fit_width(progress, step, rate).split("\n")
+    assert max(map(len, lines)) <= 160 and len(lines) == 4
+    assert [p.strip() for line in lines for p in line.split(" |")[:-1]] == [p.strip() for p in progress + step + rate]
+    assert lines[1].startswith("    learning rate") and lines[3].startswith("    number of skipped")

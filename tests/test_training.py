@@ -26,8 +26,8 @@ def _common(data, out_dir, *extra, log_name="log.jsonl"):
             "--tokenizer-model", data["tokenizer"], "--log-file", os.path.join(out_dir, log_name), *extra]
 
 
-def _torchrun(nproc, args, **popen):
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+def _torchrun(nproc, args, launcher="torch.distributed.run", **popen):
+    cmd = [PY, "-m", launcher, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "megatron_solo.train", *args]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -77,22 +77,25 @@ def test_resume_is_exact_after_sigterm_and_kill9_and_reshards(digits_data, tmp_p
     assert sorted(ref) == list(range(1, ITERS + 1))
     assert ref[ITERS] < ref[1] - 0.3, f"loss did not fall: {ref}"  # learning on a real corpus
 
-    # B: SIGTERM (a SLURM preemption) after iteration 2: saves at the end of the iteration and exits 0.
+    # B: Ctrl-C after iteration 2, through the launchers' torchrun (megatron_solo.training.torchrun): the
+    # terminal's SIGINT reaches the agent only (its workers run in sessions of their own); the agent passes it
+    # on, each worker saves at the end of the iteration and exits 0, and the run ends with the save line and
+    # how to resume, exit 130, no traceback (torch.distributed.run itself ends in SignalException's).
     ck = tmp_path / "ckpt"
     b = tmp_path / "b"
     b.mkdir()
-    p = _torchrun(2, _common(digits_data, str(b), *tp2, "--save", str(ck), "--exit-signal-handler"))
+    p = _torchrun(2, _common(digits_data, str(b), *tp2, "--save", str(ck), "--exit-signal-handler"),
+                  launcher="megatron_solo.training.torchrun")
     _wait_for(lambda: (b / "log.jsonl").exists() and 2 in _losses(b / "log.jsonl"), p)
-    # The scheduler's SIGTERM reaches every training process (torchrun's workers).
-    import psutil
-
-    for child in psutil.Process(p.pid).children(recursive=True):
-        child.send_signal(signal.SIGTERM)
+    p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out[-4000:]
-    assert "exiting at iteration" in out and "(signal)" in out
     k = int(open(ck / "latest_checkpointed_iteration.txt").read())
     assert 2 <= k < ITERS
+    assert p.returncode == 130 and out.strip().splitlines()[-3:] == [
+        f"saved checkpoint at iteration {k} to {ck} (signal)", f"exiting at iteration {k} (signal)",
+        f"stopped by SIGINT: run the same command again to resume from the last checkpoint in {ck}"], out[-4000:]
+    assert "Traceback" not in out and "SignalException" not in out and "death signal" not in out, out[-4000:]
+    assert max(map(len, out.splitlines())) <= 160, max(out.splitlines(), key=len)  # a 160-column terminal
 
     # C: resume, checkpoint every iteration, kill -9 the whole process group once iteration k+2 is saved.
     c = tmp_path / "c"

@@ -15,6 +15,26 @@ import torch
 from megatron_solo import cpu_backend
 
 
+LINE_WIDTH = 160  # a log line is cut at its " | " separators to fit a terminal this wide
+
+
+def fit_width(*groups: list[str], width: int = LINE_WIDTH, indent: str = "    ") -> str:
+    """Megatron's ``a | b | c |`` log line, its parts kept whole, each group of parts starting a line and
+    a group broken at its separators so that no line is wider than ``width`` (the lines after the first
+    indented); a part wider than that stays on a line of its own."""
+    lines = []
+    for parts in groups:
+        line = ""
+        for part in parts:
+            piece = part + " |"
+            if line.strip() and len(line) + 1 + len(piece) > width:
+                lines.append(line)
+                line = ""
+            line = f"{line} {piece}" if line.strip() else (indent if lines else "") + piece
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def memory_gib() -> dict[str, float]:
     """This process's host RSS and, on a GPU, allocated and peak GPU memory, in GiB."""
     import psutil
@@ -124,17 +144,19 @@ class TrainingLogger:
             f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{s.train_iters:8d}",
             f"consumed samples: {consumed:12d}",
             f"elapsed time per iteration (ms): {step_time * 1000:.1f}",
+        ]
+        # three lines for a 160-column terminal: progress, the optimizer's step, throughput
+        step = [
             f"learning rate: {lr:.6E}",
             *(f"{name} learning rate: {v:.6E}" for name, v in group_lrs.items()),
             f"global batch size: {s.global_batch_size:5d}",
         ]
         for key in ("lm loss", "image-doc loss", "text-doc loss"):
             if key in losses and losses.get(key + " tokens", 1) > 0:
-                parts.append(f"{key}: {losses[key]:.6E}")
-        parts.append(f"grad norm: {float(grad_norm):.3f}" if grad_norm is not None else "grad norm: skipped")
-        parts.append(f"number of skipped iterations: {skipped_window:3d}")
-        parts.append(f"tokens/s: {tokens_per_s:.1f}")
-        parts.append(f"images/s: {images_per_s:.2f}")
+                step.append(f"{key}: {losses[key]:.6E}")
+        step.append(f"grad norm: {float(grad_norm):.3f}" if grad_norm is not None else "grad norm: skipped")
+        rate = [f"number of skipped iterations: {skipped_window:3d}", f"tokens/s: {tokens_per_s:.1f}",
+                f"images/s: {images_per_s:.2f}"]
         values = {"lm loss": losses.get("lm loss", float("nan")), "learning-rate": lr,
                   "grad-norm": float(grad_norm) if grad_norm is not None else float("nan"),
                   "skipped-iterations": skipped_total, "tokens-per-sec": tokens_per_s,
@@ -145,18 +167,18 @@ class TrainingLogger:
                 values[key] = losses[key]
         if self.peak:
             tflops = flops_per_iter / step_time / self.world_size / 1e12
-            parts.append(f"TFLOP/s/GPU: {tflops:.1f}")
-            parts.append(f"MFU: {100 * tflops * 1e12 / self.peak:.1f}%")
+            rate.append(f"TFLOP/s/GPU: {tflops:.1f}")
+            rate.append(f"MFU: {100 * tflops * 1e12 / self.peak:.1f}%")
             values["tflops-per-gpu"] = tflops
-        print(" | ".join(parts) + " |", flush=True)
+        print(fit_width(parts, step, rate), flush=True)
         self._record("train", iteration, values)
 
     def validation(self, iteration: int, name: str, losses: dict) -> None:
         if not self.is_logging_rank or not losses:
             return
-        body = " | ".join(f"{k} value: {v:.6E}" for k, v in losses.items())
-        print("-" * 100 + f"\n validation loss at iteration {iteration} on {name} | {body}\n" + "-" * 100,
-              flush=True)
+        body = fit_width([f" validation loss at iteration {iteration} on {name}",
+                          *(f"{k} value: {v:.6E}" for k, v in losses.items())])
+        print("-" * 100 + f"\n{body}\n" + "-" * 100, flush=True)
         self._record("valid", iteration, {f"valid/{name}/{k}": v for k, v in losses.items()})
 
     def eval_task(self, iteration: int, name: str, metrics: dict) -> None:
