@@ -67,7 +67,7 @@ def _wait_for(condition, proc, timeout=300):
     raise AssertionError("timed out waiting for the training log")
 
 
-def test_resume_is_exact_after_sigterm_and_kill9_and_reshards(digits_data, tmp_path):
+def test_resume_is_exact_after_ctrl_c_and_kill9_and_reshards(digits_data, tmp_path):
     tp2 = ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"]
     # A: uninterrupted reference at TP=2.
     a = tmp_path / "a"
