@@ -112,6 +112,17 @@ def test_layout_off_is_solo_layout_without_row_separators(tmp_path):
         assert V.vision_row_sep not in off.tokens.tolist()
         assert np.array_equal(off.patches, on.patches) and off.n_images == on.n_images == 3
         assert np.array_equal(off.roles, np.delete(on.roles, np.flatnonzero(on.tokens == V.vision_row_sep)))
+        assert off.grids == on.grids == tuple(_grid(size) for size in [(300, 40), (300, 40), (200, 130)])
+    # evaluation scores an option as a training sample of the model's layout, coordinates included
+    from megatron_solo.eval.options import OptionEncoder
+
+    for sep in (True, False):
+        enc = OptionEncoder(solo_tokenizer_path(), row_separator=sep)
+        doc = enc.encode_answer([paths[1], paths[0]], "Which is wider?", "The first.")
+        s = enc.sample(doc, len(doc.tokens) - 1)
+        assert (V.vision_row_sep in s["tokens"].tolist()) is sep
+        want = [[r, c] for size in [(200, 130), (300, 40)] for r in range(_grid(size)[0]) for c in range(_grid(size)[1])]
+        assert s["patch_coords"].tolist() == want
 
 
 def test_patch_coords_follow_the_grids_across_packs_in_both_storages_and_loaders(corpus):

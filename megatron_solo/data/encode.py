@@ -288,6 +288,7 @@ class EncodedDocument:
     n_images: int = 0  # images + video frames
     n_image_tokens: int = 0  # tokens of vision blocks (markers included)
     images_dropped: tuple = ()  # reasons of the optional images left out (interleaved documents)
+    grids: tuple = ()  # (n_rows, n_cols) of each image (video frame), in <vpatch> order
 
 
 class _DocumentParts:
@@ -297,6 +298,7 @@ class _DocumentParts:
         self.tokens: list = []
         self.roles: list = []
         self.patches: list = []
+        self.grids: list = []  # (n_rows, n_cols) per image, in patch order
         self.n_images = 0
         self.n_image_tokens = 0
         self.dropped: list = []  # reasons of optional images left out
@@ -391,17 +393,19 @@ class DocumentEncoder:
             raise SkipRecord(e.reason, f"{image_source_name(src, self.image_root)}: {e.detail}") from None
         return image_to_patches(img)
 
-    def _vision_block(self, kind, value, patches: list) -> tuple[np.ndarray, int]:
-        """(block tokens, number of images) of an image or video part; appends its patches."""
+    def _vision_block(self, kind, value, doc: _DocumentParts) -> tuple[np.ndarray, int]:
+        """(block tokens, number of images) of an image or video part; appends its patches and grids."""
         if kind in ("image", "image?"):
             p, r, c = self.load_patches(value)
-            patches.append(p)
+            doc.patches.append(p)
+            doc.grids.append((r, c))
             return image_block_tokens(r, c, self.ids, self.row_separator), 1
         grids = []
         for frame in value:
             p, r, c = self.load_patches(frame)
-            patches.append(p)
+            doc.patches.append(p)
             grids.append((r, c))
+        doc.grids.extend(grids)
         return video_block_tokens(grids, self.ids, self.row_separator), len(grids)
 
     # documents -----------------------------------------------------------------------------
@@ -445,7 +449,7 @@ class DocumentEncoder:
                     doc.dropped.append(value)
                     continue
                 try:
-                    doc.add_vision(*self._vision_block(kind, value, doc.patches))
+                    doc.add_vision(*self._vision_block(kind, value, doc))
                 except SkipRecord as e:
                     if kind != "image?":  # only an optional image is dropped; any other skips the record
                         raise
@@ -480,7 +484,7 @@ class DocumentEncoder:
                 if m.role != "user":
                     raise SkipRecord("image_in_assistant_turn",
                                      f"{where}: {t.name} places images only in user turns, found one in {m.role}")
-                block, n = self._vision_block(kind, value, doc.patches)
+                block, n = self._vision_block(kind, value, doc)
                 if t.image_close:
                     block = block.copy()
                     block[-1] = getattr(self.ids, t.image_close)
@@ -525,4 +529,5 @@ class DocumentEncoder:
             n_images=doc.n_images,
             n_image_tokens=doc.n_image_tokens,
             images_dropped=tuple(doc.dropped),
+            grids=tuple(doc.grids),
         )

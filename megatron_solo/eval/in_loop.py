@@ -40,7 +40,7 @@ class TaskEvaluator:
 
     def __init__(self, cfg, log):
         self.cfg, self.log = cfg, log
-        encoder = OptionEncoder(cfg.tokenizer_model_path)
+        encoder = OptionEncoder(cfg.tokenizer_model_path, cfg.data.row_separator)  # images as the run's data
         seq = cfg.schedule.seq_length
         self.encoder = encoder
         self.tasks = []  # (task, rows, skipped: reason -> n); rows: [(sample index, letter, training sample)]

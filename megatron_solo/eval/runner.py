@@ -38,7 +38,9 @@ class HFExport:
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True,
                                                           dtype=getattr(torch, dtype)).eval().to(self.device)
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
-        self.options = OptionEncoder(hf_dir)  # the export's own tokenizer file
+        # the export's own tokenizer file, images laid out as its processor does (the model's data; an export
+        # made before layouts were recorded has SOLO's, and a processor without the attribute)
+        self.options = OptionEncoder(hf_dir, getattr(self.processor, "row_separator", True))
 
     def encode(self, task: T.Task, sample: T.Sample) -> dict:
         image = self.P.load_image(sample.image)
