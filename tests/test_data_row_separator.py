@@ -275,3 +275,10 @@ def test_export_and_processor_lay_images_out_as_the_data(corpus, tmp_path):
             assert x["vision_patches"].shape[0] == x["vision_patch_coords"].shape[0]
         assert got_ids == tokens.tolist()
         assert torch.equal(torch.cat(got_coords), torch.from_numpy(coords))
+    # an export whose model takes 2D positions: its processor returns the coordinates without being asked
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({**cfg, "image_positions": "mrope"}, f)
+    x = SoloProcessor.from_pretrained(out)([_image(0, (100, 60))])
+    assert x["vision_patch_coords"].tolist() == [[r, c] for r in range(3) for c in range(4)]

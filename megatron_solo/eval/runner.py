@@ -61,6 +61,9 @@ class HFExport:
         patches = [e["vision_patches"] for e in encoded if "vision_patches" in e]  # none in a text-only prompt
         if patches:  # the k-th <vpatch> of the batch takes the k-th patch, across its rows
             batch["vision_patches"] = torch.cat(patches).to(self.device, self.model.dtype)
+        coords = [e["vision_patch_coords"] for e in encoded if "vision_patch_coords" in e]  # 2D positions' models
+        if coords:
+            batch["vision_patch_coords"] = torch.cat(coords).to(self.device)
         return batch
 
     @torch.no_grad()

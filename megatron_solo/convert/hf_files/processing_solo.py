@@ -17,8 +17,9 @@ An image of R x C patches becomes the tokens ``<vision>``, then per row ``<vpatc
 separators (``vision_row_separator: false`` in its config.json; SAIL's layout) gets ``<vision>``, the
 R*C ``<vpatch>`` row-major, ``</vision>``. ``vision_patch_coords`` (LongTensor [n, 2]) is each patch's
 (row, col) inside its image, in the order of ``vision_patches``: returned when asked
-(``return_patch_coords=True`` per call, or ``return_patch_coords: true`` in ``processor_config.json``, which
-an export whose model takes 2D positions writes); a model that does not take it would refuse it in ``generate``.
+(``return_patch_coords=True`` per call; by default when the export's config.json says its model takes 2D
+positions, ``image_positions`` other than "1d", or ``processor_config.json`` says ``return_patch_coords``);
+a model that does not take it would refuse it in ``generate``.
 
 Control ids only by construction: text is always encoded by the tokenizer's 32000-piece base model,
 so ``<vpatch>``, ``<|im_end|>``, ``<loc_5>``, ``<s>`` typed in a prompt stay plain text; image blocks and
@@ -228,6 +229,8 @@ class SoloProcessor:
                     cfg = json.load(fh)
                 vocab = cfg.get("solo_vocab", vocab)
                 row_separator = cfg.get("vision_row_separator", row_separator)
+                if "image_positions" in cfg:  # a model with 2D positions needs each patch's (row, col)
+                    coords = cfg["image_positions"] != "1d"
                 coords = cfg.get("return_patch_coords", coords)
         for name in ("tokenizer.model", "tokenizer.json"):
             if os.path.isfile(os.path.join(path, name)):
