@@ -2,7 +2,11 @@
 TP=1 (as every converted Mistral is) resumes at TP=2 x PP=2 x DP=2 with interleaved stages (two chunks per
 stage), and continues the TP=1 loss curve. megatron-core stores each layer's tensors under its global layer
 number, so the stored keys do not depend on the layout; the model weights, the distributed optimizer's
-state (fully_reshardable) and the scheduler all cross over."""
+state (fully_reshardable) and the scheduler all cross over.
+
+The model has ``--vision-experts full`` (issue 24): its routed layers (image tokens through their own norms,
+QKV, output projection and MLP) must give the same curve at TP=2 with sequence parallelism, PP=2 with
+interleaved stages and DP=2 with the distributed optimizer as at TP=1, from the one checkpoint."""
 
 import json
 
@@ -18,17 +22,18 @@ def test_tp1_checkpoint_resumes_at_tp2_pp2_dp2_interleaved(digits_data, tmp_path
     ref_dir, vpp_dir = tmp_path / "ref", tmp_path / "vpp"
     ref_dir.mkdir()
     vpp_dir.mkdir()
-    opt = ["--use-distributed-optimizer", "--train-iters", str(ITERS)]
+    opt = ["--use-distributed-optimizer", "--train-iters", str(ITERS), "--vision-experts", "full"]
     # Reference: one process (TP=1, PP=1, one chunk), a checkpoint at iteration 2, on to ITERS.
     _run(1, _common(digits_data, str(ref_dir), *opt, "--save", str(ck), "--save-interval", "2"))
     ref = _losses(ref_dir / "log.jsonl")
     info = json.loads((ck / "iter_0000002" / "solo_checkpoint.json").read_text())
     assert info["num_model_chunks"] == 1 and info["layout"] == {"tp": 1, "pp": 1, "dp": 1}
+    assert info["model_args"]["vision_experts"] == "full"
 
     # 8 ranks: TP=2 x PP=2 x DP=2, 4 layers = 2 stages x 2 virtual stages of one layer.
     out = _run(8, _common(digits_data, str(vpp_dir), *opt, "--tensor-model-parallel-size", "2",
                           "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
-                          "--load", str(ck), "--ckpt-step", "2"), timeout=600)
+                          "--sequence-parallel", "--load", str(ck), "--ckpt-step", "2"), timeout=600)
     assert "world 8 = TP 2 x PP 2 x DP 2" in out and "at iteration 2," in out, out[-3000:]
     got = _losses(vpp_dir / "log.jsonl")
     assert sorted(got) == list(range(3, ITERS + 1))

@@ -425,3 +425,23 @@ def test_a_resume_cannot_add_or_drop_experts(world, digits_data, tmp_path):
         build_train_config(build_parser().parse_args(_common(digits_data, str(tmp_path), "--use-checkpoint-args",
                                                              "--load", paths["ckpt_full"], "--vision-experts", "ffn")))
     assert "drop --vision-experts" in str(exc.value)
+
+
+def test_dry_run_counts_the_experts_and_the_same_flops(monkeypatch):
+    from megatron_solo.training.dry_run import plan, report
+    from tests.test_dry_run import WORLD, _config
+
+    monkeypatch.setenv("WORLD_SIZE", str(WORLD))
+    dense = plan(_config(["--tensor-model-parallel-size", "2"]))
+    full = plan(_config(["--tensor-model-parallel-size", "2", "--vision-experts", "full", "--freeze-lm"]))
+    # tiny: hidden 128, FFN 352, 4 heads / 2 groups of 32, 4 layers; per layer the MLP with its norm, the QKV,
+    # the output projection and the input norm, written from the definition.
+    h, f, q, kv, layers = 128, 352, 4 * 32, 2 * 32, 4
+    per_layer = (3 * h * f + h) + h * (q + 2 * kv) + q * h + h
+    assert full["vision_expert_parameters"] == layers * per_layer
+    assert full["parameters_total"] == dense["parameters_total"] + layers * per_layer
+    assert full["flops_per_step"] == dense["flops_per_step"]
+    # --freeze-lm: the patch embedding and the experts (this TP rank's half of the split ones) train.
+    trained = full["stages"][0]["trainable_parameters"]
+    assert trained == h * 3072 + layers * (per_layer - 2 * h) // 2 + layers * 2 * h
+    assert "vision experts (full): " in report(full, _config(["--vision-experts", "full"]).model.args)

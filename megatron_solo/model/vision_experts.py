@@ -46,28 +46,38 @@ from megatron.core.typed_torch import apply_module
 
 
 # ------------------------------------------------------------------------------------------ routing
-def route(x: torch.Tensor, is_image: torch.Tensor, text_module, vision_module) -> torch.Tensor:
-    """``x`` [s, b, h] -> [s, b, h']: the text rows through ``text_module``, the image rows
-    (``is_image`` [s, b] True) through ``vision_module``, each row once, scattered back in place.
+class Routing:
+    """How the tokens of one [s, b] image mask split: rows in text-then-image order (``order``), the
+    inverse permutation that puts them back (``back``), and the number of text rows. Made once per layer
+    call and used by every routed module of the call."""
+
+    def __init__(self, is_image: torch.Tensor):
+        image = is_image.reshape(-1)
+        self.shape = tuple(is_image.shape)
+        self.order = torch.argsort(image.to(torch.uint8), stable=True)  # text rows first, each group in order
+        self.back = torch.empty_like(self.order)
+        self.back[self.order] = torch.arange(self.order.numel(), device=self.order.device)
+        self.n_text = int(self.order.numel() - image.sum())
+
+
+def route(x: torch.Tensor, routing: Routing, text_module, vision_module) -> torch.Tensor:
+    """``x`` [s, b, h] -> [s, b, h']: the text rows through ``text_module``, the image rows through
+    ``vision_module``, each row once (one gather in, one concatenation and gather out).
 
     The modules see their rows as [n, 1, h] (megatron-core's [s, b, h] layout); a linear's
     ``(output, bias)`` is reduced to its output (the routed layers have no separate bias).
     """
-    s, b = x.shape[:2]
-    flat = x.reshape(s * b, 1, x.size(-1))
-    image = is_image.reshape(s * b)
-    rows = (torch.nonzero(~image, as_tuple=True)[0], torch.nonzero(image, as_tuple=True)[0])
+    if tuple(x.shape[:2]) != routing.shape:
+        raise ValueError(f"hidden states {tuple(x.shape)} do not match the image mask {routing.shape}")
+    rows = x.reshape(-1, 1, x.size(-1)).index_select(0, routing.order)
     outs = []
-    for idx, module in zip(rows, (text_module, vision_module)):
-        y = apply_module(module)(flat.index_select(0, idx))
+    for part, module in zip((rows[: routing.n_text], rows[routing.n_text:]), (text_module, vision_module)):
+        y = apply_module(module)(part)
         if isinstance(y, tuple):
             y, bias = y
             assert bias is None, "routed linears must not return a separate bias"
         outs.append(y)
-    out = outs[0].new_zeros((s * b, 1, outs[0].size(-1)))
-    for idx, y in zip(rows, outs):
-        out = out.index_copy(0, idx, y)
-    return out.view(s, b, -1)
+    return torch.cat(outs).index_select(0, routing.back).view(*routing.shape, -1)
 
 
 def without_sequence_parallel(config):
@@ -86,14 +96,16 @@ class SequenceLayout:
         self.sequence_parallel = bool(config.sequence_parallel)
         self.tp_group = tp_group
 
-    def image_rows(self, image_mask_bs: torch.Tensor, local: bool) -> torch.Tensor:
-        """The [b, s] image mask as [s, b] rows of the whole sequence, or of this rank's slice."""
+    def routings(self, image_mask_bs: torch.Tensor) -> tuple[Routing, Routing]:
+        """The [b, s] image mask's :class:`Routing` of this rank's slice and of the whole sequence (one and
+        the same without SP)."""
         rows = image_mask_bs.t()
-        if not (local and self.sequence_parallel):
-            return rows
+        whole = Routing(rows)
+        if not self.sequence_parallel:
+            return whole, whole
         n = rows.size(0) // self.tp_group.size()
         r = self.tp_group.rank()
-        return rows[r * n:(r + 1) * n]
+        return Routing(rows[r * n:(r + 1) * n]), whole
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Slice -> whole sequence. Backward: split (the routed linears' input grads are already
@@ -166,12 +178,12 @@ class VisionExpertSelfAttention(SelfAttention):
             key = apply_module(self.k_layernorm)(key)
         return query, key, value
 
-    def forward(self, hidden_states, attention_mask, *, image_rows: torch.Tensor, rotary_pos_emb=None,
+    def forward(self, hidden_states, attention_mask, *, routing: Routing, rotary_pos_emb=None,
                 attention_bias=None, packed_seq_params=None):
-        """``hidden_states`` [s, b, h] of the whole sequence, ``image_rows`` [s, b] -> output [s, b, h]
+        """``hidden_states`` [s, b, h] of the whole sequence, split by ``routing`` -> output [s, b, h]
         (summed over TP)."""
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
-        mixed_qkv = route(hidden_states, image_rows, self.linear_qkv, self.vision_linear_qkv)
+        mixed_qkv = route(hidden_states, routing, self.linear_qkv, self.vision_linear_qkv)
         query, key, value = self.split_mixed_qkv(mixed_qkv)
         if thd:
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
@@ -199,7 +211,7 @@ class VisionExpertSelfAttention(SelfAttention):
                                                      packed_seq_params=packed_seq_params)
         if thd:
             core = core.reshape(core.size(0), 1, -1)
-        return route(core, image_rows, self.linear_proj, self.vision_linear_proj)
+        return route(core, routing, self.linear_proj, self.vision_linear_proj)
 
 
 @dataclass
@@ -222,20 +234,20 @@ class VisionExpertFFNLayer(TransformerLayer):
                                                 is_mtp_layer=False)
 
     def _routed_mlp(self, normed_full: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
-        return route(normed_full, image_rows, self.mlp, self.vision_mlp)
+        # (the [s, b] mask, not its Routing, crosses the recompute checkpoint: tensors are what it saves)
+        return route(normed_full, Routing(image_rows), self.mlp, self.vision_mlp)
 
     def _forward_mlp(self, hidden_states, inference_context=None, padding_mask=None, packed_seq_params=None):
         if padding_mask is None:
             raise ValueError("a vision-expert layer needs the image-token mask (SoloModel passes it as padding_mask)")
         image_mask = padding_mask.bool()
-        normed = route(hidden_states, self.layout.image_rows(image_mask, local=True),
-                       self.pre_mlp_layernorm, self.vision_pre_mlp_layernorm)
+        local, whole = self.layout.routings(image_mask)
+        normed = route(hidden_states, local, self.pre_mlp_layernorm, self.vision_pre_mlp_layernorm)
         normed_full = self.layout.gather(normed)
-        image_rows = self.layout.image_rows(image_mask, local=False)
         if self.recompute_mlp:
-            out = tensor_parallel.checkpoint(self._routed_mlp, False, normed_full, image_rows)
+            out = tensor_parallel.checkpoint(self._routed_mlp, False, normed_full, image_mask.t())
         else:
-            out = self._routed_mlp(normed_full, image_rows)
+            out = route(normed_full, whole, self.mlp, self.vision_mlp)
         return self._forward_post_mlp((self.layout.scatter(out), None), hidden_states)
 
 
@@ -256,11 +268,9 @@ class VisionExpertFullLayer(VisionExpertFFNLayer):
             raise ValueError("vision-expert layers do not support megatron-core's inference contexts")
         if padding_mask is None:
             raise ValueError("a vision-expert layer needs the image-token mask (SoloModel passes it as padding_mask)")
-        image_mask = padding_mask.bool()
-        normed = route(hidden_states, self.layout.image_rows(image_mask, local=True),
-                       self.input_layernorm, self.vision_input_layernorm)
-        out = self.self_attention(self.layout.gather(normed), attention_mask,
-                                  image_rows=self.layout.image_rows(image_mask, local=False),
+        local, whole = self.layout.routings(padding_mask.bool())
+        normed = route(hidden_states, local, self.input_layernorm, self.vision_input_layernorm)
+        out = self.self_attention(self.layout.gather(normed), attention_mask, routing=whole,
                                   rotary_pos_emb=rotary_pos_emb, attention_bias=attention_bias,
                                   packed_seq_params=packed_seq_params)
         with self.bias_dropout_add_exec_handler():

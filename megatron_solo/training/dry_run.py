@@ -50,6 +50,7 @@ from megatron.core import parallel_state
 
 from megatron_solo import cpu_backend, mcore_fixes
 from megatron_solo.meta_device import meta_device
+from megatron_solo.model.config import is_vision_expert_parameter
 from megatron_solo.parallel import set_seed
 from megatron_solo.spec import PATCH_DIM, SOLO_SPECIAL_PIECES
 from megatron_solo.training import config as train_config
@@ -192,7 +193,7 @@ def plan(cfg) -> dict:
     mixed = prec.params_dtype != torch.float32
     weight_b = torch.empty((), dtype=prec.params_dtype).element_size()
     opt_b = (12 if mixed else 8) if cfg.optimizer.optimizer == "adam" else (8 if mixed else 4)  # sgd: momentum (+ main)
-    stages, total, total_real, padding_rows = [], 0, 0, 0
+    stages, total, total_real, padding_rows, expert_params = [], 0, 0, 0, 0
     for stage in range(pp):
         rank = stage * (world // pp)  # megatron-core's order tp-cp-ep-dp-pp: PP is the slowest
         with fake_rank(rank, world):
@@ -218,6 +219,8 @@ def plan(cfg) -> dict:
         for n, p in named:
             k = p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
             total += k
+            if is_vision_expert_parameter(n):
+                expert_params += k
             if n.endswith(("word_embeddings.weight", "output_layer.weight")):
                 pad = (padded_vocab - cfg.model.args.vocab_size) * p.shape[1]
                 padding_rows += pad
@@ -238,6 +241,7 @@ def plan(cfg) -> dict:
         "global_batch_size": sched.global_batch_size, "num_microbatches": sched.num_microbatches,
         "padded_vocab_size": padded_vocab,
         "parameters_total": total, "parameters_without_padding": total_real, "padding_parameters": padding_rows,
+        "vision_experts": cfg.model.args.vision_experts, "vision_expert_parameters": expert_params,
         "stages": stages, "flops_per_step": step_flops, "gpu": gpu, "peak_tflops": peak / 1e12,
         "mfu": mfu, "step_seconds": step_s,
         "attention": attention_kind(cfg), "mask_bytes_per_microbatch": mask_bytes(cfg),
@@ -262,9 +266,14 @@ def report(p: dict, model_args) -> str:
         f"  parameters: {p['parameters_total']:,} ({p['parameters_without_padding']:,} without the "
         f"{p['padding_parameters']:,} of vocabulary padding to {p['padded_vocab_size']} rows)",
     ]
+    if p["vision_experts"] != "none":
+        dense = p["parameters_without_padding"] - p["vision_expert_parameters"]
+        lines.append(f"  vision experts ({p['vision_experts']}): {p['vision_expert_parameters']:,} parameters "
+                     f"(+{p['vision_expert_parameters'] / dense:.1%} over the dense model's {dense:,}); FLOPs per "
+                     "token unchanged (each token goes through one path)")
     if model_args.hidden_size == 4096 and model_args.num_layers == 32 and model_args.ffn_hidden_size == 14336:
         want = solo_7b_expected_parameters()
-        ok = "matches" if p["parameters_without_padding"] == want else "DOES NOT MATCH"
+        ok = "matches" if p["parameters_without_padding"] - p["vision_expert_parameters"] == want else "DOES NOT MATCH"
         lines.append(f"  check: Mistral-7B {MISTRAL_7B_PARAMETERS:,} + 1031 new rows x 4096 x 2 + patch embedding "
                      f"3072 x 4096 = {want:,}: {ok}")
     lines.append("  per rank (all TP and DP ranks of a pipeline stage are alike):")
@@ -282,6 +291,7 @@ def report(p: dict, model_args) -> str:
     summary = {
         "parameters_total": p["parameters_total"],
         "parameters_without_padding": p["parameters_without_padding"],
+        "vision_expert_parameters": p["vision_expert_parameters"],
         "parameters_per_rank": [s["parameters"] for s in p["stages"]],
         "memory_gib_per_rank": [round(s["memory_bytes"]["total"] / GIB, 3) for s in p["stages"]],
         "memory_gib_per_rank_detail": [{k: round(v / GIB, 3) for k, v in s["memory_bytes"].items()}
