@@ -60,16 +60,31 @@ class Routing:
         self.n_text = int(self.order.numel() - image.sum())
 
 
+class _Permute(torch.autograd.Function):
+    """Rows reordered by a permutation; the gradient goes back by its inverse. (``index_select``'s own
+    backward scatter-adds into zeros, which on a CPU took longer than the layer's matmuls.)"""
+
+    @staticmethod
+    def forward(ctx, x, order, back):
+        ctx.save_for_backward(back)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (back,) = ctx.saved_tensors
+        return grad.index_select(0, back), None, None
+
+
 def route(x: torch.Tensor, routing: Routing, text_module, vision_module) -> torch.Tensor:
     """``x`` [s, b, h] -> [s, b, h']: the text rows through ``text_module``, the image rows through
-    ``vision_module``, each row once (one gather in, one concatenation and gather out).
+    ``vision_module``, each row once (one permutation in, one concatenation and permutation out).
 
     The modules see their rows as [n, 1, h] (megatron-core's [s, b, h] layout); a linear's
     ``(output, bias)`` is reduced to its output (the routed layers have no separate bias).
     """
     if tuple(x.shape[:2]) != routing.shape:
         raise ValueError(f"hidden states {tuple(x.shape)} do not match the image mask {routing.shape}")
-    rows = x.reshape(-1, 1, x.size(-1)).index_select(0, routing.order)
+    rows = _Permute.apply(x.reshape(-1, 1, x.size(-1)), routing.order, routing.back)
     outs = []
     for part, module in zip((rows[: routing.n_text], rows[routing.n_text:]), (text_module, vision_module)):
         y = apply_module(module)(part)
@@ -77,7 +92,7 @@ def route(x: torch.Tensor, routing: Routing, text_module, vision_module) -> torc
             y, bias = y
             assert bias is None, "routed linears must not return a separate bias"
         outs.append(y)
-    return torch.cat(outs).index_select(0, routing.back).view(*routing.shape, -1)
+    return _Permute.apply(torch.cat(outs), routing.back, routing.order).view(*routing.shape, -1)
 
 
 def without_sequence_parallel(config):
