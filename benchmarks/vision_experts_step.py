@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The CPU training step with ``--vision-experts full`` against the dense step, same tokens, one process.
 
-    .venv/bin/python benchmarks/vision_experts_step.py [--seq-length 256 --micro-batch-size 4 --repeats 5]
+    .venv/bin/python benchmarks/vision_experts_step.py [--seq-length 256 --micro-batch-size 4 --repeats 5] [--shape FLAGS]
 
 dense    megatron_solo's real training step (``benchmarks/train_step.py``'s ``megatron_setup``: the Trainer's
          model chunks, megatron-core DDP, Adam, schedule, SOLO loss), the tiny preset.
@@ -60,13 +60,15 @@ def main(argv=None):
     quiet.filter_known_warnings()
     ap = timing_parser(__doc__)
     ap.add_argument("--image-share", type=float, default=0.5, help="share of each row that is <vpatch> tokens")
+    ap.add_argument("--shape", default="", help="architecture flags over the tiny preset, e.g. "
+                    "'--hidden-size 512 --ffn-hidden-size 1536 --num-attention-heads 8 --num-query-groups 4 --kv-channels 64'")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     common = ["--model", "tiny", "--seq-length", str(a.seq_length), "--micro-batch-size", str(a.micro_batch_size),
               "--global-batch-size", str(a.micro_batch_size), "--train-iters", "1000000", "--lr", "1e-4",
               "--min-lr", "1e-4", "--lr-decay-style", "constant", "--weight-decay", "0.1", "--clip-grad", "1.0",
-              "--data-path", "unused", "--transformer-impl", "local"]
+              "--data-path", "unused", "--transformer-impl", "local", *a.shape.split()]
     n_batches = 8
     steps, grown, experts = {}, {}, 0
     for name, extra in (("dense", []), ("full", ["--vision-experts", "full"])):
@@ -83,7 +85,7 @@ def main(argv=None):
             experts = sum(p.numel() for n, p in trainer.model_chunks[0].module.named_parameters()
                           if is_vision_expert_parameter(n))
     tokens = a.micro_batch_size * a.seq_length * a.steps
-    print(f"vision_experts_step: tiny, seq {a.seq_length}, micro-batch {a.micro_batch_size}, "
+    print(f"vision_experts_step: tiny {a.shape}, hidden {cfg.model.args.hidden_size}, seq {a.seq_length}, micro-batch {a.micro_batch_size}, "
           f"{a.image_share:.0%} <vpatch> tokens per row, torch {torch.__version__}, {torch.get_num_threads()} threads",
           flush=True)
     tps = {"dense": [], "full": []}
