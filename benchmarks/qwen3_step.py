@@ -7,7 +7,7 @@
 ours      a tiny random Qwen3ForCausalLM (q/k RMSNorm, head_dim 64 != hidden/heads 32, GQA, Qwen3's real
           tokenizer.json from ``.cache/``) saved as a Hugging Face base, converted with the library's
           ``hf_to_megatron``, then trained by megatron_solo's real step started from that checkpoint
-          (``--load CKPT --finetune --use-checkpoint-args``: the architecture comes from the checkpoint), as train_step.py does.
+          (``--load CKPT --finetune``, no ``--model``: the architecture comes from the checkpoint), as train_step.py does.
 baseline  ``Qwen3ForCausalLM`` of the converted model's shape (SOLO's padded vocabulary), weights copied
           from ours through the conversion table, trained with train_step.py's plain PyTorch loop (AdamW,
           clip, same lr / betas / eps / weight decay), on plain torch (``cpu_backend.suspended()``).
@@ -88,9 +88,10 @@ def main(argv=None):
     try:
         base, ckpt = os.path.join(work, "base"), os.path.join(work, "ckpt")
         make_base(base)
+        cpu_backend.ensure()  # the conversion tool's own first step on a machine without CUDA
         hf_to_megatron(base, ckpt)
         cfg, trainer = train_step.megatron_setup(
-            ["--load", ckpt, "--finetune", "--use-checkpoint-args", "--seq-length", str(a.seq_length), "--micro-batch-size",
+            ["--load", ckpt, "--finetune", "--seq-length", str(a.seq_length), "--micro-batch-size",
              str(a.micro_batch_size), "--global-batch-size", str(a.micro_batch_size), "--train-iters", "1000000",
              "--lr", "1e-4", "--min-lr", "1e-4", "--lr-decay-style", "constant", "--weight-decay", "0.1",
              "--clip-grad", "1.0", "--data-path", "unused", "--attention-backend", "dot_product"])

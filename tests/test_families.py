@@ -65,7 +65,8 @@ def _world(paths):
         out[f"{fam}_export"] = megatron_to_hf(p["ckpt"], p["hf"], verify=True, verify_logits=True)
         hf_to_megatron(p["hf"], p["ckpt2"])
         megatron_to_hf(p["ckpt2"], p["hf2"])
-        out[f"{fam}_train_tp1"] = _train(info, 1, 1, False)["losses"]
+        trained = _train(info, 1, 1, False)
+        out[f"{fam}_train_tp1"], out[f"{fam}_grads_finite"] = trained["losses"], trained["grads_finite"]
         if fam == CHOICES_FAMILY:
             out[f"{fam}_choices_train_tp1"] = _train(info, 1, 1, False, choices=True)["losses"]
     return out
@@ -148,6 +149,15 @@ def _train(info: dict, tp: int, pp: int, sp: bool, steps: int = 2, choices: bool
             torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
             losses.append(float(total[0] / total[1]))
     out = {"losses": losses or None, "stage": parallel_state.get_pipeline_model_parallel_rank()}
+    if torch.distributed.get_world_size() == 1:  # the trainer's skip check sees a NaN or inf in any gradient
+        from megatron_solo.training.trainer import grads_finite
+
+        g = next(p for p in model.parameters() if p.requires_grad).main_grad.view(-1)
+        checks = [grads_finite([ddp])]
+        for bad in (float("nan"), float("inf")):
+            g[-1] = bad
+            checks.append(grads_finite([ddp]))
+        out["grads_finite"] = checks
     if pp > 1 and model_args.tie_word_embeddings:
         out["tied"] = (model.embedding.word_embeddings.weight if model.pre_process
                        else model.output_layer.weight).detach().clone()
@@ -228,6 +238,7 @@ def test_converted_base_text_logits_equal_the_family_class(world, family):
     from megatron_solo.convert.families import FAMILIES as TABLE
 
     paths, out = world
+    assert out[f"{family}_grads_finite"] == [True, False, False]  # the trainer's skip check: finite; a NaN; an inf
     base_size = out[f"{family}_vocab"]["base_size"]
     ref_model = getattr(transformers, TABLE[family].hf_class).from_pretrained(paths[f"{family}_base"],
                                                                               dtype=torch.float32)
