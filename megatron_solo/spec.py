@@ -54,7 +54,7 @@ def mrope_section(kv_channels: int) -> list[int]:
 
 @dataclass(frozen=True)
 class SoloTokenIds:
-    """The fixed ids of SOLO_SPEC: piece ``SOLO_SPECIAL_PIECES[k]`` has id ``BASE_VOCAB_SIZE + k``."""
+    """SOLO-7B's fixed ids (its release's tokenizer): piece ``SOLO_SPECIAL_PIECES[k]`` has id ``BASE_VOCAB_SIZE + k``."""
 
     unk: int = UNK_ID
     bos: int = BOS_ID
@@ -73,7 +73,7 @@ class SoloTokenIds:
 SOLO_IDS = SoloTokenIds()  # the Mistral case, kept until every user takes a SoloVocab
 
 
-# SOLO_SPEC "Other bases": the chat markers a base may already hold as special tokens (reused, not added)
+# docs/DATA_FORMAT.md "Tokenizer and SOLO's vocabulary": the chat markers a base may already hold as special tokens (reused, not added)
 REUSABLE_PIECES = (IM_START, IM_END)
 # SoloVocab's fields that are single ids of SOLO's pieces, with their piece
 _PIECE_FIELDS = (("vision_start", VISION_START), ("vision_patch", VISION_PATCH), ("vision_row_sep", VISION_ROW_SEP),
@@ -86,7 +86,7 @@ BASE_CHAT_PIECES = {"start_header": "<|start_header_id|>", "end_header": "<|end_
 
 @dataclass(frozen=True)
 class SoloVocab:
-    """SOLO's ids over one base tokenizer (SOLO_SPEC "Other bases"), derived once from the tokenizer
+    """SOLO's ids over one base tokenizer (docs/DATA_FORMAT.md "Tokenizer and SOLO's vocabulary"), derived once from the tokenizer
     (:func:`megatron_solo.data.tokenizer.derive_vocab`) and stored as :meth:`to_dict` in every dataset,
     checkpoint and export, so that ids made with one base never meet a model of another unnoticed.
 

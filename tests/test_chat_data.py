@@ -181,7 +181,7 @@ def test_stop_token_carries_loss_only_where_it_closes_a_trained_turn(solo_tokeni
 
 
 def test_solo_inst_is_solo_releases_layout_token_for_token(normal_tokenizer, images):
-    """Built independently from SOLO_SPEC's description with the NORMAL-piece file's own SentencePiece:
+    """Built independently from SOLO's description (docs/DATA_FORMAT.md) with the NORMAL-piece file's own SentencePiece:
     image blocks closed with <vision>, BOS, [INST] turns, answers + EOS, each piece encoded on its own."""
     train, _ = _conversation(images, system=False)
     doc = DocumentEncoder(SoloTokenizer(normal_tokenizer), "chat", chat_template="solo-inst").encode(train)

@@ -1,4 +1,4 @@
-"""Image -> patches against a plain, separate re-implementation of SOLO_SPEC (PIL + numpy)."""
+"""Image -> patches against a plain, separate re-implementation of SOLO's recipe (docs/DATA_FORMAT.md "Images"; PIL + numpy)."""
 
 import math
 
@@ -21,7 +21,7 @@ STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def ref_size(w, h):
-    """SOLO_SPEC step 2, written out with floats as the spec states it."""
+    """SOLO's resize rule (step 2), written out with floats as the spec states it."""
     L, S = max(w, h), min(w, h)
     new_L = min(math.ceil(L / 32) * 32, 1024)
     new_S = math.ceil(math.floor(new_L * S / L) / 32) * 32

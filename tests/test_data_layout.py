@@ -13,7 +13,7 @@ VISION, VPATCH, VROW, VFRAME, VEND, IM_START, IM_END = 32000, 32001, 32002, 3200
 
 
 def ref_block(n_rows, n_cols):
-    """SOLO_SPEC: <vision>, rows of <vpatch> x n_cols with <vrow_sep> between rows, </vision>."""
+    """SOLO's layout: <vision>, rows of <vpatch> x n_cols with <vrow_sep> between rows, </vision>."""
     out = [VISION]
     for r in range(n_rows):
         out += [VPATCH] * n_cols

@@ -71,7 +71,7 @@ def corpus(tmp_path_factory):
 
 
 def _spec_block(rows, cols, separators):
-    """SOLO_SPEC "Token layout of one image", with or without the <vrow_sep> between rows."""
+    """docs/DATA_FORMAT.md "Token layout", with or without the <vrow_sep> between rows."""
     block = [V.vision_start]
     for r in range(rows):
         if r and separators:

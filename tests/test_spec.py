@@ -24,7 +24,7 @@ def test_ids_follow_the_pieces():
 
 
 def test_mistral_vocab_is_solo_ids():
-    """SOLO_SPEC "Other bases": the Mistral case of SoloVocab is exactly today's fixed ids."""
+    """docs/DATA_FORMAT.md "Tokenizer and SOLO's vocabulary": the Mistral case of SoloVocab is exactly today's fixed ids."""
     v, ids = spec.MISTRAL_VOCAB, spec.SOLO_IDS
     assert (v.base_size, v.size) == (spec.BASE_VOCAB_SIZE, spec.SOLO_VOCAB_SIZE) == (32000, 33031)
     for f in ("vision_start", "vision_patch", "vision_row_sep", "vision_frame_sep", "vision_end", "loc_first",

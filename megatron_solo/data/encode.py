@@ -1,4 +1,4 @@
-"""Documents -> token ids, per-token roles and uint8 patches (SOLO_SPEC "Token layout", "Documents").
+"""Documents -> token ids, per-token roles and uint8 patches (docs/DATA_FORMAT.md "Token layout", "Formats").
 
 A document is a list of messages ``{"role", "content"}``; content is a string or a list of parts
 ``{"type": "text", "text"}``, ``{"type": "image_url", "image_url": {"url"}}`` or, beyond SOLO,
@@ -464,7 +464,7 @@ class DocumentEncoder:
         return self._document(doc)
 
     def _encode_inst(self, messages: list[Message], where: str) -> EncodedDocument:
-        """SOLO's released instruction format (SOLO_SPEC "solo-inst"): every image block first, closed
+        """SOLO's released instruction format (docs/DATA_FORMAT.md "Formats"): every image block first, closed
         with the template's ``image_close``; BOS; ``user_turn`` around each user text (stripped; an
         image's adjacent newline removed: the one after it, else the one before it), assistant text +
         ``answer_end``. Each piece is encoded on its own (dummy prefix, no BOS/EOS). A system message's

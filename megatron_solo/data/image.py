@@ -160,7 +160,7 @@ def patch_grid(patches: np.ndarray, rows: int, cols: int, gap: int = 0, fill: in
 
 
 def image_to_patches(img: Image.Image) -> tuple[np.ndarray, int, int]:
-    """RGB PIL image -> (uint8 [n, 3072], n_rows, n_cols), per SOLO_SPEC (all but normalisation)."""
+    """RGB PIL image -> (uint8 [n, 3072], n_rows, n_cols), per SOLO's recipe, docs/DATA_FORMAT.md "Images" (all but normalisation)."""
     if img.mode != "RGB":
         img = _to_rgb(img)
     resized = resize_for_patches(img)

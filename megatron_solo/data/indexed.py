@@ -186,7 +186,7 @@ class SoloPrefixWriter:
 
 
 def pack_segments(doc_length: int, used: int, seq_length: int | None):
-    """Greedy packing (SOLO_SPEC "Packing") of one document into the open pack.
+    """Greedy packing (SOLO's packing rule, docs/DATA_FORMAT.md) of one document into the open pack.
 
     ``used`` tokens are already in the open pack. Yields ``(start, end, close_pack_after)`` slices of
     the document; a document that does not fit in what is left of the open pack starts a new pack

@@ -6,7 +6,7 @@ from. Two sources, one per image storage, equal wherever both apply:
 * ``--image-storage encoded``: the image's grid. ``P-imageidx`` gives the slice ``patch_start:patch_end``
   of the row-major grid held by a segment and decoding gives ``n_cols``: patch ``k`` of the slice is
   ``divmod(patch_start + k, n_cols)`` (:func:`grid_coords`). Either layout.
-* ``--image-storage patches``: the tokens, laid out with row separators (SOLO_SPEC "Token layout"): from the
+* ``--image-storage patches``: the tokens, laid out with row separators (docs/DATA_FORMAT.md "Token layout"): from the
   image's ``<vision>`` (or a video frame's ``<vframe_sep>``), the row is the number of ``<vrow_sep>`` seen and
   the column the number of ``<vpatch>`` since the last ``<vrow_sep>`` (:func:`coords_from_tokens`). A
   segment that starts inside an image (packing cut the image) continues the count where the document's

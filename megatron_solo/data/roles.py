@@ -22,7 +22,7 @@ def trained_roles(loss_role: str) -> tuple[int, ...]:
 
 
 def trainable_ids(labels: np.ndarray, vocab: SoloVocab = MISTRAL_VOCAB) -> np.ndarray:
-    """Which label ids may carry loss (SOLO_SPEC "Other bases"): never a control id (SOLO's pieces, padded
+    """Which label ids may carry loss (docs/DATA_FORMAT.md "Tokenizer and SOLO's vocabulary"): never a control id (SOLO's pieces, padded
     rows, the base's special tokens), except the trained stop tokens: ``<|im_end|>``, which closes a ChatML
     turn, a Llama-3 base's ``<|eot_id|>``, which closes a ``llama3`` turn, and EOS, where the format
     places it (solo-inst's answer end, a Qwen document's ``<|endoftext|>``), so that a tuned model learns

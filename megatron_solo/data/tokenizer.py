@@ -7,7 +7,7 @@
 - ``hf``: a Hugging Face ``tokenizer.json`` (byte-level BPE: Llama-3, Qwen) read with the ``tokenizers``
   library, with its ``tokenizer_config.json`` beside it (``bos_token``/``eos_token``/``pad_token``). SOLO's
   pieces are special added tokens after the base's full length; Qwen's own ``<|im_start|>``/``<|im_end|>``
-  are reused (SOLO_SPEC "Other bases").
+  are reused (docs/DATA_FORMAT.md "Tokenizer and SOLO's vocabulary").
 
 Which ids are SOLO's is data (:class:`megatron_solo.spec.SoloVocab`), derived once from the file by
 :func:`derive_vocab`. Text never encodes to a control id (SOLO's pieces and the base's special tokens),
@@ -82,7 +82,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def derive_vocab(tok) -> SoloVocab:
-    """SOLO's ids over ``tok``'s base (SOLO_SPEC "Other bases"): a base tokenizer gives the ids its
+    """SOLO's ids over ``tok``'s base (docs/DATA_FORMAT.md "Tokenizer and SOLO's vocabulary"): a base tokenizer gives the ids its
     extension will have; an extended one gives the ids it must have (its base ends where ``<vision>`` is)."""
     at = tok.find_piece(VISION_START)
     base_size = at if at is not None else tok.vocab_size

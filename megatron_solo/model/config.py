@@ -173,8 +173,8 @@ PRESETS: dict[str, dict] = {
         init_method_std=0.02,
     ),
     # The public config.json values of these bases, written from knowledge of those files (nothing is
-    # downloaded); vocab_size is SOLO's vocabulary over the base tokenizer's full length (SOLO_SPEC
-    # "Other bases": Qwen reuses its own <|im_start|>/<|im_end|>, so 1029 pieces are added; Llama 1031).
+    # downloaded); vocab_size is SOLO's vocabulary over the base tokenizer's full length (docs/DATA_FORMAT.md
+    # "Tokenizer and SOLO's vocabulary": Qwen reuses its own <|im_start|>/<|im_end|>, so 1029 pieces are added; Llama 1031).
     # Qwen3-8B(-Base): tokenizer 151669 tokens (embedding padded to 151936 in the base).
     "qwen3-8b": dict(
         family="qwen3", qk_layernorm=True, vocab_size=151669 + 1029, vision_patch_id=151669 + 1,
