@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from megatron_solo import checkpoint
+from megatron_solo.netutil import free_port
 from megatron_solo.training import faults
 from megatron_solo.training.faults import InputError, SaveDirLock
 from tests.conftest import ROOT
@@ -170,6 +171,45 @@ def test_torchrun_by_hand_a_user_mistake_is_one_line_and_torchruns_root_cause(di
     assert "exitcode  : 2 (pid" in out[out.index("Failures:"):], out[-4000:]  # a worker's own exit code
     root = out[out.index("Root Cause (first observed failure):"):]  # whichever rank torchrun saw end first
     assert f"traceback : {lines[mine[0]]}" in root, out[-4000:]
+
+
+_WORKER = """
+import sys
+from megatron_solo import errors
+
+
+@errors.entry_point
+def main():
+    if sys.argv[1] == "mistake":
+        raise errors.InputError("--data-path nowhere: no such dataset")
+    raise RuntimeError("a crash, not a mistake")
+
+
+sys.exit(main())
+"""
+
+
+def test_the_launchers_torchrun_ends_a_user_mistake_with_its_line_and_keeps_a_crashs_report(tmp_path):
+    """``python -m megatron_solo.training.torchrun`` (what the launchers start, torchrun's arguments): a worker's
+    ``error:`` line is the last line of the job and its exit code the job's; a crash keeps torchrun's whole
+    report (the worker's traceback, the agent's log line, ChildFailedError). Two workers of a script that
+    only imports ``megatron_solo.errors``: the agent's handling is what is tested, cheaply."""
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    runs = {kind: subprocess.run([PY, "-m", "megatron_solo.training.torchrun", "--nproc-per-node", "2",
+                                  "--master-port", str(free_port()), str(script), kind],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+            for kind in ("mistake", "crash")}
+    mistake = runs["mistake"]
+    assert mistake.returncode == 2, mistake.stderr[-3000:]
+    lines = [l for l in (mistake.stdout + mistake.stderr).splitlines() if l.strip()]
+    assert lines[-1] == "error: --data-path nowhere: no such dataset", lines
+    assert sum(l.startswith("error:") for l in lines) == 1 and "Traceback" not in mistake.stderr, lines
+    crash = runs["crash"]
+    assert crash.returncode == 1
+    assert "RuntimeError: a crash, not a mistake" in crash.stderr and "failed (exitcode: 1)" in crash.stderr
+    assert "ChildFailedError" in crash.stderr and "Root Cause (first observed failure)" in crash.stderr
 
 
 # ------------------------------------------------------------------------------- the --save lock
