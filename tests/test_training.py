@@ -97,14 +97,31 @@ def test_resume_is_exact_after_ctrl_c_and_kill9_and_reshards(digits_data, tmp_pa
     assert "Traceback" not in out and "SignalException" not in out and "death signal" not in out, out[-4000:]
     assert max(map(len, out.splitlines())) <= 160, max(out.splitlines(), key=len)  # a 160-column terminal
 
-    # C: resume, checkpoint every iteration, kill -9 the whole process group once iteration k+2 is saved.
+    # C: resume, checkpoint every iteration, with an in-loop generation task every iteration (its greedy
+    # decoding takes most of an iteration's time); kill -9 the whole process group during the evaluation
+    # of iteration k+2 (trained and logged, not yet evaluated nor saved). Its losses are the reference's.
     c = tmp_path / "c"
     c.mkdir()
-    p = _torchrun(2, _common(digits_data, str(c), *tp2, "--save", str(ck), "--load", str(ck), "--save-interval", "1"))
+    task = c / "digits_gen.json"
+    task.write_text(json.dumps({"kind": "exact_match", "data": os.path.join(digits_data["root"], "corpus", "test.jsonl"),
+                                "prompt": "Which digit is this?", "limit": 8, "max_new_tokens": 16}))
+    p = _torchrun(2, _common(digits_data, str(c), *tp2, "--save", str(ck), "--load", str(ck), "--save-interval", "1",
+                             "--eval-tasks", str(task), "--eval-tasks-interval", "1"))
     tracker = ck / "latest_checkpointed_iteration.txt"
-    _wait_for(lambda: int(tracker.read_text() or 0) >= k + 2, p)
+
+    def evaluating(log=c / "log.jsonl"):
+        if not log.exists():
+            return None
+        records = [json.loads(line) for line in open(log) if line.endswith("\n")]
+        trained = max((r["iteration"] for r in records if r["kind"] == "train"), default=0)
+        evaluated = {r["iteration"] for r in records if r["kind"] == "eval"}
+        return trained if trained >= k + 2 and trained not in evaluated else None
+
+    _wait_for(lambda: evaluating() is not None, p)
     os.killpg(p.pid, signal.SIGKILL)
     p.communicate()
+    killed_at = evaluating()
+    assert killed_at == k + 2 and int(tracker.read_text()) == k + 1  # killed inside that evaluation
     # A save that was cut short, and a tracker pointing at it, must not be picked up.
     last_complete = int(open(ck / "latest_checkpointed_iteration.txt").read())
     broken = ck / f"iter_{last_complete + 1:07d}"
