@@ -3,8 +3,9 @@ plugin entry point, and gets tools/evaluate.py's answers and scores on the same 
 
 The released lmms-eval (0.7.3) is installed once per clone into ``.cache/`` (gitignored) with pip's
 ``--target --no-deps``, with exactly the packages its command line imports to run a local task
-(``requirements-lmms-eval.txt``, what docs/EVALUATION.md installs); the rest (torch, transformers, numpy, PIL, ...) comes from the venv. Its command line
-runs in a subprocess with that folder first on ``PYTHONPATH``, offline (no hub).
+(``requirements-lmms-eval.txt``, what docs/EVALUATION.md installs); the rest (torch, transformers, numpy,
+PIL, ...) comes from the venv. Its command line runs in a subprocess with that folder first on
+``PYTHONPATH``, offline (no hub).
 
 The tasks are lmms-eval task YAMLs over local JSONL files (real photos cut from scikit-learn's sample
 images): an open VQA task scored by lmms-eval's own VQAv2 code (``lmms_eval.tasks.vqav2.utils``), and a
