@@ -75,13 +75,14 @@ def random_batches(n, mbs, seq, vocab, *, packed=False, seed=0, device="cpu"):
 def megatron_setup(argv):
     """Parse training flags and build the Trainer (model chunks, optimizer, scheduler) exactly as a run does;
     the data stays unbuilt (batches are given to ``train_step``)."""
-    from megatron_solo import cpu_backend
+    from megatron_solo import cpu_backend, mcore_fixes
     from megatron_solo.training.arguments import build_parser
     from megatron_solo.training.config import build_train_config
     from megatron_solo.training.trainer import Trainer
 
     cfg = build_train_config(build_parser().parse_args(argv))
-    cpu_backend.ensure()  # the trainer's own first step on a machine without CUDA
+    cpu_backend.ensure()  # the trainer's own first steps on a machine without CUDA (megatron_solo/train.py)
+    mcore_fixes.apply()
     return cfg, Trainer(cfg)
 
 

@@ -99,8 +99,32 @@ def fix_sync_save_spawns_a_manager() -> None:
     TorchDistSaveShardedStrategy._solo_sync_queue_patched = True
 
 
+def fix_clip_scales_through_a_copy() -> None:
+    """megatron-core 0.19.2, without TE/apex only (the CPU backend): gradient clipping scales every gradient
+    with ``local_multi_tensor_scale``, ``dst.copy_(src * scale)``: a temporary and a second pass over all
+    gradients (12% of a tiny Qwen3 CPU step, docs/BENCHMARKS.md 1b). Clipping passes the same list as source
+    and destination; scale those in place (the same multiply, bit-identical), anything else as before."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    original = utils.local_multi_tensor_scale
+    if getattr(clip_grads, "multi_tensor_scale_impl", None) is not original:
+        return  # TE's or apex's kernel (or already replaced)
+
+    def multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
+        src, dst = tensor_lists
+        if len(src) == len(dst) and all(s is d for s, d in zip(src, dst)):
+            for t in dst:
+                t.mul_(scale)
+            return None
+        return original(chunk_size, noop_flag, tensor_lists, scale)
+
+    clip_grads.multi_tensor_scale_impl = multi_tensor_scale
+
+
 def apply() -> None:
     """Every workaround this package needs from megatron-core 0.19.2."""
     fix_torch_adam_reshardable_load()
     fix_torch_adam_step_on_empty_rank()
     fix_sync_save_spawns_a_manager()
+    fix_clip_scales_through_a_copy()

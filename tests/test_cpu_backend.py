@@ -66,3 +66,30 @@ def test_cuda_rng_calls_drive_the_cpu_generator_and_megatron_tracker_forks_it():
     assert torch.equal(torch.get_rng_state(), outside_before)  # fork restored the default stream
     torch.manual_seed(777)
     assert torch.equal(inside, torch.rand(4))  # and drew from the tracked seed
+
+
+def test_gradient_clipping_scales_in_place_bit_identically():
+    """mcore_fixes.fix_clip_scales_through_a_copy (applied by the entry points, here by conftest): megatron-core's
+    clipping scales each gradient in place, bit for bit what its fallback's ``dst.copy_(src * scale)`` gave,
+    without the copy (the fallback's second pass over every gradient)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (300, 7, 4096)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 5
+    want = [p.grad * (1.0 / (40.0 + 1.0e-6)) for p in params]  # max_norm / (total_norm + eps), megatron's coefficient
+    copies = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.copy_.default:
+                copies.append(args[0].numel())
+            return func(*args, **(kwargs or {}))
+
+    grads = [p.grad for p in params]
+    with Copies():
+        clip_grad_by_total_norm_fp32(params, max_norm=1.0, total_norm=40.0)
+    assert all(p.grad is t for p, t in zip(params, grads))  # in place
+    assert all(torch.equal(p.grad, w) for p, w in zip(params, want)) and sum(copies) < 4096
