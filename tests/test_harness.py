@@ -47,9 +47,9 @@ def test_failing_rank_reports_its_traceback():
 
 def test_hung_world_times_out_and_names_the_hung_rank():
     t0 = time.monotonic()
-    with pytest.raises(DistributedTestError, match=r"timed out after 20s; ranks \[0\] never finished"):
-        run_distributed(_hang_on_rank0, 2, cpu_backend=False, timeout=20)
-    assert time.monotonic() - t0 < 60  # the hung rank was killed, not waited for
+    with pytest.raises(DistributedTestError, match=r"timed out after 10s; ranks \[0\] never finished"):
+        run_distributed(_hang_on_rank0, 2, cpu_backend=False, timeout=10)
+    assert time.monotonic() - t0 < 15  # the hung rank was killed at the deadline, not waited for
 
 
 def test_rank_dying_without_traceback_is_reported():

@@ -93,12 +93,14 @@ def run_distributed(
     outputs: dict[int, Any] = {}
     errors: dict[int, str] = {}
     deadline = time.monotonic() + timeout
+    timed_out = False
     try:
         while len(outputs) + len(errors) < world_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(range(world_size)) - set(outputs) - set(errors))
                 detail = "".join(f"\n--- rank {r} traceback ---\n{tb}" for r, tb in sorted(errors.items()))
+                timed_out = True  # the missing ranks are hung: nothing to wait for below
                 raise DistributedTestError(
                     f"timed out after {timeout:.0f}s; ranks {missing} never finished{detail}"
                 )
@@ -137,7 +139,7 @@ def run_distributed(
                 break
     finally:
         for p in procs:
-            p.join(timeout=0.5 if errors else 10.0)
+            p.join(timeout=0.5 if errors or timed_out else 10.0)
         for p in procs:
             if p.is_alive():
                 p.kill()
