@@ -55,7 +55,7 @@ def rss() -> int:
 
 def main(argv=None):
     from megatron_solo import quiet
-    from megatron_solo.model.config import is_vision_expert_parameter
+    from megatron_solo.parameter_names import is_vision_expert_parameter
 
     quiet.filter_known_warnings()
     ap = timing_parser(__doc__)

@@ -32,7 +32,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_solo import cpu_backend
-from megatron_solo.model.config import is_vision_expert_parameter, text_twin_name
+from megatron_solo.parameter_names import is_vision_expert_parameter, text_twin_name
 from megatron_solo.spec import MISTRAL_VOCAB, SoloVocab
 
 TRACKER = "latest_checkpointed_iteration.txt"

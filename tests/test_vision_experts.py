@@ -379,7 +379,7 @@ def delta_tuning_run(world, digits_data, tmp_path_factory):
 def test_finetune_from_a_dense_checkpoint_copies_the_twins_and_freeze_lm_trains_only_the_image_side(delta_tuning_run):
     import json
 
-    from megatron_solo.model.config import is_vision_expert_parameter, text_twin_name
+    from megatron_solo.parameter_names import is_vision_expert_parameter, text_twin_name
     from tests.helpers_checkpoint import checkpoint_tensors
 
     out, log, paths = delta_tuning_run

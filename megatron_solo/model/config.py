@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,25 +25,6 @@ from megatron_solo.model.image_blocks import (
 from megatron_solo.spec import MAKE_VOCAB_SIZE_DIVISIBLE_BY, PATCH_DIM, SOLO_IDS, SOLO_VOCAB_SIZE, pad_vocab_size
 
 VISION_EXPERTS_CHOICES = ("none", "ffn", "full")
-# A vision expert's parameter: a decoder layer's "vision_*" module (model/vision_experts.py), e.g.
-# decoder.layers.3.vision_mlp.linear_fc1.weight or decoder.layers.3.self_attention.vision_linear_qkv.weight
-# (with or without DDP's "module." prefix; without the layer number in a checkpoint's stacked keys); its text
-# twin is the same name without "vision_".
-_EXPERT_PARAMETER = re.compile(r"(^|\.)decoder\.layers\.(\d+\.)?(self_attention\.)?vision_")
-
-
-def is_vision_expert_parameter(name: str) -> bool:
-    return _EXPERT_PARAMETER.search(name) is not None
-
-
-def text_twin_name(expert_name: str) -> str:
-    """The text twin of a vision expert's parameter (what it is copied from when it starts)."""
-    m = _EXPERT_PARAMETER.search(expert_name)
-    if m is None:
-        raise ValueError(f"{expert_name} is not a vision expert's parameter")
-    return expert_name[: m.end() - len("vision_")] + expert_name[m.end():]
-
-
 @dataclass
 class SoloModelArgs:
     """Architecture of a SOLO model: a base decoder (``family``, see ``convert/families.py``) plus a

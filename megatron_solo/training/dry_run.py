@@ -50,7 +50,7 @@ from megatron.core import parallel_state
 
 from megatron_solo import cpu_backend, mcore_fixes
 from megatron_solo.meta_device import meta_device
-from megatron_solo.model.config import is_vision_expert_parameter
+from megatron_solo.parameter_names import is_vision_expert_parameter
 from megatron_solo.parallel import set_seed
 from megatron_solo.spec import PATCH_DIM, SOLO_SPECIAL_PIECES
 from megatron_solo.training import config as train_config

@@ -24,6 +24,8 @@ from __future__ import annotations
 import fnmatch
 from typing import Callable
 
+from megatron_solo.parameter_names import is_vision_expert_parameter
+
 VISION_PARAM_PATTERN = "*vision_patch_embed.*"  # matches with or without the DDP wrapper's "module." prefix
 GROUP_KEY = "group_name"  # our tag in a ParamGroupOverride; megatron-core copies it into the param group
 
@@ -38,10 +40,6 @@ def is_vision_parameter(name: str) -> bool:
 
 def is_image_side_parameter(name: str) -> bool:
     """The patch embedding and the vision experts: what ``--freeze-lm`` trains and ``--freeze-vision`` freezes."""
-    # local: importing megatron_solo.model loads torch and megatron-core, and arguments.py imports this module
-    # (--help and the start-up's early checks answer before torch loads)
-    from megatron_solo.model.config import is_vision_expert_parameter
-
     return is_vision_parameter(name) or is_vision_expert_parameter(name)
 
 

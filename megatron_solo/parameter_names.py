@@ -1,0 +1,24 @@
+"""Which parameters are which, by name alone (no torch): the rules the optimizer's groups, the dry run,
+checkpoint loading and the conversion share."""
+
+from __future__ import annotations
+
+import re
+
+# A vision expert's parameter: a decoder layer's "vision_*" module (model/vision_experts.py), e.g.
+# decoder.layers.3.vision_mlp.linear_fc1.weight or decoder.layers.3.self_attention.vision_linear_qkv.weight
+# (with or without DDP's "module." prefix; without the layer number in a checkpoint's stacked keys); its text
+# twin is the same name without "vision_".
+_EXPERT_PARAMETER = re.compile(r"(^|\.)decoder\.layers\.(\d+\.)?(self_attention\.)?vision_")
+
+
+def is_vision_expert_parameter(name: str) -> bool:
+    return _EXPERT_PARAMETER.search(name) is not None
+
+
+def text_twin_name(expert_name: str) -> str:
+    """The text twin of a vision expert's parameter (what it is copied from when it starts)."""
+    m = _EXPERT_PARAMETER.search(expert_name)
+    if m is None:
+        raise ValueError(f"{expert_name} is not a vision expert's parameter")
+    return expert_name[: m.end() - len("vision_")] + expert_name[m.end():]
