@@ -9,6 +9,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from PIL import Image
 
 from megatron_solo.data.image_storage import FLAG_EXIF, IDX_FIELDS
+from megatron_solo.data.index_file import IndexFile
 from megatron_solo.data.indexed import SoloIndexedDataset, prefix_complete, prefix_storage
 from megatron_solo.data.merge import merge_prefixes
 from megatron_solo.data.preprocess import PreprocessConfig, preprocess
@@ -84,6 +85,38 @@ def test_encoded_patches_are_byte_identical_to_patches_storage(odd_corpus):
     for n in ("tokens", "roles"):
         for e in (".bin", ".idx"):
             assert _read(f"{out['patches', 1][1]}-{n}{e}") == _read(f"{out['encoded', 1][1]}-{n}{e}")
+
+
+def test_numpy_reader_reads_what_megatron_core_reads(odd_corpus):
+    """The inspection tools' reader (data/index_file.py: numpy only) against megatron-core's IndexedDataset on
+    every dataset of both storages: the same arrays, the same sequences, the same packs (mmap or not)."""
+    _, out = odd_corpus
+    for key in (("patches", 1), ("encoded", 1)):
+        prefix = out[key][1]
+        names = ("tokens", "roles", "patches") if key[0] == "patches" else ("tokens", "roles", "images", "imageidx")
+        for n in names:
+            ref = IndexedDataset(f"{prefix}-{n}")
+            for mmap in (True, False):
+                mine = IndexFile(f"{prefix}-{n}", mmap=mmap)
+                assert len(mine) == len(ref) > 9 and mine.dtype == ref.index.dtype
+                assert np.array_equal(mine.sequence_lengths, ref.sequence_lengths)
+                assert np.array_equal(mine.document_indices, ref.document_indices)
+                for i in range(len(ref)):
+                    assert np.array_equal(mine[i], ref[i]), (n, i)
+                    k = int(ref.sequence_lengths[i])
+                    assert np.array_equal(mine.get(i, k // 3, k // 2), ref.get(i, k // 3, k // 2)), (n, i)
+        a, b = SoloIndexedDataset(prefix), SoloIndexedDataset(prefix, reader="numpy")
+        assert len(a) == len(b)
+        for i in range(len(a)):
+            for sa, sb in zip(a.pack(i, with_coords=True), b.pack(i, with_coords=True), strict=True):
+                assert all(np.array_equal(x, y) for x, y in zip(sa, sb, strict=True))
+
+
+def test_numpy_reader_refuses_a_file_that_is_not_an_index(tmp_path):
+    (tmp_path / "bad.idx").write_bytes(b"NOTANIDX" + bytes(40))
+    (tmp_path / "bad.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="bad header, cannot read: .*bad.idx"):
+        IndexFile(str(tmp_path / "bad"))
 
 
 def test_encoded_layout_and_stats(odd_corpus):

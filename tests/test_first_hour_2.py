@@ -378,6 +378,40 @@ def test_inspect_and_visualize_name_the_pack_alike(digits_data, tmp_path, capsys
                                            f"prefix: drop '-tokens.bin' (--prefix {p})\n")
 
 
+def test_inspect_and_visualize_answer_without_torch(digits_data, tmp_path):
+    """Issue 26.6: both inspection tools in a fresh interpreter show a pack with neither torch nor megatron-core
+    imported (numpy's reader, data/index_file.py; the ~5-8 s those imports take was the tools' whole wait), and
+    inspect_data's loss mask is still the training one: the trainer's build_sample on the same pack."""
+    p, tok, png = digits_data["sft"], digits_data["tokenizer"], str(tmp_path / "pack.png")
+    probe = ("import json, sys, runpy\n"
+             "def run(tool, *args):\n"
+             "    sys.argv = [tool, *args]\n"
+             "    try:\n"
+             "        runpy.run_path(tool, run_name='__main__')\n"
+             "    except SystemExit as e:\n"
+             "        print('EXIT', e.code, file=sys.stderr)\n"
+             f"run('tools/inspect_data.py', '--prefix', {p!r}, '--pack', '1', '--json')\n"
+             f"run('tools/inspect_data.py', '--prefix', {p!r}, '--pack', '1', '--tokenizer-model', {tok!r})\n"
+             f"run('tools/visualize_patches.py', '--prefix', {p!r}, '--pack', '1', '--tokenizer-model', {tok!r}, "
+             f"'--out', {png!r})\n"
+             "print('HEAVY', sorted(m for m in ('torch', 'megatron.core', 'transformers') if m in sys.modules), "
+             "file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr.count("EXIT 0") == 3, r.stderr[-3000:]
+    assert r.stderr.splitlines()[-1] == "HEAVY []", r.stderr[-3000:]
+    shown = json.loads(r.stdout.splitlines()[0])
+    assert "[[" in r.stdout and os.path.getsize(png) > 0 and "wrote " + png in r.stdout
+
+    from megatron_solo.data.dataset import build_sample
+    from megatron_solo.data.indexed import SoloIndexedDataset
+
+    ds = SoloIndexedDataset(p)  # megatron-core's reader, as training reads it
+    n = ds.pack_length(1)
+    s = build_sample(ds.pack(1), n, "assistant", ds.vocab)
+    assert shown["tokens"] == s["tokens"].tolist() and sum(shown["loss_mask"]) == int(s["loss_mask"].sum()) > 0
+    assert shown["loss_mask"][1:] == (s["loss_mask"][:-1] > 0).int().tolist()
+
+
 # ---------------------------------------------------------------- quiet, one-time output (issue 26.7)
 def test_a_log_line_is_cut_at_its_separators_to_fit_160_columns():
     """Megatron's iteration line (330 columns at a GPU run's parts) as lines of at most 160, every part whole

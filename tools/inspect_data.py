@@ -6,7 +6,9 @@
     .venv/bin/python tools/inspect_data.py --prefix out/sft --pack 0 --dump dir/     # .npy arrays
 
 The loss mask is the training one: the pack goes through the training sample builder
-(``megatron_solo.data.dataset.build_sample``, which calls ``roles.label_loss_mask``). It is shown per
+(``megatron_solo.data.sample.sample_arrays``, which calls ``roles.label_loss_mask``; training turns its arrays
+into tensors). The prefix is read with numpy (``megatron_solo.data.index_file``): no torch, an answer in about
+a second. It is shown per
 token: 1 where predicting that token carries loss. In the text view, trained tokens are wrapped in
 [[...]], vision blocks are summarised (``<image RxC>``), and documents inside the pack are separated.
 --json prints {"tokens", "loss_mask", "roles", "num_patches", "doc_lengths"}; --dump DIR writes
@@ -25,22 +27,22 @@ def sample(prefix: str, index: int, loss_role: str, seq_length: int | None):
     """(tokens, per-token loss mask, roles, patches, doc_lengths) of pack ``index`` as training builds it."""
     import numpy as np
 
-    from megatron_solo.data.dataset import build_sample
     from megatron_solo.data.indexed import SoloIndexedDataset
+    from megatron_solo.data.sample import sample_arrays
 
-    ds = SoloIndexedDataset(prefix, mmap=False)
+    ds = SoloIndexedDataset(prefix, mmap=False, reader="numpy")
     if not 0 <= index < len(ds):
         raise IndexError(f"--pack {index} is out of range: {prefix} holds {len(ds)} packs (0 .. {len(ds) - 1})")
     n = ds.pack_length(index) if seq_length is None else min(seq_length, ds.pack_length(index))
     segments = ds.pack(index, max_tokens=n if seq_length is None else n + 1)
-    s = build_sample(segments, n, loss_role, ds.vocab)
-    tokens = s["tokens"].numpy()
-    label_mask = s["loss_mask"].numpy()
+    s = sample_arrays(segments, n, loss_role, ds.vocab)
+    tokens = s["tokens"]
+    label_mask = s["loss_mask"]
     # label_mask[t] is about predicting token t+1: shift it onto the predicted token
     token_mask = np.zeros(n, np.uint8)
     token_mask[1:] = label_mask[:-1] > 0
     roles = np.concatenate([r for _, r, _ in segments])[:n]
-    return tokens, token_mask, roles, s["patches"].numpy(), s["doc_lengths"].numpy()
+    return tokens, token_mask, roles, s["patches"], s["doc_lengths"]
 
 
 def render_text(tok, tokens, mask, doc_lengths) -> str:
@@ -92,9 +94,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the text view")
     ap.add_argument("--dump", metavar="DIR", default=None, help="write tokens.npy, loss_mask.npy, patches.npy")
     a = ap.parse_args(argv)
-    from megatron_solo import quiet
-
-    quiet.filter_known_warnings()  # megatron-core's import-time notes that ask nothing of the user
     if not a.json and not a.dump and not a.tokenizer_model:
         ap.error("the text view needs --tokenizer-model (or use --json / --dump)")
     from megatron_solo.data.indexed import check_prefix_files

@@ -35,10 +35,10 @@ from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split, get_blend_from_list
 
 from megatron_solo.data.indexed import SoloIndexedDataset
-from megatron_solo.data.patch_coords import coords_from_tokens
 from megatron_solo.data.stats import blend_row_separator
-from megatron_solo.data.roles import label_loss_mask, trained_roles
-from megatron_solo.spec import IMAGE, MISTRAL_VOCAB, PATCH_DIM, SoloVocab
+from megatron_solo.data.roles import trained_roles
+from megatron_solo.data.sample import sample_arrays
+from megatron_solo.spec import MISTRAL_VOCAB, PATCH_DIM, SoloVocab
 
 logger = logging.getLogger(__name__)
 
@@ -58,74 +58,8 @@ class SoloDatasetConfig(BlendedMegatronDatasetConfig):
 
 
 def build_sample(segments, seq_length: int, loss_role: str = "assistant", vocab: SoloVocab = MISTRAL_VOCAB) -> dict:
-    """One training sample from a pack's segments (as :meth:`SoloIndexedDataset.pack` returns them,
-    read up to ``seq_length + 1`` tokens so the last input has its label). ``vocab``: the ids the
-    prefix was made with (:attr:`SoloIndexedDataset.vocab`): its padding, ``<vpatch>`` and control ids.
-    A segment is (tokens, roles, patches, patch coordinates) (``pack(..., with_coords=True)``), or without
-    the coordinates: then it is a whole document laid out with row separators and they are counted from
-    its tokens (:func:`~megatron_solo.data.patch_coords.coords_from_tokens`)."""
-    s = seq_length
-    toks = [seg[0] for seg in segments]
-    m = sum(len(t) for t in toks)
-    tokens_all = np.concatenate(toks).astype(np.int64) if toks else np.zeros(0, np.int64)
-    roles_all = np.concatenate([seg[1] for seg in segments]) if toks else np.zeros(0, np.uint8)
-    lens_all = np.array([len(t) for t in toks], dtype=np.int64)
-    seg_all = np.repeat(np.arange(len(toks)), lens_all)
-    n = min(m, s)
-
-    tokens = np.full(s, vocab.pad, np.int64)
-    tokens[:n] = tokens_all[:n]
-    labels = np.zeros(s, np.int64)
-    label_roles = np.zeros(s, np.uint8)
-    valid = np.zeros(s, bool)
-    k = min(m - 1, s)  # positions with a following token read
-    if k > 0:
-        same = seg_all[1:k + 1] == seg_all[:k]
-        valid[:k] = same
-        labels[:k] = np.where(same, tokens_all[1:k + 1], 0)
-        label_roles[:k] = roles_all[1:k + 1]
-    loss_mask = label_loss_mask(labels, label_roles, valid, loss_role, vocab)
-
-    # documents as they appear in the first s tokens
-    doc_lengths = []
-    used = 0
-    for length in lens_all:
-        if used >= n:
-            break
-        take = int(min(length, n - used))
-        doc_lengths.append(take)
-        used += take
-    if n < s:
-        doc_lengths.append(s - n)
-    doc_lengths = np.array(doc_lengths, dtype=np.int32)
-    starts = np.repeat(np.cumsum(doc_lengths) - doc_lengths, doc_lengths)
-    position_ids = np.arange(s, dtype=np.int64) - starts
-
-    is_image = np.zeros(s, bool)
-    is_image[:n] = roles_all[:n] == IMAGE
-    seg_of = np.repeat(np.arange(len(doc_lengths)), doc_lengths)
-    seg_has_image = np.bincount(seg_of, weights=is_image, minlength=len(doc_lengths)) > 0
-    image_doc_mask = seg_has_image[seg_of]
-    if n < s:
-        image_doc_mask[n:] = False
-
-    n_patches = int(np.count_nonzero(tokens[:n] == vocab.vision_patch))
-    patch_list = [seg[2] for seg in segments if len(seg[2])]
-    patches = np.concatenate(patch_list)[:n_patches] if patch_list else np.zeros((0, PATCH_DIM), np.uint8)
-    if patches.shape[0] != n_patches:
-        raise ValueError(f"pack holds {patches.shape[0]} patches for {n_patches} <vpatch> tokens")
-    coord_list = [seg[3] if len(seg) > 3 else coords_from_tokens(seg[0], vocab) for seg in segments]
-    coords = np.concatenate(coord_list)[:n_patches] if coord_list else np.zeros((0, 2), np.int64)
-    return {
-        "tokens": torch.from_numpy(tokens),
-        "labels": torch.from_numpy(labels),
-        "loss_mask": torch.from_numpy(loss_mask),
-        "position_ids": torch.from_numpy(position_ids),
-        "doc_lengths": torch.from_numpy(doc_lengths),
-        "image_doc_mask": torch.from_numpy(image_doc_mask),
-        "patches": torch.from_numpy(np.ascontiguousarray(patches)),
-        "patch_coords": torch.from_numpy(np.ascontiguousarray(coords, dtype=np.int64)),
-    }
+    """:func:`~megatron_solo.data.sample.sample_arrays` as torch tensors (the fields of this module's docstring)."""
+    return {k: torch.from_numpy(v) for k, v in sample_arrays(segments, seq_length, loss_role, vocab).items()}
 
 
 def collate(samples: Sequence[dict]) -> dict:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_solo.data.image_storage import decode_segment
+from megatron_solo.data.index_file import IndexFile
 from megatron_solo.data.patch_coords import coords_from_tokens, end_state, starts_inside_image
 from megatron_solo.data.stats import prefix_row_separator, prefix_vocab
 from megatron_solo.errors import InputError
@@ -242,15 +243,23 @@ class Packer:
 class SoloIndexedDataset:
     """The three IndexedDatasets of a prefix, read with megatron-core's reader.
 
-    ``len()`` is the number of packs; :meth:`pack` returns one pack's segments.
+    ``len()`` is the number of packs; :meth:`pack` returns one pack's segments. ``reader="numpy"`` reads the
+    same files with :class:`~megatron_solo.data.index_file.IndexFile` instead (no torch, no megatron-core:
+    the inspection tools answer in about a second); training keeps megatron-core's reader.
     """
 
     prefix: str
     mmap: bool = True
+    reader: str = "megatron-core"
 
     def __post_init__(self):
-        # imported here: writing a prefix (preprocessing, its workers) never loads megatron-core and torch
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
+        if self.reader == "numpy":
+            IndexedDataset = IndexFile
+        elif self.reader == "megatron-core":
+            # imported here: writing a prefix (preprocessing, its workers) never loads megatron-core and torch
+            from megatron.core.datasets.indexed_dataset import IndexedDataset
+        else:
+            raise ValueError(f"reader must be 'megatron-core' or 'numpy', not {self.reader!r}")
 
         self.tokens = IndexedDataset(component_prefix(self.prefix, "tokens"), mmap=self.mmap)
         self.roles = IndexedDataset(component_prefix(self.prefix, "roles"), mmap=self.mmap)
