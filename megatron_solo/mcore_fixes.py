@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import queue
+import sys
 
 
 def fix_torch_adam_reshardable_load() -> None:
@@ -122,8 +123,51 @@ def fix_clip_scales_through_a_copy() -> None:
     clip_grads.multi_tensor_scale_impl = multi_tensor_scale
 
 
+def defer_fused_kernel_compile() -> None:
+    """megatron-core 0.19.2 decorates its fused kernels (bias-GeLU/SwiGLU/GeGLU, cross-entropy, norms, ...)
+    with ``torch.compile`` while it is imported (``megatron/core/jit.py``: ``jit_fuser = torch.compile``),
+    and that call imports torch's compiler (dynamo, inductor, sympy: ~2.5 s of CPU of the ~5 s that
+    ``import megatron.core`` takes here) in every process, also where no fused kernel ever runs (the CPU
+    backend turns the fusions off; the tools). Give megatron-core a ``jit_fuser`` that calls ``torch.compile``
+    with the same options on the kernel's first call: torch compiles on the first call anyway, so the kernel
+    and the moment it is compiled are unchanged; only the compiler's import waits until a kernel runs.
+
+    It must run before ``megatron.core`` is first imported (it imports it, with the deferral): the entry
+    points call :func:`apply` before anything that imports megatron-core. Later it is a no-op, and
+    ``torch.compile`` itself is restored before this returns."""
+    if "megatron.core.jit" in sys.modules:
+        return  # imported already: its kernels were compiled-wrapped at import, the compiler with them
+    import torch
+
+    compile_now = torch.compile
+
+    def jit_fuser(fn=None, **options):
+        if fn is None:  # used as @jit_fuser(...)
+            return functools.partial(jit_fuser, **options)
+        compiled = None
+
+        @functools.wraps(fn)
+        def compile_on_first_call(*args, **kwargs):
+            nonlocal compiled
+            if torch.compiler.is_compiling():  # traced inside an enclosing compile: inlined, as before
+                return fn(*args, **kwargs)
+            if compiled is None:
+                compiled = torch.compile(fn, **options)  # torch's own, restored below
+            return compiled(*args, **kwargs)
+
+        return compile_on_first_call
+
+    torch.compile = jit_fuser  # read by megatron/core/jit.py once, when it is imported below
+    try:
+        import megatron.core.jit  # noqa: F401 - imports megatron.core, whose modules decorate their kernels now
+    finally:
+        torch.compile = compile_now
+
+
 def apply() -> None:
-    """Every workaround this package needs from megatron-core 0.19.2."""
+    """Every workaround this package needs from megatron-core 0.19.2 (the first one before megatron-core
+    is imported: call this before anything that imports it)."""
+    defer_fused_kernel_compile()
     fix_torch_adam_reshardable_load()
     fix_torch_adam_step_on_empty_rank()
     fix_sync_save_spawns_a_manager()

@@ -22,6 +22,9 @@ def main(argv=None) -> int:
     check_before_imports(args)  # a bad flag, a missing tokenizer or data prefix: said before torch loads
     # Imported here, not at the top: --help and the checks above answer before torch and megatron-core load.
     from megatron_solo import cpu_backend, mcore_fixes, parallel
+
+    mcore_fixes.apply()  # megatron-core's workarounds, before it is imported (one of them must precede that)
+    # Imported here, after the workarounds: these import megatron-core.
     from megatron_solo.training import faults
     from megatron_solo.training.config import build_train_config
     from megatron_solo.training.dry_run import run_dry_run
@@ -37,7 +40,6 @@ def main(argv=None) -> int:
         return 0
     with faults.guarded_run(cfg) as vocab:  # inputs checked, --save locked by rank 0 for the run's life
         cpu_backend.ensure()  # megatron-core on CPU/gloo when CUDA is absent (a no-op otherwise)
-        mcore_fixes.apply()
         trainer = Trainer(cfg, vocab)
         summary = trainer.train()
         trainer.close()

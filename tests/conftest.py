@@ -1,5 +1,6 @@
-"""Every test goes through the CPU backend (a no-op on a GPU machine) and megatron-core's workarounds:
-this fixture module is the suite's entry point, so it makes the two explicit calls."""
+"""Every test goes through megatron-core's workarounds and the CPU backend (a no-op on a GPU machine):
+this fixture module is the suite's entry point, so it makes the two explicit calls (the workarounds first:
+one of them must precede megatron-core's import)."""
 
 import os
 import sys
@@ -12,8 +13,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from megatron_solo import cpu_backend, mcore_fixes  # noqa: E402
 
-cpu_backend.ensure()
 mcore_fixes.apply()
+cpu_backend.ensure()
 
 
 import subprocess  # noqa: E402

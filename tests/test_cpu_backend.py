@@ -1,8 +1,13 @@
-"""The CPU backend's mappings, each on a case that fails without it."""
+"""The CPU backend's mappings and megatron-core's workarounds (mcore_fixes), each on a case that fails without it."""
+
+import os
+import subprocess
+import sys
 
 import torch
 
 from megatron_solo import cpu_backend
+from tests.conftest import ROOT
 
 
 def test_active_here_because_cuda_is_absent():
@@ -93,3 +98,38 @@ def test_gradient_clipping_scales_in_place_bit_identically():
         clip_grad_by_total_norm_fp32(params, max_norm=1.0, total_norm=40.0)
     assert all(p.grad is t for p, t in zip(params, grads))  # in place
     assert all(torch.equal(p.grad, w) for p, w in zip(params, want)) and sum(copies) < 4096
+
+
+def bias_gelu_reference(bias, y):
+    """megatron-core's tanh-approximated bias-GeLU, written from its definition."""
+    x = bias + y
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+def test_megatron_core_kernels_compile_on_first_call_and_its_import_loads_no_compiler(monkeypatch):
+    """mcore_fixes.defer_fused_kernel_compile (applied by the entry points, here by conftest, before megatron-core
+    is imported): megatron-core's ``@jit_fuser`` kernels call torch.compile, with the same options, on their
+    first call, once; and importing megatron-core (the model, optimizer, checkpointing, the trainer and the
+    converter over it) loads neither dynamo nor inductor, which it did at import before (~2.5 s of CPU a process)."""
+    from megatron.core.fusions import fused_bias_gelu
+
+    compiled = []
+
+    def recording_compile(fn, **options):
+        compiled.append((fn, options))
+        return fn  # eager: the test checks what is compiled and when, not inductor's code
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    y, bias = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)), torch.randn(5)
+    kernel = fused_bias_gelu.bias_gelu
+    for _ in range(2):
+        assert torch.allclose(kernel(bias, y), bias_gelu_reference(bias, y), atol=1e-6)
+    assert compiled == [(kernel.__wrapped__, {})]  # compiled once, on the first call, the kernel itself
+
+    check = ("import sys\nfrom megatron_solo import mcore_fixes\nmcore_fixes.apply()\n"
+             "import megatron.core.models.gpt, megatron.core.optimizer, megatron.core.dist_checkpointing\n"
+             "import megatron_solo.training.trainer, megatron_solo.convert.megatron_io\n"
+             "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))))")
+    r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout[-2000:] + r.stderr[-3000:]

@@ -77,12 +77,13 @@ def main(argv=None) -> int:
     quiet.filter_known_warnings()  # megatron-core's and transformers' notes that ask nothing of the user
     # Imported once the flags are parsed: --help answers before torch loads (these import it); megatron-core
     # (megatron_io) only after a HF directory has been checked.
-    from megatron_solo import cpu_backend, parallel
+    from megatron_solo import cpu_backend, mcore_fixes, parallel
     from megatron_solo.convert.hf_config import check_hf_checkpoint
 
     try:
         if args.command == "hf-to-megatron":
             check_hf_checkpoint(args.hf_dir)  # refuse bad input before megatron is imported
+            mcore_fixes.apply()  # megatron-core's workarounds, before it is imported (one must precede that)
             cpu_backend.ensure()  # megatron-core on this machine's CPU when CUDA is absent
             from megatron_solo.convert.megatron_io import hf_to_megatron  # megatron-core loads here
 
@@ -94,6 +95,7 @@ def main(argv=None) -> int:
                 verify_logits=True if args.verify_logits else None, vision_experts=args.vision_experts,
             )
         else:
+            mcore_fixes.apply()
             cpu_backend.ensure()
             from megatron_solo.convert.megatron_io import megatron_to_hf  # megatron-core loads here
 

@@ -42,8 +42,9 @@ def main(argv=None) -> int:
 
     hf_dir = a.hf_dir
     if a.load:  # as tools/convert_checkpoint.py megatron-to-hf does it
-        from megatron_solo import cpu_backend, parallel
+        from megatron_solo import cpu_backend, mcore_fixes, parallel
 
+        mcore_fixes.apply()  # megatron-core's workarounds, before it is imported (one must precede that)
         cpu_backend.ensure()  # megatron-core on this machine's CPU when CUDA is absent
         from megatron_solo.convert.megatron_io import megatron_to_hf  # megatron-core loads here
 

@@ -17,7 +17,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from megatron_solo import cpu_backend, mcore_fixes
+from megatron_solo import mcore_fixes
 from megatron_solo.netutil import free_port
 
 
@@ -25,7 +25,7 @@ class DistributedTestError(RuntimeError):
     pass
 
 
-def _rank_main(fn, rank, world_size, port, env, cpu_backend_on, args, kwargs, results):
+def _rank_main(call, rank, world_size, port, env, cpu_backend_on, results):
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
@@ -37,8 +37,13 @@ def _rank_main(fn, rank, world_size, port, env, cpu_backend_on, args, kwargs, re
     )
     try:
         if cpu_backend_on:
+            mcore_fixes.apply()  # first: one of its fixes must precede megatron-core's import
+            # Imported here: it loads torch, which a worker with cpu_backend=False starts without (~2 s less).
+            from megatron_solo import cpu_backend
+
             cpu_backend.ensure()
-            mcore_fixes.apply()
+        # Unpickled only now: unpickling imports fn's module, which may import megatron-core.
+        fn, args, kwargs = pickle.loads(call)
         out = fn(*args, **kwargs)
         # Plain pickle copies tensor data into the message; torch's queue reducers would pass
         # shared-memory handles that vanish when this process exits before the parent reads them.
@@ -68,7 +73,8 @@ def run_distributed(
     """Call ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return results in rank order.
 
     ``fn`` must be importable (defined at module level). Results must be picklable (CPU tensors are).
-    Each rank is an entry point: it calls ``cpu_backend.ensure()`` and ``mcore_fixes.apply()`` first;
+    Each rank is an entry point: it calls ``mcore_fixes.apply()`` and ``cpu_backend.ensure()`` first, before
+    it unpickles ``fn`` (whose module may import megatron-core);
     ``cpu_backend=False`` skips both for workers that need neither torch nor megatron-core.
     """
     ctx = mp.get_context("spawn")
@@ -78,10 +84,11 @@ def run_distributed(
     # gloo runs slower, not faster.
     base_env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     base_env.update(env or {})
+    call = pickle.dumps((fn, args, kwargs))  # each rank unpickles it after its entry-point calls
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(fn, rank, world_size, port, base_env, cpu_backend, args, kwargs, results),
+            args=(call, rank, world_size, port, base_env, cpu_backend, results),
             name=f"rank{rank}",
             daemon=False,
         )

@@ -23,7 +23,7 @@ import os
 import re
 import sys
 
-from megatron_solo import errors, quiet
+from megatron_solo import errors, mcore_fixes, quiet
 from megatron_solo.training.arguments import ArgumentError, build_parser
 
 # Bytes of training state per parameter on the device that holds it: bf16/fp32 weight, fp32 main copy
@@ -93,6 +93,7 @@ def run(nproc_per_node: int, nnodes: int, train_argv: list[str]) -> None:
     from megatron_solo.training.early_checks import check_before_imports
 
     check_before_imports(args)  # a bad flag, a missing tokenizer or data prefix: said before torch loads
+    mcore_fixes.apply()  # megatron-core's workarounds, before it is imported (one of them must precede that)
     # Imported here, not at the top: they load torch and megatron-core (seconds), and the checks above need neither.
     from megatron_solo.data.dataset import DataSplitError, check_split_sizes
     from megatron_solo.training import config, faults
