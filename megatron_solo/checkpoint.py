@@ -32,7 +32,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_solo import cpu_backend
-from megatron_solo.parameter_names import is_vision_expert_parameter, text_twin_name
+from megatron_solo.parameter_names import is_lora_parameter, is_vision_expert_parameter, text_twin_name
 from megatron_solo.spec import MISTRAL_VOCAB, SoloVocab
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -91,6 +91,41 @@ def read_checkpoint_info(root: str, iteration: int | None = None) -> dict:
         info = json.load(f)
     info["path"] = path
     return info
+
+
+# A fingerprint reads this much of each tensor file: the whole of a small one, else blocks spread over it.
+_FINGERPRINT_BLOCK, _FINGERPRINT_BLOCKS = 1 << 16, 64
+
+
+def checkpoint_fingerprint(path: str) -> str:
+    """A short hash of one checkpoint's tensor files (``path``: an ``iter_*`` directory): megatron-core's
+    ``.metadata`` and every ``*.distcp`` file, by name, size and content (whole when under 4 MiB, else 64
+    blocks of 64 KiB spread evenly: a base of any size is fingerprinted in milliseconds; two bases that
+    differ in their weights differ nearly everywhere). What a LoRA checkpoint names its base by."""
+    import hashlib
+
+    h = hashlib.sha256()
+    names = sorted(n for n in os.listdir(path) if n == ".metadata" or n.endswith(".distcp"))
+    if not names:
+        raise CheckpointError(f"{path}: no tensor files to fingerprint")
+    for name in names:
+        size = os.path.getsize(os.path.join(path, name))
+        h.update(f"{name}:{size};".encode())
+        with open(os.path.join(path, name), "rb") as f:
+            if size <= _FINGERPRINT_BLOCK * _FINGERPRINT_BLOCKS:
+                h.update(f.read())
+                continue
+            step = (size - _FINGERPRINT_BLOCK) // (_FINGERPRINT_BLOCKS - 1)
+            for i in range(_FINGERPRINT_BLOCKS):
+                f.seek(i * step)
+                h.update(f.read(_FINGERPRINT_BLOCK))
+    return h.hexdigest()[:16]
+
+
+def checkpoint_lora(info: dict) -> dict | None:
+    """The LoRA record of a checkpoint (``args``' ``lora``: rank, alpha, dropout, targets and the ``base`` it
+    adapts: path and fingerprint), or None: a checkpoint without adapters."""
+    return (info.get("args") or {}).get("lora") or None
 
 
 # The architecture fields a checkpoint's tensors depend on: a model that differs in one cannot load it.
@@ -348,16 +383,24 @@ def load_checkpoint(
               f"TP={_layout()['tp']} PP={_layout()['pp']}: RNG state restarts from the seed", flush=True)
     sd = _sharded_state(model_chunks, optimizer, include_optimizer=want_optim, include_rng=want_rng, is_loading=True)
     copy_experts = _experts_to_copy(model_chunks, info, finetune)
+    fresh_adapters = _adapters_to_start(model_chunks, info, finetune)
+
+    def not_in_checkpoint(key: str) -> bool:
+        return (copy_experts and is_vision_expert_parameter(key)) or (fresh_adapters and is_lora_parameter(key))
+
     n = len(model_chunks)
-    if copy_experts:  # not in the checkpoint: each is copied from its text twin after the load
+    if copy_experts or fresh_adapters:  # experts: copied from their text twins after the load; adapters: as built
         for i in range(n):
-            sd[_model_key(i, n)] = {k: v for k, v in sd[_model_key(i, n)].items() if not is_vision_expert_parameter(k)}
+            sd[_model_key(i, n)] = {k: v for k, v in sd[_model_key(i, n)].items() if not not_in_checkpoint(k)}
     state = dist_checkpointing.load(sd, path, strict="raise_unexpected" if strict else "log_unexpected")
     # Keys we did not ask for (e.g. the optimizer under --finetune) are fine; keys we need must exist.
     for i, chunk in enumerate(model_chunks):
-        missing, unexpected = _unwrap(chunk).load_state_dict(state[_model_key(i, n)], strict=strict and not copy_experts)
-        if strict and (unexpected or any(not is_vision_expert_parameter(k) for k in missing)):
+        missing, unexpected = _unwrap(chunk).load_state_dict(
+            state[_model_key(i, n)], strict=strict and not (copy_experts or fresh_adapters))
+        if strict and (unexpected or any(not not_in_checkpoint(k) for k in missing)):
             raise CheckpointError(f"{path}: state does not match the model (missing {missing}, unexpected {unexpected})")
+    if fresh_adapters and torch.distributed.get_rank() == 0:
+        print(f" > {path} holds no LoRA adapters: it is the base they adapt; they start as built (B = 0)", flush=True)
     if copy_experts:
         copied = sum(copy_text_twins(_unwrap(chunk)) for chunk in model_chunks)
         if torch.distributed.get_rank() == 0:
@@ -388,6 +431,17 @@ def _experts_to_copy(model_chunks, info: dict, finetune: bool) -> bool:
     if not finetune:
         raise CheckpointError(f"{info['path']} has no vision experts: start a model with experts from it with "
                               "--finetune (each expert then starts as a copy of its text twin)")
+    return True
+
+
+def _adapters_to_start(model_chunks, info: dict, finetune: bool) -> bool:
+    """Whether the model has LoRA adapters the checkpoint lacks: the checkpoint is their base (a new stage
+    only, ``--finetune``; the run's configuration refuses the rest with one line first)."""
+    has_adapters = any(is_lora_parameter(n) for c in model_chunks for n, _ in _unwrap(c).named_parameters())
+    if not has_adapters or checkpoint_lora(info):
+        return False
+    if not finetune:
+        raise CheckpointError(f"{info['path']} holds no LoRA adapters: start adapters on it with --finetune")
     return True
 
 

@@ -22,3 +22,20 @@ def text_twin_name(expert_name: str) -> str:
     if m is None:
         raise ValueError(f"{expert_name} is not a vision expert's parameter")
     return expert_name[: m.end() - len("vision_")] + expert_name[m.end():]
+
+
+# LoRA (model/lora.py): the layers ``--lora-targets`` names (megatron-core's own module names) and the
+# adapters' parameters, ``<layer>.lora_a`` and ``<layer>.lora_b`` beside the layer's ``weight``.
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "vision_patch_embed")
+DEFAULT_LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+LORA_PARAMS = ("lora_a", "lora_b")
+
+
+def is_lora_parameter(name: str) -> bool:
+    """An adapter's parameter (with or without DDP's ``module.`` prefix, in a checkpoint's stacked keys too)."""
+    return name.rsplit(".", 1)[-1] in LORA_PARAMS
+
+
+def adapted_weight_name(lora_name: str) -> str:
+    """``...linear_qkv.lora_a`` -> ``...linear_qkv.weight``: the weight an adapter adds to."""
+    return lora_name.rsplit(".", 1)[0] + ".weight"

@@ -26,6 +26,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_solo.model.config import SoloModelArgs
+from megatron_solo.model.lora import LoraConfig, init_adapters, patch_embedding_class
 from megatron_solo.model.loss import mask_padded_vocab
 from megatron_solo.model.specs import get_block_spec, get_layer_spec
 from megatron_solo.model.vision import VisionPatchEmbedding
@@ -39,7 +40,8 @@ class SoloModel(GPTModel):
                  pre_process: bool = True, post_process: bool = True, rotary_base: int = 10000,
                  vp_stage: Optional[int] = None, real_vocab_size: Optional[int] = None,
                  share_embeddings_and_output_weights: bool = False, vision_patch_id: int = SOLO_IDS.vision_patch,
-                 vision_experts: str = "none", position_embedding_type: str = "rope", **kwargs):
+                 vision_experts: str = "none", position_embedding_type: str = "rope",
+                 patch_embedding=VisionPatchEmbedding, **kwargs):
         self.real_vocab_size = real_vocab_size  # the tokenizer's vocabulary; rows beyond it are padding
         self.vision_patch_id = vision_patch_id
         # The layers route by modality (model/vision_experts.py): they need the image-token mask.
@@ -59,7 +61,8 @@ class SoloModel(GPTModel):
             vp_stage=vp_stage,
             **kwargs,
         )
-        self.vision_patch_embed = VisionPatchEmbedding(config, vision_patch_id=vision_patch_id) if pre_process else None
+        # ``patch_embedding``: the module class of the spec (``lora.patch_embedding_class``: with an adapter)
+        self.vision_patch_embed = patch_embedding(config, vision_patch_id=vision_patch_id) if pre_process else None
 
     def embed_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                      vision_patches: Optional[torch.Tensor]) -> torch.Tensor:
@@ -135,12 +138,14 @@ def build_solo_model(
     *,
     use_te: bool = False,
     core_attention: str = "dot_product",
+    lora: Optional[LoraConfig] = None,
 ) -> SoloModel:
     """Build this rank's part of a SOLO model (megatron-core's groups must be initialised).
 
     ``pre_process`` / ``post_process`` default to "this is the first / last pipeline stage" (for
     ``vp_stage`` under virtual pipelining). ``padded_vocab_size`` defaults to Megatron's rule,
-    ``model_args.padded_vocab_size(TP)``.
+    ``model_args.padded_vocab_size(TP)``. ``lora``: LoRA adapters on its targets (``model/lora.py``),
+    started as PEFT starts them when the config initialises parameters.
     """
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
@@ -153,8 +158,8 @@ def build_solo_model(
         raise ValueError(f"padded_vocab_size {padded_vocab_size} must be >= {model_args.vocab_size} "
                          f"and divisible by TP={tp}")
     layer_spec = get_layer_spec(config, use_te=use_te, core_attention=core_attention,
-                                vision_experts=model_args.vision_experts)
-    return SoloModel(
+                                vision_experts=model_args.vision_experts, lora=lora)
+    model = SoloModel(
         config=config,
         transformer_layer_spec=get_block_spec(config, layer_spec, vp_stage=vp_stage),
         vocab_size=padded_vocab_size,
@@ -170,4 +175,8 @@ def build_solo_model(
         vision_patch_id=model_args.vision_patch_id,
         vision_experts=model_args.vision_experts,
         position_embedding_type="mrope" if model_args.image_positions == "mrope" else "rope",
+        patch_embedding=patch_embedding_class(lora),
     )
+    if lora is not None and config.perform_initialization:
+        init_adapters(model, lora.seed)
+    return model

@@ -23,6 +23,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from megatron_solo.model.attention import SDPAFlexAttention
 from megatron_solo.model.config import check_fp8, te_available
+from megatron_solo.model.lora import LoraConfig, lora_layer_submodules
 from megatron_solo.model.vision_experts import vision_expert_layer_spec
 
 
@@ -79,7 +80,8 @@ def resolve_use_te(config, use_te: bool) -> bool:
 CORE_ATTENTION_CHOICES = ("dot_product", "sdpa_flex")
 
 
-def get_layer_spec(config, use_te: bool = False, core_attention: str = "dot_product", vision_experts: str = "none"):
+def get_layer_spec(config, use_te: bool = False, core_attention: str = "dot_product", vision_experts: str = "none",
+                   lora: Optional[LoraConfig] = None):
     """The ``ModuleSpec`` of one SOLO transformer layer.
 
     ``vision_experts`` ('none', 'ffn', 'full'): the dense layer, or ``vision_experts.py``'s layers routed
@@ -88,6 +90,8 @@ def get_layer_spec(config, use_te: bool = False, core_attention: str = "dot_prod
     ``use_te``: the caller's decision (a run's, made once from ``--transformer-impl``); default local. ``core_attention`` selects
     the local path's attention ('dot_product': megatron's math, explicit masks; 'sdpa_flex': torch SDPA
     and FlexAttention, see ``attention.py``); the TE spec always uses ``TEDotProductAttention``.
+    ``lora``: the local linears it targets become their LoRA classes (``lora.py``; the vision experts'
+    twins are built from the same submodules and get adapters too).
     """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_submodules,
@@ -101,6 +105,9 @@ def get_layer_spec(config, use_te: bool = False, core_attention: str = "dot_prod
         if vision_experts != "none":
             raise ValueError(f"vision_experts={vision_experts!r} is built on the local layer spec; "
                              "Transformer Engine's fused norm+linear cannot route tokens by modality")
+        if lora is not None:
+            raise ValueError("LoRA adapters are built on the local layer spec; Transformer Engine's fused "
+                             "norm+linear hands the adapter no normalised input")
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     if core_attention not in CORE_ATTENTION_CHOICES:
         raise ValueError(f"core_attention must be one of {CORE_ATTENTION_CHOICES}, got {core_attention!r}")
@@ -116,6 +123,8 @@ def get_layer_spec(config, use_te: bool = False, core_attention: str = "dot_prod
         sub.self_attention.submodules.core_attention = SoloDotProductAttention
     else:
         sub.self_attention.submodules.core_attention = SDPAFlexAttention
+    if lora is not None:
+        lora_layer_submodules(sub, lora)
     if vision_experts != "none":
         return vision_expert_layer_spec(sub, vision_experts)
     return ModuleSpec(module=TransformerLayer, submodules=sub)

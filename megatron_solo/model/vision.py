@@ -45,12 +45,15 @@ class VisionPatchEmbedding(MegatronModule):
             with torch.no_grad():
                 config.init_method(self.weight)
 
-    def project(self, patches: torch.Tensor) -> torch.Tensor:
-        """``[n, 3072]`` patches -> ``[n, hidden]``."""
+    def normalized(self, patches: torch.Tensor) -> torch.Tensor:
+        """``[n, 3072]`` patches as the projection takes them (normalised, the weight's dtype and device)."""
         if patches.dim() != 2:
             raise ValueError(f"patches must be [n, {PATCH_DIM}], got {tuple(patches.shape)}")
-        x = normalize_patches(patches.to(self.weight.device), dtype=self.weight.dtype)
-        return torch.nn.functional.linear(x, self.weight)
+        return normalize_patches(patches.to(self.weight.device), dtype=self.weight.dtype)
+
+    def project(self, patches: torch.Tensor) -> torch.Tensor:
+        """``[n, 3072]`` patches -> ``[n, hidden]``."""
+        return torch.nn.functional.linear(self.normalized(patches), self.weight)
 
     def forward(self, embeddings: torch.Tensor, input_ids: torch.Tensor, patches: torch.Tensor | None):
         """``embeddings`` [s, b, h] (megatron's layout, full sequence); ``input_ids`` [b, s].

@@ -12,6 +12,7 @@ import argparse
 import os
 
 from megatron_solo.errors import InputError
+from megatron_solo.parameter_names import DEFAULT_LORA_TARGETS, LORA_TARGETS
 from megatron_solo.spec import IMAGE_ATTENTION_CHOICES, IMAGE_POSITIONS_CHOICES
 from megatron_solo.training import param_groups
 
@@ -140,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "alignment stage; default: off)")
     g.add_argument("--freeze-vision", action="store_true",
                    help="train everything except the patch embedding (and the vision experts) (default: off)")
+
+    g = p.add_argument_group("LoRA adapters (megatron_solo/model/lora.py, docs/TRAINING.md)")
+    g.add_argument("--lora-rank", type=int, default=0,
+                   help="train LoRA adapters of this rank on --lora-targets and nothing else (the base, from --load "
+                        "with --finetune, stays as loaded); 0: off")
+    g.add_argument("--lora-alpha", type=float, default=None,
+                   help="LoRA scaling numerator: an adapter adds (alpha / rank) * B A x (default: None, the rank)")
+    g.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="dropout on an adapter's input")
+    g.add_argument("--lora-targets", nargs="+", choices=LORA_TARGETS, default=list(DEFAULT_LORA_TARGETS),
+                   help="layers that get adapters: attention QKV and output projection, MLP in and out, the patch "
+                        "embedding (the vision experts' twins of a targeted layer too)")
 
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true",

@@ -24,6 +24,7 @@ from megatron_solo import checkpoint
 from megatron_solo.data.dataset import data_row_separator
 from megatron_solo.data.stats import layout_name
 from megatron_solo.model.config import PRESETS, SoloModelArgs, build_transformer_config, check_fp8, use_te_default
+from megatron_solo.model.lora import LoraConfig
 from megatron_solo.training import param_groups
 from megatron_solo.training.arguments import ArgumentError, fail, validate_args
 
@@ -63,6 +64,8 @@ class ModelSection:
     thd_batches: bool               # batches re-laid out as THD (the TE spec's packed form); follows use_te
     attention_backend: str          # core attention of the local spec
     source_note: str | None = None  # said at start-up: the checkpoint the architecture came from
+    lora: LoraConfig | None = None  # --lora-*: the adapters (model/lora.py); None: none
+    lora_base: dict | None = None   # the checkpoint they adapt: {"path", "fingerprint"} (decide_lora)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +134,7 @@ class OptimizerSection:
     decoupled_min_lr: float | None
     freeze_lm: bool
     freeze_vision: bool
+    lora_rank: int = 0              # > 0: only the LoRA adapters train (param_groups.trainable_parameter_filter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +266,8 @@ class TrainConfig:
             padded_vocab_size=self.model.padded_vocab_size, row_separator=self.data.row_separator)
         # The schedule the run follows (the checkpoint's, unless --override-opt_param-scheduler), not the flags.
         schedule = {f: getattr(self.optimizer, f) for f in SCHEDULE_FLAGS}
-        return {**self.flags, **derived, **schedule}
+        lora = {"lora": {**self.model.lora.record(), "base": self.model.lora_base}} if self.model.lora else {}
+        return {**self.flags, **derived, **schedule, **lora}
 
     @property
     def tokenizer_model_path(self) -> str | None:
@@ -554,6 +559,64 @@ def decide_image_choices(a, model_args: SoloModelArgs, resume: ResumePlan, use_t
     return dataclasses.replace(model_args, **chosen), note
 
 
+def decide_lora(a, resume: ResumePlan) -> tuple[LoraConfig | None, dict | None]:
+    """The run's LoRA adapters and the base they adapt, once (docs/TRAINING.md "LoRA").
+
+    New adapters start on the checkpoint a ``--finetune`` loads: it is their base, named by its path and
+    :func:`~megatron_solo.checkpoint.checkpoint_fingerprint`. A checkpoint that holds adapters (its ``lora``
+    record) carries them and their base on: the flags must give the same rank, alpha and targets, and a
+    ``--load`` beside the resumed ``--save`` must name the same base (else one line says which is which).
+    Returns (adapters or None, base record or None)."""
+    saved = checkpoint.checkpoint_lora(resume.info) if resume.info is not None else None
+    where = resume.load_dir
+    if not a.lora_rank:
+        if saved:
+            raise ArgumentError(
+                f"{where} holds LoRA adapters (rank {saved['rank']}, alpha {saved['alpha']:g}, targets "
+                f"{' '.join(saved['targets'])}): resume it with --lora-rank {saved['rank']} --lora-alpha "
+                f"{saved['alpha']:g} --lora-targets {' '.join(saved['targets'])}, or export it merged "
+                f"(tools/convert_checkpoint.py megatron-to-hf --merge-lora) to go on without adapters")
+        return None, None
+    try:
+        lora = LoraConfig(rank=a.lora_rank, alpha=float(a.lora_alpha or a.lora_rank), dropout=a.lora_dropout,
+                          targets=tuple(dict.fromkeys(a.lora_targets)), seed=a.seed)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+    if resume.info is None:
+        raise ArgumentError("--lora-rank adapts a base: pass --load BASE --finetune (a converted base or a "
+                            "trained checkpoint; it stays as loaded)")
+    if saved is None:
+        if not resume.finetune:
+            raise ArgumentError(f"--lora-rank: {where} holds no adapters; add --finetune to start adapters on it "
+                                f"(it is then their base)")
+        try:
+            base = {"path": resume.info["path"], "fingerprint": checkpoint.checkpoint_fingerprint(resume.info["path"])}
+        except (checkpoint.CheckpointError, OSError) as e:
+            raise ArgumentError(f"cannot fingerprint the base {resume.info['path']}: {e}") from None
+        return lora, base
+    rec = lora.record()
+    differ = [k for k in ("rank", "alpha", "targets") if saved.get(k) != rec[k]]
+    if differ:
+        raise ArgumentError(
+            f"--lora-{' --lora-'.join(differ)}: {where} holds adapters with "
+            f"{', '.join(f'{k} {saved[k]}' for k in differ)} and a run keeps them; give those values, or export "
+            f"it merged (megatron-to-hf --merge-lora) and start new adapters on the conversion of that export")
+    base = saved.get("base") or {}
+    if a.load and os.path.abspath(a.load) != os.path.abspath(where):
+        try:
+            named = checkpoint.read_checkpoint_info(a.load, a.ckpt_step)["path"]
+            fingerprint = checkpoint.checkpoint_fingerprint(named)
+        except (checkpoint.CheckpointError, OSError, ValueError) as e:
+            raise ArgumentError(f"--load {a.load}: cannot read the base it names: {e}") from None
+        if fingerprint != base.get("fingerprint"):
+            raise ArgumentError(
+                f"--load {a.load} is not the base of the adapters in {where}: they adapt {base.get('path')} "
+                f"(fingerprint {base.get('fingerprint')}), --load holds {named} (fingerprint {fingerprint}); "
+                f"pass --load {os.path.dirname(base.get('path') or '') or base.get('path')}, or a new --save "
+                f"to start adapters on {a.load}")
+    return lora, base
+
+
 def decide_use_te(transformer_impl: str | None) -> bool:
     """The run's one layer-spec decision: --transformer-impl when given, else TE when it imports on a GPU."""
     return use_te_default() if transformer_impl is None else transformer_impl == "transformer_engine"
@@ -576,6 +639,10 @@ def build_train_config(args) -> TrainConfig:
     if use_te and model_args.vision_experts != "none":
         raise ArgumentError(f"--vision-experts {model_args.vision_experts} runs on the local layer spec: "
                             "add --transformer-impl local")
+    lora, lora_base = decide_lora(a, resume)
+    if use_te and lora is not None:
+        raise ArgumentError("--lora-rank adapts megatron-core's local linear layers (Transformer Engine's fused "
+                            "norm+linear hands an adapter no normalised input): add --transformer-impl local")
     if a.fp8_format and not a.dry_run:  # a dry run plans FP8 without TE
         try:
             check_fp8(a.fp8_format, a.fp8_recipe, use_te)
@@ -596,7 +663,7 @@ def build_train_config(args) -> TrainConfig:
         model=ModelSection(preset=None if source_note else a.model or "tiny", args=model_args,
                            padded_vocab_size=padded_vocab_size(model_args, tp, resume),
                            use_te=use_te, thd_batches=use_te, attention_backend=a.attention_backend,
-                           source_note=source_note),
+                           source_note=source_note, lora=lora, lora_base=lora_base),
         parallel=ParallelSection(world_size=sizes["world_size"], tensor=tp, pipeline=a.pipeline_model_parallel_size,
                                  virtual_pipeline=vpp, context=a.context_parallel_size, data=sizes["data"],
                                  sequence_parallel=a.sequence_parallel,
@@ -619,7 +686,8 @@ def build_train_config(args) -> TrainConfig:
             clip_grad=a.clip_grad, adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
             max_skipped_iters=a.max_skipped_iters, vision_lr=a.vision_lr, vision_min_lr=a.vision_min_lr,
             vision_weight_decay=a.vision_weight_decay, decoupled_lr=a.decoupled_lr,
-            decoupled_min_lr=a.decoupled_min_lr, freeze_lm=a.freeze_lm, freeze_vision=a.freeze_vision),
+            decoupled_min_lr=a.decoupled_min_lr, freeze_lm=a.freeze_lm, freeze_vision=a.freeze_vision,
+            lora_rank=a.lora_rank),
         ddp=DDPSection(use_distributed_optimizer=a.use_distributed_optimizer,
                        overlap_grad_reduce=a.overlap_grad_reduce, overlap_param_gather=a.overlap_param_gather),
         data=DataSection(data_path=tuple(a.data_path or ()),

@@ -16,14 +16,15 @@ def build_model_chunks(cfg, model_config, *, use_te: bool) -> list:
     vpp = cfg.parallel.virtual_pipeline
     return [build_solo_model(cfg.model.args, model_config, vp_stage=v if vpp else None,
                              padded_vocab_size=cfg.model.padded_vocab_size, use_te=use_te,
-                             core_attention=cfg.model.attention_backend)
+                             core_attention=cfg.model.attention_backend, lora=cfg.model.lora)
             for v in range(vpp or 1)]
 
 
 def build_trained_chunks(cfg, model_config) -> list[DistributedDataParallel]:
     """The chunks the trainer trains: frozen parameters marked, then each chunk wrapped in megatron-core DDP."""
     chunks = build_model_chunks(cfg, model_config, use_te=cfg.model.use_te)
-    # Before the DDP wrap: frozen parameters get no gradient buffer, main copy or optimizer state.
+    # Before the DDP wrap: frozen parameters get no gradient buffer, main copy or optimizer state (under
+    # --lora-rank every base weight is frozen: the optimizer holds the adapters only).
     param_groups.apply_freezing(chunks, cfg.optimizer)
     ddp_config = cfg.ddp_config()
     return [DistributedDataParallel(config=model_config, ddp_config=ddp_config, module=chunk,

@@ -12,7 +12,8 @@ inside a pretrained LLM. Two controls let a recipe treat it differently from the
 * **Freezing**: :func:`apply_freezing` sets ``requires_grad=False`` on the frozen parameters *before* the
   DDP wrap, so megatron-core gives them no gradient buffer, no fp32 main copy and no optimizer state.
   ``--freeze-lm`` trains only the image side: the patch embedding and, in a model with vision experts
-  (``--vision-experts``), the experts (Mono-InternVL's "delta tuning"); ``--freeze-vision`` everything but it.
+  (``--vision-experts``), the experts (Mono-InternVL's "delta tuning"); ``--freeze-vision`` everything but it;
+  ``--lora-rank`` only the LoRA adapters (``model/lora.py``).
 
 Checkpoints keep every weight (frozen ones included); the optimizer part holds the trainable ones
 only, so resuming with a different set of trainable parameters or groups needs ``--finetune`` (weights
@@ -24,7 +25,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Callable
 
-from megatron_solo.parameter_names import is_vision_expert_parameter
+from megatron_solo.parameter_names import is_lora_parameter, is_vision_expert_parameter
 
 VISION_PARAM_PATTERN = "*vision_patch_embed.*"  # matches with or without the DDP wrapper's "module." prefix
 GROUP_KEY = "group_name"  # our tag in a ParamGroupOverride; megatron-core copies it into the param group
@@ -44,12 +45,14 @@ def is_image_side_parameter(name: str) -> bool:
 
 
 def trainable_parameter_filter(cfg) -> Callable[[str], bool]:
-    """``name -> True`` when the parameter trains under this run's ``--freeze-*`` flags.
+    """``name -> True`` when the parameter trains under this run's ``--freeze-*`` / ``--lora-rank`` flags.
 
-    Works on any object with ``freeze_lm``/``freeze_vision`` attributes (the config's optimizer section or the
-    parsed flags), and
+    Works on any object with ``freeze_lm``/``freeze_vision``/``lora_rank`` attributes (the config's optimizer
+    section or the parsed flags), and
     on names with or without the DDP ``module.`` prefix: the dry run counts memory with it."""
     freeze_lm, freeze_vision = bool(getattr(cfg, "freeze_lm", False)), bool(getattr(cfg, "freeze_vision", False))
+    if getattr(cfg, "lora_rank", 0):
+        return is_lora_parameter
 
     def trains(name: str) -> bool:
         return not (freeze_vision if is_image_side_parameter(name) else freeze_lm)
@@ -117,6 +120,7 @@ def check_args(args, fail) -> None:
     """One-line checks of the recipe flags (``fail(msg)`` raises the ArgumentError)."""
     if args.freeze_lm and args.freeze_vision:
         fail("--freeze-lm and --freeze-vision together leave nothing to train; give at most one")
+    _check_lora_args(args, fail)
     for flag in ("vision_lr", "vision_min_lr", "vision_weight_decay", "decoupled_lr", "decoupled_min_lr"):
         v = getattr(args, flag)
         if v is not None and v < 0:
@@ -137,6 +141,22 @@ def check_args(args, fail) -> None:
         fail("--vision-lr/--vision-weight-decay have no effect with --freeze-vision; drop one of them")
     if args.freeze_lm and args.decoupled_lr is not None:
         fail("--decoupled-lr has no effect with --freeze-lm (the embedding and output layer are frozen)")
+
+
+def _check_lora_args(args, fail) -> None:
+    rank = getattr(args, "lora_rank", 0)
+    if rank < 0:
+        fail(f"--lora-rank must be >= 0 (0: no adapters), got {rank}")
+    if not rank:
+        if args.lora_alpha is not None or args.lora_dropout:
+            fail("--lora-alpha/--lora-dropout need --lora-rank (the adapters' rank)")
+        return
+    if not 0.0 <= args.lora_dropout < 1.0:
+        fail(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.lora_alpha is not None and args.lora_alpha <= 0:
+        fail(f"--lora-alpha must be > 0, got {args.lora_alpha}")
+    if args.freeze_lm or args.freeze_vision:
+        fail("--lora-rank trains the adapters only (every base weight is frozen); drop --freeze-lm/--freeze-vision")
 
 
 def check_resume(args, resume, fail) -> None:
