@@ -10,6 +10,9 @@
     .venv/bin/python tools/convert_checkpoint.py hf-to-megatron --hf-dir SOLO-7B --save ckpt/solo-7b
     # a megatron_solo checkpoint (any TP/PP; latest iteration by default) -> HF SOLO
     .venv/bin/python tools/convert_checkpoint.py megatron-to-hf --load ckpt/sft --save hf/solo-sft --verify
+    # a LoRA run's checkpoint -> a PEFT adapter directory (for the export of its base), or the merged model
+    .venv/bin/python tools/convert_checkpoint.py megatron-to-hf --load ckpt/lora --save hf/solo-lora-adapter
+    .venv/bin/python tools/convert_checkpoint.py megatron-to-hf --load ckpt/lora --save hf/solo-lora --merge-lora
 
 TP/PP are not arguments of the conversion: megatron-core's dist_checkpointing reshards on load, so a
 converted checkpoint loads at any TP/PP whose TP divides its padded vocabulary
@@ -68,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
                         "exported model's logits when both models fit in memory")
     m.add_argument("--verify-logits", action="store_true",
                    help="with --verify: run the logits check even when the models may not fit in memory")
+    m.add_argument("--merge-lora", action="store_true",
+                   help="a checkpoint with LoRA adapters: export the model with the adapters merged into its weights "
+                        "(default for such a checkpoint: a PEFT adapter directory, adapter_config.json + "
+                        "adapter_model.safetensors, for the export of its base)")
     return ap
 
 
@@ -103,7 +110,7 @@ def main(argv=None) -> int:
                 args.load, args.save, iteration=args.iteration, dtype=args.dtype,
                 max_shard_size=args.max_shard_size, tokenizer_model=args.tokenizer_model,
                 overwrite=args.overwrite, verify=args.verify or args.verify_logits,
-                verify_logits=True if args.verify_logits else None,
+                verify_logits=True if args.verify_logits else None, merge_lora=args.merge_lora,
             )
     finally:
         if "megatron.core" in sys.modules:

@@ -180,13 +180,13 @@ class CheckpointTensorReader:
     checkpoint's own dtype.
     """
 
-    def __init__(self, info: dict, model_args, padded_vocab_size: int):
+    def __init__(self, info: dict, model_args, padded_vocab_size: int, lora=None):
         self.path = info["path"]
         metadata = FileSystemReader(self.path).read_metadata()
         self._dtypes = {k: v.properties.dtype for k, v in metadata.state_dict_metadata.items()
                         if hasattr(v, "properties")}
         self.dtype = self._dtypes["embedding.word_embeddings.weight"]
-        self.model = build_meta_model(model_args, padded_vocab_size, self.dtype)
+        self.model = build_meta_model(model_args, padded_vocab_size, self.dtype, lora=lora)  # lora: its adapters too
         params = dict(self.model.named_parameters())
         self._regions = {}
         for name, entry in self.model.sharded_state_dict().items():

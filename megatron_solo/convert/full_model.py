@@ -21,21 +21,23 @@ def init_conversion_parallel() -> None:
     initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
 
 
-def build_full_model(model_args, padded_vocab_size: int, params_dtype=torch.float32, initialize: bool = False):
+def build_full_model(model_args, padded_vocab_size: int, params_dtype=torch.float32, initialize: bool = False,
+                     lora=None):
     """The whole SOLO model in this process (TP=1, PP=1, local spec), parameters left uninitialised
-    unless ``initialize`` (conversion overwrites every one of them)."""
+    unless ``initialize`` (conversion overwrites every one of them); ``lora``: with the LoRA adapters of a
+    checkpoint that holds them (``model/lora.py``)."""
     init_conversion_parallel()
     config = build_transformer_config(model_args, params_dtype=params_dtype, use_te=False,
                                       perform_initialization=initialize)
     return build_solo_model(model_args, config, pre_process=True, post_process=True,
-                            padded_vocab_size=padded_vocab_size, use_te=False)
+                            padded_vocab_size=padded_vocab_size, use_te=False, lora=lora)
 
 
-def build_meta_model(model_args, padded_vocab_size: int, params_dtype: torch.dtype):
+def build_meta_model(model_args, padded_vocab_size: int, params_dtype: torch.dtype, lora=None):
     """The full TP=1/PP=1 SOLO model (local spec) on the meta device: its layout, no memory."""
     init_conversion_parallel()
     config = build_transformer_config(model_args, params_dtype=params_dtype, use_te=False,
                                       perform_initialization=False)
     with meta_device():
         return build_solo_model(model_args, config, pre_process=True, post_process=True,
-                                padded_vocab_size=padded_vocab_size, use_te=False)
+                                padded_vocab_size=padded_vocab_size, use_te=False, lora=lora)

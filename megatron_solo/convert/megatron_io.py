@@ -27,6 +27,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron_solo import cpu_backend
 from megatron_solo.checkpoint import (
     CheckpointError,
+    checkpoint_lora,
     checkpoint_row_separator,
     checkpoint_vocab,
     latest_iteration,
@@ -42,6 +43,7 @@ from megatron_solo.convert.full_model import init_conversion_parallel  # noqa: F
 from megatron_solo.convert.hf_config import check_hf_checkpoint, conversion_shapes, hf_config_from_model_args
 from megatron_solo.convert.hf_export_files import copy_tokenizer, resolve_tokenizer, write_hf_support_files
 from megatron_solo.convert.hf_files.processing_solo import normalize_patches
+from megatron_solo.convert.lora_export import AdaptedWeights, write_peft_adapter
 from megatron_solo.convert.mapping import (
     bound_mappings,
     canonical_megatron_name,
@@ -51,6 +53,8 @@ from megatron_solo.convert.mapping import (
 from megatron_solo.convert.safetensors_io import HFCheckpoint, StreamingSafetensorsWriter, parse_size
 from megatron_solo.data.tokenizer import TokenizerError, check_tokenizer
 from megatron_solo.model import SoloModelArgs, model_forward_kwargs
+from megatron_solo.model.lora import LoraConfig
+from megatron_solo.parameter_names import is_lora_parameter
 from megatron_solo.model.image_blocks import patch_coords_from_row_separators
 from megatron_solo.spec import BASE_VOCAB_SIZE, MISTRAL_VOCAB, PATCH_DIM, SoloVocab, vocab_mismatch
 
@@ -269,14 +273,28 @@ def _load_full_model(info: dict, params_dtype):
     check only)."""
     model_args = SoloModelArgs(**info["model_args"])
     padded = int(info["padded_vocab_size"])
-    model = build_full_model(model_args, padded, params_dtype)
+    model = build_full_model(model_args, padded, params_dtype, lora=checkpoint_lora_config(info))
     load_weights(model, info)
     return model
 
 
+def checkpoint_lora_config(info: dict) -> LoraConfig | None:
+    """The LoRA adapters a checkpoint holds (its ``lora`` record), or None."""
+    rec = checkpoint_lora(info)
+    return LoraConfig.from_record(rec) if rec else None
+
+
 def checkpoint_reader(info: dict):
     """A :class:`~megatron_solo.convert.dcp_stream.CheckpointTensorReader` for a checkpoint's info."""
-    return CheckpointTensorReader(info, SoloModelArgs(**info["model_args"]), int(info["padded_vocab_size"]))
+    return CheckpointTensorReader(info, SoloModelArgs(**info["model_args"]), int(info["padded_vocab_size"]),
+                                  lora=checkpoint_lora_config(info))
+
+
+def table_tensors(info: dict, reader):
+    """``name -> tensor`` of the mapping table's Megatron parameters: the reader's, merged with their LoRA
+    adapters when the checkpoint holds them (``W + (alpha/r) B A``: what the adapted model computes)."""
+    lora = checkpoint_lora(info)
+    return AdaptedWeights(reader.get, reader.names(), lora).get if lora else reader.get
 
 
 def _check_tokenizer_for_export(path: str | None, model_args, info: dict):
@@ -308,13 +326,16 @@ def megatron_to_hf(
     overwrite: bool = False,
     verify: bool = False,
     verify_logits: bool | None = None,
+    merge_lora: bool = False,
 ) -> dict:
     """Export a megatron_solo checkpoint (any TP/PP; latest iteration by default) as a HF SOLO directory.
 
     Streaming: one parameter is read from the checkpoint at a time (megatron-core reshards it to TP=1),
     converted and written to its safetensors shard. ``dtype`` defaults to the checkpoint's own. The
     directory appears complete or not at all (written beside it, then renamed). Padding rows past the
-    real vocabulary are dropped.
+    real vocabulary are dropped. A checkpoint with LoRA adapters (``model/lora.py``) exports them as a PEFT
+    adapter directory, or, with ``merge_lora``, as the model with the adapters merged into its weights
+    (``convert/lora_export.py``).
     """
     max_shard_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     if os.path.exists(save_dir) and os.listdir(save_dir) and not overwrite:
@@ -323,14 +344,23 @@ def megatron_to_hf(
     iteration = info["iteration"]
     model_args = SoloModelArgs(**info["model_args"])
     padded = int(info["padded_vocab_size"])
+    lora = checkpoint_lora(info)
+    if merge_lora and not lora:
+        raise ConversionError(f"{info['path']} holds no LoRA adapters: drop --merge-lora")
+    if lora and not merge_lora and model_args.vision_experts != "none":
+        raise ConversionError(f"{info['path']} has vision experts: the exported model routes image tokens inside "
+                              "its modules, where PEFT's adapters cannot follow; export with --merge-lora")
     tok_path, vocab = _check_tokenizer_for_export(tokenizer_model or info.get("tokenizer_model"), model_args, info)
     reader = checkpoint_reader(info)
     dtype = reader.dtype if dtype is None else parse_dtype(dtype)
 
     shapes = conversion_shapes(model_args.to_dict(), padded_vocab_size=padded)
     mappings = bound_mappings(shapes)
-    _check_coverage({n: None for n in reader.names()}, mappings)
+    _check_coverage({n: None for n in reader.names() if not is_lora_parameter(n)}, mappings)
     summary = {"save_dir": save_dir, "iteration": iteration, "dtype": str(dtype).replace("torch.", "")}
+    if lora and not merge_lora:
+        return _export_peft_adapter(info, reader, save_dir, mappings, shapes, lora, dtype, summary)
+    get = table_tensors(info, reader)
     rank0 = _rank0()
     tmp = None
     if rank0:
@@ -345,7 +375,7 @@ def megatron_to_hf(
         writer = StreamingSafetensorsWriter(tmp, plan, max_shard_bytes) if rank0 else None
         with torch.no_grad():
             for bm in _progress(mappings, desc="megatron -> hf", unit="tensor"):
-                full = reader.get(bm.megatron)  # collective: every rank reads
+                full = get(bm.megatron)  # collective: every rank reads
                 if rank0:
                     for name, t in bm.to_hf(full, shapes).items():
                         writer.write(name, t.to(dtype))
@@ -369,6 +399,35 @@ def megatron_to_hf(
     if verify:
         summary["verify"] = verify_checkpoint_against_hf(info, save_dir, kind="solo", logits=verify_logits,
                                                          round_to=dtype)
+    return summary
+
+
+def _export_peft_adapter(info, reader, save_dir, mappings, shapes, lora, dtype, summary) -> dict:
+    """The adapters of ``info``'s checkpoint as a PEFT directory (``convert/lora_export.py``), written by rank 0
+    beside ``save_dir`` and renamed; the base they adapt is exported from its own checkpoint (``lora['base']``)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank has checked ``save_dir`` before rank 0 writes it
+    try:
+        if _rank0():
+            parent = os.path.dirname(os.path.abspath(save_dir)) or "."
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save_dir))}.tmp-", dir=parent)
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+            try:
+                summary.update(write_peft_adapter(tmp, AdaptedWeights(reader.get, reader.names(), lora), mappings,
+                                                  shapes, lora, dtype, lora.get("base")))
+                summary["peft_adapter"] = save_dir
+                if os.path.exists(save_dir):
+                    shutil.rmtree(save_dir)
+                os.replace(tmp, save_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
     return summary
 
 
@@ -484,7 +543,7 @@ def verify_checkpoint_against_hf(info: dict, hf_dir: str, *, kind: str, logits: 
     models on a small batch when ``logits`` is True, or when it is None and both fit in memory
     (:func:`logits_check_fits`: skipped with a message otherwise)."""
     reader = checkpoint_reader(info)
-    n = verify_tensors(reader.get, hf_dir, kind=kind, model_args=info["model_args"],
+    n = verify_tensors(table_tensors(info, reader), hf_dir, kind=kind, model_args=info["model_args"],
                        padded_vocab_size=int(info["padded_vocab_size"]), source_rows=source_rows)
     out = {"tensors_checked": n}
     n_params = sum(p.numel() for p in reader.model.parameters())

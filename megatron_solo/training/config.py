@@ -590,7 +590,8 @@ def decide_lora(a, resume: ResumePlan) -> tuple[LoraConfig | None, dict | None]:
             raise ArgumentError(f"--lora-rank: {where} holds no adapters; add --finetune to start adapters on it "
                                 f"(it is then their base)")
         try:
-            base = {"path": resume.info["path"], "fingerprint": checkpoint.checkpoint_fingerprint(resume.info["path"])}
+            base = {"path": os.path.abspath(resume.info["path"]),
+                    "fingerprint": checkpoint.checkpoint_fingerprint(resume.info["path"])}
         except (checkpoint.CheckpointError, OSError) as e:
             raise ArgumentError(f"cannot fingerprint the base {resume.info['path']}: {e}") from None
         return lora, base
