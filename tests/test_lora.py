@@ -53,13 +53,13 @@ def _train(flags) -> dict[int, float]:
 def _worker(data, out):
     from megatron_solo.convert.megatron_io import megatron_to_hf
 
-    p = {k: os.path.join(out, k) for k in ("base", "tp2", "resumed", "merged", "adapter", "base_hf")}
+    p = {k: os.path.join(out, k) for k in ("base", "tp2", "tp1", "resumed", "merged", "adapter", "base_hf")}
     res = {"paths": p}
     _train(_flags(data, "--train-iters", "1", "--save", p["base"]))
     lora_from_base = [*LORA, "--load", p["base"], "--finetune", "--train-iters", str(ITERS)]
     res["tp2"] = _train(_flags(data, *TP2_SP, *lora_from_base, "--save", p["tp2"], "--save-interval", "2"))
     res["pp2"] = _train(_flags(data, "--pipeline-model-parallel-size", "2", *lora_from_base))
-    res["tp1"] = _train(_flags(data, *lora_from_base))
+    res["tp1"] = _train(_flags(data, *lora_from_base, "--save", p["tp1"]))
     # A kill -9 after iteration 2's save: the relaunched stage (same command) resumes its own --save.
     if torch.distributed.get_rank() == 0:
         os.makedirs(p["resumed"])
@@ -91,6 +91,19 @@ def test_lora_loss_curves_at_tp2_sp_and_pp2_equal_tp1(lora_world):
         assert got.keys() == ref.keys()
         for i in ref:
             assert got[i] == pytest.approx(ref[i], rel=1e-5, abs=1e-6), (layout, i, got[i], ref[i])
+
+
+def test_lora_checkpoints_hold_the_same_adapters_at_tp2_sp_and_tp1(lora_world):
+    """The adapters as stored (whole tensors, every layout's shards put together: lora_b of the column-parallel
+    layers split by rows, SwiGLU's as [gate; up]; lora_a of the row-parallel ones by columns) after the same
+    three steps at TP=2 with SP and at TP=1: equal up to the order of fp32 reductions."""
+    p = lora_world["paths"]
+    tp2 = checkpoint_tensors(os.path.join(p["tp2"], f"iter_{ITERS:07d}"))
+    tp1 = checkpoint_tensors(os.path.join(p["tp1"], f"iter_{ITERS:07d}"))
+    names = [k for k in tp1 if k.endswith((".lora_a", ".lora_b"))]
+    assert len(names) == 10 and tp2.keys() == tp1.keys()
+    for k in names:
+        assert (tp2[k] - tp1[k]).norm() <= 1e-4 * tp1[k].norm(), k
 
 
 def test_lora_trains_only_the_adapters_and_the_optimizer_holds_only_them(lora_world):
@@ -174,7 +187,7 @@ def test_resuming_adapters_against_another_base_fails_with_one_line(lora_world, 
     cfg = build_train_config(build_parser().parse_args(flags + ["--load", p["base"]]))  # its own base: fine
     assert cfg.model.lora.rank == 4 and cfg.model.lora_base["path"] == os.path.join(p["base"], "iter_0000001")
     with pytest.raises(ArgumentError) as exc:
-        build_train_config(build_parser().parse_args(flags + ["--load", p["resumed"]]))
+        build_train_config(build_parser().parse_args(flags + ["--load", p["tp1"]]))
     msg = str(exc.value)
     assert "is not the base of the adapters" in msg and p["base"] in msg and "\n" not in msg
     # a LoRA checkpoint resumed without its adapters' flags names them
