@@ -13,7 +13,8 @@ tracker, stream/event objects in DDP, and ``Tensor.type()`` checks in the optimi
   other ``device="cuda"`` in forward code (``torch.tensor`` among them);
 * the CUDA RNG calls (``torch.cuda.manual_seed/get_rng_state/set_rng_state`` and the tracker's
   ``_get/_set_cuda_rng_state``) act on the CPU generator, which is what CPU dropout draws from;
-* ``Tensor.type()`` reports ``torch.cuda.*`` names for CPU tensors (the optimizer asserts them);
+* ``Tensor.type()`` reports ``torch.cuda.*`` names for CPU tensors (the optimizer asserts them), and the
+  inference helpers' ``is_cuda`` assertion (``communication_utils._is_cuda``) accepts them;
 * streams, events, ``synchronize``, nvtx and the memory counters are no-ops.
 
 It activates only when ``torch.cuda.is_available()`` is False, so it can never leak into the GPU
@@ -231,6 +232,16 @@ def _patch_megatron_rng():
         logger.addFilter(_quiet_rng_warning)
 
 
+def _patch_megatron_inference():
+    # megatron-core's inference helpers that broadcast between pipeline stages assert ``tensor.is_cuda``.
+    from megatron.core.inference import communication_utils
+
+    def _is_cuda(tensor):
+        assert tensor is not None
+
+    _set(communication_utils, "_is_cuda", _is_cuda)
+
+
 def _quiet_rng_warning(record) -> bool:
     return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
@@ -249,6 +260,7 @@ def ensure() -> bool:
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()
     _patch_megatron_rng()
+    _patch_megatron_inference()
     _ACTIVE = True
     return True
 

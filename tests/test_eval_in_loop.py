@@ -59,6 +59,7 @@ def test_eval_tasks_in_the_loop_at_tp2_pp2_leave_training_unchanged(digits_data,
     for it in (2, 4):
         assert 0.0 <= evals[it, "eval/digits_mc/accuracy"] <= 1.0 and 0.0 <= evals[it, "eval/digits_gen/accuracy"] <= 1.0
     assert "eval task digits_pre: its prompt_format is pretrain; not run in the training loop" in out
+    assert "without a KV cache" not in out  # generation on megatron-core's inference machinery (mcore_generation)
     assert out.count(" eval task digits_mc at iteration ") == 2 and out.count(" eval task digits_gen at iteration ") == 2
     in_loop = {e["task"]: e["samples"] for e in log if e["kind"] == "eval_samples" and e["iteration"] == 4}
 
@@ -73,7 +74,8 @@ def test_eval_tasks_in_the_loop_at_tp2_pp2_leave_training_unchanged(digits_data,
     assert offline["scored"] == 6 and offline["metrics"]["accuracy"] == evals[4, "eval/digits_mc/accuracy"]
     assert offline["metrics"]["reference_loglikelihood"] == pytest.approx(
         evals[4, "eval/digits_mc/reference_loglikelihood"], rel=1e-4)  # TP=2 x PP=2 vs the export, float32
-    # Generation: the greedy answers of TP=2 x PP=2 in the loop are the export's (generate, KV cache).
+    # Generation: the greedy answers of TP=2 x PP=2 in the loop (megatron-core's controller and KV cache) are
+    # the export's (transformers' generate, KV cache).
     records = [json.loads(line) for line in (on / "eval" / "samples.jsonl").read_text().splitlines()]
     offline_answers = [(r["id"], r["output"]) for r in records if r["task"] == "digits_gen"]
     assert len(offline_answers) == 3 and any(a for _, a in offline_answers)

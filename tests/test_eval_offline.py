@@ -100,28 +100,55 @@ def test_evaluate_export_batched_equals_one_at_a_time(setup):
         assert [x["output"] for x in one] == [x["output"] for x in records if x["task"] == task.name], task.name
 
 
-def test_evaluate_checkpoint_gives_the_exports_answers(setup, tmp_path):
-    """A checkpoint converted with TP=2 padding (--load: exported, then evaluated) answers as its export;
+def test_evaluate_checkpoint_at_tp2_pp2_gives_the_exports_answers(setup, tmp_path):
+    """A checkpoint converted with TP=2 padding, evaluated by --load at TP=2 x PP=2 (torchrun, megatron-core's
+    text generation controller and KV cache, no export written) answers as its export does: the same
+    generated answers (batched, with images, skips counted alike) and the same option log-likelihoods;
     a tokenizer of another vocabulary is one error: line."""
+    from megatron_solo.eval.runner import HFExport, run_task
+    from megatron_solo.netutil import free_port
+
     ckpt = tmp_path / "ckpt"
     r = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "hf-to-megatron", "--hf-dir", setup["hf"],
                         "--save", str(ckpt), "--target-tensor-parallel-size", "2"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    task = setup["tasks"][0]
-    outs = {}
-    for flag, src in (("--load", ckpt), ("--hf-dir", setup["hf"])):
-        r = _tool(flag, str(src), "--tasks", task, "--output-dir", str(tmp_path / flag))
-        assert r.returncode == 0, r.stderr[-3000:]
-        outs[flag] = (tmp_path / flag / "samples.jsonl").read_text()
-    assert outs["--load"] == outs["--hf-dir"] and len(outs["--load"].splitlines()) == 5
+    tasks = [setup["tasks"][0], setup["tasks"][2]]  # vqa (generation; every kind of skip), mc_ll (log-likelihoods)
+    out = tmp_path / "load"
+    r = subprocess.run([sys.executable, "-m", "megatron_solo.training.torchrun", "--nproc-per-node", "4",
+                        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "tools/evaluate.py",
+                        "--load", str(ckpt), "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                        "--tasks", ",".join(tasks), "--output-dir", str(out), "--batch-size", "4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["samples.jsonl", "summary.json"]  # evaluated where it loads: no export
+    got = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
 
+    backend = HFExport(setup["hf"])
+    want, want_summary = [], {}
+    for path in tasks:
+        task = T.load_task(path)
+        recs, want_summary[task.name] = run_task(backend, task, batch_size=4)
+        want += [{"task": task.name, **rec} for rec in recs]
+    assert [(g["task"], g["id"]) for g in got] == [(w["task"], w["id"]) for w in want] and len(got) == 8
+    for g, w in zip(got, want):
+        if g["task"] == "vqa":
+            assert g == w  # the answers, parsed and scored alike
+        else:  # float32 at TP=2 x PP=2 against the export: the same options, equal to rounding
+            assert g["output"] == pytest.approx(w["output"], rel=1e-6) and g["predicted"] == w["predicted"]
+    assert any(g["output"] for g in got if g["task"] == "vqa")
+    assert {n: s["skipped"] for n, s in summary.items()} == {n: s["skipped"] for n, s in want_summary.items()}
+    assert summary["vqa"]["skipped"] == {"image_missing": 1, "image_unreadable": 1, "too_long": 1}
+
+    # Another vocabulary's tokenizer is refused before any model is built (tools/evaluate.py's error: line).
     from megatron_solo.data.tokenizer import mistral_tokenizer_path
+    from megatron_solo.errors import UserError
+    from megatron_solo.eval.megatron_backend import MegatronCheckpoint
 
-    r = _tool("--load", str(ckpt), "--tokenizer-model", mistral_tokenizer_path(), "--tasks", task,
-              "--output-dir", str(tmp_path / "o"))
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "33031" in lines[0], r.stderr
+    with pytest.raises(UserError, match="33031"):
+        MegatronCheckpoint(str(ckpt), tokenizer_model=mistral_tokenizer_path())
 
 
 def test_evaluate_bad_input_is_one_error_line(setup, tmp_path):

@@ -166,6 +166,12 @@ def write_tokenizer_files(out_dir: str, tokenizer_model: str) -> None:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, f, indent=2)
 
 
+def generation_stop_ids(vocab: SoloVocab) -> list[int]:
+    """The ids generation stops at: EOS, the chat template's turn end ``<|im_end|>``, and a Llama-3 base's
+    own turn end (the export's generation_config.json; tools/evaluate.py --load stops at the same)."""
+    return [vocab.eos, vocab.im_end] + ([vocab.eot] if vocab.eot is not None else [])
+
+
 def write_hf_support_files(out_dir: str, hf_config: dict, tokenizer_model: str,
                            vocab: SoloVocab = MISTRAL_VOCAB, row_separator: bool = True) -> None:
     """config.json, generation_config.json (generation stops at EOS and at the chat template's turn end,
@@ -176,8 +182,7 @@ def write_hf_support_files(out_dir: str, hf_config: dict, tokenizer_model: str,
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        stops = [vocab.eos, vocab.im_end] + ([vocab.eot] if vocab.eot is not None else [])  # llama3's turn end
-        json.dump({"bos_token_id": vocab.bos, "eos_token_id": stops, "do_sample": False,
+        json.dump({"bos_token_id": vocab.bos, "eos_token_id": generation_stop_ids(vocab), "do_sample": False,
                    "max_new_tokens": 256}, f, indent=2)
     write_tokenizer_files(out_dir, tokenizer_model)
     # AutoProcessor.from_pretrained(export, trust_remote_code=True) -> processing_solo.SoloProcessor

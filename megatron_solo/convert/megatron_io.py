@@ -297,8 +297,9 @@ def table_tensors(info: dict, reader):
     return AdaptedWeights(reader.get, reader.names(), lora).get if lora else reader.get
 
 
-def _check_tokenizer_for_export(path: str | None, model_args, info: dict):
-    """(path, SoloVocab) of the export's tokenizer: SOLO's, over a base, with the checkpoint's vocabulary."""
+def resolve_export_tokenizer(path: str | None, model_args, info: dict):
+    """(path, SoloVocab) of the export's tokenizer: SOLO's, over a base, with the checkpoint's vocabulary
+    (also tools/evaluate.py --load's check)."""
     if not path or not os.path.isfile(path):
         raise ConversionError(f"tokenizer model not found: {path!r} (pass --tokenizer-model)")
     try:
@@ -350,7 +351,7 @@ def megatron_to_hf(
     if lora and not merge_lora and model_args.vision_experts != "none":
         raise ConversionError(f"{info['path']} has vision experts: the exported model routes image tokens inside "
                               "its modules, where PEFT's adapters cannot follow; export with --merge-lora")
-    tok_path, vocab = _check_tokenizer_for_export(tokenizer_model or info.get("tokenizer_model"), model_args, info)
+    tok_path, vocab = resolve_export_tokenizer(tokenizer_model or info.get("tokenizer_model"), model_args, info)
     reader = checkpoint_reader(info)
     dtype = reader.dtype if dtype is None else parse_dtype(dtype)
 

@@ -5,13 +5,16 @@ any TP/PP/DP layout the run has).
 Log-likelihood tasks (``mc_loglikelihood``) run here: each option becomes one sample in the training
 format (:class:`~megatron_solo.eval.options.OptionEncoder`, the same as tools/evaluate.py's), whose
 summed loss over the tokens training counts is the option's negative log-likelihood. Generation tasks
-run here too, by greedy decoding over the same schedule: each step is one forward-only pass over the
-prompts so far (the chat prompt the export's processor makes, the assistant's turn opened), the model
-called without labels gives its vocabulary-parallel logits, the argmax is taken across the
-tensor-parallel ranks (padding rows beyond the tokenizer never win) and sent to every pipeline stage; a
-sample stops at EOS or the template's turn end, or after ``max_new_tokens``. No KV cache: each step
-recomputes the prompts (toy-sized tasks are the point; tools/evaluate.py is the fast path). Not run here,
-said once at start-up: ``prompt_format: pretrain`` tasks and runs with context parallelism.
+run here too, by greedy decoding of the chat prompt the export's processor makes (the assistant's turn
+opened); a sample stops at EOS or the template's turn end, or after ``max_new_tokens``. They decode as
+tools/evaluate.py --load does, on megatron-core's inference machinery with a KV cache
+(:mod:`~megatron_solo.eval.mcore_generation`: prompts of one length batched, at most a micro-batch a
+batch, prefilled once, then one token per step). Where that machinery does not serve (a virtual
+pipeline, sequence parallelism, FP8: said once at start-up), each step is one forward-only pass over the
+prompts so far on megatron-core's schedule instead (no cache): the model called without labels gives its
+vocabulary-parallel logits, the argmax is taken across the tensor-parallel ranks (padding rows beyond
+the tokenizer never win) and sent to every pipeline stage. Not run here, said once at start-up:
+``prompt_format: pretrain`` tasks and runs with context parallelism.
 
 Every data-parallel rank scores the same samples (the figures need no reduction); the last pipeline
 stage holds them, where the logger is, which also writes each sample's record (``eval_samples`` in the
@@ -30,9 +33,11 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_solo import cpu_backend
+from megatron_solo.convert.hf_export_files import generation_stop_ids
 from megatron_solo.data.dataset import collate
+from megatron_solo.eval import mcore_generation
 from megatron_solo.eval import tasks as T
-from megatron_solo.eval.options import OptionEncoder
+from megatron_solo.eval.options import OptionEncoder, patch_coords
 
 
 class TaskEvaluator:
@@ -43,6 +48,8 @@ class TaskEvaluator:
         encoder = OptionEncoder(cfg.tokenizer_model_path, cfg.data.row_separator)  # images as the run's data
         seq = cfg.schedule.seq_length
         self.encoder = encoder
+        # Generation with megatron-core's KV cache where it serves (decided once; the reason said once).
+        self.no_cache = mcore_generation.unsupported(cfg.transformer_config())
         self.tasks = []  # (task, rows, skipped: reason -> n); rows: [(sample index, letter, training sample)]
         # for a log-likelihood task, [(sample index, generation prompt)] for a generation task
         for task in T.load_tasks(cfg.logging.eval_tasks):
@@ -72,6 +79,9 @@ class TaskEvaluator:
                 rows += [(i, letter, encoder.sample(d, seq)) for letter, d in docs.items()]
             self.tasks.append((task, rows, skipped))
 
+        if self.no_cache and any(not t.scored_by_loglikelihood for t, _, _ in self.tasks):
+            log.info(f"eval generation tasks decode without a KV cache (megatron-core's inference: {self.no_cache})")
+
     def run(self, iteration: int, model_chunks, forward_step) -> dict[str, dict]:
         """Score every task; log ``eval/<task>/<metric>`` (logging rank). Returns the figures (last stage)."""
         for chunk in model_chunks:
@@ -91,8 +101,8 @@ class TaskEvaluator:
                             lls.setdefault(i, {})[letter] = -v
                         records = [T.record(task, task.samples[i], ll) for i, ll in lls.items()]
                     else:  # every rank has the answers (each step's tokens reach every stage)
-                        answers = self._generate(model_chunks, forward_step, [p for _, p in rows],
-                                                 task.max_new_tokens)
+                        generate = self._generate if self.no_cache else self._generate_cached
+                        answers = generate(model_chunks, forward_step, [p for _, p in rows], task.max_new_tokens)
                         records = [T.record(task, task.samples[i], self.encoder.decode_answer(a))
                                    for (i, _), a in zip(rows, answers)]
                     results[task.name] = {**T.summarize(task, records),
@@ -123,8 +133,30 @@ class TaskEvaluator:
             seq_length=self.cfg.schedule.seq_length, micro_batch_size=self.cfg.schedule.micro_batch_size,
             forward_only=True)
 
+    def _generate_cached(self, model_chunks, forward_step, prompts: list, max_new_tokens: int) -> list[list[int]]:
+        """Greedy answers (token ids, the stop id excluded) of the generation prompts, on megatron-core's
+        controller and KV cache: prompts of one length together, at most a micro-batch at a time."""
+        (model,) = model_chunks
+        generator = mcore_generation.SoloGenerator(model, self.cfg.model.args,
+                                                   generation_stop_ids(self.encoder.tokenizer.vocab))
+        device = cpu_backend.device()
+        by_length = {}
+        for k, p in enumerate(prompts):
+            by_length.setdefault(len(p.tokens), []).append(k)
+        answers = [None] * len(prompts)
+        mbs = self.cfg.schedule.micro_batch_size
+        for keys in by_length.values():
+            for start in range(0, len(keys), mbs):
+                chunk = keys[start:start + mbs]
+                requests = [generator.request(
+                    prompts[k].tokens.tolist(), torch.from_numpy(prompts[k].patches).to(device),
+                    torch.from_numpy(patch_coords(prompts[k])).to(device), max_new_tokens) for k in chunk]
+                for k, ids in zip(chunk, generator.generate(requests)):
+                    answers[k] = ids
+        return answers
+
     def _generate(self, model_chunks, forward_step, prompts: list, max_new_tokens: int) -> list[list[int]]:
-        """Greedy answers (token ids, the stop token excluded) of the generation prompts."""
+        """Greedy answers (token ids, the stop token excluded) of the generation prompts, without a cache."""
         vocab = self.encoder.tokenizer.vocab
         stop = {vocab.eos, vocab.im_end}  # the export's generation_config stops at the same two
         seq = self.cfg.schedule.seq_length

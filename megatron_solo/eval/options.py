@@ -39,7 +39,7 @@ class OptionEncoder:
     def sample(self, doc: EncodedDocument, seq_length: int) -> dict:
         """The training sample (tokens, labels, loss_mask, patches, patch_coords ...) of ``doc``, padded to
         ``seq_length``."""
-        return build_sample([(doc.tokens, doc.roles, doc.patches, _patch_coords(doc))], seq_length, "assistant",
+        return build_sample([(doc.tokens, doc.roles, doc.patches, patch_coords(doc))], seq_length, "assistant",
                             self.tokenizer.vocab)
 
     # ---- generation (the training loop's greedy decoding, in_loop.py) ----
@@ -55,7 +55,7 @@ class OptionEncoder:
         at the last input position, ``len(prompt.tokens) + len(answer) - 1``)."""
         tokens = np.concatenate([prompt.tokens, np.asarray(answer, prompt.tokens.dtype)])
         roles = np.concatenate([prompt.roles, np.full(len(answer), ASSISTANT, prompt.roles.dtype)])
-        return build_sample([(tokens, roles, prompt.patches, _patch_coords(prompt))], seq_length, "assistant",
+        return build_sample([(tokens, roles, prompt.patches, patch_coords(prompt))], seq_length, "assistant",
                             self.tokenizer.vocab)
 
     def decode_answer(self, ids: list[int]) -> str:
@@ -64,7 +64,7 @@ class OptionEncoder:
         return self.tokenizer.decode([i for i in ids if i < v.base_size and i not in v.control_ids])
 
 
-def _patch_coords(doc: EncodedDocument) -> np.ndarray:
+def patch_coords(doc: EncodedDocument) -> np.ndarray:
     """Each patch's (row, col) in its image, from the document's image grids (either layout)."""
     coords = [grid_coords(0, rows * cols, cols) for rows, cols in doc.grids]
     return np.concatenate(coords) if coords else np.zeros((0, 2), np.int64)

@@ -22,7 +22,61 @@ from megatron_solo.eval import tasks as T
 from megatron_solo.eval.options import OptionEncoder
 
 
-class HFExport:
+class Backend:
+    """What :func:`run_task` asks of a model: SOLO's processor (``P``: the ``processing_solo`` module,
+    ``processor``), the option encoder (``options``), the model's positions (``max_positions``), and the
+    two computations a subclass provides, :meth:`generate` and :meth:`answer_loglikelihood`. Two
+    subclasses: :class:`HFExport` (an exported directory) and
+    :class:`~megatron_solo.eval.megatron_backend.MegatronCheckpoint` (a checkpoint on megatron-core)."""
+
+    P = processor = options = None
+    max_positions: int = 1 << 30
+
+    def encode(self, task: T.Task, sample: T.Sample) -> dict:
+        image = self.P.load_image(sample.image)
+        if task.prompt_format == "pretrain":
+            return self.processor([image])
+        return self.encode_user_turn([image, sample.prompt])
+
+    def encode_user_turn(self, parts: list) -> dict:
+        """A chat prompt: one user turn of ``parts`` (PIL images and text, in order), the answer's turn opened."""
+        return self.processor.chat([{"role": "user", "content": list(parts)}])
+
+    def fits(self, encoded: dict, new_tokens: int) -> bool:
+        return encoded["input_ids"].shape[1] + new_tokens <= self.max_positions
+
+    def generate(self, encoded: list[dict], max_new_tokens: int) -> list[str]:
+        """Greedy answers of equal-length prompts, generated together with a KV cache."""
+        raise NotImplementedError
+
+    def answer_loglikelihood(self, images: list[str], prompt: str, text: str) -> tuple[float, bool]:
+        """``text``'s log-likelihood as the assistant's answer to ``images`` (paths or ``data:`` URLs) and
+        ``prompt``: the summed log-probabilities of the tokens training counts (options.py, the definition
+        the training loop uses too); and whether greedy decoding would give those tokens."""
+        raise NotImplementedError
+
+    def generate_grouped(self, encoded: dict, max_new_tokens: int, batch_size: int, progress=None) -> dict:
+        """Greedy answers of ``encoded`` (key -> prompt inputs): prompts of one length go together, at most
+        ``batch_size`` per :meth:`generate` call. ``progress(done, total)`` after each call."""
+        by_length = collections.defaultdict(list)
+        for key, e in encoded.items():
+            by_length[e["input_ids"].shape[1]].append(key)
+        outputs = {}
+        for keys in by_length.values():
+            for start in range(0, len(keys), batch_size):
+                chunk = keys[start:start + batch_size]
+                outputs.update(zip(chunk, self.generate([encoded[k] for k in chunk], max_new_tokens)))
+                if progress:
+                    progress(len(outputs), len(encoded))
+        return outputs
+
+    def option_loglikelihoods(self, sample: T.Sample) -> dict[str, float]:
+        """Each option's log-likelihood as the assistant's answer (:meth:`answer_loglikelihood`)."""
+        return {letter: self.answer_loglikelihood([sample.image], sample.prompt, text)[0]
+                for letter, text in sample.options.items()}
+
+
+class HFExport(Backend):
     """An exported SOLO directory used as a user of the export would: its remote code and processor.
     tools/evaluate.py and lmms-eval's ``megatron_solo`` model (lmms_eval_model.py) both answer through it."""
 
@@ -41,19 +95,6 @@ class HFExport:
         # the export's own tokenizer file, images laid out as its processor does (the model's data; an export
         # made before layouts were recorded has SOLO's, and a processor without the attribute)
         self.options = OptionEncoder(hf_dir, getattr(self.processor, "row_separator", True))
-
-    def encode(self, task: T.Task, sample: T.Sample) -> dict:
-        image = self.P.load_image(sample.image)
-        if task.prompt_format == "pretrain":
-            return self.processor([image])
-        return self.encode_user_turn([image, sample.prompt])
-
-    def encode_user_turn(self, parts: list) -> dict:
-        """A chat prompt: one user turn of ``parts`` (PIL images and text, in order), the answer's turn opened."""
-        return self.processor.chat([{"role": "user", "content": list(parts)}])
-
-    def fits(self, encoded: dict, new_tokens: int) -> bool:
-        return encoded["input_ids"].shape[1] + new_tokens <= self.max_positions
 
     def _batch(self, encoded: list[dict]) -> dict:
         ids = torch.cat([e["input_ids"] for e in encoded]).to(self.device)
@@ -75,42 +116,25 @@ class HFExport:
         n = inputs["input_ids"].shape[1]
         return [self.processor.decode(seq) for seq in out[:, n:].tolist()]
 
-    def generate_grouped(self, encoded: dict, max_new_tokens: int, batch_size: int, progress=None) -> dict:
-        """Greedy answers of ``encoded`` (key -> prompt inputs): prompts of one length go together, at most
-        ``batch_size`` per ``generate`` call. ``progress(done, total)`` after each call."""
-        by_length = collections.defaultdict(list)
-        for key, e in encoded.items():
-            by_length[e["input_ids"].shape[1]].append(key)
-        outputs = {}
-        for keys in by_length.values():
-            for start in range(0, len(keys), batch_size):
-                chunk = keys[start:start + batch_size]
-                outputs.update(zip(chunk, self.generate([encoded[k] for k in chunk], max_new_tokens)))
-                if progress:
-                    progress(len(outputs), len(encoded))
-        return outputs
-
     @torch.no_grad()
     def answer_loglikelihood(self, images: list[str], prompt: str, text: str) -> tuple[float, bool]:
-        """``text``'s log-likelihood as the assistant's answer to ``images`` (paths or ``data:`` URLs) and
-        ``prompt``: the summed log-probabilities of the tokens training counts (options.py, the definition
-        the training loop uses too); and whether greedy decoding would give those tokens."""
         doc = self.options.encode_answer(images, prompt, text)
         s = self.options.sample(doc, len(doc.tokens) - 1)  # inputs and their next-token labels
         ids = s["tokens"][None].to(self.device)
         patches = self.P.normalize_patches(s["patches"].numpy()).to(self.device, self.model.dtype)
         logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), vision_patches=patches).logits
-        logp = torch.log_softmax(logits[0].float(), dim=-1).cpu()
-        greedy = bool((logp.argmax(-1) == s["labels"])[s["loss_mask"].bool()].all())
-        return float((logp.gather(-1, s["labels"][:, None])[:, 0] * s["loss_mask"]).sum()), greedy
-
-    def option_loglikelihoods(self, sample: T.Sample) -> dict[str, float]:
-        """Each option's log-likelihood as the assistant's answer (:meth:`answer_loglikelihood`)."""
-        return {letter: self.answer_loglikelihood([sample.image], sample.prompt, text)[0]
-                for letter, text in sample.options.items()}
+        return answer_loglikelihood_from_logits(logits[0], s)
 
 
-def run_task(backend: HFExport, task: T.Task, batch_size: int = 16, progress=None) -> tuple[list[dict], dict]:
+def answer_loglikelihood_from_logits(logits: torch.Tensor, sample: dict) -> tuple[float, bool]:
+    """(summed log-probability of ``sample``'s counted labels, whether each is the argmax) from the
+    logits [s, V] of its tokens (padding rows beyond the vocabulary, if any, never the argmax)."""
+    logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+    greedy = bool((logp.argmax(-1) == sample["labels"])[sample["loss_mask"].bool()].all())
+    return float((logp.gather(-1, sample["labels"][:, None])[:, 0] * sample["loss_mask"]).sum()), greedy
+
+
+def run_task(backend: Backend, task: T.Task, batch_size: int = 16, progress=None) -> tuple[list[dict], dict]:
     """Per-sample records (in the task's order) and the summary of one task."""
     skipped = {reason: list(ids) for reason, ids in task.skipped.items()}
     encoded = {}
