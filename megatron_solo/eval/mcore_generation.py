@@ -46,7 +46,7 @@ from megatron.core.inference.text_generation_controllers.text_generation_control
 )
 from megatron.core.inference.utils import InferenceMode
 
-from megatron_solo.model import model_forward_kwargs
+from megatron_solo.model import SoloModelArgs, model_forward_kwargs
 from megatron_solo.spec import PATCH_DIM
 
 
@@ -140,22 +140,24 @@ class SoloTextGenerationController(TextGenerationController):
 
 class _Tokenizer:
     """What the controller asks of a tokenizer: ``eod`` (its padding id; the stops are the controller's) and
-    ``detokenize`` (its text of each answer, unused here: the callers decode the ids)."""
+    ``detokenize`` (its text of each answer: none here, the callers decode the generated ids themselves)."""
 
-    def __init__(self, eod: int, decode=None):
-        self.eod, self.bos, self._decode = eod, None, decode
+    bos = None
+
+    def __init__(self, eod: int):
+        self.eod = eod
 
     def detokenize(self, ids, **_):
-        return self._decode(ids) if self._decode else ""
+        return ""
 
 
 class SoloGenerator:
     """Greedy answers of SOLO's model (one chunk, any TP/PP) through the wrapper and controller above; the
     KV cache is made for each batch (sized to it) and dropped after it."""
 
-    def __init__(self, model, model_args, stop_ids: list[int], decode=None):
+    def __init__(self, model, model_args: SoloModelArgs, stop_ids: list[int]):
         self.wrapper = SoloInferenceWrapper(model, StaticInferenceContext(1, 1), model_args)
-        self.controller = SoloTextGenerationController(self.wrapper, _Tokenizer(stop_ids[0], decode), stop_ids)
+        self.controller = SoloTextGenerationController(self.wrapper, _Tokenizer(stop_ids[0]), stop_ids)
         self._next_id = 0
 
     def request(self, tokens: list[int], patches, coords=None, max_new_tokens: int = 0) -> SoloInferenceRequest:
