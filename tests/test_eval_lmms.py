@@ -120,9 +120,10 @@ def _plugin_metadata(out: str) -> str:
     return out
 
 
-def test_lmms_eval_gives_the_answers_and_scores_of_tools_evaluate(tmp_path):
-    from megatron_solo.eval.runner import HFExport
-    from tests.helpers_convert import make_random_solo
+def test_lmms_eval_gives_the_answers_and_scores_of_tools_evaluate(tmp_path, hf_tokenizers):
+    from megatron_solo.eval import tasks as T
+    from megatron_solo.eval.runner import HFExport, run_task
+    from tests.helpers_convert import make_random_solo, make_random_solo_over
 
     site = _lmms_eval_target()  # the install is not part of the comparison: done first, once per clone
     hf = make_random_solo(str(tmp_path / "hf"), dtype=torch.float32)
@@ -164,22 +165,30 @@ def test_lmms_eval_gives_the_answers_and_scores_of_tools_evaluate(tmp_path):
     (lmms_tasks / "solo_local_vqa.yaml").write_text(VQA_YAML.format(data=tmp_path / "vqa.jsonl"))
     (lmms_tasks / "solo_local_mc.yaml").write_text(MC_YAML.format(data=tmp_path / "mc.jsonl"))
 
-    # lmms-eval's command line (in the background) and tools/evaluate.py on the same rows.
+    # lmms-eval's command line (in the background) and tools/evaluate.py on the same rows; and lmms-eval on
+    # an export of another family (a tiny Qwen3 base: its tokenizer.json, no BOS, tied embeddings, q/k norms),
+    # a second run of the same install (its command line evaluates one model).
+    qwen = make_random_solo_over(str(tmp_path / "qwen_hf"), "qwen3", hf_tokenizers["solo_qwen"])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([_plugin_metadata(str(tmp_path / "meta")), site]),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"),
                PYTHONWARNINGS="ignore")
-    lmms = subprocess.Popen([PY, "-m", "lmms_eval", "--model", "megatron_solo", "--model_args", f"pretrained={hf}",
-                             "--tasks", "solo_local_vqa,solo_local_mc", "--include_path", str(lmms_tasks),
-                             "--batch_size", "4", "--output_path", str(tmp_path / "lmms_out"), "--log_samples"],
-                            cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = {name: subprocess.Popen(
+        [PY, "-m", "lmms_eval", "--model", "megatron_solo", "--model_args", f"pretrained={export}",
+         "--tasks", "solo_local_vqa,solo_local_mc", "--include_path", str(lmms_tasks),
+         "--batch_size", "4", "--output_path", str(tmp_path / name), "--log_samples"],
+        cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, export in (("lmms_out", hf), ("lmms_qwen", qwen))}
+    lmms = runs["lmms_out"]
     r = subprocess.run([PY, "tools/evaluate.py", "--hf-dir", hf, "--tasks", f"{tmp_path}/vqa.json,{tmp_path}/mc.json",
                         "--output-dir", str(tmp_path / "tool_out")], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
-    log, _ = lmms.communicate(timeout=600)
+    logs = {name: p.communicate(timeout=600)[0] for name, p in runs.items()}
     assert r.returncode == 0, r.stderr[-3000:]
-    assert lmms.returncode == 0, log[-5000:]
+    for name, p in runs.items():
+        assert p.returncode == 0, logs[name][-5000:]
+        # lmms-eval logs an error during evaluation and exits 0
+        assert glob.glob(str(tmp_path / name / "*" / "*_results.json")), logs[name][-5000:]
     results = glob.glob(str(tmp_path / "lmms_out" / "*" / "*_results.json"))
-    assert results, log[-5000:]  # lmms-eval logs an error during evaluation and exits 0
 
     tool = {}
     for line in (tmp_path / "tool_out" / "samples.jsonl").read_text().splitlines():
@@ -210,3 +219,24 @@ def test_lmms_eval_gives_the_answers_and_scores_of_tools_evaluate(tmp_path):
         assert lmms_samples["solo_local_mc"][i]["acc"] == tool["mc"][i]["score"] == float(i < 2)
     assert summary["mc"]["metrics"]["accuracy"] == pytest.approx(2 / 3)
     assert results["solo_local_mc"]["acc,none"] == pytest.approx(2 / 3)
+
+    # The Qwen3 export: lmms-eval's answers, scores and option log-likelihoods are tools/evaluate.py's runner's.
+    backend = HFExport(qwen)
+    want = {}
+    for name in ("vqa", "mc"):
+        recs, _ = run_task(backend, T.load_task(str(tmp_path / f"{name}.json")), batch_size=4)
+        want[name] = {int(rec["id"]): rec for rec in recs}
+    got = {}
+    for task in ("solo_local_vqa", "solo_local_mc"):
+        (path,) = glob.glob(str(tmp_path / "lmms_qwen" / "*" / f"*_samples_{task}.jsonl"))
+        got[task] = {s["doc_id"]: s for s in map(json.loads, open(path).read().splitlines())}
+    assert [got["solo_local_vqa"][i]["filtered_resps"] for i in range(6)] == \
+        [want["vqa"][i]["output"].strip() for i in range(6)]
+    assert [want["vqa"][i]["output"] for i in range(6)] != [answers[i] for i in range(6)]  # another model
+    assert any(want["vqa"][i]["output"].strip() for i in range(6))
+    assert [got["solo_local_vqa"][i]["exact_match"] for i in range(6)] == \
+        pytest.approx([want["vqa"][i]["score"] for i in range(6)])
+    for i in range(3):
+        nll = [float(resp[0]) for resp in got["solo_local_mc"][i]["filtered_resps"]]
+        assert [-x for x in nll] == pytest.approx([want["mc"][i]["output"][k] for k in "ABC"], rel=1e-6)
+        assert got["solo_local_mc"][i]["acc"] == want["mc"][i]["score"]
