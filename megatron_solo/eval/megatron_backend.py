@@ -20,7 +20,7 @@ from megatron_solo import cpu_backend, parallel
 from megatron_solo.checkpoint import CheckpointError, checkpoint_row_separator, load_model_weights
 from megatron_solo.convert.hf_export_files import generation_stop_ids
 from megatron_solo.convert.hf_files import processing_solo
-from megatron_solo.convert.megatron_io import read_checkpoint, resolve_export_tokenizer
+from megatron_solo.convert.megatron_io import checkpoint_lora_config, read_checkpoint, resolve_export_tokenizer
 from megatron_solo.errors import UserError
 from megatron_solo.eval.options import OptionEncoder
 from megatron_solo.eval.mcore_generation import SoloGenerator
@@ -53,7 +53,8 @@ class MegatronCheckpoint(Backend):
         config = build_transformer_config(model_args, tensor_model_parallel_size=tensor_parallel,
                                           pipeline_model_parallel_size=pipeline_parallel,
                                           params_dtype=getattr(torch, dtype), perform_initialization=False)
-        self.model = build_solo_model(model_args, config, padded_vocab_size=padded)
+        # with the LoRA adapters the checkpoint holds (model/lora.py), as training built it
+        self.model = build_solo_model(model_args, config, padded_vocab_size=padded, lora=checkpoint_lora_config(info))
         try:
             load_model_weights([self.model], info)
         except CheckpointError as e:
