@@ -94,14 +94,31 @@ def _adapter_parameter(weight: torch.Tensor, rows: int, cols: int) -> torch.nn.P
     return torch.nn.Parameter(torch.zeros(rows, cols, dtype=weight.dtype, device=weight.device))
 
 
-class _Adapter:
-    """The adapter's pieces shared by the layer classes: scale, dropout, parameters."""
+class _TrackedDropout(torch.nn.Dropout):
+    """Dropout drawn from megatron-core's model-parallel RNG stream: each TP rank's own, for an input split
+    over TP (as megatron-core's attention dropout is)."""
 
-    def _add_adapter(self, lora: LoraConfig, in_features: int, out_features: int) -> None:
+    def forward(self, x):
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return super().forward(x)
+
+
+class _Adapter:
+    """The adapter's pieces shared by the layer classes: scale, dropout, parameters, the added product."""
+
+    def _add_adapter(self, lora: LoraConfig, in_features: int, out_features: int, split_input: bool = False) -> None:
         self.lora_scale = lora.scale
-        self.lora_dropout = torch.nn.Dropout(lora.dropout) if lora.dropout > 0 else torch.nn.Identity()
+        dropout = _TrackedDropout if split_input else torch.nn.Dropout
+        self.lora_dropout = dropout(lora.dropout) if lora.dropout > 0 else torch.nn.Identity()
         self.lora_a = _adapter_parameter(self.weight, lora.rank, in_features)
         self.lora_b = _adapter_parameter(self.weight, out_features, lora.rank)
+
+    def _plus_adapter(self, out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``out + scale * h lora_b^T`` as one addmm (no separate scaling and addition of an output-sized
+        tensor: on a CPU those cost more than the adapter's own matmuls)."""
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_b.t(),
+                           alpha=self.lora_scale)
+        return flat.view(out.shape)
 
 
 class LoraColumnParallelLinear(_Adapter, ColumnParallelLinear):
@@ -127,7 +144,7 @@ class LoraColumnParallelLinear(_Adapter, ColumnParallelLinear):
             h = tensor_parallel.gather_from_sequence_parallel_region(h, group=self.tp_group)
         else:  # identity (backward: all-reduce of the partial dh)
             h = tensor_parallel.copy_to_tensor_model_parallel_region(h, group=self.tp_group)
-        return out + self.lora_scale * torch.nn.functional.linear(h, self.lora_b), bias
+        return self._plus_adapter(out, h), bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sd = make_sharded_tensors_for_checkpoint(
@@ -148,21 +165,19 @@ class LoraRowParallelLinear(_Adapter, RowParallelLinear):
         super().__init__(input_size, output_size, **kwargs)
         if not self.input_is_parallel or self.explicit_expert_comm:
             raise ValueError("LoRA adapts row-parallel layers whose input is already split (no expert parallelism)")
-        self._add_adapter(lora, self.input_size_per_partition, self.output_size)
+        # The input is split over TP like lora_a's columns: a rank's dropout mask from its own stream.
+        self._add_adapter(lora, self.input_size_per_partition, self.output_size, split_input=True)
         set_tensor_model_parallel_attributes(self.lora_a, is_parallel=True, dim=1, stride=1)
         setattr(self.lora_b, "sequence_parallel", bool(self.sequence_parallel))
 
     def forward(self, input_):
         out, bias = super().forward(input_)
-        # The input is split over TP like lora_a's columns: a rank's dropout mask from its own stream.
-        with tensor_parallel.get_cuda_rng_tracker().fork():
-            x = self.lora_dropout(input_)
-        h = torch.nn.functional.linear(x, self.lora_a)
+        h = torch.nn.functional.linear(self.lora_dropout(input_), self.lora_a)
         if self.sequence_parallel:  # summed over TP, this rank's sequence slice (as the base layer's output)
             h = tensor_parallel.reduce_scatter_to_sequence_parallel_region(h, group=self.tp_group)
         else:
             h = tensor_parallel.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)
-        return out + self.lora_scale * torch.nn.functional.linear(h, self.lora_b), bias
+        return self._plus_adapter(out, h), bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return make_sharded_tensors_for_checkpoint(
@@ -180,7 +195,7 @@ class LoraVisionPatchEmbedding(_Adapter, VisionPatchEmbedding):
     def project(self, patches: torch.Tensor) -> torch.Tensor:
         x = self.normalized(patches)
         h = torch.nn.functional.linear(self.lora_dropout(x), self.lora_a)
-        return torch.nn.functional.linear(x, self.weight) + self.lora_scale * torch.nn.functional.linear(h, self.lora_b)
+        return self._plus_adapter(torch.nn.functional.linear(x, self.weight), h)
 
 
 # ------------------------------------------------------------------------------------------------ specs

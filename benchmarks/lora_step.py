@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""The CPU training step with LoRA adapters against the full step, same tokens, one process.
+
+    .venv/bin/python benchmarks/lora_step.py [--seq-length 256 --micro-batch-size 4 --repeats 5] [--rank 16]
+        [--shape FLAGS]
+
+full     megatron_solo's real training step (``benchmarks/train_step.py``'s ``megatron_setup``: the Trainer's
+         model chunks, megatron-core DDP, Adam, schedule, SOLO loss), the tiny preset, every weight trained.
+lora     the same model, started from the full model's weights (saved once, loaded with ``--finetune``),
+         with ``--lora-rank`` adapters on every target (attention QKV and output, MLP in and out, the patch
+         embedding): the base frozen, no weight gradients, gradient buffer or Adam state for it.
+
+Both train on the same micro-batches (random text with an image block of ``--image-share`` of each row).
+After ``--warmup`` steps each, ``--repeats`` timed windows alternate (ABAB, so machine noise hits both
+alike); the medians of tokens/s and their ratio are printed (goal >= 1.0), and the same per process
+CPU-second (steadier on a shared machine).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])  # the repository root, for benchmarks.*
+
+from benchmarks.train_step import (  # noqa: E402
+    megatron_setup,
+    megatron_step_fn,
+    random_batches,
+    time_window,
+    timing_parser,
+)
+from benchmarks.vision_experts_step import with_images  # noqa: E402
+
+TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "vision_patch_embed"]
+
+
+def main(argv=None):
+    from megatron_solo import checkpoint, quiet
+
+    quiet.filter_known_warnings()
+    ap = timing_parser(__doc__)
+    ap.add_argument("--rank", type=int, default=16, help="--lora-rank")
+    ap.add_argument("--image-share", type=float, default=0.5, help="share of each row that is <vpatch> tokens")
+    ap.add_argument("--shape", default="", help="architecture flags over the tiny preset, e.g. "
+                    "'--hidden-size 512 --ffn-hidden-size 1536 --num-attention-heads 8 --num-query-groups 4 --kv-channels 64'")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    common = ["--model", "tiny", "--seq-length", str(a.seq_length), "--micro-batch-size", str(a.micro_batch_size),
+              "--global-batch-size", str(a.micro_batch_size), "--train-iters", "1000000", "--lr", "1e-4",
+              "--min-lr", "1e-4", "--lr-decay-style", "constant", "--weight-decay", "0.1", "--clip-grad", "1.0",
+              "--data-path", "unused", "--transformer-impl", "local", *a.shape.split()]
+    n_batches = 8
+    work = tempfile.mkdtemp(prefix="lora_step_")
+    steps, trainable = {}, {}
+    for name in ("full", "lora"):
+        extra = [] if name == "full" else ["--load", work, "--finetune", "--lora-rank", str(a.rank), "--lora-alpha",
+                                           str(2 * a.rank), "--lora-targets", *TARGETS]
+        cfg, trainer = megatron_setup(common + extra)
+        if name == "full":  # the base the adapters start on: the full model's own weights
+            checkpoint.save_checkpoint(work, 0, trainer.model_chunks, model_args=cfg.model.args,
+                                       padded_vocab_size=cfg.model.padded_vocab_size)
+        else:
+            trainer.checkpointer.load_start_state()
+        batches = with_images([random_batches(1, a.micro_batch_size, a.seq_length, cfg.model.padded_vocab_size,
+                                              seed=i) for i in range(n_batches)], a.image_share)
+        step = megatron_step_fn(trainer)
+        for k in range(a.warmup):
+            step(batches[k % n_batches])
+        trainable[name] = sum(p.numel() for c in trainer.model_chunks for p in c.module.parameters() if p.requires_grad)
+        steps[name] = (step, batches, trainer)
+    tokens = a.micro_batch_size * a.seq_length * a.steps
+    print(f"lora_step: tiny {a.shape}, hidden {cfg.model.args.hidden_size}, seq {a.seq_length}, micro-batch "
+          f"{a.micro_batch_size}, {a.image_share:.0%} <vpatch> tokens per row, rank {a.rank} on {' '.join(TARGETS)}; "
+          f"trainable parameters: full {trainable['full']:,}, lora {trainable['lora']:,}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    tps = {"full": [], "lora": []}
+    cps = {"full": [], "lora": []}
+    for r in range(a.repeats):
+        for name in ("full", "lora"):
+            step, batches, _ = steps[name]
+            w, c = time_window(step, batches, a.steps, r * a.steps)
+            tps[name].append(tokens / w)
+            cps[name].append(tokens / c)
+        print(f"  repeat {r + 1}: full {tps['full'][-1]:8.0f} tok/s   lora {tps['lora'][-1]:8.0f} tok/s   "
+              f"ratio {tps['lora'][-1] / tps['full'][-1]:.3f} (per CPU-second {cps['lora'][-1] / cps['full'][-1]:.3f})",
+              flush=True)
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    per_window = statistics.median([x / f for x, f in zip(tps["lora"], tps["full"])])
+    print(f"median tokens/s over {a.repeats} windows of {a.steps} steps: full {med['full']:.0f}, lora {med['lora']:.0f}")
+    print(f"median tokens per process CPU-second: full {statistics.median(cps['full']):.0f}, lora "
+          f"{statistics.median(cps['lora']):.0f}, ratio {statistics.median(cps['lora']) / statistics.median(cps['full']):.3f}")
+    print(f"RATIO lora / full = {med['lora'] / med['full']:.3f} tokens/s (median of per-window ratios "
+          f"{per_window:.3f}; goal >= 1.0)")
+    import shutil
+
+    from megatron_solo import parallel
+
+    shutil.rmtree(work, ignore_errors=True)
+    parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
