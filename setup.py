@@ -1,11 +1,14 @@
 """Build megatron_solo and its C++ extension (megatron_solo._C, pybind11, sources in csrc/)."""
 
 import glob
+import os
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
-ext_modules = [
+# MEGATRON_SOLO_NO_EXTENSION=1: install without the C++ data extension, for an environment that only serves
+# exports (the vLLM plugin, requirements-vllm.txt): nothing there reads or writes datasets.
+ext_modules = [] if os.environ.get("MEGATRON_SOLO_NO_EXTENSION") == "1" else [
     Pybind11Extension(
         "megatron_solo._C",
         sorted(glob.glob("csrc/*.cpp")),
@@ -42,6 +45,8 @@ setup(
     entry_points={
         # lmms-eval's plugin group: `lmms-eval --model megatron_solo` (docs/EVALUATION.md); only lmms-eval loads it.
         "lmms_eval.models": ["megatron_solo = megatron_solo.eval.lmms_eval_model:manifest"],
+        # vLLM's plugin group: SOLO's architectures in vLLM's ModelRegistry (docs/SERVING.md); only vLLM loads it.
+        "vllm.general_plugins": ["megatron_solo = megatron_solo.serve.vllm_plugin:register"],
     },
     extras_require={
         # GPU-only: neither installs on a CPU machine (TE's torch extension builds against CUDA).

@@ -91,32 +91,60 @@ def make_random_base(out_dir: str, family: str, seed: int = 0, dtype=torch.float
     return out_dir
 
 
-def make_random_solo(out_dir: str, seed: int = 0, dtype=torch.bfloat16, max_shard_size: int = 2**20) -> str:
-    """A random HF SOLO checkpoint laid out exactly as an export (several shards + index)."""
+def make_random_solo(out_dir: str, seed: int = 0, dtype=torch.bfloat16, max_shard_size: int = 2**20,
+                     family: str = "mistral", tokenizer: str | None = None, choices: dict | None = None,
+                     row_separator: bool = True, **overrides) -> str:
+    """A random HF SOLO checkpoint laid out exactly as an export (several shards + index): SOLO-7B's
+    (Mistral, Mistral's tokenizer) by default, or a tiny SOLO model on ``family``'s base (FAMILY_CONFIGS) with
+    ``tokenizer``, SOLO's tokenizer.json over that base (the ``hf_tokenizers`` fixture's ``solo_<base>``).
+    ``overrides``: shape fields of the base's config (TINY_SHAPE's); ``choices``: model args of the SOLO line's
+    choices (image_attention, image_positions, vision_experts) the export records; ``row_separator``: its
+    image layout (False: SAIL's, no ``<vrow_sep>``)."""
+    import transformers
+
+    from megatron_solo.convert.families import FAMILIES
     from megatron_solo.convert.hf_config import hf_config_from_model_args, model_args_from_hf_config
     from megatron_solo.convert.hf_export_files import write_hf_support_files
-    from megatron_solo.convert.hf_files.configuration_solo import SoloConfig
-    from megatron_solo.convert.hf_files.modeling_solo import SoloForCausalLM
+    from megatron_solo.convert.hf_files import configuration_solo, modeling_solo
     from megatron_solo.convert.safetensors_io import StreamingSafetensorsWriter
-    from megatron_solo.data.tokenizer import create_solo_tokenizer, mistral_tokenizer_path
+    from megatron_solo.data.tokenizer import create_solo_tokenizer, derive_vocab, load_tokenizer, mistral_tokenizer_path
+    from megatron_solo.spec import MISTRAL_VOCAB
 
-    args = model_args_from_hf_config(mistral_config().to_dict())
-    hf_cfg = hf_config_from_model_args(args, torch_dtype=str(dtype).replace("torch.", ""))
-    cfg = SoloConfig(**{k: v for k, v in hf_cfg.items() if k not in ("architectures", "auto_map", "model_type")})
-    model = SoloForCausalLM(cfg)
+    if family == "mistral":
+        base_cfg, vocab = mistral_config(**overrides).to_dict(), MISTRAL_VOCAB
+        args = model_args_from_hf_config(base_cfg)
+    else:
+        if tokenizer is None:
+            raise ValueError(f"a SOLO model on a {family} base needs SOLO's tokenizer.json over that base")
+        cls = getattr(transformers, FAMILIES[family].hf_class).config_class
+        base_cfg = cls(**dict(TINY_SHAPE, rms_norm_eps=1e-6, initializer_range=0.05,
+                              **dict(FAMILY_CONFIGS[family], **overrides))).to_dict()
+        vocab = derive_vocab(load_tokenizer(tokenizer))
+        args = model_args_from_hf_config(base_cfg, vocab_size=vocab.size)
+        args["vision_patch_id"] = vocab.vision_patch
+    if choices:
+        args.update(choices)
+    hf_cfg = hf_config_from_model_args(args, torch_dtype=str(dtype).replace("torch.", ""), vocab=vocab,
+                                       row_separator=row_separator)
+    prefix = "" if family == "mistral" else hf_cfg["architectures"][0][len("Solo"):-len("ForCausalLM")]
+    cfg = getattr(configuration_solo, f"Solo{prefix}Config")(
+        **{k: v for k, v in hf_cfg.items() if k not in ("architectures", "auto_map", "model_type")})
+    model = getattr(modeling_solo, hf_cfg["architectures"][0])(cfg)
     _randomize(model, seed)
     os.makedirs(out_dir, exist_ok=True)
-    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    state = {k: v.to(dtype) for k, v in model.state_dict().items()
+             if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     writer = StreamingSafetensorsWriter(out_dir, [(k, tuple(v.shape), dtype) for k, v in state.items()],
                                         max_shard_size)
     for k, v in state.items():
         writer.write(k, v)
     writer.close()
-    tok = create_solo_tokenizer(mistral_tokenizer_path(), os.path.join(out_dir, ".tok"))
-    write_hf_support_files(out_dir, hf_cfg, tok)
+    if family == "mistral":
+        tokenizer = create_solo_tokenizer(mistral_tokenizer_path(), os.path.join(out_dir, ".tok"))
+    write_hf_support_files(out_dir, hf_cfg, tokenizer, vocab, row_separator)
     import shutil
 
-    shutil.rmtree(os.path.join(out_dir, ".tok"))
+    shutil.rmtree(os.path.join(out_dir, ".tok"), ignore_errors=True)
     return out_dir
 
 
