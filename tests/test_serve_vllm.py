@@ -135,32 +135,7 @@ def served(tmp_path_factory, hf_tokenizers):
 
     py = vllm_python()  # the install is not part of the comparison: done first, once per clone
     tmp = tmp_path_factory.mktemp("serve_vllm")
-    images, paths = _images(tmp)
-    path_of = {id(im): paths[k] for k, im in images.items()}
-    exports = {"demo": make_random_solo(str(tmp / "demo"), seed=1, dtype=torch.float32, **DEMO_SHAPE),
-               "sail": make_random_solo(str(tmp / "sail"), seed=2, dtype=torch.float32, row_separator=False,
-                                        **DEMO_SHAPE)}
-    for i, (fam, shape) in enumerate(FAMILY_SHAPES.items()):
-        tok = hf_tokenizers["solo_llama" if fam == "llama" else "solo_qwen"]
-        exports[fam] = make_random_solo(str(tmp / fam), seed=3 + i, dtype=torch.float32, family=fam, tokenizer=tok,
-                                        **shape)
-    for name, (choices, _) in REFUSED.items():
-        exports[name] = make_random_solo(str(tmp / name), dtype=torch.float32, choices=choices, num_hidden_layers=1,
-                                         head_dim=32, max_position_embeddings=2048)
-    job, cases = {"max_tokens": MAX_TOKENS, "models": []}, {}
-    for name, path in exports.items():
-        processor = load_export_processor(path).SoloProcessor.from_pretrained(path)
-        cases[name] = [] if name in REFUSED else _prompt_parts(processor, images, large=name == "demo")
-        prompts = [{"prompt_token_ids": p["prompt_token_ids"],
-                    "images": [path_of[id(im)] for im in p.get("multi_modal_data", {}).get("image", [])]}
-                   for _, _, p in cases[name]]
-        job["models"].append({"name": name, "path": path, "prompts": prompts})
-    # a LoRA adapter on the demo's export: its image and text prompts through vLLM's LoRA support
-    deltas = write_peft_adapter(exports["demo"], str(tmp / "adapter"), seed=7)
-    job["models"][0]["lora"] = {"path": str(tmp / "adapter"), "rank": LORA_RANK,
-                                "prompts": job["models"][0]["prompts"][:2]}
-    (tmp / "job.json").write_text(json.dumps(job))
-    # vLLM in the background while transformers generates here
+    # vLLM imports in the background while the exports are written, then serves them while transformers runs here
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
                VLLM_LOGGING_LEVEL="WARNING")
     for var in ("PYTHONPATH", "VLLM_CPU_KVCACHE_SPACE"):  # our venv's packages; it overrides the KV cache size
@@ -168,30 +143,60 @@ def served(tmp_path_factory, hf_tokenizers):
     run = subprocess.Popen([py, os.path.join(ROOT, "tests", "vllm_probe.py"), str(tmp / "job.json"),
                             str(tmp / "out.json")], cwd=str(tmp), env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
-    reference = {}
-    from megatron_solo import cpu_backend
-
-    with cpu_backend.suspended():  # transformers' model on plain torch
-        from transformers import AutoModelForCausalLM
-
+    try:
+        images, paths = _images(tmp)
+        path_of = {id(im): paths[k] for k, im in images.items()}
+        exports = {"demo": make_random_solo(str(tmp / "demo"), seed=1, dtype=torch.float32, **DEMO_SHAPE),
+                   "sail": make_random_solo(str(tmp / "sail"), seed=2, dtype=torch.float32, row_separator=False,
+                                            **DEMO_SHAPE)}
+        for i, (fam, shape) in enumerate(FAMILY_SHAPES.items()):
+            tok = hf_tokenizers["solo_llama" if fam == "llama" else "solo_qwen"]
+            exports[fam] = make_random_solo(str(tmp / fam), seed=3 + i, dtype=torch.float32, family=fam, tokenizer=tok,
+                                            **shape)
+        for name, (choices, _) in REFUSED.items():
+            exports[name] = make_random_solo(str(tmp / name), dtype=torch.float32, choices=choices, num_hidden_layers=1,
+                                             head_dim=32, max_position_embeddings=2048)
+        job, cases = {"max_tokens": MAX_TOKENS, "models": []}, {}
         for name, path in exports.items():
-            if name in REFUSED:
-                continue
-            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
-            reference[name] = []
-            for _, inputs, _ in cases[name]:
-                with torch.no_grad():
-                    out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
-                reference[name].append((inputs["input_ids"][0].tolist(),
-                                        out[0, inputs["input_ids"].shape[1]:].tolist()))
-            if name == "demo":  # the adapter merged into the weights: W + (alpha / r) B A
-                with torch.no_grad():
-                    params = dict(model.named_parameters())
-                    for key, delta in deltas.items():
-                        params[key].add_(delta)
-                    reference["demo_lora"] = [
-                        model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)[
-                            0, inputs["input_ids"].shape[1]:].tolist() for _, inputs, _ in cases[name][:2]]
+            processor = load_export_processor(path).SoloProcessor.from_pretrained(path)
+            cases[name] = [] if name in REFUSED else _prompt_parts(processor, images, large=name == "demo")
+            prompts = [{"prompt_token_ids": p["prompt_token_ids"],
+                        "images": [path_of[id(im)] for im in p.get("multi_modal_data", {}).get("image", [])]}
+                       for _, _, p in cases[name]]
+            job["models"].append({"name": name, "path": path, "prompts": prompts})
+        # a LoRA adapter on the demo's export: its image and text prompts through vLLM's LoRA support
+        deltas = write_peft_adapter(exports["demo"], str(tmp / "adapter"), seed=7)
+        job["models"][0]["lora"] = {"path": str(tmp / "adapter"), "rank": LORA_RANK,
+                                    "prompts": job["models"][0]["prompts"][:2]}
+        (tmp / "job.tmp").write_text(json.dumps(job))
+        os.rename(tmp / "job.tmp", tmp / "job.json")  # whole when the probe sees it
+        reference = {}
+        from megatron_solo import cpu_backend
+
+        with cpu_backend.suspended():  # transformers' model on plain torch
+            from transformers import AutoModelForCausalLM
+
+            for name, path in exports.items():
+                if name in REFUSED:
+                    continue
+                model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+                reference[name] = []
+                for _, inputs, _ in cases[name]:
+                    with torch.no_grad():
+                        out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+                    reference[name].append((inputs["input_ids"][0].tolist(),
+                                            out[0, inputs["input_ids"].shape[1]:].tolist()))
+                if name == "demo":  # the adapter merged into the weights: W + (alpha / r) B A
+                    with torch.no_grad():
+                        params = dict(model.named_parameters())
+                        for key, delta in deltas.items():
+                            params[key].add_(delta)
+                        reference["demo_lora"] = [
+                            model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)[
+                                0, inputs["input_ids"].shape[1]:].tolist() for _, inputs, _ in cases[name][:2]]
+    except BaseException:
+        run.kill()  # it would wait for a job that never comes
+        raise
     log, _ = run.communicate(timeout=600)
     assert run.returncode == 0, log[-6000:]
     return {"vllm": json.loads((tmp / "out.json").read_text()), "reference": reference, "cases": cases, "log": log}

@@ -3,6 +3,8 @@ export): serve each export of a job file through vLLM's offline ``LLM`` API, gre
 
     python tests/vllm_probe.py JOB.json OUT.json
 
+It imports vLLM first, then waits for JOB to appear (the test starts it before it writes the exports).
+
 JOB: ``{"max_tokens": N, "models": [{"name", "path", "prompts": [{"prompt_token_ids", "images": [png]}],
 "lora": {"path", "prompts": [...]}?}]}``. OUT: per name, ``{"outputs": [{"prompt_token_ids", "token_ids"}],
 "lora_outputs": [...], "load_s"}`` or ``{"error": "<the exception's message>"}`` when vLLM refused to load it.
@@ -17,6 +19,7 @@ import time
 from PIL import Image
 
 KV_CACHE_BYTES = 64 << 20  # tens of thousands of tokens of these tiny models (vLLM's CPU default: 4 GiB each)
+MAX_SEQS = 8  # a job's prompts at once; vLLM's default (256) sizes its start-up sampler run over the vocabulary
 
 
 def _prompts(spec):
@@ -34,8 +37,14 @@ def _results(outputs):
 
 
 def main(job_path: str, out_path: str) -> None:
+    start = time.perf_counter()
     from vllm import LLM, SamplingParams
 
+    import_s = time.perf_counter() - start
+    while not os.path.exists(job_path):  # vLLM imported while the test still writes the exports
+        if time.perf_counter() - start > 600:
+            raise TimeoutError(f"no job file {job_path} after 600 s")
+        time.sleep(0.2)
     with open(job_path) as f:
         job = json.load(f)
     greedy = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True)
@@ -45,12 +54,13 @@ def main(job_path: str, out_path: str) -> None:
         lora = m.get("lora")
         try:
             llm = LLM(model=m["path"], trust_remote_code=True, dtype="float32", max_model_len=2048, seed=0,
-                      enforce_eager=True, kv_cache_memory_bytes=KV_CACHE_BYTES, enable_lora=lora is not None,
-                      max_lora_rank=lora["rank"] if lora else 16)
+                      enforce_eager=True, kv_cache_memory_bytes=KV_CACHE_BYTES, max_num_seqs=MAX_SEQS,
+                      enable_lora=lora is not None, max_lora_rank=lora["rank"] if lora else 16)
         except Exception as e:  # a refused export: its message is what the test checks
             results[m["name"]] = {"error": f"{type(e).__name__}: {e}"}
             continue
         res = {"load_s": time.perf_counter() - t0, "outputs": _results(llm.generate(_prompts(m["prompts"]), greedy))}
+        res["served_s"] = time.perf_counter() - t0
         if lora:
             from vllm.lora.request import LoRARequest
 
@@ -59,6 +69,7 @@ def main(job_path: str, out_path: str) -> None:
         results[m["name"]] = res
         del llm
         gc.collect()
+    results["_times"] = {"import_s": import_s, "total_s": time.perf_counter() - start}
     with open(out_path, "w") as f:
         json.dump(results, f)
 
