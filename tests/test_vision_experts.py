@@ -40,7 +40,7 @@ def _args(vision_experts: str):
                                      vision_experts=vision_experts)
 
 
-def _build(vision_experts: str, seed: int = 1234, **cfg):
+def _build(vision_experts: str, seed: int = 1234, lora=None, **cfg):
     from megatron.core import parallel_state
 
     from megatron_solo.model import build_solo_model, build_transformer_config
@@ -52,7 +52,7 @@ def _build(vision_experts: str, seed: int = 1234, **cfg):
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(), **cfg)
     set_seed(seed)
     torch.manual_seed(seed)
-    return build_solo_model(args, config, padded_vocab_size=args.padded_vocab_size(2)), config, args
+    return build_solo_model(args, config, padded_vocab_size=args.padded_vocab_size(2), lora=lora), config, args
 
 
 # ------------------------------------------------------------------------------------- the reference
@@ -162,14 +162,40 @@ def _check_against_reference(experts: str):
     return out
 
 
-def _full_tp_layout(tp: int, sp: bool):
+def _stacked(name: str) -> bool:
+    """A tensor whose TP shards are [gate_r; up_r] (SwiGLU's fc1 and its LoRA B): regrouped to [gate; up]."""
+    return name.endswith(("linear_fc1.weight", "linear_fc1.lora_b"))
+
+
+def _set_lora_b(model, tp: int) -> None:
+    """Every adapter's B (zero at the start) set to the same full values at any TP, so that A's gradients and
+    the adapters' outputs are not zero."""
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("lora_b"):
+                continue
+            split = getattr(p, "tensor_model_parallel", False) and tp > 1
+            shape = [p.shape[0] * (tp if split else 1), p.shape[1]]
+            full = 0.1 * torch.randn(shape, generator=torch.Generator().manual_seed(len(name) * 7919 + sum(map(ord, name))))
+            if split:
+                full = (torch.cat([h.chunk(tp)[rank] for h in full.chunk(2)]) if _stacked(name)
+                        else full.chunk(tp)[rank])
+            p.copy_(full)
+
+
+def _full_tp_layout(tp: int, sp: bool, lora=None):
     from megatron.core import parallel_state
 
     from megatron_solo.parallel import initialize_model_parallel
 
     initialize_model_parallel(tensor_model_parallel_size=tp)
-    model, config, _ = _build("full", sequence_parallel=sp)
+    model, config, _ = _build("full", sequence_parallel=sp, lora=lora)
     assert config.sequence_parallel == sp
+    if lora is not None:
+        _set_lora_b(model, tp)
     batch = _batch()
     logits = _model_logits(model, config, batch)
     _loss(logits, batch).backward()
@@ -186,7 +212,7 @@ def _full_tp_layout(tp: int, sp: bool):
         if getattr(p, "tensor_model_parallel", False) and tp > 1:
             parts = [torch.empty_like(g) for _ in range(tp)]
             torch.distributed.all_gather(parts, g.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-            if name.endswith("linear_fc1.weight"):  # each shard is [gate_r; up_r]: regroup to [gate; up]
+            if _stacked(name):  # each shard is [gate_r; up_r]: regroup to [gate; up]
                 parts = [c for half in zip(*(q.chunk(2, dim=0) for q in parts)) for c in half]
             g = torch.cat(parts, dim=p.partition_dim)
         full[name] = g
@@ -248,6 +274,7 @@ def _conversion(paths: dict) -> dict:
 
 
 def _worker(paths):
+    from megatron_solo.model.lora import LORA_TARGETS, LoraConfig
     from megatron_solo.parallel import initialize_model_parallel
 
     initialize_model_parallel()
@@ -259,6 +286,10 @@ def _worker(paths):
     }
     out["tp2_sp"] = _full_tp_layout(2, True)
     out["tp1"] = _full_tp_layout(1, False)
+    # LoRA on every target (model/lora.py): the image twins get adapters of their own, split as their layers
+    lora = LoraConfig(rank=4, alpha=8, targets=LORA_TARGETS)
+    out["lora_tp2_sp"] = _full_tp_layout(2, True, lora)
+    out["lora_tp1"] = _full_tp_layout(1, False, lora)
     out["conversion"] = _conversion(paths)
     return out
 
@@ -302,6 +333,21 @@ def test_full_tp2_sequence_parallel_equals_tp1(world):
         _assert_close(logits2, logits1, "logits")
         for name, g in grads1.items():
             _assert_close(grads2[name], g, name)
+
+
+def test_full_with_lora_adapters_on_the_twins_tp2_sequence_parallel_equals_tp1(world):
+    logits1, grads1 = world[0][0]["lora_tp1"]
+    adapters = [n for n in grads1 if n.endswith(("lora_a", "lora_b"))]
+    twins = [n for n in adapters if ".vision_" in n]
+    # every target and its image twin: qkv, proj, fc1, fc2 (x2) per layer, and the patch embedding
+    assert len(twins) == len(adapters) // 2 - 1 > 0
+    assert all(grads1[n].abs().sum() > 0 for n in adapters)
+    assert not torch.equal(logits1, world[0][0]["tp1"][0])  # the adapters change the model
+    for rank in world[0]:
+        logits2, grads2 = rank["lora_tp2_sp"]
+        _assert_close(logits2, logits1, "logits")
+        for name in adapters:
+            _assert_close(grads2[name], grads1[name], name)
 
 
 @pytest.mark.parametrize("kind", ["full", "selective"])
