@@ -59,7 +59,8 @@ def test_eval_tasks_in_the_loop_at_tp2_pp2_leave_training_unchanged(digits_data,
     for it in (2, 4):
         assert 0.0 <= evals[it, "eval/digits_mc/accuracy"] <= 1.0 and 0.0 <= evals[it, "eval/digits_gen/accuracy"] <= 1.0
     assert "eval task digits_pre: its prompt_format is pretrain; not run in the training loop" in out
-    assert "without a KV cache" not in out  # generation on megatron-core's inference machinery (mcore_generation)
+    # generation on megatron-core's inference machinery (mcore_generation), said once
+    assert out.count("eval generation tasks decode on megatron-core's text generation controller with its KV cache") == 1
     assert out.count(" eval task digits_mc at iteration ") == 2 and out.count(" eval task digits_gen at iteration ") == 2
     in_loop = {e["task"]: e["samples"] for e in log if e["kind"] == "eval_samples" and e["iteration"] == 4}
 

@@ -79,8 +79,10 @@ class TaskEvaluator:
                 rows += [(i, letter, encoder.sample(d, seq)) for letter, d in docs.items()]
             self.tasks.append((task, rows, skipped))
 
-        if self.no_cache and any(not t.scored_by_loglikelihood for t, _, _ in self.tasks):
-            log.info(f"eval generation tasks decode without a KV cache (megatron-core's inference: {self.no_cache})")
+        if any(not t.scored_by_loglikelihood for t, _, _ in self.tasks):
+            log.info(f"eval generation tasks decode without a KV cache (megatron-core's inference: {self.no_cache})"
+                     if self.no_cache else "eval generation tasks decode on megatron-core's text generation "
+                     "controller with its KV cache")
 
     def run(self, iteration: int, model_chunks, forward_step) -> dict[str, dict]:
         """Score every task; log ``eval/<task>/<metric>`` (logging rank). Returns the figures (last stage)."""
