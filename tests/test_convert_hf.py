@@ -64,6 +64,35 @@ def test_gated_mlp_and_vocab_padding_invert():
     assert back.shape == (33031, 64)
 
 
+def test_vocab_rows_read_in_place_equal_the_import_in_memory(tmp_path):
+    """The streaming import reads a vocabulary matrix's rows straight into the padded result (one copy of a
+    1.2 GB Qwen3-8B embedding, not two): bit for bit what VOCAB_PAD.to_megatron gives, for a source padded past
+    its tokenizer (Qwen) and one that is not; row blocks and row ranges read from the file; the patch
+    embedding's std from row blocks (one float64 pass) equals torch.std's."""
+    import math
+
+    from megatron_solo.convert.mapping import patch_embed_init_std
+    from megatron_solo.convert.safetensors_io import HFCheckpoint
+
+    emb = (torch.randn(5000, 64) * 0.02 + 0.001).to(torch.bfloat16)
+    w = StreamingSafetensorsWriter(str(tmp_path), [("model.embed_tokens.weight", (5000, 64), torch.bfloat16)], 2**30)
+    w.write("model.embed_tokens.weight", emb)
+    w.close()
+    ck = HFCheckpoint(str(tmp_path))
+    for vocab in (4700, 5000):  # 4700: the source's rows past its tokenizer are dropped, as a Qwen base's
+        s = ConversionShapes(1, 64, 96, 6, 2, 16, vocab_size=vocab, padded_vocab_size=9216, hf_vocab_rows=5000)
+        got = bound_mappings(s)[0].read_to_megatron(ck, s)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, VOCAB_PAD.to_megatron((emb,), s)), vocab
+    assert torch.equal(torch.cat(list(ck.row_blocks("model.embed_tokens.weight", block=999))), emb)
+    assert torch.equal(ck.read_rows("model.embed_tokens.weight", torch.empty(7, 64, dtype=torch.bfloat16), 4993),
+                       emb[4993:])
+    with pytest.raises(ValueError):
+        ck.read_rows("model.embed_tokens.weight", torch.empty(8, 64, dtype=torch.bfloat16), 4993)
+    std = patch_embed_init_std(ck.row_blocks("model.embed_tokens.weight", block=999))
+    assert math.isclose(std, emb.double().std().item() / math.sqrt(3072), rel_tol=1e-12)
+    assert math.isclose(patch_embed_init_std(emb), std, rel_tol=1e-15)
+
+
 def test_table_names_are_transformers_names():
     """The table's HF side is exactly the state dict of transformers' Mistral (+ the SOLO patch embedding)."""
     from transformers import MistralForCausalLM

@@ -31,7 +31,23 @@ def _world(paths):
         return {str(v.properties.dtype) for v in md.state_dict_metadata.values() if hasattr(v, "properties")}
 
     out = {}
+    # Every chunk handed to torch's writer is freed once written (torch keeps a reference to each until its
+    # file closes, and a rank writes one file): count the earlier chunks still holding memory at each hand-over.
+    from megatron_solo.convert import dcp_stream
+
+    resolve, handed, live = dcp_stream._LazyPlanner.resolve_data, [], []
+
+    def recording(planner, item):
+        t = resolve(planner, item)
+        if isinstance(t, torch.Tensor):
+            live.append(sum(h.untyped_storage().nbytes() > 0 for h in handed))
+            handed.append(t)
+        return t
+
+    dcp_stream._LazyPlanner.resolve_data = recording
     out["bf16_summary"] = hf_to_megatron(paths["solo"], paths["ck_bf16"])
+    dcp_stream._LazyPlanner.resolve_data = resolve
+    out["chunks"] = (len(handed), max(live), sum(h.untyped_storage().nbytes() > 0 for h in handed))
     out["bf16_stored"] = stored_dtypes(paths["ck_bf16"])
     out["fp32_summary"] = hf_to_megatron(paths["solo"], paths["ck_fp32"], params_dtype="float32")
     out["fp32_stored"] = stored_dtypes(paths["ck_fp32"])
@@ -115,6 +131,10 @@ def test_params_dtype_widens_exactly_and_export_keeps_or_narrows(world):
 def test_conversion_never_builds_the_model(world):
     _, out = world
     assert out["meta_model"] == {"meta"}
+    # and holds one chunk at a time: none of the earlier ones at each hand-over, none after the save
+    # (16 parameters; linear_fc1's halves are chunks of their own)
+    n, live_while_writing, live_after = out["chunks"]
+    assert n >= 16 and live_while_writing == 0 and live_after == 0, out["chunks"]
 
 
 def test_streaming_verify_passes_and_catches_one_changed_element(world):

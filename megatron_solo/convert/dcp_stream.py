@@ -25,6 +25,7 @@ What this module does instead, through public APIs only:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -76,15 +77,28 @@ def _chunk_index(sharded_state_dict) -> dict[tuple[str, tuple[int, ...]], tuple[
 
 class _LazyPlanner(MCoreSavePlanner):
     """megatron-core's save planner, except that a tensor chunk's data comes from ``produce`` when the
-    writer asks for it (the state dict only describes it, on the meta device)."""
+    writer asks for it (the state dict only describes it, on the meta device).
+
+    Each chunk's memory is freed when the writer asks for the next one (and by :meth:`release` after the
+    save): torch's ``FileSystemWriter`` keeps a reference to every tensor it wrote to a file until the file
+    is closed (``tensor_dict``, used only for its safetensors format), and this writer has one file per
+    rank, so without this the whole model would stay resident. Its serial loader asks for chunk ``i + 1``
+    only once chunk ``i`` is written."""
 
     def __init__(self, produce, index, **kw):
         super().__init__(**kw)
-        self._produce, self._index = produce, index
+        self._produce, self._index, self._written = produce, index, None
+
+    def release(self):
+        """Free the last chunk handed to the writer (its storage: the writer's references see 0 bytes)."""
+        if self._written is not None:
+            self._written.untyped_storage().resize_(0)
+            self._written = None
 
     def resolve_data(self, write_item):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
+        self.release()
         chunk = write_item.tensor_data.chunk
         offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
         name, prepend = self._index[(write_item.index.fqn, offsets)]
@@ -93,7 +107,28 @@ class _LazyPlanner(MCoreSavePlanner):
         if t.dtype != want or tuple(t.shape) != sizes[prepend:]:
             raise RuntimeError(f"{name}: produced {t.dtype} {list(t.shape)}, the checkpoint wants {want} "
                                f"{list(sizes[prepend:])}")
-        return t.reshape(sizes)
+        t = t.reshape(sizes)
+        if t.untyped_storage().nbytes() != t.nbytes:
+            # a part of a larger tensor (linear_fc1's halves, a TP shard): the copy the writer would make
+            # anyway, made here so that it is ours to free
+            t = t.clone()
+        # Whole-storage tensors are a row's only chunk (RowCache): freeing it ends that row, and a later
+        # read of the row would fail loudly (0-byte storage), never return stale data.
+        self._written = t
+        return t
+
+
+@contextlib.contextmanager
+def _no_crc32():
+    """``torch.save`` without the CRC32 of each record, restored after: it costs a pass over every byte
+    written (about a third of the conversion's write time at 7B), and ``torch.load`` does not check it
+    (PyTorch builds miniz with its reader's CRC checks off)."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
 
 
 class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
@@ -115,7 +150,9 @@ class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
                                flatten_sharded_tensors=False)
         # One thread, one file per rank: the writer resolves, writes and drops one chunk at a time.
         writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1, sync_files=True)
-        dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
+        with _no_crc32():
+            dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
+        planner.release()
 
     def async_save(self, *a, **k):  # pragma: no cover - the conversion saves synchronously
         raise NotImplementedError("StreamingSaveStrategy saves synchronously")

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -113,6 +113,12 @@ class Transform:
     name: str
     to_hf: Callable[[torch.Tensor, ConversionShapes], tuple[torch.Tensor, ...]]
     to_megatron: Callable[[tuple[torch.Tensor, ...], ConversionShapes], torch.Tensor]
+    # The same import reading its one source tensor where the result needs it: ``(read_rows, source_shape,
+    # dtype, shapes)``, ``read_rows(out)`` fills ``out`` with the source's first ``len(out)`` rows. A streaming
+    # import uses it to hold one copy of a large matrix instead of the source plus the result (None: use
+    # ``to_megatron``).
+    read_to_megatron: Callable[[Callable[[torch.Tensor], torch.Tensor], tuple[int, ...], torch.dtype,
+                                ConversionShapes], torch.Tensor] | None = None
 
 
 def _identity_to_hf(t, s):
@@ -166,6 +172,19 @@ def _vocab_to_megatron(ts, s):
     return torch.cat([t, init_extra_vocab_rows(t, extra)], dim=0)
 
 
+def _vocab_read_to_megatron(read_rows, source_shape, dtype, s):
+    """:func:`_vocab_to_megatron`, bit for bit, with the source's rows read straight into the padded
+    matrix: a Qwen3-8B embedding is 1.2 GB, and the source plus ``torch.cat``'s result were two of it."""
+    rows = min(source_shape[0], s.vocab_size)
+    if rows > s.padded_vocab_size:
+        raise ValueError(f"source has {rows} vocabulary rows, more than the padded {s.padded_vocab_size}")
+    out = torch.empty((s.padded_vocab_size, *source_shape[1:]), dtype=dtype)
+    kept = read_rows(out[:rows])
+    if rows < s.padded_vocab_size:
+        out[rows:] = init_extra_vocab_rows(kept, s.padded_vocab_size - rows)
+    return out
+
+
 def _qkv_to_hf(t, s):
     g, hpg, d, rest = s.num_query_groups, s.heads_per_group, s.head_dim, t.shape[1:]  # rest: (h,) or () (bias)
     grouped = t.reshape(g, (hpg + 2) * d, -1)
@@ -190,7 +209,7 @@ def _gated_to_megatron(ts, s):
 
 
 IDENTITY = Transform("identity", _identity_to_hf, _identity_to_megatron)
-VOCAB_PAD = Transform("vocab_pad", _vocab_to_hf, _vocab_to_megatron)
+VOCAB_PAD = Transform("vocab_pad", _vocab_to_hf, _vocab_to_megatron, _vocab_read_to_megatron)
 QKV_GQA = Transform("qkv_gqa", _qkv_to_hf, _qkv_to_megatron)
 GATED_MLP = Transform("gated_mlp", _gated_to_hf, _gated_to_megatron)
 
@@ -244,9 +263,16 @@ class BoundMapping:
             return self.copies
         return self.hf
 
-    def to_megatron_from(self, tensors: dict[str, torch.Tensor], names: tuple[str, ...],
-                         shapes: ConversionShapes) -> torch.Tensor:
-        return self.rule.transform.to_megatron(tuple(tensors[n] for n in names), shapes)
+    def read_to_megatron(self, ckpt, shapes: ConversionShapes) -> torch.Tensor:
+        """The Megatron tensor of this row read from ``ckpt`` (an HF checkpoint read tensor by tensor:
+        ``header``, ``get``, ``read_rows``, ``torch_dtype_of``), from :meth:`source_names`; through the
+        transform's reading form when it has one (one copy of the matrix in memory, not two)."""
+        names, transform = self.source_names(ckpt.header), self.rule.transform
+        if transform.read_to_megatron is not None and len(names) == 1:
+            (name,) = names
+            return transform.read_to_megatron(lambda out: ckpt.read_rows(name, out), tuple(ckpt.header[name][1]),
+                                              ckpt.torch_dtype_of(name), shapes)
+        return transform.to_megatron(tuple(ckpt.get(n) for n in names), shapes)
 
     def to_hf(self, tensor: torch.Tensor, shapes: ConversionShapes) -> dict[str, torch.Tensor]:
         out = self.rule.transform.to_hf(tensor, shapes)
@@ -396,15 +422,23 @@ def expected_megatron_shapes(shapes: ConversionShapes) -> dict[str, tuple[int, .
     return {b.megatron: b.megatron_shape(shapes) for b in bound_mappings(shapes)}
 
 
-def patch_embed_init_std(embed_tokens: torch.Tensor) -> float:
+def patch_embed_init_std(embed_tokens: "torch.Tensor | Iterable[torch.Tensor]") -> float:
     """Std of the new patch embedding when starting from a text-only model.
 
     Normalised patches have roughly unit variance per value, so a ``N(0, sigma^2)`` weight gives each
     output value a std of about ``sigma * sqrt(3072)``. We choose ``sigma`` so that this equals the std
     of the base model's token embeddings: a patch then enters the residual stream at the same scale
     as a token does, added to the ``<vpatch>`` row.
+
+    ``embed_tokens``: the matrix, or its rows in blocks (read from the file one at a time). One pass in
+    float64 (sum and sum of squares; unbiased, as torch.std): embedding values are centred near zero, so
+    the float64 difference loses nothing a bf16 or fp32 weight could show, and no whole-matrix copy is made.
     """
-    n = embed_tokens.numel()  # two passes over row chunks in float64 (unbiased, as torch.std): no whole-matrix copy
-    mean = sum(float(rows.sum()) for rows in _float64_row_chunks(embed_tokens)) / n
-    var = sum(float(((rows - mean) ** 2).sum()) for rows in _float64_row_chunks(embed_tokens)) / (n - 1)
+    blocks = _float64_row_chunks(embed_tokens) if isinstance(embed_tokens, torch.Tensor) else \
+        (b.to(torch.float64) for b in embed_tokens)
+    n, total, squares = 0, 0.0, 0.0
+    for rows in blocks:
+        flat = rows.reshape(-1)
+        n, total, squares = n + flat.numel(), total + float(flat.sum()), squares + float(torch.dot(flat, flat))
+    var = (squares - total * total / n) / (n - 1)
     return math.sqrt(var) / math.sqrt(PATCH_DIM)

@@ -227,13 +227,12 @@ class HFRowConverter:
     def convert(self, name: str, progress=None) -> torch.Tensor:
         bm = self.by_name[name]
         if bm.rule.solo_only and self.kind != "solo":
-            # sigma from the base's embedding table (read again: one tensor, no state kept between rows)
-            std = patch_embed_init_std(self.ckpt.get("model.embed_tokens.weight"))
+            # sigma from the base's embedding table, read again a block of rows at a time (no state kept between rows)
+            std = patch_embed_init_std(self.ckpt.row_blocks("model.embed_tokens.weight"))
             g = torch.Generator().manual_seed(self.seed)
             full = (torch.randn(bm.megatron_shape(self.shapes), generator=g, dtype=torch.float32) * std)
-        else:  # a vision expert the source lacks: its text twin's tensors (mapping.py's ``copies``)
-            names = bm.source_names(self.ckpt.header)
-            full = bm.to_megatron_from({n: self.ckpt.get(n) for n in names}, names, self.shapes)
+        else:  # the source's tensors (a vision expert the source lacks: its text twin's, mapping.py's ``copies``)
+            full = bm.read_to_megatron(self.ckpt, self.shapes)
         if tuple(full.shape) != bm.megatron_shape(self.shapes):
             raise ConversionError(f"{name}: converted shape {list(full.shape)} != model's "
                                   f"{list(bm.megatron_shape(self.shapes))}")

@@ -7,6 +7,7 @@ header is laid out before any data is written.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -81,22 +82,42 @@ class HFCheckpoint:
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor with a plain positioned read: no memory map, so nothing but the returned
         tensor stays resident (a mapped shard's pages would count in the converter's RSS)."""
-        fname = self.file_of[name]
-        path = os.path.join(self.hf_dir, fname)
-        dtype, shape = self.header[name]
-        if dtype not in _ST_TO_TORCH:
-            raise ConversionError(f"{path}: {name} has dtype {dtype}; expected F32, F16 or BF16")
-        t = torch.empty(shape, dtype=_ST_TO_TORCH[dtype])
-        buf = t.reshape(-1).view(torch.uint8).numpy()
+        return self._read_into(name, torch.empty(self.header[name][1], dtype=self.torch_dtype_of(name)), 0)
+
+    def read_rows(self, name: str, out: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Rows ``start .. start + len(out)`` (dim 0) of tensor ``name`` read into ``out`` (contiguous, the
+        tensor's dtype and trailing shape), which is returned: a matrix is read where it is needed (into the
+        padded embedding) or a block at a time (its statistics), never staged whole."""
+        shape = self.header[name][1]
+        if (out.dtype != self.torch_dtype_of(name) or out.dim() == 0 or tuple(out.shape[1:]) != tuple(shape[1:])
+                or not out.is_contiguous() or not 0 <= start <= start + out.shape[0] <= shape[0]):
+            raise ValueError(f"{name}: cannot read rows {start}..{start + len(out)} of {list(shape)} into "
+                             f"{out.dtype} {list(out.shape)}")
+        return self._read_into(name, out, start * math.prod(shape[1:]) * out.element_size())
+
+    def row_blocks(self, name: str, rows: int | None = None, block: int = 4096):
+        """Tensor ``name``'s first ``rows`` rows (default: all) in blocks of ``block`` rows, read one at a time."""
+        shape = self.header[name][1]
+        n = shape[0] if rows is None else rows
+        for start in range(0, n, block):
+            out = torch.empty((min(block, n - start), *shape[1:]), dtype=self.torch_dtype_of(name))
+            yield self.read_rows(name, out, start)
+
+    def _read_into(self, name: str, out: torch.Tensor, byte_offset: int) -> torch.Tensor:
+        path = os.path.join(self.hf_dir, self.file_of[name])
+        # A buffer over out's memory through ctypes, not numpy: a tensor once shared with numpy can never
+        # have its storage freed early (the streaming writer frees each chunk it has written).
+        nbytes = out.numel() * out.element_size()
+        buf = memoryview((ctypes.c_ubyte * nbytes).from_address(out.data_ptr())).cast("B")
         try:
             with open(path, "rb") as f:
-                f.seek(self.offset[name])
-                got = f.readinto(memoryview(buf))
+                f.seek(self.offset[name] + byte_offset)
+                got = f.readinto(buf)
         except OSError as e:
             raise ConversionError(f"{path}: cannot read {name}: {e}") from None
-        if got != buf.nbytes:
-            raise ConversionError(f"{path}: {name} is cut short ({got} of {buf.nbytes} bytes)")
-        return t
+        if got != nbytes:
+            raise ConversionError(f"{path}: {name} is cut short ({got} of {nbytes} bytes)")
+        return out
 
     def dtype_of(self, name: str) -> str:
         return self.header[name][0]
