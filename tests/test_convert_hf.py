@@ -66,9 +66,10 @@ def test_gated_mlp_and_vocab_padding_invert():
 
 def test_vocab_rows_read_in_place_equal_the_import_in_memory(tmp_path):
     """The streaming import reads a vocabulary matrix's rows straight into the padded result (one copy of a
-    1.2 GB Qwen3-8B embedding, not two): bit for bit what VOCAB_PAD.to_megatron gives, for a source padded past
-    its tokenizer (Qwen) and one that is not; row blocks and row ranges read from the file; the patch
-    embedding's std from row blocks (one float64 pass) equals torch.std's."""
+    1.2 GB Qwen3-8B embedding, not two), and gate and up into linear_fc1's halves: bit for bit what the
+    transforms' to_megatron give, for a source padded past its tokenizer (Qwen) and one that is not; row
+    blocks and row ranges read from the file; the patch embedding's std from row blocks (one float64 pass)
+    equals torch.std's."""
     import math
 
     from megatron_solo.convert.mapping import patch_embed_init_std
@@ -84,6 +85,10 @@ def test_vocab_rows_read_in_place_equal_the_import_in_memory(tmp_path):
         got = bound_mappings(s)[0].read_to_megatron(ck, s)
         assert got.dtype == torch.bfloat16 and torch.equal(got, VOCAB_PAD.to_megatron((emb,), s)), vocab
     assert torch.equal(torch.cat(list(ck.row_blocks("model.embed_tokens.weight", block=999))), emb)
+    gate, up = emb[:96], emb[100:196]  # linear_fc1: gate and up read into their halves
+    got = GATED_MLP.read_to_megatron(lambda i, out: out.copy_((gate, up)[i][: len(out)]), ((96, 64), (96, 64)),
+                                     torch.bfloat16, SHAPES)
+    assert torch.equal(got, GATED_MLP.to_megatron((gate, up), SHAPES))
     assert torch.equal(ck.read_rows("model.embed_tokens.weight", torch.empty(7, 64, dtype=torch.bfloat16), 4993),
                        emb[4993:])
     with pytest.raises(ValueError):

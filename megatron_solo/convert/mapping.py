@@ -113,12 +113,12 @@ class Transform:
     name: str
     to_hf: Callable[[torch.Tensor, ConversionShapes], tuple[torch.Tensor, ...]]
     to_megatron: Callable[[tuple[torch.Tensor, ...], ConversionShapes], torch.Tensor]
-    # The same import reading its one source tensor where the result needs it: ``(read_rows, source_shape,
-    # dtype, shapes)``, ``read_rows(out)`` fills ``out`` with the source's first ``len(out)`` rows. A streaming
-    # import uses it to hold one copy of a large matrix instead of the source plus the result (None: use
-    # ``to_megatron``).
-    read_to_megatron: Callable[[Callable[[torch.Tensor], torch.Tensor], tuple[int, ...], torch.dtype,
-                                ConversionShapes], torch.Tensor] | None = None
+    # The same import with the source tensors read where the result needs them: ``(read, source_shapes,
+    # dtype, shapes)``, ``read(i, out)`` fills ``out`` with source ``i``'s first ``len(out)`` rows and returns
+    # it. A streaming import uses it to hold one copy of a large matrix instead of the sources plus the
+    # result, and to skip a copy of every byte (None: read the sources, then ``to_megatron``).
+    read_to_megatron: Callable[[Callable[[int, torch.Tensor], torch.Tensor], tuple[tuple[int, ...], ...],
+                                torch.dtype, ConversionShapes], torch.Tensor] | None = None
 
 
 def _identity_to_hf(t, s):
@@ -172,14 +172,15 @@ def _vocab_to_megatron(ts, s):
     return torch.cat([t, init_extra_vocab_rows(t, extra)], dim=0)
 
 
-def _vocab_read_to_megatron(read_rows, source_shape, dtype, s):
+def _vocab_read_to_megatron(read, source_shapes, dtype, s):
     """:func:`_vocab_to_megatron`, bit for bit, with the source's rows read straight into the padded
     matrix: a Qwen3-8B embedding is 1.2 GB, and the source plus ``torch.cat``'s result were two of it."""
+    (source_shape,) = source_shapes
     rows = min(source_shape[0], s.vocab_size)
     if rows > s.padded_vocab_size:
         raise ValueError(f"source has {rows} vocabulary rows, more than the padded {s.padded_vocab_size}")
     out = torch.empty((s.padded_vocab_size, *source_shape[1:]), dtype=dtype)
-    kept = read_rows(out[:rows])
+    kept = read(0, out[:rows])
     if rows < s.padded_vocab_size:
         out[rows:] = init_extra_vocab_rows(kept, s.padded_vocab_size - rows)
     return out
@@ -208,10 +209,19 @@ def _gated_to_megatron(ts, s):
     return torch.cat(ts, dim=0)
 
 
+def _gated_read_to_megatron(read, source_shapes, dtype, s):
+    """:func:`_gated_to_megatron` with gate and up read straight into their halves (no concatenating copy)."""
+    gate, up = source_shapes
+    out = torch.empty((gate[0] + up[0], *gate[1:]), dtype=dtype)
+    read(0, out[: gate[0]])
+    read(1, out[gate[0]:])
+    return out
+
+
 IDENTITY = Transform("identity", _identity_to_hf, _identity_to_megatron)
 VOCAB_PAD = Transform("vocab_pad", _vocab_to_hf, _vocab_to_megatron, _vocab_read_to_megatron)
 QKV_GQA = Transform("qkv_gqa", _qkv_to_hf, _qkv_to_megatron)
-GATED_MLP = Transform("gated_mlp", _gated_to_hf, _gated_to_megatron)
+GATED_MLP = Transform("gated_mlp", _gated_to_hf, _gated_to_megatron, _gated_read_to_megatron)
 
 
 @dataclass(frozen=True)
@@ -268,10 +278,10 @@ class BoundMapping:
         ``header``, ``get``, ``read_rows``, ``torch_dtype_of``), from :meth:`source_names`; through the
         transform's reading form when it has one (one copy of the matrix in memory, not two)."""
         names, transform = self.source_names(ckpt.header), self.rule.transform
-        if transform.read_to_megatron is not None and len(names) == 1:
-            (name,) = names
-            return transform.read_to_megatron(lambda out: ckpt.read_rows(name, out), tuple(ckpt.header[name][1]),
-                                              ckpt.torch_dtype_of(name), shapes)
+        dtypes = {ckpt.torch_dtype_of(n) for n in names}
+        if transform.read_to_megatron is not None and len(dtypes) == 1:  # (a source of mixed dtypes: as cat would)
+            return transform.read_to_megatron(lambda i, out: ckpt.read_rows(names[i], out),
+                                              tuple(tuple(ckpt.header[n][1]) for n in names), dtypes.pop(), shapes)
         return transform.to_megatron(tuple(ckpt.get(n) for n in names), shapes)
 
     def to_hf(self, tensor: torch.Tensor, shapes: ConversionShapes) -> dict[str, torch.Tensor]:
