@@ -162,6 +162,12 @@ def checkpoint_row_separator(info: dict) -> bool | None:
     return None if "converted_from" in args else True
 
 
+def checkpoint_chat_template(info: dict) -> str | None:
+    """The chat template (``--chat-template`` of its chat data) a checkpoint's model was tuned with
+    (``args``' ``chat_template``); None where nothing says (a base, pre-training only, older runs)."""
+    return (info.get("args") or {}).get("chat_template")
+
+
 def _layout() -> dict:
     return {
         "tp": parallel_state.get_tensor_model_parallel_world_size(),

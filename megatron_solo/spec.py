@@ -171,10 +171,22 @@ class SoloVocab:
         return f"{self.size} ids ({VISION_START}={self.vision_start} after a {self.base_size}-id base)"
 
 
+def _unrecorded_chat_tokens(a: SoloVocab, b: SoloVocab) -> bool:
+    """Whether ``a`` and ``b`` differ only in that one of them is a record made before the base's chat
+    tokens (:data:`BASE_CHAT_PIECES`) were derived: all three None there, every other id equal. Such a
+    record (a Llama-3 dataset or checkpoint of that time) is the same vocabulary: those tokens are the
+    base's own special tokens, at the ids the same base tokenizer gives them, and nothing of that time
+    placed them (text never produces a control id)."""
+    diff = {f.name for f in fields(SoloVocab) if getattr(a, f.name) != getattr(b, f.name)}
+    unrecorded = [v for v in (a, b) if all(getattr(v, f) is None for f in BASE_CHAT_PIECES)]
+    return bool(diff) and diff <= set(BASE_CHAT_PIECES) and bool(unrecorded)
+
+
 def vocab_mismatch(have: SoloVocab, want: SoloVocab, have_what: str, want_what: str) -> str | None:
     """The one check where ids meet (dataset and model, checkpoint and tokenizer): None when ``have`` and
-    ``want`` are the same vocabulary, else one line saying both."""
-    if have == want:
+    ``want`` are the same vocabulary (a record made before the base's chat tokens were derived matches the
+    vocabulary that has them: :func:`_unrecorded_chat_tokens`), else one line saying both."""
+    if have == want or _unrecorded_chat_tokens(have, want):
         return None
     if (have.base_size, have.size, have.vision_start) != (want.base_size, want.size, want.vision_start):
         return f"{have_what} has SOLO's vocabulary of {have.describe()}, {want_what} has {want.describe()}"

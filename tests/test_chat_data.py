@@ -330,3 +330,111 @@ def test_llama3_template_gives_transformers_ids_and_trains_its_eot(hf_tokenizers
         preprocess(PreprocessConfig(inputs=[str(corpus)], output_prefix=str(tmp_path / "p"), fmt="chat",
                                     tokenizer_model=hf_tokenizers["solo_qwen"], chat_template="llama3", progress=False))
     assert not os.path.exists(tmp_path / "p-tokens.bin")
+
+
+def test_llama3_export_tokenizer_and_processor_give_the_training_ids(hf_tokenizers, tmp_path):
+    """A model tuned on llama3 data records it (the run's chat prefixes -> its checkpoint's args), and its
+    export writes it: the export's tokenizer (transformers' AutoTokenizer) and processor (the export's own
+    processing_solo.py, default template and after save_pretrained) give, through apply_chat_template, the
+    ids of the training data of the same conversation on the packaged Llama-3.2 tokenizer, and open the
+    answer as Llama-3's template does; the answer stops at <|eot_id|>; llama3 over a Qwen base is refused."""
+    import os
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from megatron_solo.checkpoint import checkpoint_chat_template
+    from megatron_solo.convert.errors import ConversionError
+    from megatron_solo.convert.hf_export_files import (
+        export_chat_template,
+        load_export_processor,
+        write_hf_support_files,
+    )
+    from megatron_solo.data.dataset import data_chat_template
+    from megatron_solo.data.tokenizer import load_tokenizer
+    from megatron_solo.training.config import decide_chat_template
+
+    # the run's data decides (chat prefixes sharing one template; pre-training prefixes have none), else the
+    # checkpoint it loads (a pre-training phase after a chat phase keeps the chat phase's)
+    for name, template in (("sft", "llama3"), ("pre", None), ("other", "chatml")):
+        (tmp_path / f"{name}.stats.json").write_text(json.dumps({"chat_template": template}))
+    sft, pre, other = (str(tmp_path / n) for n in ("sft", "pre", "other"))
+    assert data_chat_template([sft, pre]) == "llama3"
+    assert data_chat_template([sft], [other]) is None  # mixed: nothing says
+    tuned = {"args": {"chat_template": "llama3"}}
+    assert checkpoint_chat_template(tuned) == "llama3"
+    run = lambda data, info: decide_chat_template(SimpleNamespace(data_path=data, valid_data_path=None),  # noqa: E731
+                                                  SimpleNamespace(info=info))
+    assert run(["1.0", sft, "1.0", pre], None) == "llama3" and run([pre], tuned) == "llama3"
+    assert run([pre], None) is None and run([other], tuned) == "chatml"
+
+    tok = load_tokenizer(hf_tokenizers["solo_llama"])
+    v = tok.vocab
+    assert export_chat_template(None, "llama3", v) == "llama3" and export_chat_template(None, None, v) == "chatml"
+    no_headers = replace(v, start_header=None, end_header=None, eot=None)  # a base without them (Qwen, Mistral)
+    with pytest.raises(ConversionError, match="export with --chat-template chatml"):
+        export_chat_template(None, "llama3", no_headers)
+    out = str(tmp_path / "export")
+    os.makedirs(out)
+    write_hf_support_files(out, {"model_type": "solo"}, hf_tokenizers["solo_llama"], v, chat_template="llama3")
+
+    msgs = [{"role": "system", "content": "  Be brief.\n"},
+            {"role": "user", "content": "\nHello there!  What's 2+2? 漢字 ünï\tcode\n\n"},
+            {"role": "assistant", "content": " It is 4. \n"}, {"role": "user", "content": "Thanks"}]
+    train = DocumentEncoder(tok, "chat", chat_template="llama3").encode(normalize_messages(msgs)).tokens.tolist()
+    opening = [v.start_header, *tok.encode("assistant"), v.end_header, *tok.encode("\n\n")]
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    P = load_export_processor(out)
+    processor = P.SoloProcessor.from_pretrained(out)
+    processor.save_pretrained(str(tmp_path / "saved"))
+    again = P.SoloProcessor.from_pretrained(str(tmp_path / "saved"))
+    for who, apply in (("tokenizer", lambda m, **kw: hf_tok.apply_chat_template(m, return_dict=False, **kw)),
+                       ("processor", processor.apply_chat_template),
+                       ("saved processor", again.apply_chat_template)):
+        assert list(apply(msgs, add_generation_prompt=False, tokenize=True)) == train, who
+        assert list(apply(msgs, add_generation_prompt=True, tokenize=True)) == train + opening, who
+    assert processor.chat_template_name == again.chat_template_name == "llama3"
+    with open(os.path.join(out, "generation_config.json")) as f:
+        assert v.eot in json.load(f)["eos_token_id"]
+
+
+def test_llama_records_made_before_the_chat_tokens_were_derived_still_read(hf_tokenizers, tmp_path):
+    """A Llama-3 prefix or checkpoint whose stored vocabulary predates the header/eot fields (all three
+    absent) is the vocabulary its tokenizer derives today: training's prefix check reads it, a merge with a
+    new prefix records the fuller vocabulary; another id, or another base, is still one refusal."""
+    import glob
+    import shutil
+
+    from megatron_solo.checkpoint import checkpoint_vocab
+    from megatron_solo.data.indexed import check_prefix
+    from megatron_solo.data.merge import merge_prefixes
+    from megatron_solo.data.preprocess import PreprocessConfig, preprocess
+    from megatron_solo.data.tokenizer import load_tokenizer
+    from megatron_solo.errors import InputError
+    from megatron_solo.spec import BASE_CHAT_PIECES, SoloVocab, vocab_mismatch
+
+    v = load_tokenizer(hf_tokenizers["solo_llama"]).vocab
+    old_record = {k: x for k, x in v.to_dict().items() if k not in BASE_CHAT_PIECES}
+    old = SoloVocab.from_dict(old_record)
+    assert v.eot is not None and old.eot is None
+    assert vocab_mismatch(old, v, "old", "new") is None and vocab_mismatch(v, old, "new", "old") is None
+    assert checkpoint_vocab({"vocab": old_record}) == old  # a checkpoint of that time: the same check
+    assert vocab_mismatch(replace(v, eot=v.eot + 1), v, "a", "b") is not None
+    assert vocab_mismatch(replace(old, im_end=old.im_end + 1), v, "a", "b") is not None
+    assert vocab_mismatch(replace(old, base_size=old.base_size - 1), v, "a", "b") is not None
+
+    corpus = tmp_path / "chat.jsonl"
+    corpus.write_text(json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]) + "\n")
+    new_prefix, old_prefix = str(tmp_path / "new"), str(tmp_path / "old")
+    preprocess(PreprocessConfig(inputs=[str(corpus)], output_prefix=new_prefix, fmt="chat",
+                                tokenizer_model=hf_tokenizers["solo_llama"], progress=False))
+    for f in glob.glob(new_prefix + "*"):
+        shutil.copyfile(f, old_prefix + f[len(new_prefix):])
+    stats = json.loads(open(old_prefix + ".stats.json").read())
+    open(old_prefix + ".stats.json", "w").write(json.dumps({**stats, "vocab": old_record}))
+    check_prefix(old_prefix, v.size, vocab=v)  # refused before: "disagree on SOLO's vocabulary (start_header, ...)"
+    out = merge_prefixes([old_prefix, new_prefix], str(tmp_path / "merged"))
+    assert SoloVocab.from_dict(out["vocab"]) == v
+    open(old_prefix + ".stats.json", "w").write(json.dumps({**stats, "vocab": {**v.to_dict(), "eot": v.eot + 1}}))
+    with pytest.raises(InputError, match="disagree on SOLO's vocabulary"):
+        check_prefix(old_prefix, v.size, vocab=v)

@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="SOLO tokenizer (tokenizer.model or tokenizer.json; default: the one recorded in the "
                         "checkpoint)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing --save directory")
+    m.add_argument("--chat-template", default=None, choices=["chatml", "llama3", "solo-inst"],
+                   help="the template the export's tokenizer and processor write (default: the one the checkpoint's "
+                        "chat data used, else chatml)")
     m.add_argument("--verify", action="store_true",
                    help="check the exported tensors against the checkpoint tensor by tensor (bit for bit), plus the "
                         "exported model's logits when both models fit in memory")
@@ -111,6 +114,7 @@ def main(argv=None) -> int:
                 max_shard_size=args.max_shard_size, tokenizer_model=args.tokenizer_model,
                 overwrite=args.overwrite, verify=args.verify or args.verify_logits,
                 verify_logits=True if args.verify_logits else None, merge_lora=args.merge_lora,
+                chat_template=args.chat_template,
             )
     finally:
         if "megatron.core" in sys.modules:

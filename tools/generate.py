@@ -11,8 +11,9 @@ is written as that record plus "answer" and "stopped", one JSON line each, in th
     .venv/bin/python tools/generate.py --hf-dir hf/solo-sft --input questions.jsonl --output answers.jsonl
 
 Uses only the exported directory: its modeling code (trust_remote_code) and its processing_solo.py.
-Generation stops by itself at the stop token of the template (<|im_end|> for chatml, </s> for solo-inst;
-the export's generation_config.json lists both), or after --max-new-tokens, which is then said on stderr.
+Generation stops by itself at the stop token of the template (<|im_end|> for chatml, </s> for solo-inst,
+<|eot_id|> for llama3; the export's generation_config.json lists them), or after --max-new-tokens, which is
+then said on stderr.
 Every input (the export's files, each image) is checked before the model is loaded: a mistake is one
 `error:` line, exit 2.
 """
@@ -91,8 +92,10 @@ def main(argv=None) -> int:
     ap.add_argument("--image-root", default=".", help="with --input: the directory relative image paths are read from")
     ap.add_argument("--output", default=None, help="with --input: write the answers' JSONL here (default: stdout)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="upper bound; answers end at the stop token")
-    ap.add_argument("--chat-template", choices=["chatml", "solo-inst"], default="chatml",
-                    help="the template the model was tuned with (solo-inst: SOLO-7B's released [INST] format)")
+    ap.add_argument("--chat-template", choices=["chatml", "solo-inst", "llama3"], default=None,
+                    help="the template the model was tuned with (default: the export's, which its conversion took "
+                         "from the training data; solo-inst: SOLO-7B's released [INST] format; llama3: a Llama-3 "
+                         "base's own)")
     ap.add_argument("--no-chat", action="store_true",
                     help="pre-training format (BOS, image, prompt) instead of a user/assistant chat turn")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -125,7 +128,9 @@ def main(argv=None) -> int:
         if args.no_chat:
             inputs = processor(parts)
         else:
-            inputs = processor.chat([{"role": "user", "content": parts}], template=args.chat_template)
+            # the export's own template unless one is asked for (an older export's chat() has no default of its own)
+            chosen = {"template": args.chat_template} if args.chat_template else {}
+            inputs = processor.chat([{"role": "user", "content": parts}], **chosen)
         if "vision_patches" in inputs:
             inputs["vision_patches"] = inputs["vision_patches"].to(model.dtype)
         with torch.no_grad():

@@ -11,7 +11,8 @@ import shutil
 import sys
 
 from megatron_solo.convert.errors import ConversionError
-from megatron_solo.convert.hf_files.processing_solo import CHATML_TEMPLATE, processor_config
+from megatron_solo.convert.hf_files.processing_solo import JINJA_TEMPLATES, processor_config
+from megatron_solo.data.chat_templates import TEMPLATES, missing_controls
 from megatron_solo.data.tokenizer import (
     HF_CONFIG,
     SENTENCEPIECE,
@@ -113,19 +114,22 @@ def copy_tokenizer(path: str, out_dir: str) -> str:
     return dst
 
 
-def write_tokenizer_files(out_dir: str, tokenizer_model: str) -> None:
+def write_tokenizer_files(out_dir: str, tokenizer_model: str, chat_template: str = "chatml") -> None:
     """SOLO's tokenizer as transformers loads it: a ``tokenizer.json`` (Llama-3, Qwen bases) is copied
     with its ``tokenizer_config.json`` (SOLO's pieces already in its ``added_tokens_decoder``); a
     ``tokenizer.model`` (Mistral) gets a LlamaTokenizer config that knows SOLO's special pieces. Either
-    way the config carries the ChatML template, so that the tokenizer's ``apply_chat_template`` gives the
-    training data's ids (as the processor's does)."""
+    way the config carries the Jinja form of ``chat_template`` (the model's: ChatML, or a Llama-3 base's
+    ``llama3``), so that the tokenizer's ``apply_chat_template`` gives the training data's ids (as the
+    processor's does); solo-inst has no Jinja form (the processor's ``chat`` writes it)."""
+    jinja = JINJA_TEMPLATES.get(chat_template)
     if tokenizer_model.endswith(".json"):
         copy_tokenizer(tokenizer_model, out_dir)
-        # apply_chat_template of the tokenizer gives the training data's ChatML ids (as the processor's)
         path = os.path.join(out_dir, HF_CONFIG)
         with open(path) as f:
             cfg = json.load(f)
-        cfg["chat_template"] = CHATML_TEMPLATE
+        cfg.pop("chat_template", None)
+        if jinja:
+            cfg["chat_template"] = jinja
         with open(path, "w") as f:
             json.dump(cfg, f, indent=2, ensure_ascii=False)
         return
@@ -158,7 +162,7 @@ def write_tokenizer_files(out_dir: str, tokenizer_model: str) -> None:
         },
         "clean_up_tokenization_spaces": False,
         "sp_model_kwargs": {},
-        "chat_template": CHATML_TEMPLATE,
+        **({"chat_template": jinja} if jinja else {}),
     }
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
@@ -173,10 +177,12 @@ def generation_stop_ids(vocab: SoloVocab) -> list[int]:
 
 
 def write_hf_support_files(out_dir: str, hf_config: dict, tokenizer_model: str,
-                           vocab: SoloVocab = MISTRAL_VOCAB, row_separator: bool = True) -> None:
-    """config.json, generation_config.json (generation stops at EOS and at the chat template's turn end,
-    ``<|im_end|>``), the remote-code files, the tokenizer and the processor's config (its image layout:
-    ``row_separator``, the model's data's)."""
+                           vocab: SoloVocab = MISTRAL_VOCAB, row_separator: bool = True,
+                           chat_template: str = "chatml") -> None:
+    """config.json, generation_config.json (generation stops at EOS and at the chat templates' turn ends,
+    ``<|im_end|>`` and a Llama-3 base's ``<|eot_id|>``), the remote-code files, the tokenizer and the
+    processor's config (its image layout: ``row_separator``, the model's data's; its default template:
+    ``chat_template``, the one the model was tuned with)."""
     for fname in ("configuration_solo.py", "modeling_solo.py", "processing_solo.py"):
         shutil.copyfile(os.path.join(HF_FILES_DIR, fname), os.path.join(out_dir, fname))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -184,10 +190,25 @@ def write_hf_support_files(out_dir: str, hf_config: dict, tokenizer_model: str,
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": vocab.bos, "eos_token_id": generation_stop_ids(vocab), "do_sample": False,
                    "max_new_tokens": 256}, f, indent=2)
-    write_tokenizer_files(out_dir, tokenizer_model)
+    write_tokenizer_files(out_dir, tokenizer_model, chat_template)
     # AutoProcessor.from_pretrained(export, trust_remote_code=True) -> processing_solo.SoloProcessor
     with open(os.path.join(out_dir, "processor_config.json"), "w") as f:
-        json.dump(processor_config(None if vocab == MISTRAL_VOCAB else vocab.to_dict(), row_separator), f, indent=2)
+        json.dump(processor_config(None if vocab == MISTRAL_VOCAB else vocab.to_dict(), row_separator,
+                                   chat_template_name=chat_template), f, indent=2)
+
+
+def export_chat_template(name: str | None, recorded: str | None, vocab: SoloVocab) -> str:
+    """The export's default chat template: ``name`` (asked for), else ``recorded`` (the checkpoint's: its chat
+    data's), else chatml; one the vocabulary cannot write (llama3 over a base without its header tokens)
+    is a ConversionError."""
+    name = name or recorded or "chatml"
+    if name not in TEMPLATES:
+        raise ConversionError(f"unknown chat template {name!r}; choose one of {sorted(TEMPLATES)}")
+    missing = missing_controls(TEMPLATES[name], vocab)
+    if missing:
+        raise ConversionError(f"chat template {name} needs the base's own {', '.join(missing)}, which this "
+                              "checkpoint's vocabulary does not have: export with --chat-template chatml")
+    return name
 
 
 def load_export_processor(hf_dir: str):

@@ -27,6 +27,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron_solo import cpu_backend
 from megatron_solo.checkpoint import (
     CheckpointError,
+    checkpoint_chat_template,
     checkpoint_lora,
     checkpoint_row_separator,
     checkpoint_vocab,
@@ -41,7 +42,12 @@ from megatron_solo.convert.families import FAMILIES
 from megatron_solo.convert.full_model import build_full_model, build_meta_model
 from megatron_solo.convert.full_model import init_conversion_parallel  # noqa: F401  (part of this module's API)
 from megatron_solo.convert.hf_config import check_hf_checkpoint, conversion_shapes, hf_config_from_model_args
-from megatron_solo.convert.hf_export_files import copy_tokenizer, resolve_tokenizer, write_hf_support_files
+from megatron_solo.convert.hf_export_files import (
+    copy_tokenizer,
+    export_chat_template,
+    resolve_tokenizer,
+    write_hf_support_files,
+)
 from megatron_solo.convert.hf_files.processing_solo import normalize_patches
 from megatron_solo.convert.lora_export import AdaptedWeights, write_peft_adapter
 from megatron_solo.convert.mapping import (
@@ -327,8 +333,12 @@ def megatron_to_hf(
     verify: bool = False,
     verify_logits: bool | None = None,
     merge_lora: bool = False,
+    chat_template: str | None = None,
 ) -> dict:
     """Export a megatron_solo checkpoint (any TP/PP; latest iteration by default) as a HF SOLO directory.
+
+    ``chat_template``: the template the export's tokenizer and processor write by default (default: the
+    one the checkpoint records its model was tuned with, else chatml).
 
     Streaming: one parameter is read from the checkpoint at a time (megatron-core reshards it to TP=1),
     converted and written to its safetensors shard. ``dtype`` defaults to the checkpoint's own. The
@@ -351,6 +361,7 @@ def megatron_to_hf(
         raise ConversionError(f"{info['path']} has vision experts: the exported model routes image tokens inside "
                               "its modules, where PEFT's adapters cannot follow; export with --merge-lora")
     tok_path, vocab = resolve_export_tokenizer(tokenizer_model or info.get("tokenizer_model"), model_args, info)
+    chat_template = export_chat_template(chat_template, checkpoint_chat_template(info), vocab)
     reader = checkpoint_reader(info)
     dtype = reader.dtype if dtype is None else parse_dtype(dtype)
 
@@ -385,7 +396,7 @@ def megatron_to_hf(
             row_separator = checkpoint_row_separator(info) is not False  # unknown (a base): SOLO's
             write_hf_support_files(tmp, hf_config_from_model_args(model_args.to_dict(), torch_dtype=summary["dtype"],
                                                                   vocab=vocab, row_separator=row_separator),
-                                   tok_path, vocab, row_separator=row_separator)
+                                   tok_path, vocab, row_separator=row_separator, chat_template=chat_template)
             if os.path.exists(save_dir):
                 shutil.rmtree(save_dir)
             os.replace(tmp, save_dir)

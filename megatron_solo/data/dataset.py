@@ -35,7 +35,7 @@ from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split, get_blend_from_list
 
 from megatron_solo.data.indexed import SoloIndexedDataset
-from megatron_solo.data.stats import blend_row_separator
+from megatron_solo.data.stats import blend_chat_template, blend_row_separator
 from megatron_solo.data.roles import trained_roles
 from megatron_solo.data.sample import sample_arrays
 from megatron_solo.spec import MISTRAL_VOCAB, PATCH_DIM, SoloVocab
@@ -188,6 +188,12 @@ def data_row_separator(*data_paths) -> bool:
     by one model (:func:`~megatron_solo.data.stats.blend_row_separator`: a mixed one is refused, one line)."""
     prefixes = [p for d in data_paths if d for p in (parse_data_path(d) or ([], None))[0]]
     return blend_row_separator(dict.fromkeys(prefixes), "the run's data (--data-path, --valid-data-path)")
+
+
+def data_chat_template(*data_paths) -> str | None:
+    """The chat template of the given ``--data-path``-style blends' chat prefixes when they share one
+    (:func:`~megatron_solo.data.stats.blend_chat_template`), else None."""
+    return blend_chat_template(dict.fromkeys(p for d in data_paths if d for p in (parse_data_path(d) or ([], None))[0]))
 
 
 def build_train_valid_test_datasets(

@@ -39,8 +39,12 @@ def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) ->
     if len(storages) > 1:
         raise MergeInputError(f"cannot merge prefixes of different image storages {storages}; preprocess them alike")
     vocabs = [prefix_vocab(p) for p in inputs]
-    for p, v in zip(inputs, vocabs):
-        problem = vocab_mismatch(v, vocabs[0], p, inputs[0])
+    # a prefix recorded before the base's chat tokens were derived merges with one that has them
+    # (spec.vocab_mismatch); the merge records the fuller vocabulary
+    fullest = max(range(len(inputs)), key=lambda i: vocabs[i].eot is not None)
+    for ref in dict.fromkeys((0, fullest)):
+        problem = next(filter(None, (vocab_mismatch(v, vocabs[ref], p, inputs[ref]) for p, v in zip(inputs, vocabs))),
+                       None)
         if problem:
             raise MergeInputError(f"cannot merge prefixes made with different tokenizers: {problem}; preprocess them "
                                   "with one")
@@ -65,6 +69,8 @@ def merge_prefixes(inputs: list, output_prefix: str, overwrite: bool = False) ->
         totals = PrefixStats.total(parts)
         totals.image_storage = storages[0]
         totals.row_separator = row_separator
+        if any(part.vocab for part in parts):
+            totals.vocab = vocabs[fullest].to_dict()
         out = {**totals.as_dict(), "merged_from": list(inputs)}
         publish_prefix(output_prefix, out, suffixes)
         return out

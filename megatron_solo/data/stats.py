@@ -129,6 +129,14 @@ def prefix_row_separator(prefix: str) -> bool:
     return read_stats(prefix).get("row_separator", True) is not False
 
 
+def blend_chat_template(prefixes: Iterable[str]) -> str | None:
+    """The chat template (``--chat-template``) of the chat prefixes among ``prefixes`` (``P.stats.json``'s
+    ``chat_template``), when they share one: what the model reading them is tuned to answer in (its export's
+    default template). None when no prefix is chat data or they mix templates."""
+    names = {read_stats(p).get("chat_template") for p in prefixes} - {None}
+    return names.pop() if len(names) == 1 else None
+
+
 def layout_name(row_separator: bool) -> str:
     """The layout as ``--row-separator`` spells it."""
     return "on" if row_separator else "off"

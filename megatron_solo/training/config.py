@@ -21,7 +21,7 @@ from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 
 from megatron_solo import checkpoint
-from megatron_solo.data.dataset import data_row_separator
+from megatron_solo.data.dataset import data_chat_template, data_row_separator
 from megatron_solo.data.stats import layout_name
 from megatron_solo.model.config import PRESETS, SoloModelArgs, build_transformer_config, check_fp8, use_te_default
 from megatron_solo.model.lora import LoraConfig
@@ -157,6 +157,9 @@ class DataSection:
     # the image layout of every prefix the run reads (--row-separator at preprocessing; one per run):
     # recorded in each checkpoint, so that its export lays images out the same way
     row_separator: bool = True
+    # the chat template the model is tuned with (its chat data's, else the loaded checkpoint's): recorded in
+    # each checkpoint, the export's default template
+    chat_template: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,7 +266,8 @@ class TrainConfig:
             num_microbatches=s.num_microbatches, train_iters=s.train_iters,
             virtual_pipeline_model_parallel_size=par.virtual_pipeline, recompute_method=p.recompute_method,
             recompute_num_layers=p.recompute_num_layers, use_te=self.model.use_te, params_dtype=p.params_dtype,
-            padded_vocab_size=self.model.padded_vocab_size, row_separator=self.data.row_separator)
+            padded_vocab_size=self.model.padded_vocab_size, row_separator=self.data.row_separator,
+            chat_template=self.data.chat_template)
         # The schedule the run follows (the checkpoint's, unless --override-opt_param-scheduler), not the flags.
         schedule = {f: getattr(self.optimizer, f) for f in SCHEDULE_FLAGS}
         lora = {"lora": {**self.model.lora.record(), "base": self.model.lora_base}} if self.model.lora else {}
@@ -393,6 +397,16 @@ def decide_row_separator(a, plan: ResumePlan) -> tuple[bool, ResumePlan]:
     said = (f"the data is laid out with --row-separator {data}; the checkpoint {plan.load_dir} was trained on "
             f"--row-separator {ck}")
     return row_separator, dataclasses.replace(plan, note=f"{plan.note}; {said}" if plan.note else said)
+
+
+def decide_chat_template(a, plan: ResumePlan) -> str | None:
+    """The chat template the model is tuned with: its chat data's (one shared by the run's chat prefixes),
+    else the one the loaded checkpoint recorded (pre-training data after a chat phase keeps it)."""
+    try:
+        data = data_chat_template(a.data_path, a.valid_data_path)
+    except FileNotFoundError:  # a shard set that is not there: the input check says so in its one line
+        data = None
+    return data or (checkpoint.checkpoint_chat_template(plan.info) if plan.info is not None else None)
 
 
 def padded_vocab_size(model_args: SoloModelArgs, tp: int, resume: ResumePlan) -> int:
@@ -695,7 +709,7 @@ def build_train_config(args) -> TrainConfig:
                          valid_data_path=tuple(a.valid_data_path) if a.valid_data_path else None,
                          split=a.split, data_cache_path=a.data_cache_path, num_workers=a.num_workers,
                          tokenizer_model=a.tokenizer_model, loss_role=a.loss_role, seed=a.seed,
-                         row_separator=row_separator),
+                         row_separator=row_separator, chat_template=decide_chat_template(a, resume)),
         checkpoint=CheckpointSection(save=a.save, load=a.load, save_interval=a.save_interval, finetune=a.finetune,
                                      no_load_optim=a.no_load_optim, no_load_rng=a.no_load_rng, ckpt_step=a.ckpt_step,
                                      keep_last_checkpoints=a.keep_last_checkpoints, no_save_optim=a.no_save_optim),

@@ -26,10 +26,13 @@ so ``<vpatch>``, ``<|im_end|>``, ``<loc_5>``, ``<s>`` typed in a prompt stay pla
 chat markers are placed by the processor; a location token is asked for explicitly with a part
 ``{"type": "loc", "loc": N}``. The same rules as the training data (megatron_solo.data.encode).
 
-Chat templates (``template=``): "chatml" (``<|im_start|>{role}\n`` + content + ``<|im_end|>\n``; the
-model stops at ``<|im_end|>``) and "solo-inst" (SOLO-7B's released instruction format: image blocks
+Chat templates (``template=``; default: the one the model was tuned with, ``processor_config.json``'s
+``chat_template_name``, else chatml): "chatml" (``<|im_start|>{role}\n`` + content + ``<|im_end|>\n``; the
+model stops at ``<|im_end|>``), "solo-inst" (SOLO-7B's released instruction format: image blocks
 first, each closed with ``<vision>``; BOS; ``[INST] {text.strip()} [/INST]`` per user turn; answers
-end with ``</s>``).
+end with ``</s>``) and "llama3" (a Llama-3 base's own: BOS, then per message
+``<|start_header_id|>{role}<|end_header_id|>\n\n`` + content stripped + ``<|eot_id|>``; the model stops
+at ``<|eot_id|>``).
 
 Usage::
 
@@ -57,7 +60,7 @@ UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 BASE_VOCAB_SIZE = 32000  # ids from here on are SOLO's pieces: <vision>=32000 ... <|im_end|>=33030
 VISION_START_ID, IM_START_ID, IM_END_ID = 32000, 33029, 33030
 LOC_FIRST_ID, NUM_LOC_TOKENS = 32005, 1024  # <loc_1> .. <loc_1024>
-CHAT_TEMPLATES = ("chatml", "solo-inst")
+CHAT_TEMPLATES = ("chatml", "solo-inst", "llama3")
 VISION_START, VISION_PATCH, VISION_ROW_SEP, VISION_END = "<vision>", "<vpatch>", "<vrow_sep>", "</vision>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -166,6 +169,16 @@ CHATML_TEMPLATE = (
     "{{ message['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% endif %}"
 )
+# Llama-3's, as Meta ships it in Llama-3-8B-Instruct's tokenizer_config.json (the training data's ``llama3``)
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+#: the Jinja form of each template given to the tokenizer (solo-inst has none: the processor's chat() only)
+JINJA_TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE}
 IMAGE_PLACEHOLDER = "<image>"  # where processor(text=..., images=...) places each image, in order
 PROCESSOR_CONFIG = "processor_config.json"
 
@@ -181,16 +194,18 @@ class SoloProcessor:
     (SOLO-7B, Mistral's ids) or a ``tokenizer.json`` (Llama-3, Qwen bases; ids from ``vocab``, the
     export's ``solo_vocab``). ``AutoProcessor.from_pretrained(export, trust_remote_code=True)`` returns it."""
 
-    chat_template = CHATML_TEMPLATE
-
     def __init__(self, tokenizer_model: str, vocab: dict | None = None, row_separator: bool = True,
-                 return_patch_coords: bool = False):
+                 return_patch_coords: bool = False, chat_template_name: str = "chatml"):
         if not os.path.isfile(tokenizer_model):
             raise FileNotFoundError(f"tokenizer model not found: {tokenizer_model}")
         self.tokenizer_model = tokenizer_model
         self.vocab = dict(MISTRAL_IDS if vocab is None else vocab)
         self.row_separator = bool(row_separator)  # the image layout of the model's training data
         self.return_patch_coords = bool(return_patch_coords)  # the default of each call
+        if chat_template_name not in CHAT_TEMPLATES:
+            raise ValueError(f"chat template must be one of {CHAT_TEMPLATES}, got {chat_template_name!r}")
+        self.chat_template_name = chat_template_name  # the model's (chat()'s default)
+        self.chat_template = JINJA_TEMPLATES.get(chat_template_name, CHATML_TEMPLATE)
         self.kind = "hf" if tokenizer_model.endswith(".json") else "sentencepiece"
         if self.kind == "hf":
             from tokenizers import Tokenizer
@@ -221,7 +236,7 @@ class SoloProcessor:
     def from_pretrained(cls, path: str, **kwargs) -> "SoloProcessor":
         """The processor of an export (or of a ``save_pretrained`` directory). ``kwargs`` (what
         ``AutoProcessor`` passes: ``trust_remote_code``, ...) are accepted and unused."""
-        vocab, row_separator, coords = None, True, False
+        vocab, row_separator, coords, template = None, True, False, "chatml"
         for name in ("config.json", PROCESSOR_CONFIG):  # the processor's own config wins
             f = os.path.join(path, name)
             if os.path.isfile(f):
@@ -232,9 +247,10 @@ class SoloProcessor:
                 if "image_positions" in cfg:  # a model with 2D positions needs each patch's (row, col)
                     coords = cfg["image_positions"] != "1d"
                 coords = cfg.get("return_patch_coords", coords)
+                template = cfg.get("chat_template_name", template)
         for name in ("tokenizer.model", "tokenizer.json"):
             if os.path.isfile(os.path.join(path, name)):
-                return cls(os.path.join(path, name), vocab, row_separator, coords)
+                return cls(os.path.join(path, name), vocab, row_separator, coords, template)
         raise FileNotFoundError(f"{path} holds no tokenizer.model or tokenizer.json")
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
@@ -252,7 +268,7 @@ class SoloProcessor:
                     shutil.copyfile(os.path.join(src_dir, name), dst)
         with open(os.path.join(save_directory, PROCESSOR_CONFIG), "w") as f:
             json.dump(processor_config(None if self.vocab == MISTRAL_IDS else self.vocab, self.row_separator,
-                                       self.return_patch_coords), f, indent=2)
+                                       self.return_patch_coords, self.chat_template_name), f, indent=2)
         here = os.path.abspath(__file__)
         if os.path.abspath(os.path.join(save_directory, "processing_solo.py")) != here:
             shutil.copyfile(here, os.path.join(save_directory, "processing_solo.py"))
@@ -339,7 +355,8 @@ class SoloProcessor:
         return self._pack((self._bos() if add_bos else []) + ids, patches, coords, return_patch_coords)
 
     def apply_chat_template(self, conversation, add_generation_prompt: bool = True, tokenize: bool = True,
-                            return_dict: bool = False, template: str = "chatml", return_patch_coords=None, **kwargs):
+                            return_dict: bool = False, template: str | None = None, return_patch_coords=None,
+                            **kwargs):
         """Hugging Face's chat call: ``content`` a string, or a list of ``{"type": "text", "text": ...}``
         and ``{"type": "image", "image": <PIL image>}`` items (or this processor's parts). Returns the
         ids of :meth:`chat` (``return_dict``: all of its inputs), or with ``tokenize=False`` their text."""
@@ -351,20 +368,25 @@ class SoloProcessor:
         ids = out["input_ids"][0].tolist()
         return ids if tokenize else self.decode(ids, skip_special_tokens=False)
 
-    def chat(self, messages, add_generation_prompt: bool = True, template: str = "chatml",
+    def chat(self, messages, add_generation_prompt: bool = True, template: str | None = None,
              return_patch_coords: bool | None = None) -> dict[str, torch.Tensor]:
-        """Chat turns -> model inputs, token for token as the training data of ``template`` was made.
+        """Chat turns -> model inputs, token for token as the training data of ``template`` (default: the
+        model's, :attr:`chat_template_name`) was made.
 
         ``content`` is a string or a list of parts (text or PIL images). With ``add_generation_prompt``
         the assistant turn is opened for the model to complete (chatml: ``<|im_start|>assistant\n``;
-        solo-inst: nothing, the prompt ends with ``[/INST]``).
+        llama3: ``<|start_header_id|>assistant<|end_header_id|>\n\n``; solo-inst: nothing, the prompt
+        ends with ``[/INST]``).
         """
+        template = self.chat_template_name if template is None else template
         if template not in CHAT_TEMPLATES:
             raise ValueError(f"template must be one of {CHAT_TEMPLATES}, got {template!r}")
         if template == "solo-inst":
             if self.kind == "hf":
                 raise ValueError("solo-inst is SOLO-7B's (Mistral's) format; this base's template is chatml")
             return self._pack(*self._solo_inst(messages), return_patch_coords)
+        if template == "llama3":
+            return self._pack(*self._llama3(messages, add_generation_prompt), return_patch_coords)
         im_start, im_end = self.vocab["im_start"], self.vocab["im_end"]
         ids, patches, coords = self._bos(), [], []
         for m in messages:
@@ -377,6 +399,26 @@ class SoloProcessor:
         if add_generation_prompt:
             ids.extend([im_start] + self.encode_text("assistant\n", after_control=True))
         return self._pack(ids, patches, coords, return_patch_coords)
+
+    def _llama3(self, messages, add_generation_prompt: bool):
+        """Llama-3's turns (:data:`LLAMA3_TEMPLATE`) over the base's own header and eot tokens; a message's
+        content is stripped at both ends (the template's ``| trim``), its images in place."""
+        sh, eh, eot = (self.vocab.get(k) for k in ("start_header", "end_header", "eot"))
+        if None in (sh, eh, eot):
+            raise ValueError("llama3 is Llama-3's template: this model's base has no <|start_header_id|>, "
+                             "<|end_header_id|>, <|eot_id|> (use chatml)")
+        ids, patches, coords = self._bos(), [], []
+        for m in messages:
+            content = m["content"] if isinstance(m["content"], list) else [m["content"]]
+            turn_ids, turn_patches, turn_coords = self.encode_parts(["\n\n", *_trimmed(content)],
+                                                                    after_control=True)
+            ids.extend([sh] + self.encode_text(m["role"], after_control=True) + [eh] + turn_ids + [eot])
+            patches.extend(turn_patches)
+            coords.extend(turn_coords)
+        if add_generation_prompt:
+            ids.extend([sh] + self.encode_text("assistant", after_control=True) + [eh]
+                       + self.encode_text("\n\n", after_control=True))
+        return ids, patches, coords
 
     def _solo_inst(self, messages):
         """SOLO's released instruction format (see the module docstring). An image's adjacent newline
@@ -426,6 +468,20 @@ class SoloProcessor:
         return self.sp.decode(ids)
 
 
+def _trimmed(parts: list) -> list:
+    """Parts with the text stripped at both ends of the whole (Jinja's ``trim`` of the content): the
+    whitespace of text parts before the first and after the last image or character."""
+    parts = list(parts)
+    for order in (range(len(parts)), range(len(parts) - 1, -1, -1)):
+        for i in order:
+            if not isinstance(parts[i], str):
+                break
+            parts[i] = parts[i].lstrip() if order.step == 1 else parts[i].rstrip()
+            if parts[i]:
+                break
+    return parts
+
+
 def _parts_of(content) -> list:
     """A message's content as parts: a string; this processor's parts; Hugging Face's typed items."""
     if isinstance(content, str):
@@ -459,9 +515,11 @@ def place_images(text: str, images) -> list:
     return [p for p in parts if not (isinstance(p, str) and not p)]
 
 
-def processor_config(vocab: dict | None, row_separator: bool = True, return_patch_coords: bool = False) -> dict:
+def processor_config(vocab: dict | None, row_separator: bool = True, return_patch_coords: bool = False,
+                     chat_template_name: str = "chatml") -> dict:
     """``processor_config.json``: what makes ``AutoProcessor`` return :class:`SoloProcessor`, SOLO's ids of
-    another base, the image layout when it is not SOLO's, and whether calls return ``vision_patch_coords``."""
+    another base, the image layout when it is not SOLO's, whether calls return ``vision_patch_coords``,
+    and the chat template the model was tuned with when it is not chatml."""
     cfg = {"processor_class": "SoloProcessor", "auto_map": {"AutoProcessor": "processing_solo.SoloProcessor"}}
     if vocab is not None:
         cfg["solo_vocab"] = vocab
@@ -469,7 +527,9 @@ def processor_config(vocab: dict | None, row_separator: bool = True, return_patc
         cfg["vision_row_separator"] = False
     if return_patch_coords:
         cfg["return_patch_coords"] = True
+    if chat_template_name != "chatml":
+        cfg["chat_template_name"] = chat_template_name
     return cfg
 
 
-__all__ = ["SoloProcessor", "place_images", "processor_config", "load_image", "to_rgb", "target_size", "image_to_patches", "normalize_patches"]
+__all__ = ["SoloProcessor", "LLAMA3_TEMPLATE", "place_images", "processor_config", "load_image", "to_rgb", "target_size", "image_to_patches", "normalize_patches"]
