@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import queue
 import sys
+import types
 
 
 def fix_torch_adam_reshardable_load() -> None:
@@ -144,6 +145,8 @@ def defer_fused_kernel_compile() -> None:
     def jit_fuser(fn=None, **options):
         if fn is None:  # used as @jit_fuser(...)
             return functools.partial(jit_fuser, **options)
+        if not isinstance(fn, types.FunctionType):  # a module or other callable: torch.compile's own wrapper
+            return compile_now(fn, **options)
         compiled = None
 
         @functools.wraps(fn)
