@@ -67,10 +67,11 @@ def vllm_python() -> str:
     return py
 
 
-def write_peft_adapter(export: str, out: str, seed: int = 0) -> dict:
-    """A random LoRA adapter of every attention and MLP linear layer of ``export``, in PEFT's directory format
-    (``adapter_config.json`` + ``adapter_model.safetensors``, PEFT's tensor names), and its weight deltas
-    ``scale * B @ A`` by the export's tensor name (the merged model's definition)."""
+def write_peft_adapter(export: str, out: str, seed: int = 0, patch_embedding: bool = False) -> dict:
+    """A random LoRA adapter of every attention and MLP linear layer of ``export`` (and of the patch embedding,
+    ``patch_embedding``), in PEFT's directory format (``adapter_config.json`` + ``adapter_model.safetensors``,
+    PEFT's tensor names, as ``megatron-to-hf`` writes them), and its weight deltas ``scale * B @ A`` by the
+    export's tensor name (the merged model's definition)."""
     from safetensors.torch import save_file
 
     from tests.helpers_convert import safetensors_tensors
@@ -79,22 +80,21 @@ def write_peft_adapter(export: str, out: str, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     tensors, deltas = {}, {}
     layers = json.load(open(os.path.join(export, "config.json")))["num_hidden_layers"]
-    for i in range(layers):
-        for target in LORA_TARGETS:
-            name = f"model.layers.{i}.{target}"
-            out_f, in_f = base[f"{name}.weight"].shape
-            a = 0.1 * torch.randn(LORA_RANK, in_f, generator=g)
-            b = 0.1 * torch.randn(out_f, LORA_RANK, generator=g)
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b
-            deltas[f"{name}.weight"] = (LORA_ALPHA / LORA_RANK) * b @ a
+    names = [f"model.layers.{i}.{target}" for i in range(layers) for target in LORA_TARGETS]
+    for name in names + (["model.embed_vision_patch"] if patch_embedding else []):
+        out_f, in_f = base[f"{name}.weight"].shape
+        a = 0.1 * torch.randn(LORA_RANK, in_f, generator=g)
+        b = 0.1 * torch.randn(out_f, LORA_RANK, generator=g)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+        deltas[f"{name}.weight"] = (LORA_ALPHA / LORA_RANK) * b @ a
     os.makedirs(out, exist_ok=True)
     save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
     with open(os.path.join(out, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": export, "r": LORA_RANK,
                    "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
                    "use_rslora": False, "modules_to_save": None,
-                   "target_modules": sorted({t.split(".")[-1] for t in LORA_TARGETS})}, f)
+                   "target_modules": sorted({n.split(".")[-2] for n in deltas})}, f)
     return deltas
 
 
@@ -166,8 +166,10 @@ def served(tmp_path_factory, hf_tokenizers):
             job["models"].append({"name": name, "path": path, "prompts": prompts})
         # a LoRA adapter on the demo's export: its image and text prompts through vLLM's LoRA support
         deltas = write_peft_adapter(exports["demo"], str(tmp / "adapter"), seed=7)
+        # and one of the patch embedding too, which vLLM's LoRA layers do not cover: refused when it is loaded
+        write_peft_adapter(exports["demo"], str(tmp / "adapter_patch"), seed=8, patch_embedding=True)
         job["models"][0]["lora"] = {"path": str(tmp / "adapter"), "rank": LORA_RANK,
-                                    "prompts": job["models"][0]["prompts"][:2]}
+                                    "prompts": job["models"][0]["prompts"][:2], "refused": str(tmp / "adapter_patch")}
         (tmp / "job.tmp").write_text(json.dumps(job))
         os.rename(tmp / "job.tmp", tmp / "job.json")  # whole when the probe sees it
         reference = {}
@@ -231,6 +233,13 @@ def test_vllm_serves_a_peft_lora_adapter_as_transformers_runs_it_merged(served):
     assert [o["token_ids"] for o in got] == want
     # the adapter changed what the model says (it is not silently ignored)
     assert want != [tokens for _, tokens in served["reference"]["demo"][:2]]
+
+
+def test_an_adapter_of_the_patch_embedding_is_refused_when_vllm_loads_it(served):
+    """The patch embedding runs in vLLM's encoder step, outside its LoRA layers: vLLM refuses such an adapter
+    (it would otherwise be served without that part); docs/SERVING.md says to merge it instead."""
+    error = served["vllm"]["demo"]["lora_refused"]
+    assert error is not None and "embed_vision_patch" in error, error
 
 
 @pytest.mark.parametrize("name", REFUSED)

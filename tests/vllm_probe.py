@@ -66,6 +66,13 @@ def main(job_path: str, out_path: str) -> None:
 
             req = LoRARequest("adapter", 1, lora["path"])
             res["lora_outputs"] = _results(llm.generate(_prompts(lora["prompts"]), greedy, lora_request=req))
+            if lora.get("refused"):  # an adapter vLLM must not serve: its message
+                try:
+                    llm.generate(_prompts(lora["prompts"][:1]), greedy, lora_request=LoRARequest("refused", 2,
+                                                                                               lora["refused"]))
+                    res["lora_refused"] = None
+                except Exception as e:
+                    res["lora_refused"] = f"{type(e).__name__}: {e}"
         results[m["name"]] = res
         del llm
         gc.collect()
