@@ -22,16 +22,19 @@ def collapse_image_blocks(ids, vision_start: int, vision_end: int) -> list[int]:
     return out
 
 
-def vllm_prompt(processor, parts=None, *, messages=None, template: str = "chatml") -> dict:
+def vllm_prompt(processor, parts=None, *, messages=None, template: str | None = None) -> dict:
     """``{"prompt_token_ids", "multi_modal_data"}`` for ``LLM.generate`` from a ``SoloProcessor`` (an export's
     ``processing_solo.SoloProcessor.from_pretrained(export)``): ``parts`` (text and PIL images, pre-training
-    style, BOS first) or chat ``messages`` (``processor.chat``)."""
+    style, BOS first) or chat ``messages`` (``processor.chat`` with ``template``, by default the model's)."""
     if (parts is None) == (messages is None):
         raise ValueError("pass parts or messages")
     images = [p for m in (messages or [{"content": parts}])
               for p in (m["content"] if isinstance(m["content"], list) else [m["content"]])
               if not isinstance(p, (str, dict))]
-    inputs = processor(parts) if messages is None else processor.chat(messages, template=template)
+    if messages is None:
+        inputs = processor(parts)
+    else:
+        inputs = processor.chat(messages, **({} if template is None else {"template": template}))
     ids = collapse_image_blocks(inputs["input_ids"][0].tolist(), processor.vocab["vision_start"],
                                 processor.vocab["vision_end"])
     prompt = {"prompt_token_ids": ids}
