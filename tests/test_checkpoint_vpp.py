@@ -1,6 +1,6 @@
 """A checkpoint loads at any virtual-pipeline layout (issue 11): one saved with a single model chunk at
 TP=1 (as every converted Mistral is) resumes at TP=2 x PP=2 x DP=2 with interleaved stages (two chunks per
-stage), and continues the TP=1 loss curve. megatron-core stores each layer's tensors under its global layer
+stage, four micro-batches per step), and continues the TP=1 loss curve. megatron-core stores each layer's tensors under its global layer
 number, so the stored keys do not depend on the layout; the model weights, the distributed optimizer's
 state (fully_reshardable) and the scheduler all cross over.
 
@@ -22,7 +22,12 @@ def test_tp1_checkpoint_resumes_at_tp2_pp2_dp2_interleaved(digits_data, tmp_path
     ref_dir, vpp_dir = tmp_path / "ref", tmp_path / "vpp"
     ref_dir.mkdir()
     vpp_dir.mkdir()
-    opt = ["--use-distributed-optimizer", "--train-iters", str(ITERS), "--vision-experts", "full"]
+    # Micro-batches of one sample: 4 per DP rank in the interleaved run, more than its 2 stages, so its steady
+    # state sends activations and gradients both ways between the two stages in one step (at PP=2 the previous
+    # and the next stage are the same rank: megatron-core's batched send/receive swapped the two; see
+    # training/config.py interleaved_p2p).
+    opt = ["--use-distributed-optimizer", "--train-iters", str(ITERS), "--vision-experts", "full",
+           "--micro-batch-size", "1"]
     # Reference: one process (TP=1, PP=1, one chunk), a checkpoint at iteration 2, on to ITERS.
     _run(1, _common(digits_data, str(ref_dir), *opt, "--save", str(ck), "--save-interval", "2"))
     ref = _losses(ref_dir / "log.jsonl")

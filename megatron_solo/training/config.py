@@ -233,6 +233,7 @@ class TrainConfig:
             recompute_granularity=p.recompute_granularity, recompute_method=p.recompute_method,
             recompute_num_layers=p.recompute_num_layers,
             use_te=False if meta_plan else self.model.use_te,
+            **interleaved_p2p(par.virtual_pipeline),
         )
 
     def optimizer_config(self) -> OptimizerConfig:
@@ -536,6 +537,22 @@ def _virtual_pipeline(a, m: SoloModelArgs, num_microbatches: int) -> int | None:
         raise ArgumentError(f"the interleaved schedule needs the number of micro-batches ({num_microbatches}) "
                             f"to be a multiple of --pipeline-model-parallel-size {pp}")
     return per_stage // per_virtual
+
+
+def interleaved_p2p(virtual_pipeline: int | None) -> dict:
+    """megatron-core's pipeline send/receive settings for this run, as Megatron-LM sets them.
+
+    With interleaved stages, megatron-core's default ``batch_p2p_comm=True`` posts each step's sends and
+    receives as one batch in the order send-prev, recv-prev, send-next, recv-next on every rank. At PP=2 the
+    previous and the next stage are the same rank, so a rank's first send to its peer (a gradient) meets the
+    peer's first receive from it (an activation of the same shape): the two are swapped, silently, whenever
+    a step sends both ways (more micro-batches than stages). Megatron-LM never runs it so: an interleaved run
+    gets ``overlap_p2p_comm=True`` and ``batch_p2p_comm=False`` (its ``--overlap-p2p-communication``
+    default), whose individual sends and receives keep the two directions apart (one of them on the world
+    group at PP=2). Without interleaving, megatron-core's defaults stay."""
+    if virtual_pipeline is None:
+        return {}
+    return {"overlap_p2p_comm": True, "batch_p2p_comm": False}
 
 
 # The image choices (flag, SoloModelArgs field, SOLO's value): model/image_blocks.py, docs/MODEL.md.
