@@ -165,29 +165,27 @@ def test_lmms_eval_gives_the_answers_and_scores_of_tools_evaluate(tmp_path, hf_t
     (lmms_tasks / "solo_local_vqa.yaml").write_text(VQA_YAML.format(data=tmp_path / "vqa.jsonl"))
     (lmms_tasks / "solo_local_mc.yaml").write_text(MC_YAML.format(data=tmp_path / "mc.jsonl"))
 
-    # lmms-eval's command line (in the background) and tools/evaluate.py on the same rows; and lmms-eval on
-    # an export of another family (a tiny Qwen3 base: its tokenizer.json, no BOS, tied embeddings, q/k norms),
-    # a second run of the same install (its command line evaluates one model).
+    # lmms-eval's command line (in the background) and tools/evaluate.py on the same rows. The same run also
+    # evaluates an export of another family (a tiny Qwen3 base: its tokenizer.json, no BOS, tied embeddings,
+    # q/k norms): lmms-eval's --config takes a list of runs, one model each, done in one process.
     qwen = make_random_solo_over(str(tmp_path / "qwen_hf"), "qwen3", hf_tokenizers["solo_qwen"])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([_plugin_metadata(str(tmp_path / "meta")), site]),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"),
                PYTHONWARNINGS="ignore")
-    runs = {name: subprocess.Popen(
-        [PY, "-m", "lmms_eval", "--model", "megatron_solo", "--model_args", f"pretrained={export}",
-         "--tasks", "solo_local_vqa,solo_local_mc", "--include_path", str(lmms_tasks),
-         "--batch_size", "4", "--output_path", str(tmp_path / name), "--log_samples"],
-        cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for name, export in (("lmms_out", hf), ("lmms_qwen", qwen))}
-    lmms = runs["lmms_out"]
+    runs = [{"model": "megatron_solo", "model_args": f"pretrained={export}", "tasks": "solo_local_vqa,solo_local_mc",
+             "include_path": str(lmms_tasks), "batch_size": 4, "output_path": str(tmp_path / out), "log_samples": True}
+            for out, export in (("lmms_out", hf), ("lmms_qwen", qwen))]
+    (tmp_path / "lmms_runs.yaml").write_text(json.dumps(runs))  # YAML's flow style
+    lmms = subprocess.Popen([PY, "-m", "lmms_eval", "--config", str(tmp_path / "lmms_runs.yaml")],
+                            cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     r = subprocess.run([PY, "tools/evaluate.py", "--hf-dir", hf, "--tasks", f"{tmp_path}/vqa.json,{tmp_path}/mc.json",
                         "--output-dir", str(tmp_path / "tool_out")], cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
-    logs = {name: p.communicate(timeout=600)[0] for name, p in runs.items()}
+    log, _ = lmms.communicate(timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    for name, p in runs.items():
-        assert p.returncode == 0, logs[name][-5000:]
-        # lmms-eval logs an error during evaluation and exits 0
-        assert glob.glob(str(tmp_path / name / "*" / "*_results.json")), logs[name][-5000:]
+    assert lmms.returncode == 0, log[-5000:]
+    for out in ("lmms_out", "lmms_qwen"):  # lmms-eval logs an error during evaluation and exits 0
+        assert glob.glob(str(tmp_path / out / "*" / "*_results.json")), log[-5000:]
     results = glob.glob(str(tmp_path / "lmms_out" / "*" / "*_results.json"))
 
     tool = {}
