@@ -161,30 +161,6 @@ def safetensors_tensors(hf_dir: str) -> dict[str, torch.Tensor]:
 
 def make_random_solo_over(out_dir: str, family: str, solo_tokenizer: str, seed: int = 0, dtype=torch.float32) -> str:
     """A random HF SOLO export over a tiny base of ``family`` (``FAMILY_CONFIGS``' shapes) and SOLO's tokenizer
-    over that base's (``solo_tokenizer``: tests/helpers_tokenizers.py), as megatron-to-hf lays it out: the
-    config, remote code and processor files first, then the weights of the model that code builds."""
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from megatron_solo.convert.families import FAMILIES
-    from megatron_solo.convert.hf_config import hf_config_from_model_args, model_args_from_hf_config
-    from megatron_solo.convert.hf_export_files import write_hf_support_files
-    from megatron_solo.convert.safetensors_io import StreamingSafetensorsWriter
-    from megatron_solo.data.tokenizer import check_tokenizer
-
-    vocab = check_tokenizer(solo_tokenizer).vocab
-    cls = getattr(transformers, FAMILIES[family].hf_class)
-    base = cls.config_class(**dict(TINY_SHAPE, rms_norm_eps=1e-6, **FAMILY_CONFIGS[family]))
-    args = dict(model_args_from_hf_config(base.to_dict(), vocab_size=vocab.size), vision_patch_id=vocab.vision_patch)
-    os.makedirs(out_dir, exist_ok=True)
-    write_hf_support_files(out_dir, hf_config_from_model_args(args, torch_dtype=str(dtype).replace("torch.", ""),
-                                                              vocab=vocab), solo_tokenizer, vocab)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out_dir, trust_remote_code=True),
-                                             trust_remote_code=True)
-    _randomize(model, seed)
-    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
-    writer = StreamingSafetensorsWriter(out_dir, [(k, tuple(v.shape), dtype) for k, v in state.items()], 2**30)
-    for k, v in state.items():
-        writer.write(k, v)
-    writer.close()
-    return out_dir
+    over that base's (``solo_tokenizer``: tests/helpers_tokenizers.py), in one shard: :func:`make_random_solo`."""
+    return make_random_solo(out_dir, seed=seed, dtype=dtype, max_shard_size=2**30, family=family,
+                            tokenizer=solo_tokenizer)
