@@ -3,12 +3,13 @@
 export: generated tokens per second, greedy, for a batch of image+text prompts, as measured (issue 27).
 
 Both sides get the same prompts (SOLO's processor: one photo each, a question) and must give the same tokens.
-transformers runs here (``.venv``), one ``generate`` per prompt (the export's ``generate`` takes one image layout
-per batch row; batch of 1 is how tools/evaluate.py's runner serves mixed image sizes) and, as a second
-baseline, one batched ``generate`` of equal-length prompts; vLLM runs in its own environment
+transformers runs here (``.venv``), one ``generate`` per prompt (tools/evaluate.py's runner batches only
+equal-length prompts: this is its case for prompts that differ) and, as a second baseline, one batched
+``generate`` of the equal-length prompts; vLLM runs in its own environment
 (requirements-vllm.txt, ``.cache/vllm-env``: tests/test_serve_vllm.py installs it) in one subprocess, all
 prompts in one ``LLM.generate`` (its scheduler batches them). The two sides are different processes and
-Pythons (3.12 / 3.11), so the ratio is of two processes' medians on a shared machine, not of one process.
+Pythons (3.12 / 3.11); their timed runs alternate (transformers one at a time, batched, vLLM, again), so a
+change of the shared machine's load hits all three alike.
 
     .venv/bin/python benchmarks/vllm_generate.py --prompts 16 --max-new-tokens 32 --repeats 3
 
@@ -33,7 +34,8 @@ DEMO_SHAPE = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, n
 
 
 def vllm_side(job_path: str, out_path: str) -> None:
-    """In the vLLM environment: load once, warm up, then time ``repeats`` runs of every prompt at once."""
+    """In the vLLM environment: load once, warm up, then one timed run of every prompt at once per line read
+    from stdin (the parent alternates them with its own runs); the times and tokens go to ``out_path``."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from PIL import Image
     from vllm import LLM, SamplingParams
@@ -47,12 +49,14 @@ def vllm_side(job_path: str, out_path: str) -> None:
                for p in job["prompts"]]
     params = SamplingParams(max_tokens=job["max_new_tokens"], temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+    print("ready", flush=True)
     times, tokens = [], None
-    for _ in range(job["repeats"]):
+    for _ in sys.stdin:
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         times.append(time.perf_counter() - t0)
         tokens = [list(o.outputs[0].token_ids) for o in outs]
+        print("done", flush=True)
     json.dump({"load_s": load_s, "times": times, "tokens": tokens}, open(out_path, "w"))
 
 
@@ -89,12 +93,12 @@ def main(argv=None) -> int:
         hf_dir = make_random_solo(os.path.join(work, "hf"), dtype=torch.float32, **DEMO_SHAPE)
     processor = load_export_processor(hf_dir).SoloProcessor.from_pretrained(hf_dir)
     photo = Image.open(os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images", "china.jpg"))
-    prompts = []  # equal-sized crops (4x6 patches) at different places: equal-length prompts
+    prompts = []  # equal-sized crops (4x6 patches) at different places, one question: equal-length prompts
     for k in range(a.prompts):
         path = os.path.join(work, f"{k}.png")
         photo.convert("RGB").crop((10 * k, 5 * k, 10 * k + 192, 5 * k + 128)).save(path)
         image = Image.open(path).convert("RGB")
-        parts = [image, f"Question {k}: what is in this image?"]
+        parts = [image, "What is in this image?"]
         prompts.append((path, processor(parts), vllm_prompt(processor, parts)["prompt_token_ids"]))
 
     job = {"hf_dir": hf_dir, "max_new_tokens": a.max_new_tokens, "repeats": a.repeats,
@@ -104,12 +108,25 @@ def main(argv=None) -> int:
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", PYTHONWARNINGS="ignore")
     for var in ("PYTHONPATH", "VLLM_CPU_KVCACHE_SPACE"):  # our venv's packages; it overrides the KV cache size
         env.pop(var, None)
-    r = subprocess.run([VLLM_PY, os.path.abspath(__file__), "--vllm-side", os.path.join(work, "job.json"),
-                        os.path.join(work, "vllm.json")], env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        print(r.stdout[-3000:], r.stderr[-5000:])
+    side = subprocess.Popen([VLLM_PY, os.path.abspath(__file__), "--vllm-side", os.path.join(work, "job.json"),
+                             os.path.join(work, "vllm.json")], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=open(os.path.join(work, "vllm.log"), "w"), text=True)
+
+    def wait_for(word: str) -> bool:  # vLLM and torch print their own lines on stdout too
+        for line in side.stdout:
+            if line.strip() == word:
+                return True
+        print(open(os.path.join(work, "vllm.log")).read()[-5000:])
+        return False
+
+    def vllm_round() -> None:
+        side.stdin.write("go\n")
+        side.stdin.flush()
+        if not wait_for("done"):
+            raise RuntimeError("the vLLM side stopped")
+
+    if not wait_for("ready"):
         return 1
-    got = json.load(open(os.path.join(work, "vllm.json")))
 
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -123,7 +140,7 @@ def main(argv=None) -> int:
     tokens = {}
     with torch.no_grad():
         model.generate(**prompts[0][1], generation_config=greedy)  # warm-up
-        for _ in range(a.repeats):
+        for _ in range(a.repeats):  # the three in turn (ABC ABC ...): the machine's load changes over minutes
             t0 = time.perf_counter()
             tokens["one_at_a_time"] = [model.generate(**p[1], generation_config=greedy)[0, n:].tolist()
                                        for p in prompts]
@@ -132,6 +149,10 @@ def main(argv=None) -> int:
             out = model.generate(**batch, generation_config=greedy)
             times["batched"].append(time.perf_counter() - t0)
             tokens["batched"] = out[:, n:].tolist()
+            vllm_round()
+    side.stdin.close()
+    side.wait()
+    got = json.load(open(os.path.join(work, "vllm.json")))
     generated = a.prompts * a.max_new_tokens
     tps = {k: generated / statistics.median(v) for k, v in times.items()}
     tps["vllm"] = generated / statistics.median(got["times"])
