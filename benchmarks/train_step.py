@@ -197,6 +197,23 @@ def print_medians(t_ours, t_hf, c_ours, c_hf, steps, hf_name):
     print(f"RATIO ours / HF = {m_ours / m_hf:.3f} tokens/s (median of per-window ratios {per_repeat:.3f}; goal >= 0.9)")
 
 
+def trainer_flags(a) -> list[str]:
+    """The trainer's flags of a step benchmark that runs the real trainer's setup (lora_step.py,
+    vision_experts_step.py): the tiny preset under ``--shape``, one micro-batch per step, a constant
+    learning rate (the step's cost, not the schedule's), no data read (the benchmark makes its batches)."""
+    return ["--model", "tiny", "--seq-length", str(a.seq_length), "--micro-batch-size", str(a.micro_batch_size),
+            "--global-batch-size", str(a.micro_batch_size), "--train-iters", "1000000", "--lr", "1e-4",
+            "--min-lr", "1e-4", "--lr-decay-style", "constant", "--weight-decay", "0.1", "--clip-grad", "1.0",
+            "--data-path", "unused", "--transformer-impl", "local", *a.shape.split()]
+
+
+def add_shape_flags(ap: argparse.ArgumentParser) -> None:
+    """``--image-share`` and ``--shape``, shared by the step benchmarks with images."""
+    ap.add_argument("--image-share", type=float, default=0.5, help="share of each row that is <vpatch> tokens")
+    ap.add_argument("--shape", default="", help="architecture flags over the tiny preset, e.g. "
+                    "'--hidden-size 512 --ffn-hidden-size 1536 --num-attention-heads 8 --num-query-groups 4 --kv-channels 64'")
+
+
 def timing_parser(doc: str) -> argparse.ArgumentParser:
     """The flags every step benchmark shares (this one and qwen3_step.py)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -31,8 +31,10 @@ from benchmarks.train_step import (  # noqa: E402
     megatron_setup,
     megatron_step_fn,
     random_batches,
+    add_shape_flags,
     time_window,
     timing_parser,
+    trainer_flags,
 )
 from megatron_solo.spec import SOLO_IDS  # noqa: E402
 
@@ -59,16 +61,11 @@ def main(argv=None):
 
     quiet.filter_known_warnings()
     ap = timing_parser(__doc__)
-    ap.add_argument("--image-share", type=float, default=0.5, help="share of each row that is <vpatch> tokens")
-    ap.add_argument("--shape", default="", help="architecture flags over the tiny preset, e.g. "
-                    "'--hidden-size 512 --ffn-hidden-size 1536 --num-attention-heads 8 --num-query-groups 4 --kv-channels 64'")
+    add_shape_flags(ap)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    common = ["--model", "tiny", "--seq-length", str(a.seq_length), "--micro-batch-size", str(a.micro_batch_size),
-              "--global-batch-size", str(a.micro_batch_size), "--train-iters", "1000000", "--lr", "1e-4",
-              "--min-lr", "1e-4", "--lr-decay-style", "constant", "--weight-decay", "0.1", "--clip-grad", "1.0",
-              "--data-path", "unused", "--transformer-impl", "local", *a.shape.split()]
+    common = trainer_flags(a)
     n_batches = 8
     steps, grown, experts = {}, {}, 0
     for name, extra in (("dense", []), ("full", ["--vision-experts", "full"])):
