@@ -18,7 +18,6 @@ CPU-second (steadier on a shared machine).
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
 
@@ -31,7 +30,8 @@ from benchmarks.train_step import (  # noqa: E402
     megatron_step_fn,
     random_batches,
     add_shape_flags,
-    time_window,
+    alternate_windows,
+    print_comparison,
     timing_parser,
     trainer_flags,
 )
@@ -75,24 +75,8 @@ def main(argv=None):
           f"{a.micro_batch_size}, {a.image_share:.0%} <vpatch> tokens per row, rank {a.rank} on {' '.join(TARGETS)}; "
           f"trainable parameters: full {trainable['full']:,}, lora {trainable['lora']:,}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
-    tps = {"full": [], "lora": []}
-    cps = {"full": [], "lora": []}
-    for r in range(a.repeats):
-        for name in ("full", "lora"):
-            step, batches, _ = steps[name]
-            w, c = time_window(step, batches, a.steps, r * a.steps)
-            tps[name].append(tokens / w)
-            cps[name].append(tokens / c)
-        print(f"  repeat {r + 1}: full {tps['full'][-1]:8.0f} tok/s   lora {tps['lora'][-1]:8.0f} tok/s   "
-              f"ratio {tps['lora'][-1] / tps['full'][-1]:.3f} (per CPU-second {cps['lora'][-1] / cps['full'][-1]:.3f})",
-              flush=True)
-    med = {k: statistics.median(v) for k, v in tps.items()}
-    per_window = statistics.median([x / f for x, f in zip(tps["lora"], tps["full"])])
-    print(f"median tokens/s over {a.repeats} windows of {a.steps} steps: full {med['full']:.0f}, lora {med['lora']:.0f}")
-    print(f"median tokens per process CPU-second: full {statistics.median(cps['full']):.0f}, lora "
-          f"{statistics.median(cps['lora']):.0f}, ratio {statistics.median(cps['lora']) / statistics.median(cps['full']):.3f}")
-    print(f"RATIO lora / full = {med['lora'] / med['full']:.3f} tokens/s (median of per-window ratios "
-          f"{per_window:.3f}; goal >= 1.0)")
+    tps, cps = alternate_windows(steps, ("full", "lora"), tokens, a)
+    print_comparison(tps, cps, ("full", "lora"), a.steps, goal=1.0)
     import shutil
 
     from megatron_solo import parallel

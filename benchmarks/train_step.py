@@ -197,6 +197,38 @@ def print_medians(t_ours, t_hf, c_ours, c_hf, steps, hf_name):
     print(f"RATIO ours / HF = {m_ours / m_hf:.3f} tokens/s (median of per-window ratios {per_repeat:.3f}; goal >= 0.9)")
 
 
+def alternate_windows(steps: dict, names: tuple[str, str], tokens: int, a) -> tuple[dict, dict]:
+    """Timed windows of two steps in alternation (``steps[name] = (step, batches, ...)``), ``a.repeats``
+    each, a line per repeat: tokens/s and tokens per process CPU-second per name (what
+    :func:`print_comparison` reads)."""
+    base, other = names
+    tps, cps = {n: [] for n in names}, {n: [] for n in names}
+    for r in range(a.repeats):
+        for name in names:
+            step, batches = steps[name][:2]
+            w, c = time_window(step, batches, a.steps, r * a.steps)
+            tps[name].append(tokens / w)
+            cps[name].append(tokens / c)
+        print(f"  repeat {r + 1}: {base} {tps[base][-1]:8.0f} tok/s   {other} {tps[other][-1]:8.0f} tok/s   "
+              f"ratio {tps[other][-1] / tps[base][-1]:.3f} (per CPU-second {cps[other][-1] / cps[base][-1]:.3f})",
+              flush=True)
+    return tps, cps
+
+
+def print_comparison(tps: dict, cps: dict, names: tuple[str, str], steps: int, goal: float) -> None:
+    """The last lines of an alternating comparison: medians (wall and per CPU-second) and the ratio."""
+    base, other = names
+    med = {k: statistics.median(v) for k, v in tps.items()}
+    per_window = statistics.median([x / b for x, b in zip(tps[other], tps[base])])
+    c_base, c_other = statistics.median(cps[base]), statistics.median(cps[other])
+    print(f"median tokens/s over {len(tps[base])} windows of {steps} steps: {base} {med[base]:.0f}, "
+          f"{other} {med[other]:.0f}")
+    print(f"median tokens per process CPU-second: {base} {c_base:.0f}, {other} {c_other:.0f}, "
+          f"ratio {c_other / c_base:.3f}")
+    print(f"RATIO {other} / {base} = {med[other] / med[base]:.3f} tokens/s (median of per-window ratios "
+          f"{per_window:.3f}; goal >= {goal})")
+
+
 def trainer_flags(a) -> list[str]:
     """The trainer's flags of a step benchmark that runs the real trainer's setup (lora_step.py,
     vision_experts_step.py): the tiny preset under ``--shape``, one micro-batch per step, a constant

@@ -19,7 +19,6 @@ around building it and its first steps) is printed beside what the expert parame
 
 from __future__ import annotations
 
-import statistics
 import sys
 
 import psutil
@@ -32,7 +31,8 @@ from benchmarks.train_step import (  # noqa: E402
     megatron_step_fn,
     random_batches,
     add_shape_flags,
-    time_window,
+    alternate_windows,
+    print_comparison,
     timing_parser,
     trainer_flags,
 )
@@ -85,28 +85,12 @@ def main(argv=None):
     print(f"vision_experts_step: tiny {a.shape}, hidden {cfg.model.args.hidden_size}, seq {a.seq_length}, micro-batch {a.micro_batch_size}, "
           f"{a.image_share:.0%} <vpatch> tokens per row, torch {torch.__version__}, {torch.get_num_threads()} threads",
           flush=True)
-    tps = {"dense": [], "full": []}
-    cps = {"dense": [], "full": []}  # tokens per process CPU-second: steadier on a shared machine
-    for r in range(a.repeats):
-        for name in ("dense", "full"):
-            step, batches, _ = steps[name]
-            w, c = time_window(step, batches, a.steps, r * a.steps)
-            tps[name].append(tokens / w)
-            cps[name].append(tokens / c)
-        print(f"  repeat {r + 1}: dense {tps['dense'][-1]:8.0f} tok/s   full {tps['full'][-1]:8.0f} tok/s   "
-              f"ratio {tps['full'][-1] / tps['dense'][-1]:.3f} (per CPU-second {cps['full'][-1] / cps['dense'][-1]:.3f})",
-              flush=True)
-    med = {k: statistics.median(v) for k, v in tps.items()}
-    per_window = statistics.median([f / d for f, d in zip(tps["full"], tps["dense"])])
+    tps, cps = alternate_windows(steps, ("dense", "full"), tokens, a)
     mib = 2**20
     print(f"\nmemory: resident set grew {grown['dense'] / mib:.1f} MiB (dense) and {grown['full'] / mib:.1f} MiB (full) "
           f"while each was built and ran {a.warmup} steps; difference {(grown['full'] - grown['dense']) / mib:.1f} MiB; "
           f"the {experts:,} expert parameters with fp32 gradient and Adam state account for {experts * 16 / mib:.1f} MiB")
-    print(f"median tokens/s over {a.repeats} windows of {a.steps} steps: dense {med['dense']:.0f}, full {med['full']:.0f}")
-    print(f"median tokens per process CPU-second: dense {statistics.median(cps['dense']):.0f}, full "
-          f"{statistics.median(cps['full']):.0f}, ratio {statistics.median(cps['full']) / statistics.median(cps['dense']):.3f}")
-    print(f"RATIO full / dense = {med['full'] / med['dense']:.3f} tokens/s (median of per-window ratios "
-          f"{per_window:.3f}; goal >= 0.85)")
+    print_comparison(tps, cps, ("dense", "full"), a.steps, goal=0.85)
     from megatron_solo import parallel
 
     parallel.destroy()
