@@ -97,7 +97,103 @@ def _attention_worker():
         with torch.no_grad():
             losses[name] = model(**model_forward_kwargs(batch, config, document_ids_mask=ids_mask)).clone()
     out["model_losses"] = losses
+    out["block_mask"] = _block_mask_case(args)
     return out
+
+
+# The GPU path's block mask, built here on the CPU by the same code: bidirectional image blocks in packed
+# documents, long enough (4096) that the rule spans many 128-token tiles and several slabs.
+LONG, LONG_WINDOW = 4096, 300
+
+
+def _long_batch():
+    """Two rows of LONG tokens: documents with images of several grids (some wider than the window, one
+    without row separators), text between them, one document cut at the row's end, padding."""
+    from megatron_solo.spec import SOLO_IDS as T
+
+    g = torch.Generator().manual_seed(5)
+
+    def image(rows, cols, sep=True):
+        t = [T.vision_start]
+        for r in range(rows):
+            t += [T.vision_patch] * cols + ([T.vision_row_sep] if sep and r < rows - 1 else [])
+        return t + [T.vision_end]
+
+    def text(n):
+        return torch.randint(3, 32000, (n,), generator=g).tolist()
+
+    docs = [[T.bos, *text(40), *image(12, 16), *text(200), *image(3, 5), *text(90)],
+            [T.bos, *text(300), *image(20, 30, sep=False), *text(25), *image(1, 2), *text(700)],
+            [T.bos, *image(8, 8), *text(1500)],
+            [T.bos, *text(1000), *image(24, 24), *text(1200)],
+            [T.bos, *text(5), *image(2, 3), *image(4, 4), *text(333)]]
+    rows, lengths = [], []
+    for row_docs in (docs[:3], docs[3:]):
+        toks, ls = [], []
+        for d in row_docs:
+            d = d[:LONG - len(toks)]
+            toks += d
+            ls.append(len(d))
+        ls.append(LONG - len(toks))
+        rows.append(toks + [0] * (LONG - len(toks)))
+        lengths.append(ls + [0] * (4 - len(ls)))
+    return {"tokens": torch.tensor(rows), "doc_lengths": torch.tensor(lengths, dtype=torch.int32)}
+
+
+def _block_mask_case(args):
+    """What ``SDPAFlexAttention`` builds for the GPU from [2, b, s] ids: the largest tensor any torch op
+    makes meanwhile, the tensors the BlockMask holds, and its element-level form against the reference."""
+    from megatron.core.transformer.enums import AttnMaskType
+    from torch.utils._pytree import tree_leaves
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron_solo.model import build_transformer_config, model_forward_kwargs
+    from megatron_solo.model.attention import SLAB_ELEMENTS, SDPAFlexAttention
+    from tests.test_image_choices import reference_blocks_and_positions, reference_mask
+
+    class LargestStorage(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.nbytes = 0
+
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            result = func(*a, **(kw or {}))
+            for t in tree_leaves(result):
+                if isinstance(t, torch.Tensor):
+                    self.nbytes = max(self.nbytes, t.untyped_storage().nbytes())
+            return result
+
+    margs = dataclasses.replace(args, sliding_window=LONG_WINDOW, image_attention="bidirectional")
+    config = build_transformer_config(margs)
+    batch = _long_batch()
+    b = batch["tokens"].size(0)
+    ids = model_forward_kwargs(batch, config, document_ids_mask=True, model_args=margs)["attention_mask"]
+    module = SDPAFlexAttention(config, 1, AttnMaskType.causal, "self")
+    with LargestStorage() as seen:
+        bm = module._block_mask(ids, b, LONG, LONG, torch.device("cpu"))
+    held = [t for t in bm.as_tuple(flatten=True) if isinstance(t, torch.Tensor)]
+    held += [c.cell_contents for c in bm.mask_mod.__closure__ or () if isinstance(c.cell_contents, torch.Tensor)]
+
+    # Element level: a full tile admits all its entries, a partial one what mask_mod admits, others none.
+    def tiles(num, idx):
+        n_kv = idx.size(-1)
+        dense = torch.zeros(*idx.shape[:-1], n_kv + 1, dtype=torch.bool)
+        dense.scatter_(-1, torch.where(torch.arange(n_kv) < num[..., None], idx.long(), n_kv), True)
+        return dense[..., :n_kv, None, None].expand(-1, -1, -1, -1, 128, 128).permute(0, 1, 2, 4, 3, 5) \
+            .reshape(b, 1, idx.size(-2) * 128, n_kv * 128)[:, 0, :LONG, :LONG]
+
+    full = tiles(bm.full_kv_num_blocks, bm.full_kv_indices)
+    partial = tiles(bm.kv_num_blocks, bm.kv_indices)
+    i = torch.arange(LONG)
+    rule = bm.mask_mod(torch.arange(b)[:, None, None], 0, i[None, :, None], i[None, None, :])
+    blocks, _ = reference_blocks_and_positions(batch["tokens"], batch["doc_lengths"],
+                                               [(0, 0)] * int((batch["tokens"] == 32001).sum()))
+    ref = reference_mask(batch["tokens"], batch["doc_lengths"], blocks, LONG_WINDOW, bidirectional=True)
+    return {"largest_bytes": seen.nbytes, "slab_elements": SLAB_ELEMENTS, "held_numel": [t.numel() for t in held],
+            "tiles": (b, bm.kv_indices.size(-2), bm.kv_indices.size(-1)),
+            "n_full": int(bm.full_kv_num_blocks.sum()), "n_partial": int(bm.kv_num_blocks.sum()),
+            "equal": bool(torch.equal(full | (partial & rule), ref)), "no_overlap": not bool((full & partial).any()),
+            "reference_allowed": int(ref.sum()), "beyond_window": bool((ref & (i[:, None] - i[None, :] >= LONG_WINDOW)).any())}
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +218,19 @@ def test_solo_model_with_sdpa_flex_spec_equals_dot_product_spec(results):
     r = results["model_losses"]
     torch.testing.assert_close(r["sdpa_flex_dense"], r["dot_product"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(r["sdpa_flex_ids"], r["dot_product"], rtol=1e-5, atol=1e-5)
+
+
+def test_flex_block_mask_never_holds_a_dense_square_and_equals_the_reference(results):
+    """The GPU path's block mask (bidirectional image blocks in packed documents, [2, b, s] ids), built on
+    the CPU by the same code: no torch op makes a tensor of a dense [s, s] mask's size (torch's eager
+    create_block_mask makes [b, 1, s, s]), the BlockMask holds block-level indices and the [b, s] ids only,
+    and its tiles admit exactly the plain reference mask (test_image_choices.reference_mask)."""
+    r = results["block_mask"]
+    b, n_q, n_kv = r["tiles"]
+    assert (n_q, n_kv) == (LONG // 128, LONG // 128)
+    assert r["largest_bytes"] <= r["slab_elements"] < LONG * LONG // 2, r["largest_bytes"]
+    assert max(r["held_numel"]) <= max(b * n_q * n_kv, 2 * b * LONG), r["held_numel"]
+    assert r["equal"] and r["no_overlap"]
+    # block-sparse: most tiles skipped, full tiles skip the rule, and image blocks reach past the window
+    assert 0 < r["n_full"] and 0 < r["n_partial"] and r["n_full"] + r["n_partial"] < b * n_q * n_kv / 4
+    assert r["beyond_window"] and r["reference_allowed"] > 0

@@ -16,6 +16,11 @@ The mask may be given as megatron-core's dense boolean mask [b, 1, s, s] (True =
 [s, s] tensor; under bidirectional image attention the integer form is [2, b, s] (document ids, image
 block ids: ``model/image_blocks.py``) and the ``mask_mod`` also admits "same image block". Attention dropout is not supported by FlexAttention; SOLO trains without it.
 
+The block mask is built by :func:`block_mask_in_slabs`, not by torch's eager ``create_block_mask``: that
+one evaluates the ``mask_mod`` on the whole dense [b, h, sq, sk] grid first (1 GiB per micro-batch at
+32k tokens), while the slabs hold at most ``SLAB_ELEMENTS`` entries of the rule at a time. The same code
+builds it on the GPU and on the CPU (where the tests check that no [s, s] tensor appears).
+
 FlexAttention has no CPU backward (torch 2.14). On the CPU, when gradients are needed, the same mask is
 materialised densely and given to SDPA instead, so the module still trains there (slowly); forward-only
 CPU calls and all GPU calls use FlexAttention.
@@ -30,7 +35,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from megatron_solo.model.image_blocks import attention_allowed
 
@@ -63,8 +68,8 @@ def document_block_mask(doc_ids: Optional[torch.Tensor], batch: int, sq: int, sk
             return ~dense_mask[b, 0, q_idx, kv_idx]
         q_pos = q_idx + offset
         ok = kv_idx <= q_pos
-        if window_left is not None:
-            ok = ok & (q_pos - kv_idx <= window_left)
+        if window_left is not None:  # (kv >= q - w: no int64 [q, kv] difference)
+            ok = ok & (kv_idx >= q_pos - window_left)
         if doc_ids is not None:
             ok = ok & (doc_ids[b, q_pos] == doc_ids[b, kv_idx])
         if block_ids is not None:
@@ -72,7 +77,45 @@ def document_block_mask(doc_ids: Optional[torch.Tensor], batch: int, sq: int, sk
             ok = ok | ((bq == block_ids[b, kv_idx]) & (bq > 0))
         return ok
 
-    return create_block_mask(mask_mod, batch, None, sq, sk, device=device)
+    return block_mask_in_slabs(mask_mod, batch, sq, sk, device)
+
+
+# Entries of the rule evaluated at once (bool, plus a few temporaries of that size): 4 MiB, whatever s is.
+SLAB_ELEMENTS = 1 << 22
+
+
+def block_mask_in_slabs(mask_mod, batch: int, sq: int, sk: int, device, block: int = 128,
+                        slab_elements: int = SLAB_ELEMENTS) -> BlockMask:
+    """``create_block_mask(mask_mod, batch, None, sq, sk)`` (same blocks, same ``BlockMask``) without its
+    dense [b, 1, sq, sk] mask: the rule is evaluated on slabs of whole query blocks (at most
+    ``slab_elements`` entries, at least one block row), each reduced at once to its tiles' counts.
+
+    ``mask_mod(b, h, q_idx, kv_idx)`` must broadcast (index tensors [b, 1, 1], [1, r, 1], [1, 1, sk]);
+    the rules of this module do.
+    """
+    rows = max(block, slab_elements // (batch * sk) // block * block)
+    n_kv = -(-sk // block)
+    b_idx = torch.arange(batch, device=device)[:, None, None]
+    h_idx = torch.zeros((), dtype=torch.long, device=device)
+    kv_idx = torch.arange(sk, device=device)[None, None, :]
+    partial, full = [], []
+    for q0 in range(0, sq, rows):
+        q_idx = torch.arange(q0, min(q0 + rows, sq), device=device)[None, :, None]
+        allowed = mask_mod(b_idx, h_idx, q_idx, kv_idx).expand(batch, q_idx.size(1), sk)
+        pad_q, pad_kv = -q_idx.size(1) % block, -sk % block
+        if pad_q or pad_kv:  # to whole tiles, with False, as create_block_mask pads (an edge tile is never full)
+            allowed = torch.nn.functional.pad(allowed, (0, pad_kv, 0, pad_q))
+        counts = allowed.view(batch, -1, block, n_kv, block).sum(dim=(2, 4), dtype=torch.int32)
+        partial.append((counts > 0) & (counts < block * block))
+        full.append(counts == block * block)
+
+    def ordered(tiles):  # torch's own layout: per query block, the count and the kv block indices first
+        tiles = torch.cat(tiles, dim=1)[:, None].to(torch.int32)
+        return (tiles.sum(dim=-1, dtype=torch.int32),
+                torch.argsort(tiles, dim=-1, descending=True, stable=True).to(torch.int32))
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(sq, sk))
 
 
 class SDPAFlexAttention(MegatronModule):
@@ -111,7 +154,7 @@ class SDPAFlexAttention(MegatronModule):
         kv = torch.arange(sk, device=device)[None, :]
         ok = kv <= q_pos
         if self.window_left is not None:
-            ok = ok & (q_pos - kv <= self.window_left)
+            ok = ok & (kv >= q_pos - self.window_left)
         ok = ok[None, None].expand(b, 1, sq, sk)
         if attention_mask is None:
             return ok

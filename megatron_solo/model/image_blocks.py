@@ -100,8 +100,8 @@ def attention_allowed(doc_ids: torch.Tensor, block_ids: torch.Tensor | None = No
     q = torch.arange(q_offset, sk, device=doc_ids.device)[:, None]
     k = torch.arange(sk, device=doc_ids.device)[None, :]
     causal = k <= q
-    if window_left is not None:
-        causal = causal & (q - k <= window_left)
+    if window_left is not None:  # (k >= q - w: bool [sq, sk] only, no int64 difference of that size)
+        causal = causal & (k >= q - window_left)
     allowed = causal[None] & (doc_ids[:, q_offset:, None] == doc_ids[:, None, :])
     if block_ids is not None:
         bq = block_ids[:, q_offset:, None]
