@@ -3,8 +3,9 @@
 The reference is the definition (docs/MODEL.md), computed token by token: the image blocks and the
 multimodal positions by a scan of each document segment, an explicit [s, s] boolean mask, the rotary
 angles of each channel from its position component, and a plain PyTorch forward of the SoloModel's own
-weights. The batch packs several documents per row: images of different grids with text between them,
-a video clip, a document that starts inside a cut image, a text-only chat, trailing padding.
+weights. The batch packs several documents per row: images of different grids with text between them
+(one laid out without row separators, ``--row-separator off``), a video clip, a document that starts
+inside a cut image, a text-only chat, trailing padding.
 SoloModel (megatron-core, both local attention backends) must give the reference's logits (fp32),
 per-token losses and gradients. One world of one rank runs every case.
 """
@@ -26,21 +27,23 @@ SEQ = 128
 
 
 # ------------------------------------------------------------------------------------------ batch
-def _image(rows, cols, seed):
-    """(tokens, patches, coords) of one image in SOLO's layout (row separators between rows)."""
+def _image(rows, cols, seed, sep=True):
+    """(tokens, patches, coords) of one image in SOLO's layout (row separators between rows; none
+    without ``sep``: SAIL's layout, ``--row-separator off``)."""
     p, r, c = image_patches(seed % 2, 32 * cols, 32 * rows)
     toks = [IDS.vision_start]
     coords = []
     for i in range(rows):
         toks += [IDS.vision_patch] * cols
         coords += [(i, j) for j in range(cols)]
-        if i < rows - 1:
+        if sep and i < rows - 1:
             toks.append(IDS.vision_row_sep)
     return toks + [IDS.vision_end], p, coords
 
 
 def _doc(parts, seed):
-    """A document from parts: ('text', n), ('image', rows, cols), ('video', rows, cols, frames)."""
+    """A document from parts: ('text', n), ('image', rows, cols), ('image_off', rows, cols): without row
+    separators, ('video', rows, cols, frames)."""
     g = np.random.default_rng(seed)
     toks, roles, patches, coords = [IDS.bos], [ASSISTANT], [], []
     for k, part in enumerate(parts):
@@ -51,7 +54,7 @@ def _doc(parts, seed):
             frames = part[3] if part[0] == "video" else 1
             block = [IDS.vision_start]
             for f in range(frames):
-                t, p, c = _image(part[1], part[2], seed + k + f)
+                t, p, c = _image(part[1], part[2], seed + k + f, sep=part[0] != "image_off")
                 block += t[1:-1] + ([IDS.vision_frame_sep] if f < frames - 1 else [])
                 patches.append(p)
                 coords += c
@@ -62,12 +65,13 @@ def _doc(parts, seed):
 
 
 def choices_batch():
-    """Row 0: text, a 2x3 image, text, a 1x2 image, text | a text chat. Row 1: a 3x2 image, text |
+    """Row 0: text, a 2x3 image, text, a 1x2 image, text | a text chat. Row 1: a 3x2 image without row
+    separators, text |
     the tail of a cut 2x2 image (its last row and </vision>), text, a 2-frame 1x2 video, text | padding."""
     d0 = _doc([("text", 3), ("image", 2, 3), ("text", 4), ("image", 1, 2), ("text", 5)], 1)
     t, r, p = make_doc("text", 2)
     d1 = (t, r, p, [])
-    d2 = _doc([("image", 3, 2), ("text", 6)], 3)
+    d2 = _doc([("image_off", 3, 2), ("text", 6)], 3)
     full = _doc([("image", 2, 2), ("text", 4), ("video", 1, 2, 2), ("text", 3)], 4)
     cut = full[0].index(IDS.vision_row_sep) + 1  # the segment starts with the image's second row
     d3 = (full[0][cut:], full[1][cut:], full[2][2:], full[3][2:])
@@ -375,20 +379,24 @@ GEN_STEPS = 4
 
 
 def _prompt():
-    """Two rows: text, a 2x3 image, text, a 1x2 image, text (SOLO's row-separator layout)."""
+    """Two rows: text, a 2x3 image, text, a 1x2 image, text, laid out without row separators (SAIL's
+    layout, the third switch); the patches and their (row, col)."""
     from megatron_solo.spec import normalize_patches
 
-    rows, patches = [], []
+    rows, patches, coords = [], [], []
     for seed in (11, 12):
-        toks, _, p, _ = _doc([("text", 3), ("image", 2, 3), ("text", 4), ("image", 1, 2), ("text", 2)], seed)
+        toks, _, p, c = _doc([("text", 3), ("image_off", 2, 3), ("text", 4), ("image_off", 1, 2), ("text", 2)], seed)
         rows.append(toks)
         patches.append(p)
-    return torch.tensor(rows), normalize_patches(torch.from_numpy(np.concatenate(patches)))
+        coords += c
+    assert IDS.vision_row_sep not in rows[0]
+    return (torch.tensor(rows), normalize_patches(torch.from_numpy(np.concatenate(patches))),
+            torch.tensor(coords, dtype=torch.long))
 
 
 def _export(paths):
-    """A model with every choice, saved, exported (with --verify's logits check); its logits and greedy
-    generation on a two-image prompt."""
+    """A model with every choice (bidirectional, mrope, trained on data without row separators), saved,
+    exported (with --verify's logits check); its logits and greedy generation on a two-image prompt."""
     import dataclasses
 
     from megatron_solo.checkpoint import save_checkpoint
@@ -402,14 +410,15 @@ def _export(paths):
     torch.manual_seed(7)
     model = build_solo_model(a, build_transformer_config(a))
     save_checkpoint(paths["ckpt"], 1, [model], model_args=a, padded_vocab_size=a.padded_vocab_size(1),
-                    tokenizer_model=paths["tokenizer"])
+                    tokenizer_model=paths["tokenizer"], args={"row_separator": False})
     out = {"export": megatron_to_hf(paths["ckpt"], paths["hf"], verify=True, verify_logits=True)}
-    ids, patches = _prompt()
-    out["ids"], out["patches"] = ids, patches
-    out["logits"] = megatron_logits(model, ids, patches, model_args=a)[..., :a.vocab_size]
+    ids, patches, coords = _prompt()
+    out["ids"], out["patches"], out["coords"] = ids, patches, coords
+    out["logits"] = megatron_logits(model, ids, patches, model_args=a, patch_coords=coords)[..., :a.vocab_size]
     gen, n_patches = ids[:1], 8  # the first row's 2x3 + 1x2 patches
     for _ in range(GEN_STEPS):
-        nxt = megatron_logits(model, gen, patches[:n_patches], model_args=a)[:, -1, :a.vocab_size].argmax(-1, keepdim=True)
+        nxt = megatron_logits(model, gen, patches[:n_patches], model_args=a,
+                              patch_coords=coords[:n_patches])[:, -1, :a.vocab_size].argmax(-1, keepdim=True)
         gen = torch.cat([gen, nxt], dim=1)
     out["generation"] = gen
     return out
@@ -422,15 +431,15 @@ def test_export_with_every_choice_matches_megatron_and_generates_alike_with_and_
 
     from transformers import AutoModelForCausalLM
 
-    from megatron_solo.model.image_blocks import ImageTokens, patch_coords_from_row_separators
+    from megatron_solo.model.image_blocks import ImageTokens
 
     paths, out = world[0], world[1]["export"]
     cfg = json.load(open(os.path.join(paths["hf"], "config.json")))
-    assert (cfg["image_attention"], cfg["image_positions"], cfg["mrope_section"]) == ("bidirectional", "mrope", [4, 6, 6])
+    assert (cfg["image_attention"], cfg["image_positions"], cfg["mrope_section"], cfg["vision_row_separator"]) == \
+        ("bidirectional", "mrope", [4, 6, 6], False)
     assert out["export"]["verify"]["max_abs_logit_diff"] <= out["export"]["verify"]["tolerance"]
     hf = AutoModelForCausalLM.from_pretrained(paths["hf"], trust_remote_code=True, dtype=torch.float32).eval()
-    ids, patches = out["ids"], out["patches"]
-    coords = patch_coords_from_row_separators(ids, ImageTokens.from_patch_id(IDS.vision_patch))
+    ids, patches, coords = out["ids"], out["patches"], out["coords"]
     with torch.no_grad():
         logits = hf(input_ids=ids, vision_patches=patches, vision_patch_coords=coords).logits
     torch.testing.assert_close(logits, out["logits"], rtol=1e-5, atol=1e-5)

@@ -469,16 +469,17 @@ def export_vocab(hf_dir: str) -> SoloVocab:
 
 
 def megatron_logits(model, input_ids: torch.Tensor, vision_patches: torch.Tensor | None = None,
-                    model_args: SoloModelArgs | None = None) -> torch.Tensor:
+                    model_args: SoloModelArgs | None = None, patch_coords: torch.Tensor | None = None) -> torch.Tensor:
     """Full-vocabulary logits [b, s, V_padded] of a (TP-sharded, PP=1) SOLO model on one document per row.
 
-    ``model_args``: the model's image choices (None: SOLO's); the patches' grid is read from the row
-    separators (the layout of :func:`verification_inputs`)."""
+    ``model_args``: the model's image choices (None: SOLO's); the patches' grid: ``patch_coords`` [n, 2], or,
+    when not given, read from the row separators (the layout of :func:`verification_inputs`)."""
     b, s = input_ids.shape
     batch = dict(tokens=input_ids, position_ids=torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
                  doc_lengths=torch.full((b, 1), s), patches=vision_patches)
     if model_args is not None and model_args.image_positions != "1d":
-        batch["patch_coords"] = patch_coords_from_row_separators(input_ids, model_args.image_tokens)
+        batch["patch_coords"] = (patch_coords if patch_coords is not None
+                                 else patch_coords_from_row_separators(input_ids, model_args.image_tokens))
     with torch.no_grad():
         out = model(**model_forward_kwargs(batch, model.config, model_args=model_args))
     return gather_from_tensor_model_parallel_region(out).float()
