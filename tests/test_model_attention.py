@@ -96,6 +96,9 @@ def _attention_worker():
         model = build_solo_model(margs, config, core_attention=core)
         with torch.no_grad():
             losses[name] = model(**model_forward_kwargs(batch, config, document_ids_mask=ids_mask)).clone()
+        if name == "sdpa_flex_ids":  # the layers' one mask cache: one block mask made for the step
+            cores = [m for m in model.modules() if isinstance(m, SDPAFlexAttention)]
+            out["mask_cache"] = (len(cores), len({id(c._masks) for c in cores}), list(cores[0]._masks._made))
     out["model_losses"] = losses
     out["block_mask"] = _block_mask_case(args)
     return out
@@ -218,6 +221,9 @@ def test_solo_model_with_sdpa_flex_spec_equals_dot_product_spec(results):
     r = results["model_losses"]
     torch.testing.assert_close(r["sdpa_flex_dense"], r["dot_product"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(r["sdpa_flex_ids"], r["dot_product"], rtol=1e-5, atol=1e-5)
+    # ... with the block mask made once for the step and shared by the layers, not once per layer
+    n_layers, n_caches, made = results["mask_cache"]
+    assert n_layers > 1 and n_caches == 1 and [k[0] for k in made] == ["block"], results["mask_cache"]
 
 
 def test_flex_block_mask_never_holds_a_dense_square_and_equals_the_reference(results):

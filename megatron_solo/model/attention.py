@@ -19,7 +19,8 @@ block ids: ``model/image_blocks.py``) and the ``mask_mod`` also admits "same ima
 The block mask is built by :func:`block_mask_in_slabs`, not by torch's eager ``create_block_mask``: that
 one evaluates the ``mask_mod`` on the whole dense [b, h, sq, sk] grid first (1 GiB per micro-batch at
 32k tokens), while the slabs hold at most ``SLAB_ELEMENTS`` entries of the rule at a time. The same code
-builds it on the GPU and on the CPU (where the tests check that no [s, s] tensor appears).
+builds it on the GPU and on the CPU (where the tests check that no [s, s] tensor appears). The layers of
+one model share a :class:`MaskCache`: a step builds its mask once, not once per layer.
 
 FlexAttention has no CPU backward (torch 2.14). On the CPU, when gradients are needed, the same mask is
 materialised densely and given to SDPA instead, so the module still trains there (slowly); forward-only
@@ -118,12 +119,35 @@ def block_mask_in_slabs(mask_mod, batch: int, sq: int, sk: int, device, block: i
                                     seq_lengths=(sq, sk))
 
 
+class MaskCache:
+    """What the layers of one model make from one step's mask (the block mask, or the dense fallback's
+    form): built by the first layer that needs it, found by the others, dropped when the next mask comes.
+    The key is the caller's mask tensor itself (held, so its id cannot be reused) plus what the layer adds
+    (the form, its window, the shape)."""
+
+    def __init__(self):
+        self._mask, self._made = None, {}
+
+    def get(self, attention_mask, key: tuple, make):
+        if attention_mask is None:
+            return make()
+        if attention_mask is not self._mask:
+            self._mask, self._made = attention_mask, {}
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+
 class SDPAFlexAttention(MegatronModule):
-    """Core attention on torch SDPA / FlexAttention (see the module docstring)."""
+    """Core attention on torch SDPA / FlexAttention (see the module docstring).
+
+    ``mask_cache``: shared by the layers of one model (``specs.get_layer_spec`` gives them one), so that a
+    step builds its block mask (or, on the CPU with gradients, its dense mask) once, not once per layer;
+    by default the module's own."""
 
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None):
+                 cp_comm_type: Optional[str] = None, pg_collection=None, mask_cache: Optional[MaskCache] = None):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise ValueError("SDPAFlexAttention does not implement context parallelism; use the TE spec")
@@ -146,10 +170,14 @@ class SDPAFlexAttention(MegatronModule):
         if window is not None and window[1] not in (0, -1):
             raise ValueError(f"only causal sliding windows (right = 0) are supported, got {window}")
         self.window_left = None if window is None or window[0] < 0 else int(window[0])
-        self._cache = (None, None)  # (mask tensor, BlockMask): the layers of one step share a mask
+        self._masks = mask_cache if mask_cache is not None else MaskCache()
 
     def _dense_allowed(self, attention_mask, b, sq, sk, device):
         """The same rule as the block mask, as a dense bool [b, 1, sq, sk] (True = may attend)."""
+        return self._masks.get(attention_mask, ("dense", b, sq, sk, self.window_left, device),
+                               lambda: self._make_dense_allowed(attention_mask, b, sq, sk, device))
+
+    def _make_dense_allowed(self, attention_mask, b, sq, sk, device):
         q_pos = torch.arange(sq, device=device)[:, None] + (sk - sq)
         kv = torch.arange(sk, device=device)[None, :]
         ok = kv <= q_pos
@@ -167,8 +195,10 @@ class SDPAFlexAttention(MegatronModule):
         return ok & same[:, None]
 
     def _block_mask(self, attention_mask, b, sq, sk, device):
-        if self._cache[0] is attention_mask and attention_mask is not None:
-            return self._cache[1]
+        return self._masks.get(attention_mask, ("block", b, sq, sk, self.window_left, device),
+                               lambda: self._make_block_mask(attention_mask, b, sq, sk, device))
+
+    def _make_block_mask(self, attention_mask, b, sq, sk, device):
         if attention_mask is None:
             bm = document_block_mask(None, b, sq, sk, self.window_left, device)
         elif attention_mask.dtype == torch.bool:
@@ -178,7 +208,6 @@ class SDPAFlexAttention(MegatronModule):
                                      block_ids=attention_mask[1])
         else:
             bm = document_block_mask(attention_mask, b, sq, sk, self.window_left, device)
-        self._cache = (attention_mask, bm)
         return bm
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,

@@ -16,12 +16,13 @@ substitutions:
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-from megatron_solo.model.attention import SDPAFlexAttention
+from megatron_solo.model.attention import MaskCache, SDPAFlexAttention
 from megatron_solo.model.config import check_fp8, te_available
 from megatron_solo.model.lora import LoraConfig, lora_layer_submodules
 from megatron_solo.model.vision_experts import vision_expert_layer_spec
@@ -121,8 +122,8 @@ def get_layer_spec(config, use_te: bool = False, core_attention: str = "dot_prod
         sub.self_attention.submodules.k_layernorm = SoloRMSNorm
     if core_attention == "dot_product":
         sub.self_attention.submodules.core_attention = SoloDotProductAttention
-    else:
-        sub.self_attention.submodules.core_attention = SDPAFlexAttention
+    else:  # one mask cache for the layers built from this spec: a step builds its mask once
+        sub.self_attention.submodules.core_attention = functools.partial(SDPAFlexAttention, mask_cache=MaskCache())
     if lora is not None:
         lora_layer_submodules(sub, lora)
     if vision_experts != "none":
