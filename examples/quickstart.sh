@@ -62,18 +62,7 @@ STEP_PID=
 trap '[[ -n "$STEP_PID" ]] && kill "$STEP_PID" 2>/dev/null; true' EXIT INT TERM
 
 # Training output -> one compact line every ~10% of the run (plus validation and the save).
-train_filter() {
-  awk -v name="$1" '
-    /iteration +[0-9]+\/ *[0-9]+ .*lm loss:/ {
-      match($0, /iteration +[0-9]+\/ *[0-9]+/); split(substr($0, RSTART + 9, RLENGTH - 9), it, "/")
-      i = it[1] + 0; n = it[2] + 0; k = int(n / 10); if (k < 1) k = 1
-      match($0, /lm loss: [0-9.E+-]+/); loss = substr($0, RSTART + 9, RLENGTH - 9) + 0
-      match($0, /per iteration \(ms\): [0-9.]+/); ms = substr($0, RSTART + 21, RLENGTH - 21) + 0
-      if (i == 1 || i == n || i % k == 0) printf "   %s: iteration %3d/%d  loss %.3f  (%.1f s/it)\n", name, i, n, loss, ms / 1000
-      next }
-    /validation loss at iteration/ { match($0, /lm loss value: [0-9.E+-]+/); printf "   %s: validation loss %.3f\n", name, substr($0, RSTART + 15, RLENGTH - 15) + 0; next }
-    /training from iteration|saved checkpoint|loading checkpoint|weights only/ { sub(/^\[rank [0-9]+\] /, ""); print "   " name ": " $0 }'
-}
+train_filter() { awk -v name="$1" -f "$REPO/examples/demo_progress.awk"; }
 passthrough_filter() { grep --line-buffered -E "$1" | sed -u 's/^/   /' || true; }
 
 # run_step NAME LOG FILTER... -- CMD...: CMD's output goes to LOG; FILTER picks the lines shown. A line

@@ -102,3 +102,32 @@ def test_quickstart_on_a_tiny_qwen3_base(tmp_path):
         r = subprocess.run(["bash", "examples/stage1_pretrain.sh"], cwd=ROOT, env=e, capture_output=True, text=True,
                            timeout=60)
         assert (r.returncode, r.stderr.strip()) == (2, line) and not (tmp_path / "no").exists()
+
+
+def test_the_demo_shows_the_trainers_iteration_lines_as_progress(capsys, monkeypatch):
+    """examples/demo_progress.awk (the demo's terminal view of a training log) on the lines the trainer's
+    logger prints: an iteration's loss sits on a later line than its number since lines are cut to 160
+    columns; the demo must still show iteration, loss and step time every ~10% of the run, and the
+    validation loss. (Cut lines broke this once: the demo showed no progress at all.)"""
+    from types import SimpleNamespace
+
+    from megatron_solo.training.logger import TrainingLogger
+
+    cfg = SimpleNamespace(schedule=SimpleNamespace(train_iters=20, global_batch_size=16, seq_length=128),
+                          parallel=SimpleNamespace(world_size=2),
+                          logging=SimpleNamespace(tensorboard_dir=None, log_file=None))
+    log = TrainingLogger(cfg, is_logging_rank=True)
+    for it in range(1, 21):
+        # the window's step time (s), tokens/s, images/s and skipped steps: the DP all-reduce left out
+        monkeypatch.setattr(log, "_throughput", lambda it=it: (it * 0.25, 100.0, 10.0, 0))
+        log.iteration_line(iteration=it, consumed=16 * it, lr=1e-3, grad_norm=1.0, skipped_total=0,
+                           losses={"lm loss": 10.0 / it, "image-doc loss": 10.0 / it})
+    log.validation(20, "valid", {"lm loss": 0.75})
+    printed = capsys.readouterr().out
+    assert max(map(len, printed.splitlines())) <= 160 and "lm loss" not in printed.splitlines()[0]
+    r = subprocess.run(["awk", "-v", "name=stage 1", "-f", "examples/demo_progress.awk"], cwd=ROOT, input=printed,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.splitlines() == [f"   stage 1: iteration {it:3d}/20  loss {10.0 / it:.3f}  ({it * 0.25:.1f} s/it)"
+                                     for it in (1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20)] + [
+                                        "   stage 1: validation loss 0.750"]
