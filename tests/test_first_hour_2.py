@@ -429,3 +429,24 @@ def test_a_log_line_is_cut_at_its_separators_to_fit_160_columns():
     assert max(map(len, lines)) <= 160 and len(lines) == 4
     assert [p.strip() for line in lines for p in line.split(" |")[:-1]] == [p.strip() for p in progress + step + rate]
     assert lines[1].startswith("    learning rate") and lines[3].startswith("    number of skipped")
+
+
+def test_a_plan_needs_none_of_the_jobs_inputs(tmp_path, monkeypatch):
+    """docs/TRAINING.md's stage-1 flags with --dry-run where none of its inputs exist yet (tok/tokenizer.model,
+    the data prefixes): the plan reads none of them, as the docs say (DRY_RUN=1 on the documented command once
+    stopped at `error: --tokenizer-model tok/tokenizer.model does not exist`); without --dry-run the same flags
+    stop at the first missing input. (The launcher's DRY_RUN path: test_first_hour.py.)"""
+    from megatron_solo.errors import InputError
+    from megatron_solo.training.dry_run import plan
+    from megatron_solo.training.early_checks import check_before_imports
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    flags = ["--model", "solo-7b", "--seq-length", "4096", "--global-batch-size", "64", "--bf16",
+             "--use-distributed-optimizer", "--tensor-model-parallel-size", "2", "--train-iters", "20000",
+             "--data-path", "0.7", "data/in21k", "0.3", "data/slimpajama", "--tokenizer-model", "tok/tokenizer.model"]
+    args = build_parser().parse_args(flags + ["--dry-run"])
+    check_before_imports(args)
+    assert plan(build_train_config(args))["parameters_total"] == 7264800768
+    with pytest.raises((ArgumentError, InputError), match="^--tokenizer-model tok/tokenizer.model does not exist$"):
+        check_before_imports(build_parser().parse_args(flags))

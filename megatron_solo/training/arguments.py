@@ -312,13 +312,14 @@ def validate_args(args) -> None:
              "--use-checkpoint-opt_param-scheduler (the checkpoint's) contradict each other: give one of them")
     if args.exit_signal_handler and not args.save:
         fail("--exit-signal-handler needs --save (it saves before exiting)")
-    if args.tokenizer_model and os.path.isdir(args.tokenizer_model):
+    # a plan reads no tokenizer (nor data): a job is planned before its inputs exist
+    if args.tokenizer_model and not args.dry_run and os.path.isdir(args.tokenizer_model):
         inside = [f for f in ("tokenizer.model", "tokenizer.json")
                   if os.path.isfile(os.path.join(args.tokenizer_model, f))]
         fail(f"--tokenizer-model {args.tokenizer_model} is a directory; pass the tokenizer file "
              + (f"in it: {os.path.join(args.tokenizer_model, inside[0])}" if inside
                 else "(tokenizer.model or tokenizer.json), e.g. from tools/create_solo_tokenizer.py"))
-    if args.tokenizer_model and not os.path.isfile(args.tokenizer_model):
+    if args.tokenizer_model and not args.dry_run and not os.path.isfile(args.tokenizer_model):
         fail(f"--tokenizer-model {args.tokenizer_model} does not exist")
     if args.log_interval < 1 or args.eval_interval < 1:
         fail("--log-interval and --eval-interval must be >= 1")
