@@ -450,3 +450,24 @@ def test_a_plan_needs_none_of_the_jobs_inputs(tmp_path, monkeypatch):
     assert plan(build_train_config(args))["parameters_total"] == 7264800768
     with pytest.raises((ArgumentError, InputError), match="^--tokenizer-model tok/tokenizer.model does not exist$"):
         check_before_imports(build_parser().parse_args(flags))
+
+
+def test_a_rendezvous_port_in_use_is_one_line(capsys):
+    """Two runs on one machine with the launchers' default MASTER_PORT: torchrun's agent cannot open its
+    store and raised a 44-line DistNetworkError traceback (EADDRINUSE); the launchers' torchrun ends with one
+    line naming the port and the variable, exit 2, before any worker starts."""
+    import re
+    import socket
+
+    from megatron_solo.training import torchrun
+
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code = torchrun.main(["--nproc-per-node", "1", "--master-port", str(port), "-m", "megatron_solo.train", "--help"])
+    out = capsys.readouterr()
+    assert (code, out.out) == (2, ""), out.err[-3000:]
+    assert re.fullmatch(f"error: port {port} \\(torchrun's --master-port; MASTER_PORT in the launchers\\) is in use on "
+                        f"this machine, by another run perhaps; choose a free port \\(e.g. MASTER_PORT=\\d+\\)\n",
+                        out.err), out.err[-3000:]

@@ -13,7 +13,8 @@ its one ``error:`` line and records it in torchrun's error file; torchrun's agen
 (torch/distributed/launcher/api.py does so for any failed worker; nothing a worker does can change it).
 Here, when the first failure's record is such a line, the line already printed is the run's end: exit
 with the worker's code, nothing after it. Any other failure (a crash, a killed worker) keeps torchrun's
-whole report. The launchers run this module in place of ``python -m torch.distributed.run``; its
+whole report. An agent that cannot open its rendezvous port (another run on this machine holds
+``--master-port``) ends with one line naming the port and ``MASTER_PORT``, exit 2. The launchers run this module in place of ``python -m torch.distributed.run``; its
 arguments are torchrun's, so a run started by hand gets the same by writing
 ``python -m megatron_solo.training.torchrun`` where it wrote ``torchrun``.
 """
@@ -21,10 +22,12 @@ arguments are torchrun's, so a run started by hand gets the same by writing
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import sys
 
 from megatron_solo import quiet
+from megatron_solo.netutil import free_port
 
 
 def resume_hint(trainer_argv: list[str]) -> str:
@@ -33,6 +36,19 @@ def resume_hint(trainer_argv: list[str]) -> str:
     if save is None:
         return "nothing was saved (no --save)"
     return f"run the same command again to resume from the last checkpoint in {save}"
+
+
+def port_in_use_line(exc: BaseException) -> str | None:
+    """The ``error:`` line for an agent that cannot open its rendezvous port (torch's ``DistNetworkError``
+    with ``EADDRINUSE``: another job on this machine holds ``--master-port``, e.g. the launchers' default 29500
+    when two runs share a node), else None."""
+    text = str(exc)
+    if "EADDRINUSE" not in text:
+        return None
+    port = re.search(r"port: (\d+)", text)
+    port = port.group(1) if port else "--master-port"
+    return (f"error: port {port} (torchrun's --master-port; MASTER_PORT in the launchers) is in use on this "
+            f"machine, by another run perhaps; choose a free port (e.g. MASTER_PORT={free_port()})")
 
 
 def user_error_line(failure) -> str | None:
@@ -95,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             raise  # not a user mistake: torchrun's report, with the worker's traceback, is what helps
         held.release(emit=False)
         return failure.exitcode if failure.exitcode > 0 else 1  # the line is already on the terminal
-    except BaseException:
+    except BaseException as e:
         held.release(emit=True)
-        raise
+        line = port_in_use_line(e)  # before any worker started: nothing ran, nothing was saved
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        return 2
     held.release(emit=True)
     return 0
 
