@@ -49,6 +49,9 @@ KNOWN_LOG_RECORDS = (
     # torchrun's agent on Ctrl-C/SIGTERM: megatron_solo/training/torchrun.py says the outcome in one line instead
     ("torch.distributed.elastic.agent.server.api", "death signal, shutting down workers"),
     ("torch.distributed.elastic.multiprocessing.api", "closing signal SIG"),
+    # torchrun's 4-line banner at every multi-process launch: it sets its default (1 thread per worker), and
+    # OMP_NUM_THREADS set by the user is kept
+    ("torch.distributed.run", "Setting OMP_NUM_THREADS environment variable for each process"),
 )
 
 

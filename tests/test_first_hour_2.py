@@ -471,3 +471,28 @@ def test_a_rendezvous_port_in_use_is_one_line(capsys):
     assert re.fullmatch(f"error: port {port} \\(torchrun's --master-port; MASTER_PORT in the launchers\\) is in use on "
                         f"this machine, by another run perhaps; choose a free port \\(e.g. MASTER_PORT=\\d+\\)\n",
                         out.err), out.err[-3000:]
+
+
+def test_torchruns_thread_banner_is_filtered_by_its_text(monkeypatch):
+    """torchrun's own emitter (config_from_args, 2 processes, OMP_NUM_THREADS unset) under the filters the
+    launchers' torchrun installs: its 4-line OMP_NUM_THREADS banner is dropped, the setting it makes stays."""
+    import logging
+
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored after the test
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    run_log = logging.getLogger("torch.distributed.run")
+    run_log.addHandler(handler)
+    try:
+        config_from_args(get_args_parser().parse_args(["--nproc-per-node", "2", "-m", "megatron_solo.train"]))
+        run_log.warning("another torchrun warning")
+    finally:
+        run_log.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["another torchrun warning"]
+    assert os.environ["OMP_NUM_THREADS"] == "1"
