@@ -58,3 +58,21 @@ def test_the_recipe_quoted_in_training_md_is_the_launchers():
     script = open(os.path.join(ROOT, "examples", "stage2_pretrain.sh")).read().splitlines()
     shown = [line for line in m.group(1).splitlines() if line.strip() != "..."]
     assert len(shown) > 10 and [line for line in shown if line not in script] == []
+
+
+def test_the_docs_stand_alone():
+    """README.md and docs/ name only what the repository holds: every relative link and every repository
+    file they name (`tools/x.py`, `docs/X.md`, `megatron_solo/.../y.py`, ...) exists, and none points at the
+    maintainers' notes outside the repository (`../shared`, SOLO_SPEC.md): the facts live in docs/ itself."""
+    missing, outside = [], []
+    for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]:
+        text, where = open(path).read(), os.path.relpath(path, ROOT)
+        outside += [f"{where}: {m}" for m in re.findall(r"\.\./shared\S*|SOLO_SPEC\.md|DESIGN\.md", text)]
+        for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" not in link and not os.path.exists(os.path.join(os.path.dirname(path), link)):
+                missing.append(f"{where}: link {link}")
+        for name in re.findall(r"(?<![\w./-])((?:docs|examples|tools|megatron_solo|benchmarks|tests|csrc)/"
+                               r"[\w./-]*\.(?:md|py|sh|awk|txt|json|png|cpp|h))(?![\w*])", text):
+            if not os.path.exists(os.path.join(ROOT, name)):
+                missing.append(f"{where}: {name}")
+    assert (missing, outside) == ([], [])
