@@ -496,3 +496,24 @@ def test_torchruns_thread_banner_is_filtered_by_its_text(monkeypatch):
         run_log.removeHandler(handler)
     assert [r.getMessage() for r in records] == ["another torchrun warning"]
     assert os.environ["OMP_NUM_THREADS"] == "1"
+
+
+def test_generate_loads_the_model_once_for_a_whole_jsonl(export_and_images, monkeypatch, capsys):
+    """Issue 26.5's point of --input: one model load (and one processor) for every record, counted on
+    transformers' own from_pretrained (called through, not replaced)."""
+    from transformers import AutoModelForCausalLM
+
+    root, hf = export_and_images
+    loads = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counted(cls, *a, **kw):
+        loads.append(a[0] if a else kw.get("pretrained_model_name_or_path"))
+        return real(cls, *a, **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counted))
+    (root / "four.jsonl").write_text("".join(json.dumps({"prompt": f"Digit {i}?", "image": f"d{1 + i % 2}.png"}) + "\n"
+                                             for i in range(4)))
+    assert _tool("generate").main(["--hf-dir", hf, "--max-new-tokens", "1", "--input", str(root / "four.jsonl"),
+                                   "--image-root", str(root)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4 and loads == [hf]
