@@ -43,6 +43,8 @@ KNOWN_LOG_RECORDS = (
     ("megatron.core.distributed.distributed_data_parallel", "full_param_layout not provided"),
     # The blend's index is rebuilt in seconds at each start; --data-cache-path keeps it where a user wants one.
     ("megatron.core.datasets.blended_dataset", "Cannot save the BlendedDataset indexes because path_to_cache is None"),
+    # a weighted single prefix (DATA_PATH="1.0 data/sft", as docs/TRAINING.md writes it) is a blend of one: valid
+    ("megatron.core.datasets.blended_dataset", "Building a BlendedDataset for a single MegatronDataset"),
     ("megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision", "without Transformer Engine"),
     ("megatron.core.distributed.fsdp.src.megatron_fsdp.param_and_grad_buffer", "using Megatron-FSDP with Megatron"),
     ("megatron.core.distributed.fsdp.src.megatron_fsdp.megatron_fsdp", "using Megatron-FSDP with Megatron"),

@@ -517,3 +517,25 @@ def test_generate_loads_the_model_once_for_a_whole_jsonl(export_and_images, monk
     assert _tool("generate").main(["--hf-dir", hf, "--max-new-tokens", "1", "--input", str(root / "four.jsonl"),
                                    "--image-root", str(root)]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 4 and loads == [hf]
+
+
+def test_a_blend_of_one_prefix_is_not_announced(capsys):
+    """DATA_PATH="1.0 data/sft_chat" (docs/TRAINING.md's SFT line) made megatron-core's BlendedDataset warn
+    `Building a BlendedDataset for a single MegatronDataset` once per split; the blend is valid, the line is
+    filtered by its text, another of that logger's warnings still shows."""
+    import logging
+
+    from megatron_solo import quiet
+
+    quiet.filter_known_warnings()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    blend_log = logging.getLogger("megatron.core.datasets.blended_dataset")
+    blend_log.addHandler(handler)
+    try:
+        blend_log.warning("Building a BlendedDataset for a single MegatronDataset")
+        blend_log.warning("another blend warning")
+    finally:
+        blend_log.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["another blend warning"]
