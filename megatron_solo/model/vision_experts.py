@@ -18,14 +18,19 @@ every layer, also through full activation recompute (``recompute.checkpointed_fo
 MLP's recompute; these layers read it as "is an image token" (no MoE layer, its other reader, is in
 these specs). Nothing per micro-batch is kept on a module.
 
-Each token is computed once (:func:`route`): the rows of each modality are gathered, go through their
-group's module, and are scattered back. Under sequence parallelism a TP rank holds a slice of the
+Each token is computed once, in modality order (:class:`Routing`): a layer gathers its input's rows
+text-first-then-image once (``split``), and each group goes through its own norms, linears and residual
+adds (per-token work, to which row order does not matter) as a slice of that one tensor; only Q/K/V are
+scattered back to sequence order (RoPE positions, the joint core attention) and the attention context
+gathered again, and the layer's output is scattered back once (``merge``): two gathers and two scatters
+per ``full`` layer, one each per ``ffn`` layer. Under sequence parallelism a TP rank holds a slice of the
 sequence, and the two groups of a slice differ in size from rank to rank, which megatron-core's SP
-linears (an all-gather of equal slices) cannot take. So the norms run on the rank's slice (per token,
-weights marked ``sequence_parallel`` as in the dense layer), the slice is all-gathered, the routed
-linears run on the whole sequence as plain tensor-parallel linears (built with
-``sequence_parallel=False``: input copied, output all-reduced), and the result is split back to the
-slice. The expert weights are split over TP exactly as their text twins (same classes, same shapes).
+linears (an all-gather of equal slices) cannot take. So (:class:`SequenceParallelSlices`) the residual
+stream and the norms stay on the rank's slice (per token, weights marked ``sequence_parallel`` as in the
+dense layer), the slice is all-gathered, the routed linears run on the whole sequence as plain
+tensor-parallel linears (built with ``sequence_parallel=False``: input copied, output all-reduced), and
+the result is split back to the slice. The expert weights are split over TP exactly as their text twins
+(same classes, same shapes).
 """
 
 from __future__ import annotations
@@ -43,56 +48,89 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.typed_torch import apply_module
+from megatron.core.utils import make_viewless_tensor
 
 
 # ------------------------------------------------------------------------------------------ routing
+class _Split(torch.autograd.Function):
+    """Rows [n, ...] -> (text rows, image rows) in modality order: one gather (``index_select``) by
+    ``order``; the two groups are slices of it. Backward: the two gradients scattered back into one
+    tensor (``index_copy_``; ``index_select``'s own backward scatter-adds into zeros, and two slices'
+    backwards would each fill a zero tensor of all rows)."""
+
+    @staticmethod
+    def forward(ctx, x, order, n_text):
+        ctx.save_for_backward(order)
+        ctx.n_text = n_text
+        rows = x.index_select(0, order)
+        return rows[:n_text], rows[n_text:]
+
+    @staticmethod
+    def backward(ctx, grad_text, grad_image):
+        (order,) = ctx.saved_tensors
+        return _scatter(grad_text, grad_image, order, ctx.n_text), None, None
+
+
+class _Merge(torch.autograd.Function):
+    """(text rows, image rows) -> rows in the original order: one scatter (``index_copy_``) by ``order``.
+    Backward: one gather, split into the two groups' gradients."""
+
+    @staticmethod
+    def forward(ctx, text, image, order):
+        ctx.save_for_backward(order)
+        ctx.n_text = text.size(0)
+        return _scatter(text, image, order, text.size(0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        rows = grad.index_select(0, order)
+        return rows[: ctx.n_text], rows[ctx.n_text:], None
+
+
+def _scatter(text, image, order, n_text):
+    out = text.new_empty((order.numel(), *text.shape[1:]))
+    out.index_copy_(0, order[:n_text], text)
+    out.index_copy_(0, order[n_text:], image)
+    return out
+
+
 class Routing:
-    """How the tokens of one [s, b] image mask split: rows in text-then-image order (``order``), the
-    inverse permutation that puts them back (``back``), and the number of text rows. Made once per layer
-    call and used by every routed module of the call."""
+    """How the tokens of one [s, b] image mask split: the row order that puts the text rows first and
+    the image rows after them (each group in sequence order), and the number of text rows. Made once
+    per layer call and used by every split and merge of the call."""
 
     def __init__(self, is_image: torch.Tensor):
         image = is_image.reshape(-1)
         self.shape = tuple(is_image.shape)
-        self.order = torch.argsort(image.to(torch.uint8), stable=True)  # text rows first, each group in order
-        self.back = torch.empty_like(self.order)
-        self.back[self.order] = torch.arange(self.order.numel(), device=self.order.device)
+        self.order = torch.argsort(image.to(torch.uint8), stable=True)
         self.n_text = int(self.order.numel() - image.sum())
 
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[s, b, h] -> (text rows [n_text, 1, h], image rows [n_image, 1, h]) (megatron-core's [s, b, h]
+        layout with the rows of a group as its sequence)."""
+        if tuple(x.shape[:2]) != self.shape:
+            raise ValueError(f"hidden states {tuple(x.shape)} do not match the image mask {self.shape}")
+        return _Split.apply(x.reshape(-1, 1, x.size(-1)), self.order, self.n_text)
 
-class _Permute(torch.autograd.Function):
-    """Rows reordered by a permutation; the gradient goes back by its inverse. (``index_select``'s own
-    backward scatter-adds into zeros, which on a CPU took longer than the layer's matmuls.)"""
-
-    @staticmethod
-    def forward(ctx, x, order, back):
-        ctx.save_for_backward(back)
-        return x.index_select(0, order)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (back,) = ctx.saved_tensors
-        return grad.index_select(0, back), None, None
+    def merge(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`split`: the two groups' rows back in sequence order, [s, b, h'] (not a view:
+        megatron-core's activation checkpointing refuses to save views)."""
+        out = _Merge.apply(text, image, self.order)
+        return make_viewless_tensor(out.view(*self.shape, -1), requires_grad=out.requires_grad, keep_graph=True)
 
 
-def route(x: torch.Tensor, routing: Routing, text_module, vision_module) -> torch.Tensor:
-    """``x`` [s, b, h] -> [s, b, h']: the text rows through ``text_module``, the image rows through
-    ``vision_module``, each row once (one permutation in, one concatenation and permutation out).
-
-    The modules see their rows as [n, 1, h] (megatron-core's [s, b, h] layout); a linear's
-    ``(output, bias)`` is reduced to its output (the routed layers have no separate bias).
-    """
-    if tuple(x.shape[:2]) != routing.shape:
-        raise ValueError(f"hidden states {tuple(x.shape)} do not match the image mask {routing.shape}")
-    rows = _Permute.apply(x.reshape(-1, 1, x.size(-1)), routing.order, routing.back)
+def each(modules, groups):
+    """(text module, image module) applied to (text rows, image rows); a linear's ``(output, bias)`` is
+    reduced to its output (the routed linears have no separate bias)."""
     outs = []
-    for part, module in zip((rows[: routing.n_text], rows[routing.n_text:]), (text_module, vision_module)):
-        y = apply_module(module)(part)
+    for module, rows in zip(modules, groups):
+        y = apply_module(module)(rows)
         if isinstance(y, tuple):
             y, bias = y
             assert bias is None, "routed linears must not return a separate bias"
         outs.append(y)
-    return _Permute.apply(torch.cat(outs), routing.back, routing.order).view(*routing.shape, -1)
+    return tuple(outs)
 
 
 def without_sequence_parallel(config):
@@ -104,37 +142,58 @@ def without_sequence_parallel(config):
     return config
 
 
-class SequenceLayout:
-    """Where a layer's tokens are: the whole sequence, or (SP) this TP rank's slice of it."""
+class WholeSequence:
+    """The layer holds the whole sequence (no SP): its residual stream, norms and routed linears all see
+    the same two groups, so a layer splits its input once and merges its output once."""
 
     def __init__(self, config, tp_group):
-        self.sequence_parallel = bool(config.sequence_parallel)
+        pass
+
+    def routings(self, image_mask_bs: torch.Tensor) -> tuple[Routing, Routing]:
+        """The [b, s] mask's :class:`Routing` of the layer's own rows and of the whole sequence (one)."""
+        whole = Routing(image_mask_bs.t())
+        return whole, whole
+
+    def to_whole(self, groups, local: Routing, whole: Routing):
+        """The groups of the layer's rows -> the groups of the whole sequence (the routed linears' input)."""
+        return groups
+
+    def to_local(self, groups, whole: Routing, local: Routing):
+        """The routed linears' output groups -> the groups of the layer's rows."""
+        return groups
+
+
+class SequenceParallelSlices:
+    """Under SP a TP rank holds a slice of the sequence, whose two groups differ in size from rank to rank
+    (megatron-core's SP linears, an all-gather of equal slices, cannot take them): the residual stream and
+    the norms stay on the slice, the routed linears run on the whole sequence as plain TP linears."""
+
+    def __init__(self, config, tp_group):
         self.tp_group = tp_group
 
     def routings(self, image_mask_bs: torch.Tensor) -> tuple[Routing, Routing]:
-        """The [b, s] image mask's :class:`Routing` of this rank's slice and of the whole sequence (one and
-        the same without SP)."""
         rows = image_mask_bs.t()
-        whole = Routing(rows)
-        if not self.sequence_parallel:
-            return whole, whole
         n = rows.size(0) // self.tp_group.size()
         r = self.tp_group.rank()
-        return Routing(rows[r * n:(r + 1) * n]), whole
+        return Routing(rows[r * n:(r + 1) * n]), Routing(rows)
 
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Slice -> whole sequence. Backward: split (the routed linears' input grads are already
-        reduced over TP, so a reduce-scatter would count them TP times)."""
-        if not self.sequence_parallel:
-            return x
-        return tensor_parallel.gather_from_sequence_parallel_region(
-            x, tensor_parallel_output_grad=False, group=self.tp_group)
+    def to_whole(self, groups, local: Routing, whole: Routing):
+        """Merge the slice's groups, all-gather the sequence, split it. The all-gather's backward splits
+        (the routed linears' input grads are already reduced over TP: a reduce-scatter would count them TP
+        times)."""
+        x = tensor_parallel.gather_from_sequence_parallel_region(
+            local.merge(*groups), tensor_parallel_output_grad=False, group=self.tp_group)
+        return whole.split(x)
 
-    def scatter(self, x: torch.Tensor) -> torch.Tensor:
-        """Whole sequence (identical on every TP rank) -> this rank's slice. Backward: all-gather."""
-        if not self.sequence_parallel:
-            return x
-        return tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.tp_group)
+    def to_local(self, groups, whole: Routing, local: Routing):
+        """Merge the whole sequence's groups (identical on every TP rank), keep this rank's slice (backward:
+        all-gather), split it."""
+        return local.split(tensor_parallel.scatter_to_sequence_parallel_region(whole.merge(*groups), group=self.tp_group))
+
+
+def sequence_layout(config, tp_group):
+    """Where a layer's tokens are, decided once when the layer is built."""
+    return (SequenceParallelSlices if config.sequence_parallel else WholeSequence)(config, tp_group)
 
 
 def _refuse_unsupported(config) -> None:
@@ -193,12 +252,13 @@ class VisionExpertSelfAttention(SelfAttention):
             key = apply_module(self.k_layernorm)(key)
         return query, key, value
 
-    def forward(self, hidden_states, attention_mask, *, routing: Routing, rotary_pos_emb=None,
+    def forward(self, groups, attention_mask, *, routing: Routing, rotary_pos_emb=None,
                 attention_bias=None, packed_seq_params=None):
-        """``hidden_states`` [s, b, h] of the whole sequence, split by ``routing`` -> output [s, b, h]
-        (summed over TP)."""
+        """``groups`` (text rows, image rows) of the whole sequence's normed hidden states, as ``routing``
+        splits it -> the output projection's (text rows, image rows) (summed over TP). Only Q/K/V go back to
+        sequence order (RoPE positions, the joint core attention); the context is split again."""
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
-        mixed_qkv = route(hidden_states, routing, self.linear_qkv, self.vision_linear_qkv)
+        mixed_qkv = routing.merge(*each((self.linear_qkv, self.vision_linear_qkv), groups))
         query, key, value = self.split_mixed_qkv(mixed_qkv)
         if thd:
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
@@ -226,7 +286,7 @@ class VisionExpertSelfAttention(SelfAttention):
                                                      packed_seq_params=packed_seq_params)
         if thd:
             core = core.reshape(core.size(0), 1, -1)
-        return route(core, routing, self.linear_proj, self.vision_linear_proj)
+        return each((self.linear_proj, self.vision_linear_proj), routing.split(core))
 
 
 @dataclass
@@ -237,61 +297,74 @@ class VisionExpertLayerSubmodules(TransformerLayerSubmodules):
 
 
 class VisionExpertFFNLayer(TransformerLayer):
-    """``--vision-experts ffn``: the dense attention, then the MLP block routed by modality."""
+    """``--vision-experts ffn``: the dense attention, then the MLP block routed by modality: the block's
+    input is split once, each group goes through its norm, MLP and residual add, the groups are merged
+    once (the norms and residual adds are per token, so row order does not matter to them)."""
 
     def __init__(self, config, submodules: VisionExpertLayerSubmodules, *args, **kwargs):
         _refuse_unsupported(config)
         super().__init__(config, submodules, *args, **kwargs)
-        self.layout = SequenceLayout(self.config, self.pg_collection.tp)
+        self.layout = sequence_layout(self.config, self.pg_collection.tp)
         self.vision_pre_mlp_layernorm = submodules.vision_pre_mlp_layernorm(
             config=self.config, hidden_size=self.config.hidden_size, eps=self.config.layernorm_epsilon)
         self.vision_mlp = submodules.vision_mlp(config=self.config, pg_collection=self.pg_collection,
                                                 is_mtp_layer=False)
 
-    def _routed_mlp(self, normed_full: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
-        # (the [s, b] mask, not its Routing, crosses the recompute checkpoint: tensors are what it saves)
-        return route(normed_full, Routing(image_rows), self.mlp, self.vision_mlp)
+    def _mlp_pair(self, text, image):
+        return each((self.mlp, self.vision_mlp), (text, image))
 
-    def _forward_mlp(self, hidden_states, inference_context=None, padding_mask=None, packed_seq_params=None):
+    def _routed_mlp_block(self, residual, local: Routing, whole: Routing):
+        """The (text, image) residual rows of the layer -> the same after the MLP block."""
+        normed = each((self.pre_mlp_layernorm, self.vision_pre_mlp_layernorm), residual)
+        normed = self.layout.to_whole(normed, local, whole)
+        if self.recompute_mlp:
+            out = tensor_parallel.checkpoint(self._mlp_pair, False, *normed)
+        else:
+            out = self._mlp_pair(*normed)
+        return self._add_each(self.mlp_bda, self.layout.to_local(out, whole, local), residual)
+
+    def _add_each(self, bda, outputs, residual):
+        with self.bias_dropout_add_exec_handler():
+            return tuple(bda(self.training, self.config.bias_dropout_fusion)((y, None), x, self.hidden_dropout)
+                         for y, x in zip(outputs, residual))
+
+    def _image_routings(self, padding_mask):
         if padding_mask is None:
             raise ValueError("a vision-expert layer needs the image-token mask (SoloModel passes it as padding_mask)")
-        image_mask = padding_mask.bool()
-        local, whole = self.layout.routings(image_mask)
-        normed = route(hidden_states, local, self.pre_mlp_layernorm, self.vision_pre_mlp_layernorm)
-        normed_full = self.layout.gather(normed)
-        if self.recompute_mlp:
-            out = tensor_parallel.checkpoint(self._routed_mlp, False, normed_full, image_mask.t())
-        else:
-            out = route(normed_full, whole, self.mlp, self.vision_mlp)
-        return self._forward_post_mlp((self.layout.scatter(out), None), hidden_states)
+        return self.layout.routings(padding_mask.bool())
+
+    def _forward_mlp(self, hidden_states, inference_context=None, padding_mask=None, packed_seq_params=None):
+        local, whole = self._image_routings(padding_mask)
+        residual = self._routed_mlp_block(local.split(hidden_states), local, whole)
+        return local.merge(*residual)
 
 
 class VisionExpertFullLayer(VisionExpertFFNLayer):
-    """``--vision-experts full``: also the input norm, QKV and output projection routed by modality."""
+    """``--vision-experts full``: also the input norm, QKV and output projection routed by modality. The
+    layer runs in modality order from its input to its output (one split, one merge); only Q/K/V go back
+    to sequence order for the joint attention, and its context is split again."""
 
     def __init__(self, config, submodules: VisionExpertLayerSubmodules, *args, **kwargs):
         super().__init__(config, submodules, *args, **kwargs)
         self.vision_input_layernorm = submodules.vision_input_layernorm(
             config=self.config, hidden_size=self.config.hidden_size, eps=self.config.layernorm_epsilon)
 
-    def _forward_attention(self, hidden_states, attention_mask=None, context=None, context_mask=None,
-                           rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
-                           rotary_pos_cos_sin=None, attention_bias=None, inference_context=None,
-                           packed_seq_params=None, sequence_len_offset=None, padding_mask=None, *,
-                           inference_params=None):
+    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
+                rotary_pos_cos_sin=None, attention_bias=None, inference_context=None,
+                packed_seq_params=None, sequence_len_offset=None, padding_mask=None, *,
+                inference_params=None):
         if inference_context is not None or inference_params is not None:
             raise ValueError("vision-expert layers do not support megatron-core's inference contexts")
-        if padding_mask is None:
-            raise ValueError("a vision-expert layer needs the image-token mask (SoloModel passes it as padding_mask)")
-        local, whole = self.layout.routings(padding_mask.bool())
-        normed = route(hidden_states, local, self.input_layernorm, self.vision_input_layernorm)
-        out = self.self_attention(self.layout.gather(normed), attention_mask, routing=whole,
+        local, whole = self._image_routings(padding_mask)
+        residual = local.split(hidden_states)
+        normed = each((self.input_layernorm, self.vision_input_layernorm), residual)
+        out = self.self_attention(self.layout.to_whole(normed, local, whole), attention_mask, routing=whole,
                                   rotary_pos_emb=rotary_pos_emb, attention_bias=attention_bias,
                                   packed_seq_params=packed_seq_params)
-        with self.bias_dropout_add_exec_handler():
-            hidden_states = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
-                (self.layout.scatter(out), None), hidden_states, self.hidden_dropout)
-        return hidden_states, context
+        residual = self._add_each(self.self_attn_bda, self.layout.to_local(out, whole, local), residual)
+        residual = self._routed_mlp_block(residual, local, whole)
+        return local.merge(*residual), context
 
 
 def vision_expert_layer_spec(dense: TransformerLayerSubmodules, vision_experts: str) -> ModuleSpec:
