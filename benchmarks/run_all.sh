@@ -15,7 +15,8 @@ run() {
 }
 run train_step $PY benchmarks/train_step.py --repeats 5
 run qwen3_step $PY benchmarks/qwen3_step.py --seq-length 128 --micro-batch-size 4 --repeats 5
-run vision_experts_step $PY benchmarks/vision_experts_step.py --repeats 7 --warmup 2
+run vision_experts_step $PY benchmarks/vision_experts_step.py --threads 1 --repeats 7 --warmup 2
+run vision_experts_memory $PY benchmarks/vision_experts_step.py --memory --threads 1 --warmup 2 --steps 3
 run loader $PY benchmarks/loader.py --samples 10000 --work "$OUT/loader"
 run preprocess $PY benchmarks/preprocess.py --docs 120 --rss-docs 100
 run convert $PY benchmarks/convert.py --work "$OUT/convert"
