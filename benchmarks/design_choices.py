@@ -89,12 +89,19 @@ def number_sentences(rng: random.Random) -> str:
     return f"{n[a]} is {'more' if a > b else 'less'} than {n[b]}."
 
 
-def write_text_corpus(path: str, docs: int, seed: int) -> None:
-    """``docs`` documents of 4-9 sentences each, as pretrain-format JSON lines (one assistant message)."""
+def number_document(rng: random.Random, sentences: int) -> str:
+    return " ".join(s[0].upper() + s[1:] for s in (number_sentences(rng) for _ in range(sentences)))
+
+
+def write_text_corpus(path: str, docs: int, seed: int, chars: tuple[int, int] | None = None) -> None:
+    """``docs`` documents as pretrain-format JSON lines (one assistant message): 4-9 sentences each, or,
+    with ``chars``, as many as keep the document's length inside that range of characters."""
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(docs):
-            text = " ".join(s[0].upper() + s[1:] for s in (number_sentences(rng) for _ in range(rng.randint(4, 9))))
+            text = number_document(rng, rng.randint(4, 9))
+            while chars and not chars[0] <= len(text) <= chars[1]:
+                text = number_document(rng, rng.randint(8, 16))
             f.write(json.dumps({"messages": [{"role": "assistant", "content": text}]}) + "\n")
 
 
@@ -159,12 +166,23 @@ class Work:
         return data, task
 
     def prepare_text(self):
-        for name, docs, seed in (("text_train", self.a.text_docs, 1), ("heldout_text", self.a.text_docs // 10, 2)):
+        """The number-sentence corpus: --text-docs training documents, and held-out documents of 75-115
+        tokens (~5 characters a token), each alone in its pack, exactly --eval-iters x --gbs of them: every
+        validation reads each held-out pack once, whatever the run's --seed (the validation order is
+        seeded), so the base's text loss and the vision runs' are over the same tokens."""
+        n_valid = self.a.eval_iters * self.a.gbs
+        for name, docs, seed, chars in (("text_train", self.a.text_docs, 1, None),
+                                        (f"heldout_text{n_valid}", n_valid, 2, (375, 575))):
             jsonl = os.path.join(self.corpus, f"{name}.jsonl")
             if not os.path.exists(jsonl):
-                write_text_corpus(jsonl, docs, seed)
-        return (self.preprocess(os.path.join(self.corpus, "text_train.jsonl"), self.path("data", "text_train")),
-                self.preprocess(os.path.join(self.corpus, "heldout_text.jsonl"), self.path("data", "heldout_text")))
+                write_text_corpus(jsonl, docs, seed, chars)
+        heldout = self.preprocess(os.path.join(self.corpus, f"heldout_text{n_valid}.jsonl"),
+                                  self.path("data", f"heldout_text-{n_valid}"))
+        with open(heldout + ".stats.json") as f:
+            packs = json.load(f)["packs"]
+        if packs != n_valid:
+            sys.exit(f"error: the held-out text has {packs} packs, not {n_valid}; choose another --seq-length")
+        return self.preprocess(os.path.join(self.corpus, "text_train.jsonl"), self.path("data", "text_train")), heldout
 
 
 def train(w: Work, name, port, data, valid, iters, lr, seed, *extra):
