@@ -203,6 +203,11 @@ def train(w: Work, name, port, data, valid, iters, lr, seed, *extra):
            "--eval-iters", str(a.eval_iters), "--log-interval", "1", "--save", w.path("ckpt", name),
            "--no-save-optim", "--log-file", log_file, *extra]
     seconds = sh(cmd, os.path.join(w.logs, f"{name}.log"))
+    return (*read_log(log_file), seconds)
+
+
+def read_log(log_file):
+    """A run's --log-file: validation lm loss per iteration of each validation prefix, training lm loss."""
     valid_curves, train_loss = {}, {}
     with open(log_file) as f:
         for rec in map(json.loads, f):
@@ -212,7 +217,7 @@ def train(w: Work, name, port, data, valid, iters, lr, seed, *extra):
                         valid_curves.setdefault(k.split("/")[1].split("-")[0], {})[rec["iteration"]] = v
             elif rec["kind"] == "train":
                 train_loss[rec["iteration"]] = rec["lm loss"]
-    return valid_curves, train_loss, seconds
+    return valid_curves, train_loss
 
 
 def accuracy(w: Work, name, task):
@@ -266,8 +271,14 @@ def vision_experts(w: Work):
     text_train, heldout_text = w.prepare_text()
     digits_train, heldout_digits = data["on"]
     valid = [heldout_text, heldout_digits]
-    base_curves, base_train, base_s = train(w, "ve-base", a.port, text_train, valid, a.base_iters, a.base_lr,
-                                            1234, "--freeze-vision")
+    done = os.path.join(w.path("ckpt", "ve-base"), "latest_checkpointed_iteration.txt")
+    if a.reuse_base and os.path.exists(done) and open(done).read().strip() == str(a.base_iters):
+        base_curves, base_train = read_log(os.path.join(w.logs, "ve-base.jsonl"))
+        base_s = 0.0
+        print(f"  base LM: reused {w.path('ckpt', 've-base')} (--reuse-base)", flush=True)
+    else:
+        base_curves, base_train, base_s = train(w, "ve-base", a.port, text_train, valid, a.base_iters, a.base_lr,
+                                                1234, "--freeze-vision")
     print(f"  base LM: {a.base_iters} it on text, {base_s:.0f} s; held-out text loss "
           f"{base_curves['heldout_text'][a.base_iters]:.4f}", flush=True)
     specs = []
@@ -373,6 +384,8 @@ def parse_args(argv=None):
     ap.add_argument("--eval-iters", type=int, default=2, help="validation batches per evaluation (default: 2)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (one process each; default: 1)")
     ap.add_argument("--port", type=int, default=29741)
+    ap.add_argument("--reuse-base", action="store_true",
+                    help="vision-experts: keep the base LM of an earlier run in --work (same --base-iters)")
     ap.add_argument("--replot", action="store_true",
                     help="only redraw the plot from --work's results-<experiment>.json (no training)")
     a = ap.parse_args(argv)
