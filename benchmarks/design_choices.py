@@ -18,9 +18,11 @@ vision runs start from it with ``--finetune`` on the digits corpus: dense (``--v
 recipe does). Held-out text loss before (the base) and after the vision training, and digit accuracy.
 
 Every arm: validation ``lm loss`` on the held-out digits (and on held-out text) every --eval-interval
-iterations, and at the end the held-out digit accuracy by tools/evaluate.py --load (megatron-core's
-generation with a KV cache; stage-1 prompt: BOS + image, the answer the first word generated). Runs are
-one process each (``nice``), --jobs at a time. Prints the table, writes one plot per experiment and
+iterations, and at the end the held-out digit accuracy by tools/evaluate.py (stage-1 prompt: BOS + image,
+the answer the first word generated) with --load (megatron-core's generation with a KV cache) for
+image-choices, on the Hugging Face export for vision-experts (megatron-core's inference contexts do not
+serve vision-expert layers). Runs are one process each (``nice``), --jobs at a time; --reuse keeps the
+runs an earlier invocation completed. Prints the table, writes one plot per experiment and
 ``results.json`` in --work.
 """
 
@@ -110,7 +112,8 @@ def sh(cmd, log, env=None):
     with open(log, "w") as f:
         r = subprocess.run(["nice", "-n", "10", *cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                            env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env or {})))
-    if r.returncode:
+    if r.returncode:  # said at once: a run in a --jobs thread would otherwise report only at the end
+        print(f"error: {' '.join(cmd[:4])} ... failed (exit {r.returncode}); log: {log}", file=sys.stderr, flush=True)
         sys.exit(f"error: {' '.join(cmd[:4])} ... failed (exit {r.returncode}); log: {log}")
     return time.time() - t0
 
@@ -190,6 +193,9 @@ def train(w: Work, name, port, data, valid, iters, lr, seed, *extra):
     validation prefix, the training loss per iteration and the seconds."""
     a = w.a
     log_file = os.path.join(w.logs, f"{name}.jsonl")
+    done = os.path.join(w.path("ckpt", name), "latest_checkpointed_iteration.txt")
+    if a.reuse and os.path.exists(done) and open(done).read().strip() == str(iters) and os.path.exists(log_file):
+        return (*read_log(log_file), 0.0)  # a run an earlier invocation completed (--reuse)
     if os.path.exists(log_file):
         os.remove(log_file)
     shutil.rmtree(w.path("ckpt", name), ignore_errors=True)  # a --save holding a checkpoint would be resumed
@@ -220,11 +226,20 @@ def read_log(log_file):
     return valid_curves, train_loss
 
 
-def accuracy(w: Work, name, task):
-    """Held-out digit accuracy of the run's checkpoint (tools/evaluate.py --load, one process)."""
+def accuracy(w: Work, name, task, export=False):
+    """Held-out digit accuracy of the run's checkpoint: tools/evaluate.py --load (one process), or with
+    ``export`` on its Hugging Face export (megatron-to-hf, then tools/evaluate.py --hf-dir): megatron-core's
+    inference contexts do not serve vision-expert layers, the export's generate does."""
     out = w.path("eval", name)
-    sh([PY, "tools/evaluate.py", "--load", w.path("ckpt", name), "--tokenizer-model", w.tok, "--tasks", task,
-        "--output-dir", out, "--batch-size", "64"], os.path.join(w.logs, f"eval-{name}.log"))
+    if export:
+        hf = w.path("hf", name)
+        sh([PY, "tools/convert_checkpoint.py", "megatron-to-hf", "--load", w.path("ckpt", name), "--save", hf,
+            "--tokenizer-model", w.tok, "--overwrite"], os.path.join(w.logs, f"export-{name}.log"))
+        source = ["--hf-dir", hf]
+    else:
+        source = ["--load", w.path("ckpt", name), "--tokenizer-model", w.tok]
+    sh([PY, "tools/evaluate.py", *source, "--tasks", task, "--output-dir", out, "--batch-size", "64"],
+       os.path.join(w.logs, f"eval-{name}.log"))
     with open(os.path.join(out, "summary.json")) as f:
         return json.load(f)["digits"]["metrics"]["accuracy"]
 
@@ -271,14 +286,8 @@ def vision_experts(w: Work):
     text_train, heldout_text = w.prepare_text()
     digits_train, heldout_digits = data["on"]
     valid = [heldout_text, heldout_digits]
-    done = os.path.join(w.path("ckpt", "ve-base"), "latest_checkpointed_iteration.txt")
-    if a.reuse_base and os.path.exists(done) and open(done).read().strip() == str(a.base_iters):
-        base_curves, base_train = read_log(os.path.join(w.logs, "ve-base.jsonl"))
-        base_s = 0.0
-        print(f"  base LM: reused {w.path('ckpt', 've-base')} (--reuse-base)", flush=True)
-    else:
-        base_curves, base_train, base_s = train(w, "ve-base", a.port, text_train, valid, a.base_iters, a.base_lr,
-                                                1234, "--freeze-vision")
+    base_curves, base_train, base_s = train(w, "ve-base", a.port, text_train, valid, a.base_iters, a.base_lr,
+                                            1234, "--freeze-vision")
     print(f"  base LM: {a.base_iters} it on text, {base_s:.0f} s; held-out text loss "
           f"{base_curves['heldout_text'][a.base_iters]:.4f}", flush=True)
     specs = []
@@ -289,7 +298,7 @@ def vision_experts(w: Work):
             def one(name=name, flags=flags, seed=seed, port=a.port + 10 * (i + 1) + j):
                 curves, train_loss, seconds = train(w, name, port, digits_train, valid, a.iters, a.lr, seed,
                                                     "--load", w.path("ckpt", "ve-base"), "--finetune", *flags)
-                acc = accuracy(w, name, task)
+                acc = accuracy(w, name, task, export=True)  # one evaluation path for the four arms
                 print(f"  {name} done: {seconds:.0f} s, text {curves['heldout_text'][a.iters]:.4f}, digits "
                       f"{curves['heldout_digits'][a.iters]:.4f}, accuracy {acc:.1%}", flush=True)
                 return {"valid_text": curves["heldout_text"], "valid_digits": curves["heldout_digits"],
@@ -384,8 +393,9 @@ def parse_args(argv=None):
     ap.add_argument("--eval-iters", type=int, default=2, help="validation batches per evaluation (default: 2)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (one process each; default: 1)")
     ap.add_argument("--port", type=int, default=29741)
-    ap.add_argument("--reuse-base", action="store_true",
-                    help="vision-experts: keep the base LM of an earlier run in --work (same --base-iters)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the runs an earlier invocation completed in --work (same name and iterations: "
+                         "their checkpoint and log) instead of training them again; evaluations are redone")
     ap.add_argument("--replot", action="store_true",
                     help="only redraw the plot from --work's results-<experiment>.json (no training)")
     a = ap.parse_args(argv)
