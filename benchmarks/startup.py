@@ -14,20 +14,29 @@ baseline measured in the same run.
     process paid before: megatron-core's ``jit_fuser`` = ``torch.compile`` imports dynamo and inductor);
 (d) with --tiny-run: the fixed start-up of a tiny training run (one process, CPU): the time of a 1-iteration
     run minus one step (a 2-iteration run's extra time); baseline in the same run: the same trainer with
-    megatron-core imported before its entry point runs (the former start-up).
+    megatron-core imported before its entry point runs (the former start-up);
+(e) with --launch BASELINE_TREE: the whole start-up as a user sees it, the launcher's tiny command
+    (``PRESET=tiny ... bash examples/stage1_pretrain.sh``: pre-flight, torchrun, 2 workers) from the command to
+    its first iteration line, against the same command in BASELINE_TREE (a git worktree of an older commit with
+    its own venv), alternating; with each process's timeline (benchmarks/startup_timeline: start, imports,
+    each start-up step), medians over the repeats. CPU: all processes of the launch, to its exit.
 Each figure in wall seconds and in CPU seconds of the process (user + system): on a shared machine the CPU
 seconds are the steadier measure of the work a start-up does.
 Data: the demo's digits (40 records), SOLO's tokenizer over mistral-common, built into a temporary directory.
 """
 
 import argparse
+import collections
 import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from megatron_solo.netutil import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -44,16 +53,18 @@ def run(args, **kw) -> tuple:
     return (took, c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime), r
 
 
-def make_data(root: str) -> dict:
-    subprocess.run([PY, "tools/create_solo_tokenizer.py", "--base", "mistral-common", "--output", f"{root}/tok"],
-                   cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([PY, "tools/make_digits_corpus.py", "--output", f"{root}/corpus"], cwd=ROOT, check=True,
+def make_data(root: str, tree: str = ROOT) -> dict:
+    """The data in ``tree``'s own formats (an older tree may not read a newer tree's records)."""
+    py = os.path.join(tree, ".venv/bin/python") if tree != ROOT else PY
+    subprocess.run([py, "tools/create_solo_tokenizer.py", "--base", "mistral-common", "--output", f"{root}/tok"],
+                   cwd=tree, check=True, capture_output=True)
+    subprocess.run([py, "tools/make_digits_corpus.py", "--output", f"{root}/corpus"], cwd=tree, check=True,
                    capture_output=True)
     with open(f"{root}/corpus/pretrain.jsonl") as f, open(f"{root}/small.jsonl", "w") as g:
         g.writelines(f.readlines()[:40])
-    subprocess.run([PY, "tools/preprocess_data.py", "--input", f"{root}/small.jsonl", "--output-prefix",
+    subprocess.run([py, "tools/preprocess_data.py", "--input", f"{root}/small.jsonl", "--output-prefix",
                     f"{root}/data/pretrain", "--tokenizer-model", f"{root}/tok/tokenizer.model", "--seq-length", "128",
-                    "--image-root", f"{root}/corpus", "--no-progress"], cwd=ROOT, check=True, capture_output=True)
+                    "--image-root", f"{root}/corpus", "--no-progress"], cwd=tree, check=True, capture_output=True)
     return {"prefix": f"{root}/data/pretrain", "tokenizer": f"{root}/tok/tokenizer.model"}
 
 
@@ -90,8 +101,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tiny-run", action="store_true", help="also measure a tiny training run's fixed start-up")
+    ap.add_argument("--launch", metavar="BASELINE_TREE",
+                    help="only (e): the launcher's tiny command to its first iteration line, vs this older tree")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as root:
+        if a.launch:
+            return launch_comparison(root, os.path.abspath(a.launch), a.repeats)
         d = make_data(root)
         flags = ["--model", "tiny", "--seq-length", "128", "--train-iters", "2", "--global-batch-size", "2",
                  "--split", "100,0,0", "--tokenizer-model", d["tokenizer"], "--data-path", d["prefix"][:-3] + "ian"]
@@ -145,6 +160,69 @@ def main() -> None:
                 now, before = one - step, t["tiny run, 1 iteration (baseline)"][i][0] - step
                 print(f"tiny run's fixed start-up ({what}): {before:.2f} s -> {now:.2f} s = {before / now:.2f}x "
                       f"(one step {step:.2f} s)")
+
+
+FIRST_ITERATION = re.compile(r"iteration +1/")
+TIMELINE_SITE = os.path.join(ROOT, "benchmarks", "startup_timeline")
+
+
+def launch(tree: str, d: dict, root: str, n: int) -> dict:
+    """One launch of the tiny stage-1 command in ``tree``: wall seconds to its first iteration line and to
+    its exit, CPU seconds of all its processes, and its timeline (benchmarks/startup_timeline)."""
+    timeline = os.path.join(root, f"timeline.{n}")
+    env = dict(os.environ, PRESET="tiny", DATA_PATH=d["prefix"], TOKENIZER_MODEL=d["tokenizer"], TRAIN_ITERS="1",
+               SPLIT="100,0,0", STAGE1_CKPT=os.path.join(root, f"ck.{n}"), PYTHON=os.path.join(tree, ".venv/bin/python"),
+               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=TIMELINE_SITE, SOLO_TIMELINE=timeline)
+    c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.time()
+    p = subprocess.Popen(["bash", "examples/stage1_pretrain.sh"], cwd=tree, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    first, lines = None, []
+    for line in p.stdout:
+        lines.append(line)
+        if first is None and FIRST_ITERATION.search(line):
+            first = time.time() - t0
+    rc = p.wait()
+    took = time.time() - t0
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert rc == 0 and first is not None, "".join(lines[-60:])
+    events = collections.OrderedDict()
+    with open(timeline) as f:
+        for row in f:
+            t, cpu, _pid, role, event = row.rstrip("\n").split(" ", 4)
+            events.setdefault((role, event), (float(t) - t0, float(cpu)))
+    return {"first": first, "exit": took, "cpu": c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime,
+            "events": events}
+
+
+def launch_comparison(root: str, baseline: str, repeats: int) -> None:
+    trees = {"now": ROOT, "baseline": baseline}
+    data = {k: make_data(os.path.join(root, k), tree) for k, tree in trees.items()}
+    runs = {k: [] for k in trees}
+    for i in range(repeats):  # alternating: the machine's load drifts over a run
+        for k, tree in trees.items():
+            runs[k].append(launch(tree, data[k], root, len(runs["now"]) + len(runs["baseline"])))
+    head = subprocess.run(["git", "-C", baseline, "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+    print(f"baseline tree: {baseline} ({head.stdout.strip()[:100]})")
+    print(f"load average now: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs); median (range) of {repeats} launches")
+    med = {}
+    for k, rs in runs.items():
+        for key in ("first", "exit", "cpu"):
+            x = [r[key] for r in rs]
+            med[k, key] = statistics.median(x)
+            print(f"  {k:8s} {key:5s} {statistics.median(x):7.2f} s ({min(x):.2f}-{max(x):.2f})")
+    print(f"launcher command to its first iteration line: {med['baseline', 'first']:.2f} s -> {med['now', 'first']:.2f} s"
+          f" = {med['baseline', 'first'] / med['now', 'first']:.2f}x; to its exit {med['baseline', 'exit']:.2f} s -> "
+          f"{med['now', 'exit']:.2f} s; CPU of all its processes {med['baseline', 'cpu']:.2f} s -> {med['now', 'cpu']:.2f} s"
+          f" = {med['baseline', 'cpu'] / med['now', 'cpu']:.2f}x")
+    for k, rs in runs.items():
+        print(f"timeline ({k}): seconds since the command (median), the process's CPU seconds then, role, event")
+        keys = [key for key in rs[0]["events"] if all(key in r["events"] for r in rs)]
+        rows = [(statistics.median(r["events"][key][0] for r in rs), statistics.median(r["events"][key][1] for r in rs),
+                 *key) for key in keys]
+        for t, cpu, role, event in sorted(rows, key=lambda row: row[0]):
+            print(f"  {t:7.2f} {cpu:6.2f}  {role:9s} {event}")
 
 
 def report(m: dict, repeats: int) -> None:

@@ -222,20 +222,20 @@ run_phase() {
   if [[ "$DRY_RUN" == 1 ]]; then  # torchrun's world size, one process: megatron_solo/training/dry_run.py
     WORLD_SIZE=$((gpus * nnodes)) exec "$PYTHON" -m megatron_solo.train "${train_args[@]}" --dry-run
   fi
-  # Pre-flight: the trainer's own checks in one process, before torchrun (a mistake: one line, exit 2),
-  # told by the table which variable sets which flag.
+  # Pre-flight: the trainer's own checks, before torchrun starts its workers (a mistake: one line, exit 2),
+  # told by the table which variable sets which flag. torchrun's agent runs it (megatron_solo.training.torchrun
+  # --preflight): the quick checks before torch loads, the rest with the torch the agent needs anyway.
   local row var kind flags tiny what flag names=()
   for row in "${LAUNCHER_VARS[@]}"; do
     read -r var kind flags tiny what <<<"$row"
     for flag in ${flags//,/ }; do names+=("${flag#--}=$var"); done
   done
   names+=(${SAVE_VAR:+save=$SAVE_VAR} ${load_var:+load=$load_var finetune=$load_var})
-  "$PYTHON" -m megatron_solo.training.preflight --nproc-per-node "$gpus" --nnodes "$nnodes" \
-    --launcher-vars "${names[*]}" -- "${train_args[@]}" || exit $?
   local arch="preset ${NOW[PRESET]}"
   [[ -n "${BASE_HF:-}" ]] && ((${#load_args[@]})) && arch="the architecture of ${load_args[1]}"
-  echo "== $name: $nnodes node(s) x $gpus process(es), TP=${NOW[TP]} PP=${NOW[PP]}, $arch," \
-    "save $save_dir" >&2
-  # torchrun itself, but Ctrl-C (or a SIGTERM) ends with the workers' save line and how to resume, no traceback
-  exec "$PYTHON" -m megatron_solo.training.torchrun "${torchrun_args[@]}" -m megatron_solo.train "${train_args[@]}"
+  # then torchrun itself, but Ctrl-C (or a SIGTERM) ends with the workers' save line and how to resume, no traceback
+  exec "$PYTHON" -m megatron_solo.training.torchrun \
+    --preflight --nproc-per-node "$gpus" --nnodes "$nnodes" --launcher-vars "${names[*]}" \
+    --banner "== $name: $nnodes node(s) x $gpus process(es), TP=${NOW[TP]} PP=${NOW[PP]}, $arch, save $save_dir" \
+    --torchrun "${torchrun_args[@]}" -m megatron_solo.train "${train_args[@]}"
 }

@@ -79,8 +79,10 @@ def _with_launcher_names(msg: str, names: dict[str, str]) -> str:
     return f"{msg} (launcher: set {', '.join(found)})" if found and names else msg
 
 
-def run(nproc_per_node: int, nnodes: int, train_argv: list[str]) -> None:
-    """All pre-flight checks; a mistake raises a UserError (ArgumentError, InputError, PreflightError: one line)."""
+def run(nproc_per_node: int, nnodes: int, train_argv: list[str], stages=("quick", "full")) -> None:
+    """All pre-flight checks; a mistake raises a UserError (ArgumentError, InputError, PreflightError: one line).
+    ``stages``: "quick", the checks that need neither torch nor megatron-core (a second at most); "full", the
+    rest (they import both)."""
     parser = build_parser()
 
     def parser_error(message):  # argparse's own errors (a missing or malformed flag), as one line
@@ -88,11 +90,14 @@ def run(nproc_per_node: int, nnodes: int, train_argv: list[str]) -> None:
 
     parser.error = parser_error
     args = parser.parse_args(train_argv)
-    # here: numpy (under the data checks) adds warning filters when imported, and importing this module changes
-    # nothing
-    from megatron_solo.training.early_checks import check_before_imports
+    if "quick" in stages:
+        # here: numpy (under the data checks) adds warning filters when imported, and importing this module
+        # changes nothing
+        from megatron_solo.training.early_checks import check_before_imports
 
-    check_before_imports(args)  # a bad flag, a missing tokenizer or data prefix: said before torch loads
+        check_before_imports(args)  # a bad flag, a missing tokenizer or data prefix: said before torch loads
+    if "full" not in stages:
+        return
     mcore_fixes.apply()  # megatron-core's workarounds, before it is imported (one of them must precede that)
     # Imported here, not at the top: they load torch and megatron-core (seconds), and the checks above need neither.
     from megatron_solo.data.dataset import DataSplitError, check_split_sizes
@@ -110,7 +115,8 @@ def run(nproc_per_node: int, nnodes: int, train_argv: list[str]) -> None:
             raise PreflightError(str(e)) from None
 
 
-def main(argv=None) -> int:
+def main(argv=None, stages=("quick", "full")) -> int:
+    """The pre-flight as a command: 0, or the exit code of the mistake after its one ``error:`` line."""
     quiet.filter_known_warnings()
     ap = argparse.ArgumentParser(
         prog="python -m megatron_solo.training.preflight",
@@ -125,7 +131,7 @@ def main(argv=None) -> int:
     train_argv = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     names = dict(pair.split("=", 1) for pair in args.launcher_vars.split() if "=" in pair)
     try:
-        run(args.nproc_per_node, args.nnodes, train_argv)
+        run(args.nproc_per_node, args.nnodes, train_argv, stages)
     except errors.UserError as e:
         errors.print_error(_with_launcher_names(str(e), names))
         return e.exit_code

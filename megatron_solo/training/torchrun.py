@@ -17,11 +17,23 @@ whole report. An agent that cannot open its rendezvous port (another run on this
 ``--master-port``) ends with one line naming the port and ``MASTER_PORT``, exit 2. The launchers run this module in place of ``python -m torch.distributed.run``; its
 arguments are torchrun's, so a run started by hand gets the same by writing
 ``python -m megatron_solo.training.torchrun`` where it wrote ``torchrun``.
+
+The launchers also hand it their pre-flight (:mod:`megatron_solo.training.preflight`), so that a launch
+imports torch once before its workers start instead of twice (the pre-flight's process, then torchrun's)::
+
+    python -m megatron_solo.training.torchrun --preflight PREFLIGHT-ARGS [--banner LINE] --torchrun TORCHRUN-ARGS
+
+The pre-flight's quick checks run first, before torch loads; then torch is imported (torchrun's agent needs
+it) and the full checks run in a forked child, which has torch already and keeps megatron-core and the
+checks' state out of the agent. A mistake is the pre-flight's one ``error:`` line and its exit code, and
+torchrun never starts; otherwise ``--banner`` is printed and torchrun runs with TORCHRUN-ARGS. The trainer's
+flags are read from TORCHRUN-ARGS (after ``-m megatron_solo.train``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import sys
@@ -87,13 +99,65 @@ class _HeldFailureLogs(logging.Filter):
         self.held.clear()
 
 
+def trainer_argv(torchrun_argv: list[str]) -> list[str]:
+    """The trainer's flags in torchrun's arguments: those after ``-m megatron_solo.train``."""
+    for i in range(len(torchrun_argv) - 1):
+        if torchrun_argv[i:i + 2] == ["-m", "megatron_solo.train"]:
+            return torchrun_argv[i + 2:]
+    raise SystemExit("error: --preflight needs torchrun's arguments to run -m megatron_solo.train")
+
+
+def preflight_then_torchrun_args(argv: list[str]) -> tuple[int, list[str]]:
+    """``--preflight ... --torchrun ...``: run the pre-flight (module docstring); (its exit code, torchrun's
+    arguments). Without ``--preflight``: (0, argv)."""
+    if argv[:1] != ["--preflight"]:
+        return 0, argv
+    if "--torchrun" not in argv:
+        raise SystemExit("error: --preflight ARGS must be followed by --torchrun TORCHRUN-ARGS")
+    cut = argv.index("--torchrun")
+    preflight_argv, torchrun_argv = argv[1:cut], argv[cut + 1:]
+    banner = None
+    if "--banner" in preflight_argv:
+        i = preflight_argv.index("--banner")
+        banner = preflight_argv[i + 1]
+        del preflight_argv[i:i + 2]
+    from megatron_solo.training import preflight
+
+    preflight_argv = [*preflight_argv, "--", *trainer_argv(torchrun_argv)]
+    code = preflight.main(preflight_argv, stages=("quick",))  # before torch: a mistake here answers at once
+    if code:
+        return code, []
+    import torch  # noqa: F401  torchrun's agent imports it anyway: here it is imported once, before the fork
+
+    pid = os.fork()
+    if pid == 0:  # the child: the full checks (megatron-core, the run's config), then gone
+        try:
+            code = preflight.main(preflight_argv, stages=("full",))
+        except BaseException:  # not a user's mistake (those are lines and codes): the traceback helps
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code:
+        return (code if code > 0 else 128 - code), []  # a signal ended the check: as a shell reports it
+    if banner:
+        print(banner, file=sys.stderr, flush=True)
+    return 0, torchrun_argv
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet.filter_known_warnings()  # the agent's own lines about the signal: the line below says it
+    code, argv = preflight_then_torchrun_args(sys.argv[1:] if argv is None else argv)
+    if code:
+        return code
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    argv = sys.argv[1:] if argv is None else argv
     held = _HeldFailureLogs()
     for name in _FAILURE_LOGGERS:
         logging.getLogger(name).addFilter(held)
