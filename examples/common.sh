@@ -141,7 +141,7 @@ launcher_help() {
   printf '  %-46s %s\n' "EXTRA_ARGS=\"$EXTRA_ARGS\"" "appended last: any flag of the trainer" \
     "DRY_RUN=$DRY_RUN" "1: plan the job in one process (--dry-run), no data needed" "PYTHON=$PYTHON" "the interpreter"
   echo "Arguments after the script name go to the trainer too ($PYTHON -m megatron_solo.train --help)."
-  echo "The settings are checked in one process (megatron_solo.training.preflight) before torchrun starts:"
+  echo "The settings are checked (megatron_solo.training.preflight) before torchrun starts its workers:"
   echo "a mistake is one 'error:' line and exit code 2."
 }
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 from typing import Any
 
@@ -32,47 +31,16 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_solo import cpu_backend
+# the directory layout (torch-free: the launchers' pre-flight reads it before torch loads)
+from megatron_solo.checkpoint_dirs import INFO, TRACKER, complete_iterations, is_complete, iteration_dir, latest_iteration
 from megatron_solo.parameter_names import is_lora_parameter, is_vision_expert_parameter, text_twin_name
 from megatron_solo.spec import MISTRAL_VOCAB, SoloVocab
 
-TRACKER = "latest_checkpointed_iteration.txt"
-INFO = "solo_checkpoint.json"
 FORMAT_VERSION = 1
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, INFO)) and os.path.isfile(os.path.join(path, "metadata.json"))
-
-
-def complete_iterations(root: str) -> list[int]:
-    if not os.path.isdir(root):
-        return []
-    its = []
-    for name in os.listdir(root):
-        m = _ITER_RE.match(name)
-        if m and is_complete(os.path.join(root, name)):
-            its.append(int(m.group(1)))
-    return sorted(its)
-
-
-def latest_iteration(root: str) -> int | None:
-    """The tracker's iteration if that checkpoint is complete, else the newest complete one."""
-    tracker = os.path.join(root, TRACKER)
-    if os.path.isfile(tracker):
-        text = open(tracker).read().strip()
-        if text.isdigit() and is_complete(iteration_dir(root, int(text))):
-            return int(text)
-    its = complete_iterations(root)
-    return its[-1] if its else None
 
 
 def read_checkpoint_info(root: str, iteration: int | None = None) -> dict:

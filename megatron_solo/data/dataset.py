@@ -38,6 +38,7 @@ from megatron_solo.data.indexed import SoloIndexedDataset
 from megatron_solo.data.stats import blend_chat_template, blend_row_separator
 from megatron_solo.data.roles import trained_roles
 from megatron_solo.data.sample import sample_arrays
+from megatron_solo.data.splits import DataSplitError, check_split_packs, empty_split_message
 from megatron_solo.spec import MISTRAL_VOCAB, PATCH_DIM, SoloVocab
 
 logger = logging.getLogger(__name__)
@@ -134,40 +135,10 @@ class SoloDataset(MegatronDataset):
         return build_sample(segments, self.config.sequence_length, self.loss_role, self.dataset.vocab)
 
 
-class DataSplitError(ValueError):
-    """A split the run reads holds no packs of a prefix (too little data for --split)."""
-
-
-def split_pack_counts(num_packs: int, split: str) -> list[Optional[int]]:
-    """Packs of a prefix in each of (train, valid, test): megatron-core's rule
-    (BlendedMegatronDatasetBuilder: split bounds ``round(bound * num_packs)``), applied per prefix;
-    None for a split of weight 0 (megatron-core builds no dataset for it: nothing is read)."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    return [None if m is None else int(round(m[1] * num_packs)) - int(round(m[0] * num_packs)) for m in matrix]
-
-
-def empty_split_message(prefix, split_name: str, split: Optional[str], num_packs: int, requested: int) -> str:
-    """One line: which split is empty, how many packs the prefix has, and the two fixes."""
-    of_split = f" of --split {split}" if split else ""
-    return (f"{prefix}: the {split_name} split{of_split} holds no packs (the prefix has {num_packs} packs; "
-            f"{requested} {split_name} samples are needed); use --split 100,0,0 to train on every pack "
-            f"without validation, or --valid-data-path PREFIX to validate on a separate prefix")
-
-
 def check_split_sizes(data_path, split: str, train_samples: int = 1, valid_samples: int = 0) -> None:
-    """Raise :class:`DataSplitError` when a split the run reads holds no packs of some prefix."""
-    prefixes, _ = parse_data_path(data_path)
-    for prefix in prefixes:
-        num_packs = len(SoloIndexedDataset(prefix))
-        counts = split_pack_counts(num_packs, split)
-        for name, want, have in (("train", train_samples, counts[0]), ("valid", valid_samples, counts[1])):
-            if want and have == 0:
-                raise DataSplitError(empty_split_message(prefix, name, split, num_packs, want))
+    """Raise :class:`DataSplitError` when a split the run reads holds no packs of some prefix of ``data_path``
+    (:func:`megatron_solo.data.splits.check_split_packs`)."""
+    check_split_packs(parse_data_path(data_path)[0], split, train_samples, valid_samples)
 
 
 def parse_data_path(data_path) -> Optional[tuple[list[str], Optional[list[float]]]]:

@@ -13,6 +13,7 @@ import os
 
 from megatron_solo.errors import InputError
 from megatron_solo.parameter_names import DEFAULT_LORA_TARGETS, LORA_TARGETS
+from megatron_solo.presets import PRESETS
 from megatron_solo.spec import IMAGE_ATTENTION_CHOICES, IMAGE_POSITIONS_CHOICES
 from megatron_solo.training import param_groups
 
@@ -280,6 +281,8 @@ def validate_args(args) -> None:
             fail(f"--{name} must be >= 1, got {v}")
     if args.num_workers < 0:
         fail(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.model is not None and args.model not in PRESETS:  # named by its flag, so a launcher adds the variable
+        fail(f"--model {args.model}: unknown preset; choose one of {', '.join(sorted(PRESETS))}")
     if not args.data_path and not args.dry_run:
         fail("the following arguments are required: --data-path")  # argparse's words, said as one line
     if args.train_iters is not None and args.train_samples is not None or (

@@ -23,15 +23,13 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron_solo import checkpoint
 from megatron_solo.data.dataset import data_chat_template, data_row_separator
 from megatron_solo.data.stats import layout_name
-from megatron_solo.model.config import PRESETS, SoloModelArgs, build_transformer_config, check_fp8, use_te_default
+from megatron_solo.model.config import SoloModelArgs, build_transformer_config, check_fp8, use_te_default
 from megatron_solo.model.lora import LoraConfig
 from megatron_solo.training import param_groups
 from megatron_solo.training.arguments import ArgumentError, fail, validate_args
+from megatron_solo.training.run_plan import architecture_flags, run_sizes, start_checkpoint
 
 # The architecture flags that override a preset's field of the same name.
-MODEL_OVERRIDE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                        "kv_channels", "max_position_embeddings", "rotary_base", "norm_epsilon", "sliding_window",
-                        "init_method_std", "make_vocab_size_divisible_by", "vision_experts")
 
 
 # The learning-rate schedule's flags: what the scheduler's state holds and Megatron-LM's
@@ -300,17 +298,11 @@ def decide_resume(flags) -> ResumePlan:
     """The one resume decision: a restarted stage resumes its own --save; else --load (weights only under
     --finetune); a --load without a checkpoint starts from scratch, said out loud. A resume says which
     recorded arguments the flags change, and a run already at --train-iters has nothing to do."""
-    load_dir, finetune, note = flags.load, flags.finetune, None
-    if flags.save and flags.finetune and checkpoint.latest_iteration(flags.save) is not None:
-        # A restarted stage resumes its own checkpoint instead of re-initialising from the previous stage.
-        load_dir, finetune = flags.save, False
-        note = f"resuming this stage from {flags.save} (it already holds a checkpoint); --finetune ignored"
+    load_dir, finetune, note = start_checkpoint(flags)  # a --finetune without a checkpoint: ArgumentError
     if not load_dir:
         return ResumePlan(None, False, None)
     step = flags.ckpt_step if load_dir == flags.load else None
     if checkpoint.latest_iteration(load_dir) is None and step is None:
-        if finetune:
-            raise ArgumentError(f"--finetune: no complete checkpoint under {load_dir}")
         return ResumePlan(None, False, None, f"no checkpoint under {load_dir}: starting from scratch")
     try:
         info = checkpoint.read_checkpoint_info(load_dir, step)
@@ -422,36 +414,6 @@ def padded_vocab_size(model_args: SoloModelArgs, tp: int, resume: ResumePlan) ->
     return padded
 
 
-def _sizes(a) -> dict:
-    """Megatron's world-size arithmetic: DP size, global batch, micro-batches, iterations."""
-    tp, pp, cp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.context_parallel_size
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % (tp * pp * cp):
-        raise ArgumentError(f"world size {world} is not divisible by TP({tp}) x PP({pp}) x CP({cp})")
-    dp = world // (tp * pp * cp)
-    gbs = a.micro_batch_size * dp if a.global_batch_size is None else a.global_batch_size
-    if gbs % (a.micro_batch_size * dp):
-        raise ArgumentError(f"--global-batch-size {gbs} is not divisible by micro-batch-size "
-                            f"({a.micro_batch_size}) x data-parallel size ({dp})")
-    train_iters = a.train_iters if a.train_samples is None else a.train_samples // gbs
-    if train_iters is None:  # --dry-run without either (validate_args): the plan is of one step
-        train_iters = 1
-    if train_iters < 1:
-        raise ArgumentError("the run has no iterations (--train-iters / --train-samples too small)")
-    return dict(world_size=world, data=dp, global_batch_size=gbs, num_microbatches=gbs // (a.micro_batch_size * dp),
-                train_iters=train_iters)
-
-
-def _architecture_flags(a) -> dict:
-    """The architecture flags given on the command line, as SoloModelArgs fields."""
-    overrides = {f: getattr(a, f) for f in MODEL_OVERRIDE_FLAGS if getattr(a, f) is not None}
-    if a.no_sliding_window:
-        overrides["sliding_window"] = None
-    if a.num_attention_heads is not None and a.kv_channels is None and a.hidden_size is not None:
-        overrides["kv_channels"] = a.hidden_size // a.num_attention_heads
-    return overrides
-
-
 def _flag(field: str, value) -> str:
     """The flag that set ``field`` to ``value``, as typed."""
     return "--no-sliding-window" if value is None else f"--{field.replace('_', '-')} {value}"
@@ -464,9 +426,7 @@ def decide_architecture(a, resume: ResumePlan) -> tuple[SoloModelArgs, str | Non
     checkpoint: --model's preset (default tiny). --use-checkpoint-args (Megatron-LM's explicit form) takes
     the checkpoint's even when --model is given. Returns the model args and, when they are the
     checkpoint's, the start-up line that says so."""
-    if a.model is not None and a.model not in PRESETS:  # named by its flag, so a launcher adds the variable
-        raise ArgumentError(f"--model {a.model}: unknown preset; choose one of {', '.join(sorted(PRESETS))}")
-    flags = _architecture_flags(a)
+    flags = architecture_flags(a)
     saved = (resume.info or {}).get("model_args")
     if a.use_checkpoint_args and not saved:
         raise ArgumentError("--use-checkpoint-args takes the architecture of the --load checkpoint, but "
@@ -659,7 +619,7 @@ def build_train_config(args) -> TrainConfig:
     parsed flags) is not changed."""
     a = args
     validate_args(a)
-    sizes = _sizes(a)
+    sizes = run_sizes(a)
     resume_flags = types.SimpleNamespace(**{**vars(a), "global_batch_size": sizes["global_batch_size"],
                                             "train_iters": sizes["train_iters"]})
     resume = decide_schedule(a, decide_resume(resume_flags), sizes["train_iters"])
