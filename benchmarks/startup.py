@@ -3,6 +3,8 @@
 baseline measured in the same run.
 
     .venv/bin/python benchmarks/startup.py --repeats 5 [--tiny-run]
+    .venv/bin/python benchmarks/startup.py --repeats 3 --launch BASELINE_TREE     # (e) only
+    .venv/bin/python benchmarks/startup.py --repeats 1 --mistakes BASELINE_TREE   # (f) only
 
 (a) a launch mistake (a mistyped --data-path prefix) through the launchers' pre-flight
     (``python -m megatron_solo.training.preflight``), which now makes the checks that need no torch first
@@ -19,7 +21,9 @@ baseline measured in the same run.
     (``PRESET=tiny ... bash examples/stage1_pretrain.sh``: pre-flight, torchrun, 2 workers) from the command to
     its first iteration line, against the same command in BASELINE_TREE (a git worktree of an older commit with
     its own venv), alternating; with each process's timeline (benchmarks/startup_timeline: start, imports,
-    each start-up step), medians over the repeats. CPU: all processes of the launch, to its exit.
+    each start-up step), medians over the repeats. CPU: all processes of the launch, to its exit;
+(f) with --mistakes BASELINE_TREE: each mistake the launchers' pre-flight catches (MISTAKES), the launcher's
+    whole command to its one error line, now and in BASELINE_TREE, alternating.
 Each figure in wall seconds and in CPU seconds of the process (user + system): on a shared machine the CPU
 seconds are the steadier measure of the work a start-up does.
 Data: the demo's digits (40 records), SOLO's tokenizer over mistral-common, built into a temporary directory.
@@ -62,10 +66,15 @@ def make_data(root: str, tree: str = ROOT) -> dict:
                    capture_output=True)
     with open(f"{root}/corpus/pretrain.jsonl") as f, open(f"{root}/small.jsonl", "w") as g:
         g.writelines(f.readlines()[:40])
-    subprocess.run([py, "tools/preprocess_data.py", "--input", f"{root}/small.jsonl", "--output-prefix",
-                    f"{root}/data/pretrain", "--tokenizer-model", f"{root}/tok/tokenizer.model", "--seq-length", "128",
-                    "--image-root", f"{root}/corpus", "--no-progress"], cwd=tree, check=True, capture_output=True)
-    return {"prefix": f"{root}/data/pretrain", "tokenizer": f"{root}/tok/tokenizer.model"}
+    with open(f"{root}/corpus/pretrain.jsonl") as f, open(f"{root}/three.jsonl", "w") as g:
+        g.writelines(f.readlines()[:3])
+    for name, records in (("pretrain", "small.jsonl"), ("three", "three.jsonl")):
+        subprocess.run([py, "tools/preprocess_data.py", "--input", f"{root}/{records}", "--output-prefix",
+                        f"{root}/data/{name}", "--tokenizer-model", f"{root}/tok/tokenizer.model", "--seq-length",
+                        "128", "--image-root", f"{root}/corpus", "--no-progress"], cwd=tree, check=True,
+                       capture_output=True)
+    return {"prefix": f"{root}/data/pretrain", "tokenizer": f"{root}/tok/tokenizer.model", "root": root,
+            "one_pack": f"{root}/data/three"}
 
 
 OLD_ORDER = """import os, sys
@@ -103,10 +112,14 @@ def main() -> None:
     ap.add_argument("--tiny-run", action="store_true", help="also measure a tiny training run's fixed start-up")
     ap.add_argument("--launch", metavar="BASELINE_TREE",
                     help="only (e): the launcher's tiny command to its first iteration line, vs this older tree")
+    ap.add_argument("--mistakes", metavar="BASELINE_TREE",
+                    help="only (f): each mistake the launchers' pre-flight catches, vs this older tree")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as root:
         if a.launch:
             return launch_comparison(root, os.path.abspath(a.launch), a.repeats)
+        if a.mistakes:
+            return mistakes_comparison(root, os.path.abspath(a.mistakes), a.repeats)
         d = make_data(root)
         flags = ["--model", "tiny", "--seq-length", "128", "--train-iters", "2", "--global-batch-size", "2",
                  "--split", "100,0,0", "--tokenizer-model", d["tokenizer"], "--data-path", d["prefix"][:-3] + "ian"]
@@ -223,6 +236,62 @@ def launch_comparison(root: str, baseline: str, repeats: int) -> None:
                  *key) for key in keys]
         for t, cpu, role, event in sorted(rows, key=lambda row: row[0]):
             print(f"  {t:7.2f} {cpu:6.2f}  {role:9s} {event}")
+
+
+# The mistakes of tests/test_first_hour*.py and tests/test_startup.py, each as the launcher's user makes it:
+# (name, launcher, environment over the base one; {one_pack}/{root}: the tree's data).
+MISTAKES = [
+    ("no GPU, the 7B recipe (no PRESET=tiny)", "stage1_pretrain.sh", {}),
+    ("unknown preset (PRESET=small)", "stage1_pretrain.sh", {"PRESET": "small"}),
+    ("world size (TP=4 on 2 processes)", "stage1_pretrain.sh", {"PRESET": "tiny", "TP": "4"}),
+    ("global batch (GLOBAL_BATCH_SIZE=7)", "stage1_pretrain.sh", {"PRESET": "tiny", "GLOBAL_BATCH_SIZE": "7"}),
+    ("empty valid split (1-pack prefix, SPLIT 99,1,0)", "stage1_pretrain.sh", {"PRESET": "tiny", "DATA_PATH": "{one_pack}"}),
+    ("SFT without a checkpoint to start from", "sft.sh", {"PRESET": "tiny"}),
+    ("mistyped prefix", "stage1_pretrain.sh", {"PRESET": "tiny", "DATA_PATH": "{root}/data/pretrian"}),
+    ("a prefix's file (-tokens.bin)", "stage1_pretrain.sh", {"PRESET": "tiny", "DATA_PATH": "{root}/data/pretrain-tokens.bin"}),
+    ("tokenizer directory", "stage1_pretrain.sh", {"PRESET": "tiny", "TOKENIZER_MODEL": "{root}/tok"}),
+    ("DATA_PATH not set", "stage2_pretrain.sh", {"PRESET": "tiny", "DATA_PATH": ""}),
+]
+
+
+def mistakes_comparison(root: str, baseline: str, repeats: int) -> None:
+    """(f): each mistake through the launcher, now and in ``baseline``, alternating: wall and CPU seconds of the
+    whole command (bash and every process it starts) to its one error line."""
+    trees = {"now": ROOT, "baseline": baseline}
+    data = {k: make_data(os.path.join(root, k), tree) for k, tree in trees.items()}
+
+    def one(k, script, extra):
+        d = data[k]
+        env = {key: v for key, v in os.environ.items() if key not in ("PRESET", "PYTHONPATH")}
+        env.update(DATA_PATH=d["prefix"], TOKENIZER_MODEL=d["tokenizer"], TRAIN_ITERS="2", OMP_NUM_THREADS="1",
+                   PYTHONWARNINGS="ignore", PYTHON=os.path.join(trees[k], ".venv/bin/python"),
+                   STAGE1_CKPT=os.path.join(root, "m_s1"), STAGE3_CKPT=os.path.join(root, "no_stage3"),
+                   SFT_CKPT=os.path.join(root, "m_sft"), MASTER_PORT=str(free_port()))
+        env.update({key: v.format(**d) for key, v in extra.items()})
+        if "DATA_PATH" in extra and not extra["DATA_PATH"]:
+            del env["DATA_PATH"]
+        c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t = time.perf_counter()
+        r = subprocess.run(["bash", f"examples/{script}"], cwd=trees[k], env=env, capture_output=True, text=True)
+        took = time.perf_counter() - t
+        c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        lines = (r.stdout + r.stderr).strip().splitlines()
+        assert r.returncode == 2 and lines and lines[0].startswith("error: "), (k, script, extra, lines[-20:])
+        return took, c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime, lines[0]
+
+    head = subprocess.run(["git", "-C", baseline, "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+    print(f"baseline tree: {baseline} ({head.stdout.strip()[:100]}); median of {repeats} alternating runs")
+    print("| mistake | now: wall / CPU | baseline: wall / CPU | line now |")
+    print("|---|---|---|---|")
+    for name, script, extra in MISTAKES:
+        runs = {"now": [], "baseline": []}
+        for _ in range(repeats):
+            for k in runs:
+                runs[k].append(one(k, script, extra))
+        cell = {k: f"{statistics.median(r[0] for r in rs):.2f} s / {statistics.median(r[1] for r in rs):.2f} s"
+                for k, rs in runs.items()}
+        print(f"| {name} | {cell['now']} | {cell['baseline']} | `{runs['now'][-1][2][:90]}` |")
+    print(f"load average now: {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
 
 
 def report(m: dict, repeats: int) -> None:
