@@ -49,7 +49,8 @@ def packed_causal_mask(doc_lengths: torch.Tensor, seq_length: int,
     i = torch.arange(seq_length, device=doc.device)
     allowed = (doc[:, :, None] == doc[:, None, :]) & (i[None, :, None] >= i[None, None, :])
     if window_size is not None and window_size[0] >= 0:
-        allowed = allowed & ((i[:, None] - i[None, :]) <= window_size[0])[None]
+        # key >= query - left: a bool [s, s] comparison, not an int64 [s, s] difference (32 MiB at 2048)
+        allowed = allowed & (i[None, :] >= i[:, None] - window_size[0])[None]
     return (~allowed).unsqueeze(1)
 
 
