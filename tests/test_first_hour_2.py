@@ -500,7 +500,7 @@ def test_torchruns_thread_banner_is_filtered_by_its_text(monkeypatch):
 
 def test_generate_loads_the_model_once_for_a_whole_jsonl(export_and_images, monkeypatch, capsys):
     """Issue 26.5's point of --input: one model load (and one processor) for every record, counted on
-    transformers' own from_pretrained (called through, not replaced)."""
+    transformers' own from_pretrained (called through, not replaced); no weight-loading progress bar."""
     from transformers import AutoModelForCausalLM
 
     root, hf = export_and_images
@@ -516,7 +516,9 @@ def test_generate_loads_the_model_once_for_a_whole_jsonl(export_and_images, monk
                                              for i in range(4)))
     assert _tool("generate").main(["--hf-dir", hf, "--max-new-tokens", "1", "--input", str(root / "four.jsonl"),
                                    "--image-root", str(root)]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 4 and loads == [hf]
+    out = capsys.readouterr()
+    assert len(out.out.splitlines()) == 4 and loads == [hf]
+    assert "Loading weights" not in out.err  # transformers' progress bar, noise before the answers
 
 
 def test_a_blend_of_one_prefix_is_not_announced(capsys):

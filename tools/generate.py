@@ -112,7 +112,10 @@ def main(argv=None) -> int:
 
     # Imported once the inputs are checked: --help and a mistake answer before torch and transformers load.
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()  # a local export loads in a moment: its bar is noise
 
     from megatron_solo.convert.hf_export_files import load_export_processor
 
