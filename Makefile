@@ -9,6 +9,8 @@ PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python
 	  $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { command -v $$p || echo $$p; } && break; done)
 STAMP := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
+# pip asks the registry for a newer pip on every call otherwise (the tests' installs into .cache/ included)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup test demo bench clean-venv lint
 
@@ -21,7 +23,10 @@ $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	@echo "== [2/4] pip itself"
 	$(PY) -m pip install --upgrade --progress-bar on pip
 	@echo "== [3/4] the pinned dependencies of requirements.txt (torch, megatron-core, transformers ...: a few minutes)"
-	$(PY) -m pip install --progress-bar on -r requirements.txt
+	$(PY) -m pip install --progress-bar on --no-compile -r requirements.txt
+	@# pip byte-compiles the 14,600 files it installs one after the other; compileall does it on every core. All of
+	@# them, not lazily on first import: with PYTHONDONTWRITEBYTECODE set, every process would compile its imports.
+	$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') >/dev/null
 	@echo "== [4/4] this package (editable) and its C++ extension"
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	$(PY) -c "import megatron_solo, megatron_solo._C as c; print('megatron_solo ready, C++ extension', c.__file__)"

@@ -3,7 +3,7 @@
 import glob
 import os
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 # MEGATRON_SOLO_NO_EXTENSION=1: install without the C++ data extension, for an environment that only serves
@@ -17,6 +17,10 @@ ext_modules = [] if os.environ.get("MEGATRON_SOLO_NO_EXTENSION") == "1" else [
         extra_compile_args=["-O3"],
     )
 ]
+
+# The extension's sources compile at once, one per core (each includes pybind11's headers: seconds apiece);
+# NPY_NUM_BUILD_JOBS=N sets how many.
+ParallelCompile("NPY_NUM_BUILD_JOBS").install()
 
 setup(
     name="megatron_solo",

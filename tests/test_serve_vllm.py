@@ -56,7 +56,9 @@ def vllm_python() -> str:
     shutil.rmtree(VENV, ignore_errors=True)
     python311 = shutil.which("python3.11")
     assert python311, "the vLLM environment needs Python 3.11 (requirements-vllm.txt)"
-    pip = [os.path.join(VENV, "bin", "pip"), "install", "--quiet", "--no-deps"]
+    # --no-compile: byte-compiling all of torch, vLLM and the rest at install time costs more than compiling, on
+    # first import, the modules the probe imports (written once: see PYTHONDONTWRITEBYTECODE below)
+    pip = [os.path.join(VENV, "bin", "pip"), "install", "--quiet", "--no-deps", "--no-compile"]
     env = dict(os.environ, MEGATRON_SOLO_NO_EXTENSION="1")
     for cmd in ([python311, "-m", "venv", VENV], [*pip, "-r", REQUIREMENTS],
                 [*pip, "--no-build-isolation", "--ignore-requires-python", "-e", ROOT]):
@@ -138,7 +140,9 @@ def served(tmp_path_factory, hf_tokenizers):
     # vLLM imports in the background while the exports are written, then serves them while transformers runs here
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
                VLLM_LOGGING_LEVEL="WARNING")
-    for var in ("PYTHONPATH", "VLLM_CPU_KVCACHE_SPACE"):  # our venv's packages; it overrides the KV cache size
+    # our venv's packages; it overrides the KV cache size; the environment is installed without byte-code
+    # (--no-compile above): the first run writes it for what vLLM imports, later runs and processes read it
+    for var in ("PYTHONPATH", "VLLM_CPU_KVCACHE_SPACE", "PYTHONDONTWRITEBYTECODE"):
         env.pop(var, None)
     run = subprocess.Popen([py, os.path.join(ROOT, "tests", "vllm_probe.py"), str(tmp / "job.json"),
                             str(tmp / "out.json")], cwd=str(tmp), env=env, stdout=subprocess.PIPE,

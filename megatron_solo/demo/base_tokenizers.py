@@ -38,7 +38,9 @@ def pip_target(name: str, requirements: list[str], marker: str) -> str:
     if os.path.exists(os.path.join(cache, marker)):
         return cache
     tmp = f"{cache}.tmp{os.getpid()}"
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", tmp,
+    # --no-compile: pip would byte-compile every file it unpacks (transformers 4.45's 2900 modules, lmms-eval's
+    # hundreds of task files); Python compiles the few a run imports on first import instead.
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target", tmp,
                         *requirements], capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"pip could not install {requirements} (PyPI needed once per clone):\n{r.stderr[-3000:]}")
