@@ -20,9 +20,9 @@ recipe does). Held-out text loss before (the base) and after the vision training
 Every arm: validation ``lm loss`` on the held-out digits (and on held-out text) every --eval-interval
 iterations, and at the end the held-out digit accuracy by tools/evaluate.py (stage-1 prompt: BOS + image,
 the answer the first word generated) with --load (megatron-core's generation with a KV cache) for
-image-choices, on the Hugging Face export for vision-experts (megatron-core's inference contexts do not
-serve vision-expert layers). Runs are one process each (``nice``), --jobs at a time; --reuse keeps the
-runs an earlier invocation completed. Prints the table, writes one plot per experiment and
+image-choices, on the Hugging Face export for vision-experts (how its published results were made:
+--load did not serve `full` layers then; it does now, with the export's greedy tokens). Runs are one
+process each (``nice``), --jobs at a time; --reuse keeps the runs an earlier invocation completed. Prints the table, writes one plot per experiment and
 ``results.json`` in --work.
 """
 
@@ -228,8 +228,8 @@ def read_log(log_file):
 
 def accuracy(w: Work, name, task, export=False):
     """Held-out digit accuracy of the run's checkpoint: tools/evaluate.py --load (one process), or with
-    ``export`` on its Hugging Face export (megatron-to-hf, then tools/evaluate.py --hf-dir): megatron-core's
-    inference contexts do not serve vision-expert layers, the export's generate does."""
+    ``export`` on its Hugging Face export (megatron-to-hf, then tools/evaluate.py --hf-dir): the
+    vision-expert arms as their published results were made (before --load served `full` layers)."""
     out = w.path("eval", name)
     if export:
         hf = w.path("hf", name)

@@ -239,6 +239,9 @@ def _conversion(paths: dict) -> dict:
         megatron_to_hf,
         verification_inputs,
     )
+    from megatron_solo.convert.hf_export_files import generation_stop_ids
+    from megatron_solo.eval.mcore_generation import SoloGenerator
+    from megatron_solo.spec import MISTRAL_VOCAB
     from tests.test_convert_megatron import _load
 
     out = {}
@@ -266,6 +269,10 @@ def _conversion(paths: dict) -> dict:
         nxt = megatron_logits(model, gen, patches[:6])[:, -1, :33031].argmax(-1, keepdim=True)
         gen = torch.cat([gen, nxt], dim=1)
     out["megatron_generation"] = gen
+    # The same greedy answer through megatron-core's generation (static KV cache: prefill with the image,
+    # then one token per step), what evaluate.py --load and in-loop eval decode with.
+    generator = SoloGenerator(model, model_args, generation_stop_ids(MISTRAL_VOCAB))
+    out["mcore_generation"] = generator.generate([generator.request(ids[0].tolist(), patches[:6], max_new_tokens=4)])[0]
     init_conversion_parallel()
     out["export_summary"] = megatron_to_hf(paths["ckpt_full"], paths["hf_full"], dtype="float32", verify=True,
                                            verify_logits=True)
@@ -358,6 +365,14 @@ def test_full_with_activation_recompute_gives_the_same_logits_and_grads(world, k
     assert set(grads_r) == set(grads)
     for name, g in grads.items():
         _assert_close(grads_r[name], g, name)
+
+
+def test_full_generates_through_megatron_core_kv_cache_as_without_cache(world):
+    c = world[0][0]["conversion"]
+    # the uncached greedy tokens (which the export's generate equals, test below) after an image prompt
+    prompt = c["ids"].size(1)
+    assert (c["ids"][0] == SOLO_IDS.vision_patch).sum() == 6
+    assert c["mcore_generation"] == c["megatron_generation"][0, prompt:].tolist()
 
 
 def test_full_converted_from_a_base_computes_exactly_what_the_base_does(world):

@@ -48,7 +48,7 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.typed_torch import apply_module
-from megatron.core.utils import make_viewless_tensor
+from megatron.core.utils import deprecate_inference_params, make_viewless_tensor
 
 
 # ------------------------------------------------------------------------------------------ routing
@@ -253,17 +253,30 @@ class VisionExpertSelfAttention(SelfAttention):
         return query, key, value
 
     def forward(self, groups, attention_mask, *, routing: Routing, rotary_pos_emb=None,
-                attention_bias=None, packed_seq_params=None):
+                attention_bias=None, packed_seq_params=None, inference_context=None):
         """``groups`` (text rows, image rows) of the whole sequence's normed hidden states, as ``routing``
         splits it -> the output projection's (text rows, image rows) (summed over TP). Only Q/K/V go back to
-        sequence order (RoPE positions, the joint core attention); the context is split again."""
+        sequence order (RoPE positions, the joint core attention); the context is split again.
+
+        With megatron-core's static ``inference_context`` (its generation: prefill, then one token per
+        step) the window's keys and values go into the layer's KV cache and the attention reads all of the
+        cache so far, as ``Attention.forward`` does (its ``_adjust_key_value_for_inference``: the cache
+        holds keys before RoPE; the query's angles are the window's rows, the keys' all rows so far; after
+        the prefill no mask). The cache holds K/V in sequence order, so each token's routed projection is
+        made once, in the step that brings it."""
+        if inference_context is not None and not inference_context.is_static_batching():
+            raise ValueError("vision-expert attention supports megatron-core's static inference context only")
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         mixed_qkv = routing.merge(*each((self.linear_qkv, self.vision_linear_qkv), groups))
         query, key, value = self.split_mixed_qkv(mixed_qkv)
+        if rotary_pos_emb is not None and not isinstance(rotary_pos_emb, tuple):
+            rotary_pos_emb = (rotary_pos_emb,) * 2
+        query, key, value, rotary_pos_emb, attn_mask_type, _ = self._adjust_key_value_for_inference(
+            inference_context, query, key, value, rotary_pos_emb)
         if thd:
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
         if rotary_pos_emb is not None:
-            q_pos_emb, k_pos_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            q_pos_emb, k_pos_emb = rotary_pos_emb
             cu_q = cu_kv = None
             if thd:
                 cu_q = packed_seq_params.cu_seqlens_q_padded if packed_seq_params.cu_seqlens_q_padded is not None \
@@ -276,12 +289,12 @@ class VisionExpertSelfAttention(SelfAttention):
                                        mscale=self._yarn_concentration_factor, cp_group=self.pg_collection.cp)
         if self.checkpoint_core_attention and self.training:
             core = self._checkpointed_attention_forward(query, key, value, attention_mask,
-                                                        attn_mask_type=self.attn_mask_type,
+                                                        attn_mask_type=attn_mask_type,
                                                         attention_bias=attention_bias,
                                                         packed_seq_params=packed_seq_params)
         else:
             core = apply_module(self.core_attention)(query, key, value, attention_mask,
-                                                     attn_mask_type=self.attn_mask_type,
+                                                     attn_mask_type=attn_mask_type,
                                                      attention_bias=attention_bias,
                                                      packed_seq_params=packed_seq_params)
         if thd:
@@ -354,14 +367,13 @@ class VisionExpertFullLayer(VisionExpertFFNLayer):
                 rotary_pos_cos_sin=None, attention_bias=None, inference_context=None,
                 packed_seq_params=None, sequence_len_offset=None, padding_mask=None, *,
                 inference_params=None):
-        if inference_context is not None or inference_params is not None:
-            raise ValueError("vision-expert layers do not support megatron-core's inference contexts")
+        inference_context = deprecate_inference_params(inference_context, inference_params)
         local, whole = self._image_routings(padding_mask)
         residual = local.split(hidden_states)
         normed = each((self.input_layernorm, self.vision_input_layernorm), residual)
         out = self.self_attention(self.layout.to_whole(normed, local, whole), attention_mask, routing=whole,
                                   rotary_pos_emb=rotary_pos_emb, attention_bias=attention_bias,
-                                  packed_seq_params=packed_seq_params)
+                                  packed_seq_params=packed_seq_params, inference_context=inference_context)
         residual = self._add_each(self.self_attn_bda, self.layout.to_local(out, whole, local), residual)
         residual = self._routed_mlp_block(residual, local, whole)
         return local.merge(*residual), context
