@@ -541,3 +541,20 @@ def test_a_blend_of_one_prefix_is_not_announced(capsys):
     finally:
         blend_log.removeHandler(handler)
     assert [r.getMessage() for r in records] == ["another blend warning"]
+
+
+def test_the_tiny_base_writer_answers_help_quietly():
+    """`python -m megatron_solo.demo.tiny_base --help` (docs/TRAINING.md's command for a toy Llama base) printed
+    six lines of torch's and megatron-core's import-time warnings before its usage: megatron-core (under
+    model.config) and transformers are now imported when it writes a model."""
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['tiny_base', '--help']\n"
+             "try:\n"
+             "    runpy.run_module('megatron_solo.demo.tiny_base', run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    assert e.code in (0, None), e.code\n"
+             "print('HEAVY', sorted(m for m in ('torch', 'megatron.core', 'transformers') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"})
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr[-3000:]
+    assert "--tokenizer-dir" in r.stdout and r.stdout.splitlines()[-1] == "HEAVY ['torch']"  # families' mapping

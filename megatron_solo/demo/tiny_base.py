@@ -10,11 +10,9 @@ import argparse
 import os
 import shutil
 
-import torch
-import transformers
-
+from megatron_solo import quiet
 from megatron_solo.convert.families import FAMILIES
-from megatron_solo.model.config import PRESETS
+from megatron_solo.presets import PRESETS
 
 # The family's own config fields that the tiny preset does not fix (read by convert/hf_config.py as from any
 # base): Qwen3's ties its embeddings up to 4B and its RoPE theta is 1e6; Llama-3.2's small models tie too.
@@ -28,6 +26,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def write_tiny_base(family: str, tokenizer_dir: str, output: str, seed: int = 0) -> str:
     """``output``: a random ``family`` model at the tiny preset's shape, vocabulary = the tokenizer's length."""
+    # Imported here, not at the top: --help and a missing tokenizer answer before transformers loads.
+    import torch
+    import transformers
+
     tiny = PRESETS["tiny"]
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(tokenizer_dir, "tokenizer.json"))
     cls = getattr(transformers, FAMILIES[family].hf_class)
@@ -56,6 +58,7 @@ def main(argv=None) -> None:
     missing = [f for f in TOKENIZER_FILES if not os.path.isfile(os.path.join(a.tokenizer_dir, f))]
     if missing:
         p.exit(2, f"error: --tokenizer-dir {a.tokenizer_dir} has no {', '.join(missing)}\n")
+    quiet.filter_known_warnings()  # megatron-core's import-time notes (TE/apex absent) say nothing to do here
     print(f"wrote {write_tiny_base(a.family, a.tokenizer_dir, a.output, a.seed)} ({a.family}, tiny preset shape)")
 
 
