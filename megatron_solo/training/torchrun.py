@@ -40,6 +40,7 @@ import sys
 
 from megatron_solo import quiet
 from megatron_solo.netutil import free_port
+from megatron_solo.training import preflight  # torch-free at import (its quick stage runs before torch loads)
 
 
 def resume_hint(trainer_argv: list[str]) -> str:
@@ -121,8 +122,6 @@ def preflight_then_torchrun_args(argv: list[str]) -> tuple[int, list[str]]:
         i = preflight_argv.index("--banner")
         banner = preflight_argv[i + 1]
         del preflight_argv[i:i + 2]
-    from megatron_solo.training import preflight
-
     preflight_argv = [*preflight_argv, "--", *trainer_argv(torchrun_argv)]
     code = preflight.main(preflight_argv, stages=("quick",))  # before torch: a mistake here answers at once
     if code:
