@@ -23,10 +23,9 @@ $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	@echo "== [2/4] pip itself"
 	$(PY) -m pip install --upgrade --progress-bar on pip
 	@echo "== [3/4] the pinned dependencies of requirements.txt (torch, megatron-core, transformers ...: a few minutes)"
-	$(PY) -m pip install --progress-bar on --no-compile -r requirements.txt
-	@# pip byte-compiles the 14,600 files it installs one after the other; compileall does it on every core. All of
-	@# them, not lazily on first import: with PYTHONDONTWRITEBYTECODE set, every process would compile its imports.
-	$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') >/dev/null
+	@# pip's own byte-compilation stays: with PYTHONDONTWRITEBYTECODE set, a venv without byte-code would compile
+	@# its imports in every process, and compileall -j 0 after --no-compile was slower (docs/BENCHMARKS.md 13)
+	$(PY) -m pip install --progress-bar on -r requirements.txt
 	@echo "== [4/4] this package (editable) and its C++ extension"
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	$(PY) -c "import megatron_solo, megatron_solo._C as c; print('megatron_solo ready, C++ extension', c.__file__)"
