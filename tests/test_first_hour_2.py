@@ -4,7 +4,9 @@ cannot be honoured is one `error:` line naming both ways out (the multi-process 
 distributed optimizer and a new --lr each way, shares the resume run of tests/test_training.py). A relaunch
 into a directory holding a run says what the flags change, and a finished run has nothing to do."""
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -144,7 +146,6 @@ def test_a_plan_that_does_not_fit_warns_with_the_alternatives_and_needs_no_data(
 
 def test_the_known_third_party_lines_are_filtered_by_their_exact_text(capsys):
     """The emitters themselves: torch's positional-arguments check and megatron-core's blend logger."""
-    import logging
     import warnings
 
     from torch.distributed.checkpoint.utils import _api_bc_check
@@ -473,28 +474,34 @@ def test_a_rendezvous_port_in_use_is_one_line(capsys):
                         out.err), out.err[-3000:]
 
 
+@contextlib.contextmanager
+def _logged(name: str):
+    """(the logger ``name``, the messages a handler on it receives while the block runs): what a user would
+    see of that logger after its own filters (quiet.filter_known_warnings installs them on the logger)."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    log = logging.getLogger(name)
+    log.addHandler(handler)
+    try:
+        yield log, messages
+    finally:
+        log.removeHandler(handler)
+
+
 def test_torchruns_thread_banner_is_filtered_by_its_text(monkeypatch):
     """torchrun's own emitter (config_from_args, 2 processes, OMP_NUM_THREADS unset) under the filters the
     launchers' torchrun installs: its 4-line OMP_NUM_THREADS banner is dropped, the setting it makes stays."""
-    import logging
-
     from torch.distributed.run import config_from_args, get_args_parser
 
     from megatron_solo import quiet
 
     quiet.filter_known_warnings()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored after the test
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    run_log = logging.getLogger("torch.distributed.run")
-    run_log.addHandler(handler)
-    try:
+    with _logged("torch.distributed.run") as (run_log, messages):
         config_from_args(get_args_parser().parse_args(["--nproc-per-node", "2", "-m", "megatron_solo.train"]))
         run_log.warning("another torchrun warning")
-    finally:
-        run_log.removeHandler(handler)
-    assert [r.getMessage() for r in records] == ["another torchrun warning"]
+    assert messages == ["another torchrun warning"]
     assert os.environ["OMP_NUM_THREADS"] == "1"
 
 
@@ -525,22 +532,13 @@ def test_a_blend_of_one_prefix_is_not_announced(capsys):
     """DATA_PATH="1.0 data/sft_chat" (docs/TRAINING.md's SFT line) made megatron-core's BlendedDataset warn
     `Building a BlendedDataset for a single MegatronDataset` once per split; the blend is valid, the line is
     filtered by its text, another of that logger's warnings still shows."""
-    import logging
-
     from megatron_solo import quiet
 
     quiet.filter_known_warnings()
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    blend_log = logging.getLogger("megatron.core.datasets.blended_dataset")
-    blend_log.addHandler(handler)
-    try:
+    with _logged("megatron.core.datasets.blended_dataset") as (blend_log, messages):
         blend_log.warning("Building a BlendedDataset for a single MegatronDataset")
         blend_log.warning("another blend warning")
-    finally:
-        blend_log.removeHandler(handler)
-    assert [r.getMessage() for r in records] == ["another blend warning"]
+    assert messages == ["another blend warning"]
 
 
 def test_the_tiny_base_writer_answers_help_quietly():
