@@ -302,7 +302,7 @@ def test_generate_mistakes_are_one_line_before_torch_loads(export_and_images):
     assert (r.returncode, r.stdout, r.stderr.splitlines()) == (0, "", expected), r.stderr[-3000:]
 
 
-def test_generate_answers_a_jsonl_with_the_model_loaded_once(export_and_images, capsys):
+def test_generate_answers_a_jsonl_as_each_question_alone(export_and_images, capsys):
     """The batch's answers are the answers each question gets alone (--prompt/--image: the reference)."""
     root, hf = export_and_images
     gen = _tool("generate")
